@@ -1,0 +1,445 @@
+//! Record batch v2: view, validator, in-place base offset rewrite, builder.
+//!
+//! ```text
+//!  offset  size  field
+//!       0     8  base offset            <- rewritten by the broker
+//!       8     4  batch length           (bytes after this field)
+//!      12     4  partition leader epoch <- rewritten by the broker
+//!      16     1  magic (= 2)
+//!      17     4  crc (CRC-32C of bytes 21..end)
+//!      21     2  attributes             (bits 0-2 compression, 3 timestamp type,
+//!                                        4 transactional, 5 control)
+//!      23     4  last offset delta
+//!      27     8  base timestamp
+//!      35     8  max timestamp
+//!      43     8  producer id
+//!      51     2  producer epoch
+//!      53     4  base sequence
+//!      57     4  record count
+//!      61     .  records (possibly compressed)
+//! ```
+//!
+//! The CRC does not cover base offset or leader epoch, so the broker assigns
+//! offsets by rewriting 8 bytes and stores and serves the batch as received.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use thiserror::Error;
+
+use crate::{Epoch, Offset, ProducerId};
+
+pub const BATCH_HEADER_BYTES: usize = 61;
+/// Bytes before and including the batch length field.
+pub const BATCH_LOG_OVERHEAD_BYTES: usize = 12;
+const MAGIC_OFFSET: usize = 16;
+const CRC_OFFSET: usize = 17;
+const ATTRIBUTES_OFFSET: usize = 21;
+const CRC_COVERED_FROM: usize = ATTRIBUTES_OFFSET;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum BatchError {
+    #[error("record batch truncated: {available_bytes} bytes available, {needed_bytes} needed")]
+    Truncated { available_bytes: usize, needed_bytes: usize },
+    #[error("record batch length {0} is invalid")]
+    BadLength(i32),
+    #[error("record batch magic {0} is not 2 (only record batch v2 is supported)")]
+    BadMagic(i8),
+    #[error("record batch CRC mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    BadCrc { stored: u32, computed: u32 },
+    #[error("record batch of {size_bytes} bytes exceeds max {limit_bytes}")]
+    TooLarge { size_bytes: usize, limit_bytes: usize },
+    #[error("record batch record count {count} does not match last offset delta {last_offset_delta}")]
+    BadCount { count: i32, last_offset_delta: i32 },
+    #[error("record set is empty")]
+    Empty,
+}
+
+/// Compression codec from the attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+    Unknown(u8),
+}
+
+/// A read-only view of a batch header. Constructed only after the bounds
+/// have been checked, so the accessors cannot read past the slice.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchHeader<'a> {
+    bytes: &'a [u8],
+}
+
+fn be_i16(b: &[u8], at: usize) -> i16 {
+    i16::from_be_bytes([b[at], b[at + 1]])
+}
+fn be_i32(b: &[u8], at: usize) -> i32 {
+    i32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+fn be_u32(b: &[u8], at: usize) -> u32 {
+    be_i32(b, at) as u32
+}
+fn be_i64(b: &[u8], at: usize) -> i64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    i64::from_be_bytes(a)
+}
+
+impl<'a> BatchHeader<'a> {
+    /// Views the header at the start of `bytes`; checks only that the header
+    /// fits and that the declared length is sane (not the CRC).
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, BatchError> {
+        if bytes.len() < BATCH_HEADER_BYTES {
+            return Err(BatchError::Truncated { available_bytes: bytes.len(), needed_bytes: BATCH_HEADER_BYTES });
+        }
+        let batch_length = be_i32(bytes, 8);
+        if batch_length < (BATCH_HEADER_BYTES - BATCH_LOG_OVERHEAD_BYTES) as i32 {
+            return Err(BatchError::BadLength(batch_length));
+        }
+        Ok(BatchHeader { bytes })
+    }
+
+    pub fn base_offset(&self) -> Offset {
+        Offset(be_i64(self.bytes, 0))
+    }
+    /// Whole batch size including base offset and length fields.
+    pub fn size_bytes(&self) -> usize {
+        be_i32(self.bytes, 8) as usize + BATCH_LOG_OVERHEAD_BYTES
+    }
+    pub fn leader_epoch(&self) -> Epoch {
+        Epoch(be_i32(self.bytes, 12))
+    }
+    pub fn magic(&self) -> i8 {
+        self.bytes[MAGIC_OFFSET] as i8
+    }
+    pub fn crc(&self) -> u32 {
+        be_u32(self.bytes, CRC_OFFSET)
+    }
+    pub fn attributes(&self) -> i16 {
+        be_i16(self.bytes, ATTRIBUTES_OFFSET)
+    }
+    pub fn compression(&self) -> Compression {
+        match self.attributes() & 0x7 {
+            0 => Compression::None,
+            1 => Compression::Gzip,
+            2 => Compression::Snappy,
+            3 => Compression::Lz4,
+            4 => Compression::Zstd,
+            n => Compression::Unknown(n as u8),
+        }
+    }
+    pub fn is_log_append_time(&self) -> bool {
+        self.attributes() & 0x8 != 0
+    }
+    pub fn is_transactional(&self) -> bool {
+        self.attributes() & 0x10 != 0
+    }
+    pub fn is_control(&self) -> bool {
+        self.attributes() & 0x20 != 0
+    }
+    pub fn last_offset_delta(&self) -> i32 {
+        be_i32(self.bytes, 23)
+    }
+    pub fn last_offset(&self) -> Offset {
+        Offset(self.base_offset().0 + self.last_offset_delta() as i64)
+    }
+    pub fn base_timestamp_ms(&self) -> i64 {
+        be_i64(self.bytes, 27)
+    }
+    pub fn max_timestamp_ms(&self) -> i64 {
+        be_i64(self.bytes, 35)
+    }
+    pub fn producer_id(&self) -> ProducerId {
+        ProducerId(be_i64(self.bytes, 43))
+    }
+    pub fn producer_epoch(&self) -> i16 {
+        be_i16(self.bytes, 51)
+    }
+    pub fn base_sequence(&self) -> i32 {
+        be_i32(self.bytes, 53)
+    }
+    pub fn record_count(&self) -> i32 {
+        be_i32(self.bytes, 57)
+    }
+}
+
+/// What the broker needs to know about one validated batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchInfo {
+    pub size_bytes: usize,
+    pub last_offset_delta: i32,
+    pub record_count: i32,
+    pub max_timestamp_ms: i64,
+    pub compression: Compression,
+}
+
+/// Checks the batch at the start of `bytes`: length within `bytes` and
+/// `limit_bytes`, magic 2, CRC-32C, count consistent with the offset delta.
+pub fn validate(bytes: &[u8], limit_bytes: usize) -> Result<BatchInfo, BatchError> {
+    let header = BatchHeader::parse(bytes)?;
+    let size_bytes = header.size_bytes();
+    if size_bytes > limit_bytes {
+        return Err(BatchError::TooLarge { size_bytes, limit_bytes });
+    }
+    if size_bytes > bytes.len() {
+        return Err(BatchError::Truncated { available_bytes: bytes.len(), needed_bytes: size_bytes });
+    }
+    if header.magic() != 2 {
+        return Err(BatchError::BadMagic(header.magic()));
+    }
+    let computed = crc32c::crc32c(&bytes[CRC_COVERED_FROM..size_bytes]);
+    if computed != header.crc() {
+        return Err(BatchError::BadCrc { stored: header.crc(), computed });
+    }
+    let count = header.record_count();
+    let last_offset_delta = header.last_offset_delta();
+    if count < 0 || last_offset_delta < 0 || (count > 0 && last_offset_delta < count - 1) {
+        return Err(BatchError::BadCount { count, last_offset_delta });
+    }
+    Ok(BatchInfo {
+        size_bytes,
+        last_offset_delta,
+        record_count: count,
+        max_timestamp_ms: header.max_timestamp_ms(),
+        compression: header.compression(),
+    })
+}
+
+/// Checks a produce request's record set: one or more whole batches, each
+/// valid and at most `limit_bytes`, nothing after the last one. Produce
+/// batches must have contiguous offsets (count == last offset delta + 1).
+pub fn validate_record_set(bytes: &[u8], limit_bytes: usize) -> Result<Vec<BatchInfo>, BatchError> {
+    if bytes.is_empty() {
+        return Err(BatchError::Empty);
+    }
+    let mut infos = Vec::with_capacity(1);
+    let mut at = 0;
+    while at < bytes.len() {
+        let info = validate(&bytes[at..], limit_bytes)?;
+        if info.record_count != info.last_offset_delta + 1 {
+            return Err(BatchError::BadCount { count: info.record_count, last_offset_delta: info.last_offset_delta });
+        }
+        at += info.size_bytes;
+        infos.push(info);
+    }
+    Ok(infos)
+}
+
+/// Rewrites base offset and leader epoch in place (neither is under the CRC).
+pub fn assign_offset(batch: &mut [u8], base_offset: Offset, leader_epoch: Epoch) {
+    debug_assert!(batch.len() >= BATCH_HEADER_BYTES, "batch of {} bytes", batch.len());
+    batch[0..8].copy_from_slice(&base_offset.0.to_be_bytes());
+    batch[12..16].copy_from_slice(&leader_epoch.0.to_be_bytes());
+}
+
+/// Scans a buffer of back-to-back batches (a segment, or a prefix of one) and
+/// returns the length of the valid prefix and the batches in it. Stops at the
+/// first batch that is truncated, zeroed or fails its CRC: recovery truncates
+/// there.
+pub fn scan_valid_prefix(bytes: &[u8]) -> (usize, Vec<(usize, BatchInfo, Offset)>) {
+    let mut at = 0;
+    let mut found = Vec::new();
+    while at + BATCH_LOG_OVERHEAD_BYTES <= bytes.len() {
+        match validate(&bytes[at..], usize::MAX) {
+            Ok(info) => {
+                let base = Offset(be_i64(bytes, at));
+                found.push((at, info, base));
+                at += info.size_bytes;
+            }
+            Err(_) => break,
+        }
+    }
+    (at, found)
+}
+
+// ---------------------------------------------------------------------------
+// Builder: uncompressed v2 batches. Used by the bench client and tests.
+
+pub fn put_varint(buf: &mut BytesMut, value: i64) {
+    let mut v = ((value << 1) ^ (value >> 63)) as u64;
+    while v >= 0x80 {
+        buf.put_u8((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.put_u8(v as u8);
+}
+
+/// Reads a zig-zag varint; returns the value and the bytes consumed.
+pub fn get_varint(bytes: &[u8]) -> Option<(i64, usize)> {
+    let mut v: u64 = 0;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        v |= ((b & 0x7f) as u64) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((((v >> 1) as i64) ^ -((v & 1) as i64), i + 1));
+        }
+    }
+    None
+}
+
+/// One record to build: key, value, headers.
+pub struct RecordRef<'a> {
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub headers: &'a [(&'a [u8], Option<&'a [u8]>)],
+    pub timestamp_delta_ms: i64,
+}
+
+/// Producer identity fields of a batch; all -1 for a plain producer.
+#[derive(Clone, Copy, Debug)]
+pub struct ProducerFields {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
+}
+
+impl Default for ProducerFields {
+    fn default() -> Self {
+        ProducerFields { producer_id: -1, producer_epoch: -1, base_sequence: -1 }
+    }
+}
+
+/// Builds an uncompressed record batch v2 with base offset 0.
+pub fn build_batch(records: &[RecordRef<'_>], base_timestamp_ms: i64, producer: ProducerFields) -> Bytes {
+    let mut body = BytesMut::new();
+    let mut max_ts = base_timestamp_ms;
+    for (i, r) in records.iter().enumerate() {
+        let mut rec = BytesMut::new();
+        rec.put_i8(0);
+        put_varint(&mut rec, r.timestamp_delta_ms);
+        put_varint(&mut rec, i as i64);
+        put_opt_bytes(&mut rec, r.key);
+        put_opt_bytes(&mut rec, r.value);
+        put_varint(&mut rec, r.headers.len() as i64);
+        for (k, v) in r.headers {
+            put_varint(&mut rec, k.len() as i64);
+            rec.put_slice(k);
+            put_opt_bytes(&mut rec, *v);
+        }
+        put_varint(&mut body, rec.len() as i64);
+        body.put_slice(&rec);
+        max_ts = max_ts.max(base_timestamp_ms + r.timestamp_delta_ms);
+    }
+    let mut buf = BytesMut::with_capacity(BATCH_HEADER_BYTES + body.len());
+    buf.put_i64(0);
+    buf.put_i32((BATCH_HEADER_BYTES - BATCH_LOG_OVERHEAD_BYTES + body.len()) as i32);
+    buf.put_i32(-1);
+    buf.put_i8(2);
+    buf.put_u32(0);
+    buf.put_i16(0);
+    buf.put_i32(records.len().saturating_sub(1) as i32);
+    buf.put_i64(base_timestamp_ms);
+    buf.put_i64(max_ts);
+    buf.put_i64(producer.producer_id);
+    buf.put_i16(producer.producer_epoch);
+    buf.put_i32(producer.base_sequence);
+    buf.put_i32(records.len() as i32);
+    buf.put_slice(&body);
+    let crc = crc32c::crc32c(&buf[CRC_COVERED_FROM..]);
+    buf[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+    buf.freeze()
+}
+
+fn put_opt_bytes(buf: &mut BytesMut, v: Option<&[u8]>) {
+    match v {
+        Some(v) => {
+            put_varint(buf, v.len() as i64);
+            buf.put_slice(v);
+        }
+        None => put_varint(buf, -1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(n: usize) -> Bytes {
+        let values: Vec<Vec<u8>> = (0..n).map(|i| format!("value-{i}").into_bytes()).collect();
+        let recs: Vec<RecordRef<'_>> = values
+            .iter()
+            .map(|v| RecordRef { key: Some(b"k"), value: Some(v), headers: &[], timestamp_delta_ms: 1 })
+            .collect();
+        build_batch(&recs, 1_700_000_000_000, ProducerFields::default())
+    }
+
+    #[test]
+    fn built_batch_validates() {
+        let b = sample(3);
+        let info = validate(&b, 1 << 20).expect("valid");
+        assert_eq!(info.record_count, 3);
+        assert_eq!(info.last_offset_delta, 2);
+        assert_eq!(info.size_bytes, b.len());
+        assert_eq!(info.max_timestamp_ms, 1_700_000_000_001);
+        assert_eq!(info.compression, Compression::None);
+    }
+
+    #[test]
+    fn bad_crc_detected_anywhere_in_covered_range() {
+        let b = sample(2);
+        for at in [CRC_COVERED_FROM, 40, b.len() - 1] {
+            let mut m = b.to_vec();
+            m[at] ^= 0x40;
+            assert!(matches!(validate(&m, 1 << 20), Err(BatchError::BadCrc { .. })), "flip at {at}");
+        }
+    }
+
+    #[test]
+    fn offset_rewrite_keeps_crc_valid() {
+        let mut m = sample(2).to_vec();
+        assign_offset(&mut m, Offset(1234), Epoch(7));
+        let h = BatchHeader::parse(&m).expect("header");
+        assert_eq!(h.base_offset(), Offset(1234));
+        assert_eq!(h.last_offset(), Offset(1235));
+        assert_eq!(h.leader_epoch(), Epoch(7));
+        assert!(validate(&m, 1 << 20).is_ok());
+    }
+
+    #[test]
+    fn limits_and_truncation() {
+        let b = sample(2);
+        assert!(matches!(validate(&b, 10), Err(BatchError::TooLarge { .. })));
+        assert!(matches!(validate(&b[..b.len() - 1], 1 << 20), Err(BatchError::Truncated { .. })));
+        assert!(matches!(validate(&b[..20], 1 << 20), Err(BatchError::Truncated { .. })));
+        let mut m = b.to_vec();
+        m[16] = 1;
+        assert!(matches!(validate(&m, 1 << 20), Err(BatchError::BadMagic(1))));
+        assert_eq!(validate_record_set(&[], 100), Err(BatchError::Empty));
+    }
+
+    #[test]
+    fn negative_or_huge_length_is_rejected_without_reading_past() {
+        let mut m = sample(1).to_vec();
+        m[8..12].copy_from_slice(&(-1i32).to_be_bytes());
+        assert!(matches!(validate(&m, 1 << 20), Err(BatchError::BadLength(-1))));
+        m[8..12].copy_from_slice(&i32::MAX.to_be_bytes());
+        assert!(matches!(validate(&m, usize::MAX), Err(BatchError::Truncated { .. })));
+    }
+
+    #[test]
+    fn record_set_and_scan() {
+        let a = sample(2);
+        let b = sample(5);
+        let mut set = a.to_vec();
+        set.extend_from_slice(&b);
+        let infos = validate_record_set(&set, 1 << 20).expect("valid set");
+        assert_eq!(infos.len(), 2);
+        // zeroed tail after the batches is a clean end
+        set.extend_from_slice(&[0u8; 4096]);
+        let (valid, found) = scan_valid_prefix(&set);
+        assert_eq!(valid, a.len() + b.len());
+        assert_eq!(found.len(), 2);
+        // a torn second batch: only the first survives
+        let torn = &set[..a.len() + b.len() - 3];
+        assert_eq!(scan_valid_prefix(torn).0, a.len());
+    }
+
+    #[test]
+    fn varint_roundtrip() {
+        for v in [0i64, 1, -1, 63, -64, 64, 300, -300, i32::MAX as i64, i64::MIN, i64::MAX] {
+            let mut b = BytesMut::new();
+            put_varint(&mut b, v);
+            assert_eq!(get_varint(&b), Some((v, b.len())), "{v}");
+        }
+    }
+}

@@ -122,6 +122,7 @@ def consume_confluent(broker, topic, ends, timeout=300, **extra):
     up to its end offset; returns {partition: [(offset, key, value)]}."""
     c = Consumer(broker.consumer_config(**extra))
     out = {p: [] for p in ends}
+    client_errors = []
     try:
         c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
         pending = {p for p, end in ends.items() if end > 0}
@@ -130,12 +131,16 @@ def consume_confluent(broker, topic, ends, timeout=300, **extra):
             assert time.monotonic() < deadline, "consume timed out; still waiting on %r, have %r" % (
                 {p: (len(out[p]), ends[p]) for p in pending},
                 {p: len(v) for p, v in out.items()},
-            )
+            ) + " client errors: %r" % client_errors[-5:]
             for m in c.consume(num_messages=10000, timeout=1.0):
                 if m.error():
-                    if m.error().code() == KafkaError._PARTITION_EOF:
+                    err = m.error()
+                    if err.code() == KafkaError._PARTITION_EOF:
                         continue
-                    raise AssertionError("consumer error: %s" % m.error())
+                    if err.fatal() or (m.topic() == topic and m.partition() in ends):
+                        raise AssertionError("consumer error on %s/%s: %s" % (m.topic(), m.partition(), err))
+                    client_errors.append(str(err))  # client-level, librdkafka retries
+                    continue
                 p = m.partition()
                 out[p].append((m.offset(), m.key(), m.value()))
                 if m.offset() >= ends[p] - 1:

@@ -473,12 +473,19 @@ fn check_data_dir(ctx: &Context, out: &mut Vec<Finding>) -> Option<BlockDevice> 
     let disk = mounts::block_device(&ctx.host, &mount.dev);
     match &disk {
         Some(d) => check_disk(ctx, d, out),
-        None => out.push(finding(
+        None if mount.dev.starts_with("0:") => out.push(finding(
             "disk.type",
             Verdict::Skip,
             format!("no block device ({} {})", mount.dev, mount.source),
             "nvme",
             "the filesystem has no local block device",
+        )),
+        None => out.push(finding(
+            "disk.type",
+            Verdict::Skip,
+            format!("{} ({}) not found in /sys/block", mount.dev, mount.source),
+            "nvme",
+            "sysfs does not show the device (a container, or a device-mapper stack)",
         )),
     }
     disk

@@ -57,9 +57,10 @@ impl Host {
         self.read(host_path).and_then(|s| s.parse().ok())
     }
 
-    /// True if the path exists under the root.
+    /// True if the path exists under the root (a symlink counts even when
+    /// its target does not, as sysfs `device` links in fixtures).
     pub fn exists(&self, host_path: &str) -> bool {
-        self.path(host_path).exists()
+        fs::symlink_metadata(self.path(host_path)).is_ok()
     }
 
     /// Writes `value` followed by a newline, as `echo value > path` would.

@@ -268,8 +268,17 @@ fn check_io_uring_disabled(ctx: &Context) -> Finding {
             finding(item, Verdict::Warn, "1", "0",
                 format!("only CAP_SYS_ADMIN and members of kernel.io_uring_group ({group}) may create rings; run the broker in that group or set 0"))
         }
-        Some(v) => finding(item, Verdict::Fail, v, "0",
-            "io_uring_setup returns EPERM for every process; the broker cannot start (sysctl -w kernel.io_uring_disabled=0)"),
+        Some(v) => {
+            let mut f = finding(item, Verdict::Fail, v, "0",
+                "io_uring_setup returns EPERM for every process; the broker cannot start (sysctl -w kernel.io_uring_disabled=0)");
+            f.writes.push(Write {
+                path: "/proc/sys/kernel/io_uring_disabled".into(),
+                old: v.to_string(),
+                new: "0".into(),
+                persist: Persist::Sysctl { key: "kernel.io_uring_disabled".into() },
+            });
+            f
+        }
     }
 }
 

@@ -46,7 +46,7 @@ def test_small_fetch_limits_still_progress(broker):
     acked = produce_confluent(broker, topic, recs, **{"batch.size": 100_000})
     ends = {p: sum(1 for q, _, _, _ in acked if q == p) for p in range(2)}
     for name, consume, cfg in [
-        ("confluent", consume_confluent, {"fetch.max.bytes": 1024, "max.partition.fetch.bytes": 1024, "receive.message.max.bytes": 1_000_000}),
+        ("confluent", consume_confluent, {"fetch.max.bytes": 1024, "message.max.bytes": 1000, "max.partition.fetch.bytes": 1024, "receive.message.max.bytes": 1_000_000}),
         ("kafka-python", consume_kafka_python, {"fetch_max_bytes": 1024, "max_partition_fetch_bytes": 1024}),
     ]:
         got = consume(broker, topic, ends, timeout=120, **cfg)

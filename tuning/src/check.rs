@@ -260,8 +260,9 @@ fn check_kernel(ctx: &Context) -> Finding {
 fn check_io_uring_disabled(ctx: &Context) -> Finding {
     let item = "kernel.io_uring_disabled";
     match ctx.host.read("/proc/sys/kernel/io_uring_disabled").as_deref() {
-        None => finding(item, Verdict::Pass, "absent (kernel < 6.6)", "0",
-            "this kernel has no switch to disable io_uring"),
+        None => {
+            finding(item, Verdict::Pass, "absent (kernel < 6.6)", "0", "this kernel has no switch to disable io_uring")
+        }
         Some("0") => finding(item, Verdict::Pass, "0", "0", "io_uring is enabled for all processes"),
         Some("1") => {
             let group = ctx.host.read("/proc/sys/kernel/io_uring_group").unwrap_or_else(|| "?".into());

@@ -16,8 +16,12 @@ use tidelog_tune::check::{self, Context, Finding, Options};
 use tidelog_tune::{apply, iotune};
 
 /// Host checks, tuners and disk measurement for the tidelog broker.
+///
+/// `check` audits, `apply` fixes what can be fixed at run time, `iotune`
+/// measures the data dir. Requirements and failure messages are described
+/// in linux-only.md; the XFS recipe is tuning/xfs.md.
 #[derive(Parser, Debug)]
-#[command(name = "tidelog-tune", version, about, long_about = None)]
+#[command(name = "tidelog-tune", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -154,7 +154,11 @@ fn container_without_io_uring_fails() {
 fn tmpfs_data_dir_from_config_fails() {
     let t = tmpfs_host();
     let cfg = t.root().join("server.properties");
-    std::fs::write(&cfg, "# tidelog\nlog.dirs=/run/tidelog/data, /var/lib/tidelog\nnum.shards=2\nio.memory.bytes=1048576\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "# tidelog\nlog.dirs=/run/tidelog/data, /var/lib/tidelog\nnum.shards=2\nio.memory.bytes=1048576\n",
+    )
+    .unwrap();
     let (code, got, json) = check_json(t.root(), &["--config", cfg.to_str().unwrap()]);
     let want = rows(&[
         ("kernel.version", "pass", "6.1.0-18-amd64"),

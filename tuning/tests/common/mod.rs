@@ -177,10 +177,7 @@ pub fn sata_ext4_host() -> Tree {
         .file("/proc/self/status", "Name:\ttidelog-tune\nSeccomp:\t0")
         .limits("65536")
         .file("/sys/devices/system/cpu/online", "0-3")
-        .file(
-            "/proc/self/mountinfo",
-            "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,discard,errors=remount-ro",
-        )
+        .file("/proc/self/mountinfo", "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,discard,errors=remount-ro")
         .file("/sys/block/sda/dev", "8:0")
         .file("/sys/block/sda/sda1/dev", "8:1")
         .symlink("/sys/block/sda/device", "../../../0:0:0:0")
@@ -260,7 +257,10 @@ pub fn tmpfs_host() -> Tree {
     let mountinfo = t.read("/proc/self/mountinfo");
     t.file(
         "/proc/self/mountinfo",
-        &format!("{}45 22 0:25 / /run/tidelog rw,nosuid,nodev,relatime shared:5 - tmpfs tmpfs rw,size=1048576k,mode=755", mountinfo),
+        &format!(
+            "{}45 22 0:25 / /run/tidelog rw,nosuid,nodev,relatime shared:5 - tmpfs tmpfs rw,size=1048576k,mode=755",
+            mountinfo
+        ),
     );
     t
 }

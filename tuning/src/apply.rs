@@ -151,6 +151,7 @@ pub fn persist(dir: &Path, planned: &[Planned], yes: bool) -> Result<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

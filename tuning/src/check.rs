@@ -1221,6 +1221,7 @@ pub fn any_failed(findings: &[Finding]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -67,6 +67,7 @@ pub fn parse(text: &str) -> Result<BrokerSettings> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -539,6 +539,7 @@ pub fn write_properties(path: &Path, props: &IoProperties) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

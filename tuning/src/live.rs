@@ -180,6 +180,7 @@ pub fn fs_magic(path: &Path) -> io::Result<i64> {
 pub const TMPFS_MAGIC: i64 = 0x0102_1994;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -129,6 +129,7 @@ pub fn block_device(host: &Host, dev: &str) -> Option<BlockDevice> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

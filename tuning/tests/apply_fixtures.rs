@@ -2,6 +2,8 @@
 //! new) a dry run prints, that a dry run changes nothing, the files after
 //! `--yes`, that a second run has nothing left to do, and `--persist`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 use common::*;
 

@@ -1,6 +1,8 @@
 //! `tidelog-tune check` against fixture trees: the exact verdict and current
 //! value of every item on four kinds of host, and the exit code.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 use common::*;
 

@@ -1,6 +1,8 @@
 //! The tidelog-tune binary as an operator runs it: help text, argument
 //! errors, iotune's refusals and a short real iotune run.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 use common::*;
 

@@ -5,7 +5,7 @@
 //! on ext4 with untuned sysctls, a container without io_uring, and a host
 //! whose data dir is on tmpfs.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -387,16 +387,32 @@ fn check_shards(ctx: &Context) -> Finding {
     }
 }
 
-/// Soft `Max locked memory` from a `/proc/<pid>/limits` text; `Some(None)`
-/// is unlimited.
-pub fn parse_limits_memlock(text: &str) -> Option<Option<u64>> {
+/// RLIMIT_MEMLOCK; `None` in a field means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemlockLimit {
+    /// The limit in force.
+    pub soft: Option<u64>,
+    /// What an unprivileged process may raise it to.
+    pub hard: Option<u64>,
+}
+
+/// `Max locked memory` from a `/proc/<pid>/limits` text.
+pub fn parse_limits_memlock(text: &str) -> Option<MemlockLimit> {
     let line = text.lines().find(|l| l.starts_with("Max locked memory"))?;
-    let soft = line.split_whitespace().nth(3)?;
-    if soft == "unlimited" {
-        Some(None)
-    } else {
-        soft.parse().ok().map(Some)
-    }
+    let mut fields = line.split_whitespace().skip(3);
+    let mut value = || -> Option<Option<u64>> {
+        match fields.next()? {
+            "unlimited" => Some(None),
+            v => v.parse().ok().map(Some),
+        }
+    };
+    let soft = value()?;
+    let hard = value()?;
+    Some(MemlockLimit { soft, hard })
+}
+
+fn limit_text(l: Option<u64>) -> String {
+    l.map_or("unlimited".to_string(), |l| format!("{l} bytes ({})", human_bytes(l)))
 }
 
 fn check_memlock(ctx: &Context) -> Finding {
@@ -408,30 +424,43 @@ fn check_memlock(ctx: &Context) -> Finding {
         ctx.shard_count, ctx.io_memory_bytes, SHARD_OVERHEAD_BYTES
     );
     let limit = if ctx.host.is_live() {
-        match live::memlock_soft_bytes() {
-            Ok(l) => Some(l),
+        match live::memlock_bytes() {
+            Ok((soft, hard)) => Some(MemlockLimit { soft, hard }),
             Err(e) => return finding(item, Verdict::Skip, format!("getrlimit failed: {e}"), recommended, why_need),
         }
     } else {
         ctx.host.read_raw("/proc/self/limits").and_then(|t| parse_limits_memlock(&t))
     };
-    let mut io_memory_note = String::new();
+    let Some(limit) = limit else {
+        return finding(item, Verdict::Skip, "unknown", recommended, why_need);
+    };
+    let covers = |l: Option<u64>| l.is_none_or(|l| l >= needed);
     if ctx.io_memory_bytes < IO_MEMORY_MIN_BYTES {
-        io_memory_note =
-            format!("; io.memory.bytes {} is below glommio's minimum {IO_MEMORY_MIN_BYTES}", ctx.io_memory_bytes);
+        return finding(
+            item,
+            Verdict::Fail,
+            limit_text(limit.soft),
+            recommended,
+            format!(
+                "io.memory.bytes {} is below glommio's minimum {IO_MEMORY_MIN_BYTES}: shards refuse to start",
+                ctx.io_memory_bytes
+            ),
+        );
     }
-    match limit {
-        None => finding(item, Verdict::Skip, "unknown", recommended, why_need),
-        Some(None) if io_memory_note.is_empty() => finding(item, Verdict::Pass, "unlimited", recommended, why_need),
-        Some(Some(l)) if l >= needed && io_memory_note.is_empty() => {
-            finding(item, Verdict::Pass, format!("{l} bytes ({})", human_bytes(l)), recommended, why_need)
-        }
-        Some(l) => {
-            let current = l.map_or("unlimited".to_string(), |l| format!("{l} bytes ({})", human_bytes(l)));
-            finding(item, Verdict::Fail, current, recommended, format!(
-                "{why_need}{io_memory_note}; raise it (ulimit -l, LimitMEMLOCK= in systemd, docker --ulimit memlock=-1) or lower io.memory.bytes/num.shards"))
-        }
+    if covers(limit.soft) {
+        return finding(item, Verdict::Pass, limit_text(limit.soft), recommended, why_need);
     }
+    if covers(limit.hard) {
+        return finding(
+            item,
+            Verdict::Pass,
+            format!("soft {}, hard {}", limit_text(limit.soft), limit_text(limit.hard)),
+            recommended,
+            format!("{why_need}; the broker raises its soft limit up to the hard limit at start"),
+        );
+    }
+    finding(item, Verdict::Fail, format!("soft {}, hard {}", limit_text(limit.soft), limit_text(limit.hard)), recommended, format!(
+        "{why_need}; raise it (ulimit -l, LimitMEMLOCK= in systemd, docker --ulimit memlock=-1) or lower io.memory.bytes/num.shards"))
 }
 
 /// Filesystems and how they serve tidelog: verdict and why.
@@ -1235,9 +1264,9 @@ mod tests {
     #[test]
     fn limits_memlock() {
         let text = "Limit                     Soft Limit           Hard Limit           Units\nMax locked memory         8388608              8388608              bytes\n";
-        assert_eq!(parse_limits_memlock(text), Some(Some(8_388_608)));
+        assert_eq!(parse_limits_memlock(text), Some(MemlockLimit { soft: Some(8_388_608), hard: Some(8_388_608) }));
         let text = "Max locked memory         unlimited            unlimited            bytes\n";
-        assert_eq!(parse_limits_memlock(text), Some(None));
+        assert_eq!(parse_limits_memlock(text), Some(MemlockLimit { soft: None, hard: None }));
         assert_eq!(parse_limits_memlock("nothing"), None);
     }
 

@@ -52,9 +52,11 @@ pub fn parse(text: &str) -> Result<BrokerSettings> {
                     }
                 }
             }
+            // 0 is the broker's "one shard per CPU".
             "num.shards" => match value.parse::<usize>() {
-                Ok(n) if n > 0 => settings.shard_count = Some(n),
-                _ => bail!("line {}: num.shards must be a positive integer, got {value:?}", number + 1),
+                Ok(0) => settings.shard_count = None,
+                Ok(n) => settings.shard_count = Some(n),
+                _ => bail!("line {}: num.shards must be a non-negative integer, got {value:?}", number + 1),
             },
             "io.memory.bytes" => match value.parse::<u64>() {
                 Ok(n) => settings.io_memory_bytes = Some(n),
@@ -96,7 +98,8 @@ mod tests {
     #[test]
     fn rejects_bad_numbers() {
         let err = parse("num.shards=zero\n").unwrap_err();
-        assert_eq!(err.to_string(), "line 1: num.shards must be a positive integer, got \"zero\"");
+        assert_eq!(err.to_string(), "line 1: num.shards must be a non-negative integer, got \"zero\"");
         assert!(parse("io.memory.bytes=-1\n").is_err());
+        assert_eq!(parse("num.shards=0\n").unwrap().shard_count, None);
     }
 }

@@ -60,19 +60,16 @@ pub fn describe_errno(e: &io::Error) -> String {
     format!("{name} ({text})")
 }
 
-/// Soft RLIMIT_MEMLOCK in bytes; `None` means unlimited.
-pub fn memlock_soft_bytes() -> io::Result<Option<u64>> {
+/// RLIMIT_MEMLOCK as (soft, hard) in bytes; `None` means unlimited.
+pub fn memlock_bytes() -> io::Result<(Option<u64>, Option<u64>)> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes one rlimit into the struct we own.
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    if limit.rlim_cur == libc::RLIM_INFINITY {
-        Ok(None)
-    } else {
-        Ok(Some(limit.rlim_cur))
-    }
+    let bytes = |v: libc::rlim_t| if v == libc::RLIM_INFINITY { None } else { Some(v) };
+    Ok((bytes(limit.rlim_cur), bytes(limit.rlim_max)))
 }
 
 /// CPUs in this process's affinity mask.

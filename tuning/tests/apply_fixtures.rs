@@ -38,7 +38,7 @@ const SATA_WRITES: [(&str, &str, &str, &str); 25] = [
 
 const SATA_MANUAL: [&str; 8] = [
     "manual: kernel.version is 5.10.0-28-amd64; recommended >= 5.15",
-    "manual: rlimit.memlock is 65536 bytes (64.0 KiB); recommended >= 10485760 bytes (10.0 MiB) or unlimited",
+    "manual: rlimit.memlock is soft 65536 bytes (64.0 KiB), hard 65536 bytes (64.0 KiB); recommended >= 10485760 bytes (10.0 MiB) or unlimited",
     "manual: fs.type is ext4 (/dev/sda1 on /); recommended xfs",
     "manual: mount.atime is relatime; recommended noatime",
     "manual: mount.discard is discard; recommended nodiscard + fstrim.timer",

@@ -63,7 +63,7 @@ fn sata_host_on_ext4_warns_and_fails_memlock() {
         ("seccomp", "pass", "0 (disabled)"),
         ("container", "pass", "none detected"),
         ("shards", "pass", "4 shards on CPUs 0-3 of 0-3"),
-        ("rlimit.memlock", "fail", "65536 bytes (64.0 KiB)"),
+        ("rlimit.memlock", "fail", "soft 65536 bytes (64.0 KiB), hard 65536 bytes (64.0 KiB)"),
         ("fs.type", "warn", "ext4 (/dev/sda1 on /)"),
         ("mount.atime", "warn", "relatime"),
         ("mount.discard", "warn", "discard"),
@@ -223,4 +223,23 @@ fn text_report_has_one_line_per_item() {
          XFS: O_DIRECT with concurrent aligned writes, fast preallocation, the filesystem tidelog is tuned for"
     );
     assert_eq!(lines[37], "summary: 34 pass, 0 warn, 0 fail, 2 skip");
+}
+
+#[test]
+fn memlock_below_soft_but_within_hard_passes() {
+    let t = nvme_xfs_host();
+    t.file(
+        "/proc/self/limits",
+        "Limit                     Soft Limit           Hard Limit           Units\n\
+         Max locked memory         65536                unlimited            bytes",
+    );
+    let (_, _, json) = check_json(t.root(), &["--shards", "2"]);
+    let memlock = json.as_array().unwrap().iter().find(|f| f["item"] == "rlimit.memlock").unwrap();
+    assert_eq!(memlock["verdict"], "pass");
+    assert_eq!(memlock["current"], "soft 65536 bytes (64.0 KiB), hard unlimited");
+    assert_eq!(
+        memlock["why"],
+        "2 shards x (io.memory.bytes 2097152 + 524288 ring/buffers) are registered as locked memory; \
+         the broker raises its soft limit up to the hard limit at start"
+    );
 }

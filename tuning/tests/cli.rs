@@ -53,7 +53,7 @@ fn a_bad_config_is_reported_not_panicked_on() {
     assert_eq!(
         stderr(&out),
         format!(
-            "tidelog-tune: error: parsing config {}: line 1: num.shards must be a positive integer, got \"lots\"\n",
+            "tidelog-tune: error: parsing config {}: line 1: num.shards must be a non-negative integer, got \"lots\"\n",
             cfg.display()
         )
     );

@@ -1,1 +1,434 @@
-fn main() {}
+//! `tidelog-bench`: command-line front end. Parses flags (every flag is
+//! documented in `--help`), merges them over a workload file, runs the
+//! benchmark / baseline / compare, and writes the reports.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use tidelog_bench::baseline::{self, Baseline, BaselineOptions};
+use tidelog_bench::host::host_info;
+use tidelog_bench::report::{self, SummaryInputs};
+use tidelog_bench::run::{self, RunOptions};
+use tidelog_bench::util::{parse_cores, wall_now_us};
+use tidelog_bench::workload::{Codec, ConsumerMode, KeyMode, SizeDist, StartAt, Workload};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tidelog-bench",
+    version,
+    about = "Kafka-protocol load generator with latency percentile reports and plots",
+    long_about = "Kafka-protocol load generator with latency percentile reports and plots.\n\n\
+Runs a workload (TOML file and/or flags) against any Kafka-compatible broker with its own client: one \
+pinned thread per producer and consumer, per-producer accumulators (batch.size + linger.ms, sticky \
+partitioning, murmur2 key hashing like Kafka's default partitioner), pipelined requests. Reports produce \
+ack latency (per record and per batch), end-to-end latency, throughput over time and errors, as a \
+terminal table, summary.json, .hgrm percentile files and SVG charts, next to a hardware baseline.\n\n\
+Examples:\n  tidelog-bench run --workload bench/workloads/max-throughput.toml --bootstrap 127.0.0.1:9092\n  \
+tidelog-bench baseline --dir /var/lib/tidelog\n  tidelog-bench compare results/run-a results/run-b"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a workload against a broker and write the reports.
+    Run(Box<RunArgs>),
+    /// Measure the hardware baseline: O_DIRECT sequential write bandwidth, fdatasync latency, loopback TCP.
+    Baseline(BaselineArgs),
+    /// Compare finished runs side by side: one table, one latency chart.
+    Compare(CompareArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Workload file (TOML); flags below override its values. Without it, defaults plus flags.
+    #[arg(short, long)]
+    workload: Option<PathBuf>,
+    /// Bootstrap broker host:port (any broker of the cluster).
+    #[arg(short, long, default_value = "127.0.0.1:9092")]
+    bootstrap: String,
+    /// CPU cores to pin worker threads to, e.g. "0-3,6"; threads are assigned round-robin. Default: all cores.
+    #[arg(long)]
+    cores: Option<String>,
+    /// Directory for the run's reports; default results/<workload>-<unix time>.
+    #[arg(short, long)]
+    out: Option<PathBuf>,
+    /// Name of this run in reports (default: the workload name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Label for the broker in reports and `compare` (e.g. "tidelog 0.1", "kafka 3.7").
+    #[arg(long, default_value = "")]
+    broker_label: String,
+    /// Broker software version to record; the Kafka protocol does not report it.
+    #[arg(long, default_value = "unknown")]
+    broker_version: String,
+    /// Load a baseline JSON written by `tidelog-bench baseline` instead of measuring one.
+    #[arg(long, conflicts_with = "baseline_dir")]
+    baseline: Option<PathBuf>,
+    /// Measure a quick baseline (about 4 s) in this directory before the run (should be the broker's data dir filesystem).
+    #[arg(long)]
+    baseline_dir: Option<PathBuf>,
+    /// Skip the baseline entirely (reports then have no ratios).
+    #[arg(long, conflicts_with_all = ["baseline", "baseline_dir"])]
+    no_baseline: bool,
+    /// The broker's data directory, to record its filesystem in the host section (default: --baseline-dir or /var/tmp).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Check every consumed record: per-partition order, per-producer order, keyed records on the murmur2 partition.
+    #[arg(long)]
+    verify: bool,
+    /// Exit non-zero when verification finds a problem or consumed != produced.
+    #[arg(long)]
+    strict: bool,
+    /// No live progress line on stderr.
+    #[arg(long)]
+    quiet: bool,
+    /// Seed for keys, partition choice and payloads.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Topic name (default: tidelog-bench-<workload name>).
+    #[arg(long)]
+    topic: Option<String>,
+    /// Partitions of the topic (when created).
+    #[arg(long)]
+    partitions: Option<i32>,
+    /// Do not create the topic; fail if it does not exist.
+    #[arg(long)]
+    no_create_topic: bool,
+    /// Number of producer threads.
+    #[arg(long)]
+    producers: Option<usize>,
+    /// Consumer threads per group.
+    #[arg(long)]
+    consumers: Option<usize>,
+    /// Independent consumer groups (fan-out): each reads every record.
+    #[arg(long)]
+    groups: Option<usize>,
+    /// Consumer mode: "assigned" (static partition split) or "group" (Kafka consumer groups; needs FindCoordinator).
+    #[arg(long, value_parser = parse_mode)]
+    consumer_mode: Option<ConsumerMode>,
+    /// Where consumers start: "latest" (only new records) or "earliest".
+    #[arg(long, value_parser = parse_start)]
+    start: Option<StartAt>,
+    /// Target total rate in records/s over all producers (0 = as fast as possible). Paced runs measure latency from the intended send time.
+    #[arg(long)]
+    rate_records: Option<f64>,
+    /// Target total rate in MB/s (10^6 bytes of record values) over all producers.
+    #[arg(long)]
+    rate_mb: Option<f64>,
+    /// Fixed record value size in bytes (>= 20: the value carries send time, producer and sequence).
+    #[arg(long)]
+    record_size: Option<usize>,
+    /// Uniform record size range MIN-MAX in bytes, e.g. 100-2000 (overrides --record-size).
+    #[arg(long)]
+    record_size_range: Option<String>,
+    /// Keys: "none" (sticky partitioning), "random" or "round-robin" over --key-count keys (murmur2 partitioning).
+    #[arg(long, value_parser = parse_keys)]
+    keys: Option<KeyMode>,
+    /// Number of distinct keys.
+    #[arg(long)]
+    key_count: Option<u64>,
+    /// acks: -1 (all), 1 (leader) or 0 (none; no ack latency).
+    #[arg(long, allow_hyphen_values = true)]
+    acks: Option<i16>,
+    /// linger.ms: how long a batch waits for more records.
+    #[arg(long)]
+    linger_ms: Option<u64>,
+    /// batch.size in bytes.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// compression: none, gzip, snappy, lz4, zstd.
+    #[arg(long, value_parser = parse_codec)]
+    compression: Option<Codec>,
+    /// max.in.flight.requests.per.connection.
+    #[arg(long)]
+    max_in_flight: Option<usize>,
+    /// Measured duration in seconds after warm-up (ignored with --records).
+    #[arg(long)]
+    duration_s: Option<f64>,
+    /// Total records over all producers instead of a duration.
+    #[arg(long)]
+    records: Option<u64>,
+    /// Warm-up seconds: traffic runs but histograms and rates ignore it.
+    #[arg(long)]
+    warmup_s: Option<f64>,
+    /// Produce everything first, then read the backlog (catch-up read).
+    #[arg(long)]
+    catch_up: bool,
+}
+
+#[derive(Args, Debug)]
+struct BaselineArgs {
+    /// Directory to measure (put it on the filesystem the broker uses); a scratch file is written and removed.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Where to write the baseline JSON (default DIR/../tidelog-bench-baseline.json is avoided: default ./results/baseline.json).
+    #[arg(long, default_value = "results/baseline.json")]
+    out: PathBuf,
+    /// Seconds of sequential O_DIRECT writes.
+    #[arg(long, default_value_t = 5.0)]
+    write_seconds: f64,
+    /// Cap on bytes written by the write test.
+    #[arg(long, default_value_t = 2 << 30)]
+    write_bytes_max: u64,
+    /// Number of 4 KiB write + fdatasync rounds.
+    #[arg(long, default_value_t = 1000)]
+    fsyncs: usize,
+    /// Seconds of loopback TCP streaming.
+    #[arg(long, default_value_t = 2.0)]
+    loopback_seconds: f64,
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    /// Run directories (each with summary.json and .hgrm files).
+    #[arg(required = true, num_args = 1..)]
+    runs: Vec<PathBuf>,
+    /// Where to write the combined latency chart.
+    #[arg(long, default_value = "compare.svg")]
+    svg: PathBuf,
+}
+
+fn parse_mode(s: &str) -> Result<ConsumerMode, String> {
+    match s {
+        "assigned" => Ok(ConsumerMode::Assigned),
+        "group" => Ok(ConsumerMode::Group),
+        _ => Err(format!("{s:?}: expected assigned or group")),
+    }
+}
+fn parse_start(s: &str) -> Result<StartAt, String> {
+    match s {
+        "latest" => Ok(StartAt::Latest),
+        "earliest" => Ok(StartAt::Earliest),
+        _ => Err(format!("{s:?}: expected latest or earliest")),
+    }
+}
+fn parse_keys(s: &str) -> Result<KeyMode, String> {
+    match s {
+        "none" => Ok(KeyMode::None),
+        "random" => Ok(KeyMode::Random),
+        "round-robin" => Ok(KeyMode::RoundRobin),
+        _ => Err(format!("{s:?}: expected none, random or round-robin")),
+    }
+}
+fn parse_codec(s: &str) -> Result<Codec, String> {
+    match s {
+        "none" => Ok(Codec::None),
+        "gzip" => Ok(Codec::Gzip),
+        "snappy" => Ok(Codec::Snappy),
+        "lz4" => Ok(Codec::Lz4),
+        "zstd" => Ok(Codec::Zstd),
+        _ => Err(format!("{s:?}: expected none, gzip, snappy, lz4 or zstd")),
+    }
+}
+
+fn build_workload(a: &RunArgs) -> anyhow::Result<Workload> {
+    let mut w = match &a.workload {
+        Some(p) => {
+            Workload::from_toml(&std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+                .with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => Workload::default(),
+    };
+    if let Some(v) = &a.topic {
+        w.topic.name = v.clone();
+    }
+    if let Some(v) = a.partitions {
+        w.topic.partitions = v;
+    }
+    if a.no_create_topic {
+        w.topic.create = false;
+    }
+    let p = &mut w.producer;
+    if let Some(v) = a.producers {
+        p.count = v;
+    }
+    if let Some(v) = a.rate_records {
+        p.rate_records_per_s = v;
+        p.rate_mb_per_s = 0.0;
+    }
+    if let Some(v) = a.rate_mb {
+        p.rate_mb_per_s = v;
+        p.rate_records_per_s = 0.0;
+    }
+    if let Some(v) = a.record_size {
+        p.record_size_bytes = v;
+        p.record_size = None;
+    }
+    if let Some(r) = &a.record_size_range {
+        let (lo, hi) = r.split_once('-').context("--record-size-range wants MIN-MAX")?;
+        p.record_size = Some(SizeDist::Uniform { min_bytes: lo.trim().parse()?, max_bytes: hi.trim().parse()? });
+    }
+    if let Some(v) = a.keys {
+        p.keys = v;
+    }
+    if let Some(v) = a.key_count {
+        p.key_count = v;
+    }
+    if let Some(v) = a.acks {
+        p.acks = v;
+    }
+    if let Some(v) = a.linger_ms {
+        p.linger_ms = v;
+    }
+    if let Some(v) = a.batch_size {
+        p.batch_size_bytes = v;
+    }
+    if let Some(v) = a.compression {
+        p.compression = v;
+    }
+    if let Some(v) = a.max_in_flight {
+        p.max_in_flight = v;
+    }
+    let c = &mut w.consumer;
+    if let Some(v) = a.consumers {
+        c.count = v;
+    }
+    if let Some(v) = a.groups {
+        c.groups = v;
+    }
+    if let Some(v) = a.consumer_mode {
+        c.mode = v;
+    }
+    if let Some(v) = a.start {
+        c.start = v;
+    }
+    let r = &mut w.run;
+    if let Some(v) = a.duration_s {
+        r.duration_s = v;
+        r.records = 0;
+    }
+    if let Some(v) = a.records {
+        r.records = v;
+    }
+    if let Some(v) = a.warmup_s {
+        r.warmup_s = v;
+    }
+    if a.catch_up {
+        r.catch_up = true;
+    }
+    w.validate()?;
+    Ok(w)
+}
+
+fn get_baseline(a: &RunArgs) -> anyhow::Result<Option<Baseline>> {
+    if a.no_baseline {
+        return Ok(None);
+    }
+    if let Some(p) = &a.baseline {
+        return baseline::load(p).map(Some);
+    }
+    let default = Path::new("results/baseline.json");
+    if a.baseline_dir.is_none() && default.exists() {
+        eprintln!("using baseline {}", default.display());
+        return baseline::load(default).map(Some);
+    }
+    let dir = a.baseline_dir.clone().or_else(|| a.data_dir.clone()).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    eprintln!("measuring a quick baseline in {} (pass --baseline FILE to reuse one)", dir.display());
+    let b = baseline::measure(&BaselineOptions::quick(dir))?;
+    eprint!("{}", baseline::render(&b));
+    Ok(Some(b))
+}
+
+fn cmd_run(a: &RunArgs) -> anyhow::Result<bool> {
+    let w = build_workload(a)?;
+    let cores = match &a.cores {
+        Some(s) => parse_cores(s)?,
+        None => core_affinity::get_core_ids().map(|v| v.into_iter().map(|c| c.id).collect()).unwrap_or_default(),
+    };
+    let base = get_baseline(a)?;
+    let data_dir = a.data_dir.clone().or_else(|| a.baseline_dir.clone()).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let started = wall_now_us() / 1_000_000;
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/{}-{started}", w.name)));
+    let opts = RunOptions {
+        bootstrap: a.bootstrap.clone(),
+        workload: w.clone(),
+        cores,
+        verify: a.verify,
+        progress: !a.quiet,
+        seed: a.seed,
+    };
+    let outcome = run::run(&opts)?;
+    let mut summary = report::build_summary(
+        SummaryInputs {
+            name: a.name.clone().unwrap_or_else(|| w.name.clone()),
+            started_at_unix_s: started,
+            workload: &w,
+            bootstrap: &a.bootstrap,
+            broker_label: &a.broker_label,
+            broker_version: &a.broker_version,
+            host: host_info(&data_dir),
+            baseline: base,
+        },
+        &outcome,
+    );
+    let files = report::write_run_dir(&out, &mut summary, &outcome)?;
+    print!("{}", report::render_table(&summary));
+    println!("reports:");
+    for f in files {
+        println!("  {}", f.display());
+    }
+    let r = &summary.results;
+    let mut ok = true;
+    if a.strict {
+        if let Some(v) = &summary.verify {
+            if v.problems() > 0 {
+                eprintln!("verification failed: {}", v.first_problem.as_deref().unwrap_or("?"));
+                ok = false;
+            }
+        }
+        if r.consumed_total_per_group.iter().any(|&c| c != r.produced_total) {
+            eprintln!("consumed {:?} != produced {}", r.consumed_total_per_group, r.produced_total);
+            ok = false;
+        }
+        if r.failed_records > 0 {
+            eprintln!("{} records failed", r.failed_records);
+            ok = false;
+        }
+    }
+    Ok(ok)
+}
+
+fn cmd_baseline(a: &BaselineArgs) -> anyhow::Result<()> {
+    let opts = BaselineOptions {
+        dir: a.dir.clone(),
+        write_seconds: a.write_seconds,
+        write_bytes_max: a.write_bytes_max,
+        fsync_count: a.fsyncs,
+        loopback_seconds: a.loopback_seconds,
+    };
+    let b = baseline::measure(&opts)?;
+    print!("{}", baseline::render(&b));
+    if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&b)?)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    println!("written to {}", a.out.display());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Run(a) => cmd_run(a),
+        Command::Baseline(a) => cmd_baseline(a).map(|_| true),
+        Command::Compare(a) => report::compare(&a.runs, &a.svg).map(|t| {
+            print!("{t}");
+            true
+        }),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(2),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

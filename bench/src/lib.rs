@@ -1,0 +1,24 @@
+//! tidelog-bench: a Kafka-protocol load generator with latency percentile
+//! reports and plots. It speaks the Kafka protocol to any compatible broker
+//! through its own client on `tidelog-protocol` (no librdkafka), one pinned
+//! thread per producer and consumer.
+//!
+//! Modules, bottom up: `murmur2` (Kafka's partitioner), `records` (batch
+//! encode/decode, compression), `client` (connections, setup calls),
+//! `stats` (histograms, pacing), `producer`/`consumer` (worker threads),
+//! `run` (orchestration), `report`/`svg` (outputs), `baseline`/`host`
+//! (what a result is a ratio of).
+
+pub mod baseline;
+pub mod client;
+pub mod consumer;
+pub mod host;
+pub mod murmur2;
+pub mod producer;
+pub mod records;
+pub mod report;
+pub mod run;
+pub mod stats;
+pub mod svg;
+pub mod util;
+pub mod workload;

@@ -1,0 +1,362 @@
+//! Orchestrates one benchmark run on the main thread: topic setup, start
+//! offsets, one pinned thread per producer and consumer, the live progress
+//! line, the drain at the end, and merging what the threads measured.
+//!
+//! The only state shared with the worker threads is `Live` (atomic counters
+//! and two mutex-guarded histograms merged into twice a second).
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use hdrhistogram::Histogram;
+use tidelog_protocol::messages::ApiKey;
+
+use crate::client::{ensure_topic, list_offsets, Cluster, Versions};
+use crate::consumer::{run_consumer, ConsumerConfig, ConsumerResult, VerifyStats};
+use crate::producer::{run_producer, ProducerConfig};
+use crate::stats::{new_latency_histogram, ThreadStats};
+use crate::util::wall_now_us;
+use crate::workload::{ConsumerMode, StartAt, Workload};
+
+/// Times every thread agrees on.
+#[derive(Clone, Copy, Debug)]
+pub struct RunClock {
+    pub start: Instant,
+    pub wall_start_us: u64,
+    pub warmup_end: Instant,
+    /// When producers stop generating (duration mode).
+    pub end: Instant,
+    pub drain_timeout_s: f64,
+}
+
+/// Counters the progress line reads while the run goes on.
+pub struct Live {
+    pub stop: AtomicBool,
+    pub produced_records: AtomicU64,
+    pub produced_bytes: AtomicU64,
+    pub consumed_records: AtomicU64,
+    pub consumed_bytes: AtomicU64,
+    pub consumed_group0_total: AtomicU64,
+    pub acked_total: AtomicU64,
+    pub errors: AtomicU64,
+    ack: Mutex<Histogram<u64>>,
+    e2e: Mutex<Histogram<u64>>,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Live {
+            stop: AtomicBool::new(false),
+            produced_records: AtomicU64::new(0),
+            produced_bytes: AtomicU64::new(0),
+            consumed_records: AtomicU64::new(0),
+            consumed_bytes: AtomicU64::new(0),
+            consumed_group0_total: AtomicU64::new(0),
+            acked_total: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            ack: Mutex::new(new_latency_histogram()),
+            e2e: Mutex::new(new_latency_histogram()),
+        }
+    }
+}
+
+impl Live {
+    pub fn merge_latency(&self, h: &Histogram<u64>) {
+        if let Ok(mut g) = self.ack.lock() {
+            let _ = g.add(h);
+        }
+    }
+    pub fn merge_e2e(&self, h: &Histogram<u64>) {
+        if let Ok(mut g) = self.e2e.lock() {
+            let _ = g.add(h);
+        }
+    }
+    fn p99_ms(&self) -> (f64, f64) {
+        let a = self.ack.lock().map(|h| if h.is_empty() { 0 } else { h.value_at_quantile(0.99) }).unwrap_or(0);
+        let e = self.e2e.lock().map(|h| if h.is_empty() { 0 } else { h.value_at_quantile(0.99) }).unwrap_or(0);
+        (a as f64 / 1000.0, e as f64 / 1000.0)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub bootstrap: String,
+    pub workload: Workload,
+    pub cores: Vec<usize>,
+    pub verify: bool,
+    pub progress: bool,
+    pub seed: u64,
+}
+
+/// What a finished run hands to the report.
+pub struct RunOutcome {
+    pub cluster: Cluster,
+    pub versions: Versions,
+    pub stats: ThreadStats,
+    /// Records acknowledged over the whole run (warm-up included).
+    pub produced_total: u64,
+    /// Records consumed per group over the whole run.
+    pub consumed_total_per_group: Vec<u64>,
+    pub verify: Option<VerifyStats>,
+    pub produce_window_s: f64,
+    pub consume_window_s: f64,
+    pub elapsed_s: f64,
+}
+
+fn spawn_pinned<T: Send + 'static>(
+    name: String,
+    core: Option<usize>,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<JoinHandle<anyhow::Result<T>>> {
+    Ok(std::thread::Builder::new().name(name).spawn(move || {
+        if let Some(id) = core {
+            if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+                eprintln!("warning: could not pin thread to core {id}");
+            }
+        }
+        f()
+    })?)
+}
+
+fn join<T>(h: JoinHandle<anyhow::Result<T>>) -> anyhow::Result<T> {
+    h.join().map_err(|_| anyhow!("worker thread panicked"))?
+}
+
+pub fn run(opts: &RunOptions) -> anyhow::Result<RunOutcome> {
+    let w = &opts.workload;
+    w.validate()?;
+    let topic = w.topic_name();
+    let (cluster, versions) =
+        ensure_topic(&opts.bootstrap, &topic, w.topic.partitions, w.topic.replication_factor, w.topic.create)?;
+    let consumers_total = w.consumer.count * w.consumer.groups.max(1);
+    if consumers_total > 0 && w.consumer.mode == ConsumerMode::Group {
+        if !versions.broker_supports(ApiKey::FindCoordinator) {
+            bail!("broker does not support consumer groups (FindCoordinator not in ApiVersions); use consumer.mode = \"assigned\"");
+        }
+        bail!("consumer.mode = \"group\" (JoinGroup/SyncGroup) is not implemented in tidelog-bench yet; use consumer.mode = \"assigned\"");
+    }
+    let latest = list_offsets(&cluster, &topic, -1)?;
+    let start_offsets = match (w.run.catch_up, w.consumer.start) {
+        (true, _) | (false, StartAt::Latest) => latest,
+        (false, StartAt::Earliest) => list_offsets(&cluster, &topic, -2)?,
+    };
+
+    let live = Arc::new(Live::default());
+    let begin = Instant::now() + Duration::from_millis(200);
+    let warmup_end = begin + Duration::from_secs_f64(w.run.warmup_s);
+    let clock = RunClock {
+        start: begin,
+        wall_start_us: wall_now_us() + 200_000,
+        warmup_end,
+        end: if w.run.records > 0 {
+            begin + Duration::from_secs(365 * 24 * 3600)
+        } else {
+            warmup_end + Duration::from_secs_f64(w.run.duration_s)
+        },
+        drain_timeout_s: w.run.drain_timeout_s,
+    };
+    let end_offsets: Arc<OnceLock<Vec<i64>>> = Arc::new(OnceLock::new());
+    let mut next_core = 0usize;
+    let mut core = || {
+        let c = opts.cores.get(next_core % opts.cores.len().max(1)).copied();
+        next_core += 1;
+        c
+    };
+
+    let spawn_consumers = |core: &mut dyn FnMut() -> Option<usize>| -> anyhow::Result<Vec<_>> {
+        let mut handles = Vec::new();
+        let parts: Vec<i32> = cluster.partitions.iter().map(|p| p.index).collect();
+        for g in 0..w.consumer.groups.max(1) {
+            for c in 0..w.consumer.count {
+                let assigned: Vec<i32> =
+                    parts.iter().copied().filter(|p| *p as usize % w.consumer.count == c).collect();
+                let cfg = ConsumerConfig {
+                    group: g,
+                    index: c,
+                    spec: w.consumer.clone(),
+                    topic: topic.clone(),
+                    cluster: cluster.clone(),
+                    assigned,
+                    start_offsets: start_offsets.clone(),
+                    end_offsets: end_offsets.clone(),
+                    clock,
+                    live: live.clone(),
+                    verify: opts.verify,
+                };
+                handles.push(spawn_pinned(format!("consumer-{g}-{c}"), core(), move || run_consumer(cfg))?);
+            }
+        }
+        Ok(handles)
+    };
+
+    let mut consumers = Vec::new();
+    if !w.run.catch_up {
+        consumers = spawn_consumers(&mut core)?;
+    }
+    let mut producers = Vec::new();
+    let n_prod = w.producer.count as u64;
+    let rate_each = w.producer.total_rate_records_per_s() / n_prod.max(1) as f64;
+    for i in 0..n_prod {
+        let records_max = (w.run.records > 0).then(|| w.run.records / n_prod + u64::from(i < w.run.records % n_prod));
+        let cfg = ProducerConfig {
+            index: i as u32,
+            spec: w.producer.clone(),
+            topic: topic.clone(),
+            cluster: cluster.clone(),
+            rate_per_s: rate_each,
+            records_max,
+            clock,
+            live: live.clone(),
+            seed: opts.seed.wrapping_add(i * 7919),
+        };
+        producers.push(spawn_pinned(format!("producer-{i}"), core(), move || run_producer(cfg))?);
+    }
+
+    let mut progress = Progress::new(opts.progress, clock, w.run.records, live.clone());
+    let mut merged = ThreadStats::default();
+    let mut first_error: Option<anyhow::Error> = None;
+    while producers.iter().any(|h| !h.is_finished()) {
+        progress.tick("producing");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let producers_done = Instant::now();
+    for h in producers {
+        match join(h) {
+            Ok(s) => merged.merge(&s),
+            Err(e) => {
+                live.stop.store(true, Ordering::Relaxed);
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let consume_begin = Instant::now();
+    if first_error.is_none() && consumers_total > 0 {
+        let ends = list_offsets(&cluster, &topic, -1)?;
+        let _ = end_offsets.set(ends);
+        if w.run.catch_up {
+            consumers = spawn_consumers(&mut core)?;
+        }
+    } else {
+        live.stop.store(true, Ordering::Relaxed);
+    }
+    while consumers.iter().any(|h| !h.is_finished()) {
+        progress.tick("draining");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    progress.finish();
+    let consumers_done = Instant::now();
+    let mut per_group = vec![0u64; if consumers_total > 0 { w.consumer.groups.max(1) } else { 0 }];
+    let mut verify = opts.verify.then(VerifyStats::default);
+    for h in consumers {
+        match join(h) {
+            Ok(ConsumerResult { group, stats, verify: v }) => {
+                if let Some(slot) = per_group.get_mut(group) {
+                    *slot += stats.consumed.records.iter().sum::<u64>();
+                }
+                merged.merge(&stats);
+                if let Some(all) = verify.as_mut() {
+                    all.merge(&v);
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let measure_from = clock.warmup_end;
+    let produce_window_s = producers_done.saturating_duration_since(measure_from).as_secs_f64();
+    let consume_start = if w.run.catch_up { consume_begin } else { measure_from };
+    let consume_window_s = consumers_done.saturating_duration_since(consume_start).as_secs_f64();
+    Ok(RunOutcome {
+        cluster,
+        versions,
+        stats: merged,
+        produced_total: live.acked_total.load(Ordering::Relaxed),
+        consumed_total_per_group: per_group,
+        verify,
+        produce_window_s,
+        consume_window_s,
+        elapsed_s: consumers_done.saturating_duration_since(clock.start).as_secs_f64(),
+    })
+}
+
+/// The live progress line on stderr, once a second.
+struct Progress {
+    enabled: bool,
+    clock: RunClock,
+    records_target: u64,
+    live: Arc<Live>,
+    last: Instant,
+    last_produced: (u64, u64),
+    last_consumed: (u64, u64),
+    printed: bool,
+}
+
+impl Progress {
+    fn new(enabled: bool, clock: RunClock, records_target: u64, live: Arc<Live>) -> Progress {
+        Progress {
+            enabled,
+            clock,
+            records_target,
+            live,
+            last: Instant::now(),
+            last_produced: (0, 0),
+            last_consumed: (0, 0),
+            printed: false,
+        }
+    }
+
+    fn tick(&mut self, phase: &str) {
+        let dt = self.last.elapsed().as_secs_f64();
+        if !self.enabled || dt < 1.0 {
+            return;
+        }
+        let l = &self.live;
+        let p = (l.produced_records.load(Ordering::Relaxed), l.produced_bytes.load(Ordering::Relaxed));
+        let c = (l.consumed_records.load(Ordering::Relaxed), l.consumed_bytes.load(Ordering::Relaxed));
+        let acked = l.acked_total.load(Ordering::Relaxed);
+        let now = Instant::now();
+        let left = if self.records_target > 0 {
+            let rate = (p.0 - self.last_produced.0) as f64 / dt;
+            if rate > 0.0 {
+                format!("~{:.0}s", self.records_target.saturating_sub(acked) as f64 / rate)
+            } else {
+                "?".into()
+            }
+        } else {
+            format!("{:.0}s", self.clock.end.saturating_duration_since(now).as_secs_f64())
+        };
+        let warm = if now < self.clock.warmup_end { " (warm-up)" } else { "" };
+        let (ack_p99, e2e_p99) = l.p99_ms();
+        let line = format!(
+            "[{phase}{warm}] produce {:>9.0} rec/s {:>8.1} MB/s | consume {:>9.0} rec/s {:>8.1} MB/s | p99 ack {:>7.2} ms e2e {:>7.2} ms | errors {} | left {left}",
+            (p.0 - self.last_produced.0) as f64 / dt,
+            (p.1 - self.last_produced.1) as f64 / dt / 1e6,
+            (c.0 - self.last_consumed.0) as f64 / dt,
+            (c.1 - self.last_consumed.1) as f64 / dt / 1e6,
+            ack_p99,
+            e2e_p99,
+            l.errors.load(Ordering::Relaxed),
+        );
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r{line:<150}");
+        let _ = err.flush();
+        self.printed = true;
+        self.last = now;
+        self.last_produced = p;
+        self.last_consumed = c;
+    }
+
+    fn finish(&self) {
+        if self.printed {
+            eprintln!();
+        }
+    }
+}

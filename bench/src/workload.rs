@@ -1,0 +1,348 @@
+//! Workload definition: what to run, from a TOML file and/or command-line
+//! flags (flags win). Plain data, validated once before any thread starts.
+//!
+//! ```toml
+//! name = "fixed-rate-latency"
+//! [topic]      name, partitions, replication_factor, create
+//! [producer]   count, rate_records_per_s | rate_mb_per_s, record_size_bytes
+//!              or record_size = { dist = "uniform", min_bytes, max_bytes },
+//!              keys = "none" | "random" | "round-robin", key_count, acks,
+//!              linger_ms, batch_size_bytes, compression, max_in_flight
+//! [consumer]   count, groups, mode = "assigned" | "group", start, fetch_*
+//! [run]        duration_s | records, warmup_s, catch_up
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+/// Bytes at the front of every value: send time (µs since the Unix epoch),
+/// producer index, per-producer sequence. Records are never smaller.
+pub const PAYLOAD_HEADER_BYTES: usize = 8 + 4 + 8;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Workload {
+    pub name: String,
+    pub description: String,
+    pub topic: TopicSpec,
+    pub producer: ProducerSpec,
+    pub consumer: ConsumerSpec,
+    pub run: RunSpec,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            name: "adhoc".into(),
+            description: String::new(),
+            topic: TopicSpec::default(),
+            producer: ProducerSpec::default(),
+            consumer: ConsumerSpec::default(),
+            run: RunSpec::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicSpec {
+    /// Topic name; empty means `tidelog-bench-<workload name>`.
+    pub name: String,
+    pub partitions: i32,
+    pub replication_factor: i16,
+    /// Create the topic with CreateTopics when it does not exist.
+    pub create: bool,
+}
+
+impl Default for TopicSpec {
+    fn default() -> Self {
+        TopicSpec { name: String::new(), partitions: 6, replication_factor: 1, create: true }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyMode {
+    /// No key: sticky partitioning.
+    None,
+    /// A uniformly random key out of `key_count`.
+    Random,
+    /// Keys 0, 1, ..., key_count-1, 0, ... per producer.
+    RoundRobin,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Codec {
+    /// The attributes bits of a record batch.
+    pub fn attribute_bits(self) -> i16 {
+        match self {
+            Codec::None => 0,
+            Codec::Gzip => 1,
+            Codec::Snappy => 2,
+            Codec::Lz4 => 3,
+            Codec::Zstd => 4,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "dist", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SizeDist {
+    Fixed {
+        bytes: usize,
+    },
+    Uniform {
+        min_bytes: usize,
+        max_bytes: usize,
+    },
+    /// Normal around `mean_bytes`, clamped to `[min_bytes, max_bytes]`.
+    Normal {
+        mean_bytes: usize,
+        stddev_bytes: usize,
+        min_bytes: usize,
+        max_bytes: usize,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProducerSpec {
+    pub count: usize,
+    /// Total target rate over all producers; 0 = as fast as possible.
+    pub rate_records_per_s: f64,
+    /// Total target rate in MB/s (10^6 bytes of value); 0 = unused.
+    pub rate_mb_per_s: f64,
+    pub record_size_bytes: usize,
+    /// Overrides `record_size_bytes` with a distribution.
+    pub record_size: Option<SizeDist>,
+    pub keys: KeyMode,
+    pub key_count: u64,
+    pub acks: i16,
+    pub linger_ms: u64,
+    pub batch_size_bytes: usize,
+    pub compression: Codec,
+    pub max_in_flight: usize,
+    /// Bytes a producer may hold in batches not yet acknowledged.
+    pub buffer_memory_bytes: usize,
+    pub request_timeout_ms: i32,
+    pub retries: u32,
+}
+
+impl Default for ProducerSpec {
+    fn default() -> Self {
+        ProducerSpec {
+            count: 1,
+            rate_records_per_s: 0.0,
+            rate_mb_per_s: 0.0,
+            record_size_bytes: 1024,
+            record_size: None,
+            keys: KeyMode::None,
+            key_count: 1000,
+            acks: -1,
+            linger_ms: 5,
+            batch_size_bytes: 128 * 1024,
+            compression: Codec::None,
+            max_in_flight: 5,
+            buffer_memory_bytes: 32 * 1024 * 1024,
+            request_timeout_ms: 30_000,
+            retries: 5,
+        }
+    }
+}
+
+impl ProducerSpec {
+    pub fn size_dist(&self) -> SizeDist {
+        self.record_size.unwrap_or(SizeDist::Fixed { bytes: self.record_size_bytes })
+    }
+
+    /// Mean value size, for converting MB/s into records/s.
+    pub fn mean_record_bytes(&self) -> f64 {
+        match self.size_dist() {
+            SizeDist::Fixed { bytes } => bytes as f64,
+            SizeDist::Uniform { min_bytes, max_bytes } => (min_bytes + max_bytes) as f64 / 2.0,
+            SizeDist::Normal { mean_bytes, .. } => mean_bytes as f64,
+        }
+    }
+
+    /// Target records per second over all producers; 0 = unpaced.
+    pub fn total_rate_records_per_s(&self) -> f64 {
+        if self.rate_records_per_s > 0.0 {
+            self.rate_records_per_s
+        } else if self.rate_mb_per_s > 0.0 {
+            self.rate_mb_per_s * 1e6 / self.mean_record_bytes().max(1.0)
+        } else {
+            0.0
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsumerMode {
+    /// Partitions are split statically among a group's consumers.
+    Assigned,
+    /// Kafka consumer groups (FindCoordinator/JoinGroup/SyncGroup).
+    Group,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StartAt {
+    Earliest,
+    Latest,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerSpec {
+    /// Consumers per group.
+    pub count: usize,
+    /// Independent groups, each reading every record (fan-out).
+    pub groups: usize,
+    pub mode: ConsumerMode,
+    pub start: StartAt,
+    pub fetch_max_wait_ms: i32,
+    pub fetch_min_bytes: i32,
+    pub fetch_max_bytes: i32,
+    pub partition_max_bytes: i32,
+    /// Check CRCs of fetched batches.
+    pub check_crc: bool,
+}
+
+impl Default for ConsumerSpec {
+    fn default() -> Self {
+        ConsumerSpec {
+            count: 1,
+            groups: 1,
+            mode: ConsumerMode::Assigned,
+            start: StartAt::Latest,
+            fetch_max_wait_ms: 500,
+            fetch_min_bytes: 1,
+            fetch_max_bytes: 50 * 1024 * 1024,
+            partition_max_bytes: 4 * 1024 * 1024,
+            check_crc: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSpec {
+    /// Length of the measured run after warm-up; ignored when `records` > 0.
+    pub duration_s: f64,
+    /// Total records over all producers; 0 = run for `duration_s`.
+    pub records: u64,
+    /// Results during the first seconds are not recorded in histograms.
+    pub warmup_s: f64,
+    /// Produce everything first, then start consumers from the earliest offset.
+    pub catch_up: bool,
+    /// Give consumers this long after producers stop to drain the topic.
+    pub drain_timeout_s: f64,
+}
+
+impl Default for RunSpec {
+    fn default() -> Self {
+        RunSpec { duration_s: 30.0, records: 0, warmup_s: 5.0, catch_up: false, drain_timeout_s: 30.0 }
+    }
+}
+
+impl Workload {
+    pub fn from_toml(text: &str) -> anyhow::Result<Workload> {
+        let w: Workload = toml::from_str(text)?;
+        Ok(w)
+    }
+
+    pub fn topic_name(&self) -> String {
+        if self.topic.name.is_empty() {
+            format!("tidelog-bench-{}", self.name)
+        } else {
+            self.topic.name.clone()
+        }
+    }
+
+    pub fn is_paced(&self) -> bool {
+        self.producer.total_rate_records_per_s() > 0.0
+    }
+
+    /// Rejects workloads that cannot run, with a reason a user can act on.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let p = &self.producer;
+        anyhow::ensure!(self.topic.partitions > 0, "topic.partitions must be > 0");
+        anyhow::ensure!(p.max_in_flight >= 1, "producer.max_in_flight must be >= 1");
+        anyhow::ensure!(p.batch_size_bytes >= 1024, "producer.batch_size_bytes must be >= 1024");
+        anyhow::ensure!(matches!(p.acks, -1..=1), "producer.acks must be -1, 0 or 1");
+        anyhow::ensure!(p.key_count > 0 || p.keys == KeyMode::None, "producer.key_count must be > 0");
+        let min = match p.size_dist() {
+            SizeDist::Fixed { bytes } => bytes,
+            SizeDist::Uniform { min_bytes, max_bytes } => {
+                anyhow::ensure!(min_bytes <= max_bytes, "record_size.min_bytes > max_bytes");
+                min_bytes
+            }
+            SizeDist::Normal { min_bytes, max_bytes, .. } => {
+                anyhow::ensure!(min_bytes <= max_bytes, "record_size.min_bytes > max_bytes");
+                min_bytes
+            }
+        };
+        anyhow::ensure!(
+            min >= PAYLOAD_HEADER_BYTES,
+            "records must be at least {PAYLOAD_HEADER_BYTES} bytes (timestamp, producer, sequence)"
+        );
+        anyhow::ensure!(self.run.records > 0 || self.run.duration_s > 0.0, "set run.duration_s or run.records");
+        anyhow::ensure!(self.producer.count > 0 || self.consumer.count > 0, "nothing to run");
+        anyhow::ensure!(
+            !(self.run.catch_up && self.producer.count == 0),
+            "catch_up needs producers to fill the topic first"
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_workloads_parse_and_validate() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let w = Workload::from_toml(&std::fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            w.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+        assert!(n >= 5, "expected the five shipped workloads, found {n}");
+    }
+
+    #[test]
+    fn rate_in_mb_converts_to_records() {
+        let mut w = Workload::default();
+        w.producer.rate_mb_per_s = 20.0;
+        w.producer.record_size_bytes = 1000;
+        assert_eq!(w.producer.total_rate_records_per_s(), 20_000.0);
+        assert!(w.is_paced());
+    }
+
+    #[test]
+    fn size_distribution_parses() {
+        let w = Workload::from_toml(
+            "[producer]\nrecord_size = { dist = \"uniform\", min_bytes = 100, max_bytes = 300 }\nkeys = \"round-robin\"\n",
+        )
+        .unwrap();
+        assert_eq!(w.producer.size_dist(), SizeDist::Uniform { min_bytes: 100, max_bytes: 300 });
+        assert_eq!(w.producer.keys, KeyMode::RoundRobin);
+        assert!(Workload::from_toml("[producer]\nbogus = 1\n").is_err());
+    }
+}

@@ -1,0 +1,226 @@
+//! Process start-up and shutdown: checks the host and data dir, loads
+//! metadata, starts one pinned glommio executor per shard, wires the
+//! controller channels, and on SIGTERM/SIGINT drains every shard's
+//! accumulator before exiting.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::channels::shared_channel;
+use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
+use tidelog_protocol::ShardId;
+
+use crate::config::Config;
+use crate::metadata::MetadataImage;
+use crate::shard::{Controller, FromController, Shard, ToController};
+use crate::storage::dirfs;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Glommio's rings and registered buffers need locked memory beyond io_memory.
+const RING_MEMLOCK_BYTES: u64 = 512 * 1024;
+/// Bound of every cross-core channel: a full channel is back-pressure.
+const CONTROLLER_CHANNEL_DEPTH: usize = 1024;
+
+fn affinity_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills the set we own.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return (0..std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).collect();
+    }
+    (0..libc::CPU_SETSIZE as usize).filter(|c| unsafe { libc::CPU_ISSET(*c, &set) }).collect()
+}
+
+/// Applies `io-properties.json` from `tidelog-tune iotune` if there is one.
+fn apply_io_properties(config: &mut Config) {
+    let path = config.io_properties_file.clone().unwrap_or_else(|| config.log_dir.join("io-properties.json"));
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(_) if config.io_properties_file.is_none() => {
+            log::info!(
+                "no io-properties file at {} (run `tidelog-tune iotune --dir {}`); using defaults",
+                path.display(),
+                config.log_dir.display()
+            );
+            return;
+        }
+        Err(e) => {
+            log::warn!("io.properties.file {}: {e}; using defaults", path.display());
+            return;
+        }
+    };
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) => {
+            if let Some(block) = v.get("best_write_block_bytes").and_then(|b| b.as_u64()) {
+                let block = (block as usize).clamp(4096, 64 << 20);
+                config.flush_write_bytes_max = block;
+            }
+            log::info!(
+                "using io-properties {}: flush writes up to {} bytes (measured write bandwidth {} B/s)",
+                path.display(),
+                config.flush_write_bytes_max,
+                v.get("write_bandwidth_bytes_per_s").and_then(|b| b.as_u64()).unwrap_or(0)
+            );
+        }
+        Err(e) => log::warn!("io-properties {} is not valid JSON ({e}); using defaults", path.display()),
+    }
+}
+
+fn remove_deleted_dirs(config: &Config) {
+    if let Ok(entries) = std::fs::read_dir(&config.log_dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().ends_with("-delete") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// Runs the broker until SIGTERM/SIGINT. Returns a message on start-up failure.
+pub fn run(mut config: Config) -> Result<(), String> {
+    let fs = dirfs::check_data_dir(&config.log_dir)?;
+    let lock = dirfs::lock_data_dir(&config.log_dir)?;
+    let cpus = affinity_cpus();
+    let num_shards = if config.num_shards == 0 { cpus.len().max(1) } else { config.num_shards };
+    config.num_shards = num_shards;
+    if num_shards > cpus.len() {
+        log::warn!(
+            "num.shards={num_shards} exceeds the {} CPUs in the affinity mask; shards will share cores",
+            cpus.len()
+        );
+    }
+    let memlock_needed = num_shards as u64 * (config.io_memory_bytes as u64 + RING_MEMLOCK_BYTES);
+    dirfs::ensure_memlock(memlock_needed)?;
+    apply_io_properties(&mut config);
+    remove_deleted_dirs(&config);
+    let image = Arc::new(MetadataImage::load(&config.log_dir, num_shards)?);
+    log::info!(
+        "tidelog {} starting: {num_shards} shard(s), log.dirs={} ({fs}), {} topic(s), lock {}",
+        env!("CARGO_PKG_VERSION"),
+        config.log_dir.display(),
+        image.topics.len(),
+        lock.path.display()
+    );
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    let config = Arc::new(config);
+    // Channels: shard i -> controller (on shard 0), controller -> shard i.
+    let mut to_ctrl_tx = Vec::new();
+    let mut to_ctrl_rx = Vec::new();
+    let mut from_ctrl_tx = Vec::new();
+    let mut from_ctrl_rx = Vec::new();
+    for _ in 0..num_shards {
+        let (tx, rx) = shared_channel::new_bounded::<ToController>(CONTROLLER_CHANNEL_DEPTH);
+        to_ctrl_tx.push(Some(tx));
+        to_ctrl_rx.push(rx);
+        let (tx, rx) = shared_channel::new_bounded::<FromController>(CONTROLLER_CHANNEL_DEPTH);
+        from_ctrl_tx.push(tx);
+        from_ctrl_rx.push(Some(rx));
+    }
+    let mut controller_parts = Some((to_ctrl_rx, from_ctrl_tx));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
+    let mut handles = Vec::with_capacity(num_shards);
+    for i in 0..num_shards {
+        let cpu = cpus[i % cpus.len()];
+        let config = config.clone();
+        let image = image.clone();
+        let to_ctrl = to_ctrl_tx[i].take();
+        let from_ctrl = from_ctrl_rx[i].take();
+        let ctrl = if i == 0 { controller_parts.take() } else { None };
+        let ready = ready_tx.clone();
+        let listen = config.shard_listen_addr(i).map_err(|e| e.0)?;
+        let builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard-{i}"))
+            .io_memory(config.io_memory_bytes)
+            .blocking_thread_pool_placement(PoolPlacement::Unbound(1));
+        let spawned = builder.spawn(move || async move {
+            let (Some(to_ctrl), Some(from_ctrl)) = (to_ctrl, from_ctrl) else { return };
+            // `connect` waits for the other end, so every endpoint of this
+            // shard (including the controller's, on shard 0) connects at once.
+            let controller_ends = async move {
+                let (inbox, outbox) = ctrl?;
+                let receivers = futures::future::join_all(inbox.into_iter().map(|r| r.connect())).await;
+                let senders = futures::future::join_all(outbox.into_iter().map(|s| s.connect())).await;
+                Some((receivers, senders))
+            };
+            let (to_ctrl, from_ctrl, controller_ends) =
+                futures::join!(to_ctrl.connect(), from_ctrl.connect(), controller_ends);
+            if let Some((receivers, senders)) = controller_ends {
+                let controller = Controller::new(config.clone(), image.clone(), senders);
+                glommio::spawn_local(controller.run(receivers)).detach();
+            }
+            let shard =
+                Shard::new(ShardId(i as u32), num_shards, config.clone(), Arc::new(MetadataImage::default()), to_ctrl);
+            shard.apply_image(image).await;
+            glommio::spawn_local(shard.clone().run_flusher()).detach();
+            glommio::spawn_local(shard.clone().run_follower(from_ctrl)).detach();
+            let listener = match glommio::net::TcpListener::bind(listen) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready.send(Err(format!(
+                        "shard {i}: cannot listen on {listen}: {e}; is another broker running? change `listeners`"
+                    )));
+                    return;
+                }
+            };
+            log::info!("shard {i} on cpu {cpu}: listening on {listen}, advertised as broker {i}");
+            let server = glommio::spawn_local(crate::server::serve(shard.clone(), listener));
+            let _ = ready.send(Ok(i));
+            while !STOP.load(Ordering::Relaxed) {
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = server.cancel().await;
+            shard.stopping.set(true);
+            shard.drain().await;
+            log::info!("shard {i}: stopped, all appended data durable");
+        });
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                return Err(format!(
+                    "cannot start shard {i} (io_uring executor): {e}. io_uring must be available \
+                     (kernel >= 5.8, kernel.io_uring_disabled=0, not blocked by seccomp) and RLIMIT_MEMLOCK must cover \
+                     num.shards x (io.memory.bytes + 512 KiB); see linux-only.md"
+                ))
+            }
+        }
+    }
+    drop(ready_tx);
+    let mut up = 0;
+    while up < num_shards {
+        match ready_rx.recv() {
+            Ok(Ok(_)) => up += 1,
+            Ok(Err(e)) => {
+                STOP.store(true, Ordering::Relaxed);
+                for h in handles {
+                    let _ = h.join();
+                }
+                return Err(e);
+            }
+            Err(_) => return Err("a shard exited during start-up (see the log above)".into()),
+        }
+    }
+    log::info!(
+        "tidelog ready: {num_shards} shard(s), bootstrap {}:{} (shard i on port {} + i)",
+        config.advertised_host,
+        config.advertised_port,
+        config.advertised_port
+    );
+    for h in handles {
+        if let Err(e) = h.join() {
+            log::error!("shard exited with error: {e}");
+        }
+    }
+    drop(lock);
+    log::info!("tidelog stopped");
+    Ok(())
+}

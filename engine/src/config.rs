@@ -1,0 +1,374 @@
+//! Broker configuration: one table of settings, Kafka's names where Kafka has
+//! one. Sources, later wins: built-in default, `--config FILE`
+//! (server.properties style), environment (`TIDELOG_` + name upper-cased,
+//! `.` as `_`), command-line flags (`--name=value` or `--name value`).
+//!
+//! Read once by the main thread before the shards start; each shard gets an
+//! `Arc<Config>` (shared read-only).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// One setting: its one definition, used for parsing, defaults and `--help`.
+pub struct Setting {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub doc: &'static str,
+}
+
+/// Every setting tidelog reads.
+pub const SETTINGS: &[Setting] = &[
+    Setting { name: "log.dirs", default: "./tidelog-data", doc: "Data directory. Must support O_DIRECT (XFS recommended, ext4 accepted; tmpfs is refused). Only one directory is supported." },
+    Setting { name: "listeners", default: "PLAINTEXT://127.0.0.1:9092", doc: "Bootstrap listener. Shard i listens on the same host at port + i." },
+    Setting { name: "advertised.listeners", default: "", doc: "Address advertised to clients in Metadata (shard i at port + i). Empty: same as listeners." },
+    Setting { name: "num.shards", default: "0", doc: "Number of shards (pinned cores). 0 = one per CPU in the process affinity mask." },
+    Setting { name: "num.partitions", default: "1", doc: "Partitions of an auto-created topic, and of CreateTopics with num_partitions = -1." },
+    Setting { name: "default.replication.factor", default: "1", doc: "Replication factor of new topics. Only 1 is supported on a single node." },
+    Setting { name: "auto.create.topics.enable", default: "true", doc: "Create a topic when Metadata or Produce names one that does not exist." },
+    Setting { name: "log.segment.bytes", default: "1073741824", doc: "Roll the active segment when it would grow past this size." },
+    Setting { name: "log.roll.ms", default: "604800000", doc: "Roll the active segment when its first record is older than this." },
+    Setting { name: "log.index.interval.bytes", default: "4096", doc: "Bytes of log between two entries of the sparse offset and time indexes." },
+    Setting { name: "log.preallocate.bytes", default: "33554432", doc: "Segment files are preallocated (fallocate) this far ahead of the write position." },
+    Setting { name: "message.max.bytes", default: "1048588", doc: "Largest record batch a producer may send; larger gets MESSAGE_TOO_LARGE." },
+    Setting { name: "socket.request.max.bytes", default: "104857600", doc: "Largest request frame; a larger length prefix closes the connection before anything is allocated." },
+    Setting { name: "max.connections", default: "10000", doc: "Connections accepted per shard; more are closed at accept with a log line." },
+    Setting { name: "max.inflight.requests.per.connection", default: "64", doc: "Requests read ahead of their responses on one connection; the reader waits (back-pressure) beyond this." },
+    Setting { name: "fetch.max.wait.ms.max", default: "30000", doc: "Upper bound on a Fetch's max_wait_ms." },
+    Setting { name: "flush.write.bytes.max", default: "1048576", doc: "Largest single O_DIRECT write the accumulator issues (overridden by io-properties best_write_block_bytes)." },
+    Setting { name: "io.properties.file", default: "", doc: "io-properties.json written by `tidelog-tune iotune`. Empty: <log.dirs>/io-properties.json if present." },
+    Setting { name: "io.memory.bytes", default: "2097152", doc: "Locked DMA memory per shard for glommio (min 524288). RLIMIT_MEMLOCK must cover num.shards x (this + 512 KiB)." },
+    Setting { name: "log.level", default: "info", doc: "Log level: error, warn, info, debug, trace (RUST_LOG overrides)." },
+];
+
+/// A parse or validation failure, with what to do about it.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The parsed configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub log_dir: PathBuf,
+    pub listen_addr: SocketAddr,
+    pub advertised_host: String,
+    pub advertised_port: u16,
+    pub num_shards: usize,
+    pub num_partitions: i32,
+    pub default_replication_factor: i16,
+    pub auto_create_topics: bool,
+    pub segment_bytes: u64,
+    pub roll_ms: u64,
+    pub index_interval_bytes: u64,
+    pub preallocate_bytes: u64,
+    pub message_max_bytes: usize,
+    pub request_max_bytes: usize,
+    pub max_connections: usize,
+    pub max_inflight_requests: usize,
+    pub fetch_max_wait_ms_max: u64,
+    pub flush_write_bytes_max: usize,
+    pub io_properties_file: Option<PathBuf>,
+    pub io_memory_bytes: usize,
+    pub log_level: String,
+    /// Every setting's final value and where it came from, for DescribeConfigs.
+    pub values: BTreeMap<&'static str, (String, Source)>,
+}
+
+/// Where a setting's value came from (DescribeConfigs reports it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    File,
+    Env,
+    Flag,
+}
+
+/// What the command line asked for.
+pub enum Command {
+    Run(Box<Config>),
+    Help,
+    Version,
+}
+
+pub fn help_text() -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "tidelog {} — Kafka-API streaming storage engine\n", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(s, "USAGE: tidelog [--config FILE] [--SETTING=VALUE | --SETTING VALUE]...\n");
+    let _ = writeln!(s, "Settings are read, later wins, from: defaults, --config FILE (server.properties");
+    let _ = writeln!(s, "style: name=value lines, # comments), environment TIDELOG_<NAME> (upper case,");
+    let _ = writeln!(s, "'.' as '_', e.g. TIDELOG_LOG_DIRS), then flags.\n");
+    let _ = writeln!(s, "FLAGS:");
+    let _ = writeln!(s, "  --config FILE    read settings from a server.properties-style file");
+    let _ = writeln!(s, "  -h, --help       print this help");
+    let _ = writeln!(s, "  -V, --version    print the version\n");
+    let _ = writeln!(s, "SETTINGS (default in brackets):");
+    for setting in SETTINGS {
+        let _ = writeln!(s, "  --{} [{}]", setting.name, setting.default);
+        let _ = writeln!(s, "      {}", setting.doc);
+    }
+    s
+}
+
+fn env_name(name: &str) -> String {
+    format!("TIDELOG_{}", name.replace('.', "_").to_uppercase())
+}
+
+fn known(name: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.name == name)
+}
+
+/// Parses `name=value` lines; `#` and `!` start comments.
+pub fn parse_properties(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once(['=', ':']) else {
+            return Err(ConfigError(format!("line {}: expected name=value, got {line:?}", i + 1)));
+        };
+        out.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    Ok(out)
+}
+
+/// Parses the command line (without argv[0]) and the environment.
+pub fn from_args(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Command, ConfigError> {
+    let mut values: BTreeMap<&'static str, (String, Source)> =
+        SETTINGS.iter().map(|s| (s.name, (s.default.to_string(), Source::Default))).collect();
+    let mut flags: Vec<(String, String)> = Vec::new();
+    let mut config_file: Option<String> = None;
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            _ => {}
+        }
+        let Some(flag) = arg.strip_prefix("--") else {
+            return Err(ConfigError(format!(
+                "unexpected argument {arg:?}; settings are given as --name=value (see --help)"
+            )));
+        };
+        let (name, value) = match flag.split_once('=') {
+            Some((n, v)) => (n.to_string(), v.to_string()),
+            None => {
+                i += 1;
+                let Some(v) = args.get(i) else {
+                    return Err(ConfigError(format!("--{flag} needs a value (see --help)")));
+                };
+                (flag.to_string(), v.clone())
+            }
+        };
+        if name == "config" {
+            config_file = Some(value);
+        } else {
+            flags.push((name, value));
+        }
+        i += 1;
+    }
+    if let Some(path) = config_file {
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| ConfigError(format!("cannot read --config {path}: {e}")))?;
+        for (name, value) in parse_properties(&text)? {
+            let setting = known(&name).ok_or_else(|| {
+                ConfigError(format!("{path}: unknown setting {name:?} (tidelog --help lists every setting)"))
+            })?;
+            values.insert(setting.name, (value, Source::File));
+        }
+    }
+    for setting in SETTINGS {
+        if let Some(v) = env(&env_name(setting.name)) {
+            values.insert(setting.name, (v, Source::Env));
+        }
+    }
+    for (name, value) in flags {
+        let setting = known(&name)
+            .ok_or_else(|| ConfigError(format!("unknown setting --{name} (tidelog --help lists every setting)")))?;
+        values.insert(setting.name, (value, Source::Flag));
+    }
+    Config::from_values(values).map(|c| Command::Run(Box::new(c)))
+}
+
+fn get<'a>(values: &'a BTreeMap<&'static str, (String, Source)>, name: &str) -> &'a str {
+    values.get(name).map(|(v, _)| v.as_str()).unwrap_or("")
+}
+
+fn num<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
+    values: &BTreeMap<&'static str, (String, Source)>,
+    name: &str,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    let raw = get(values, name);
+    let v: T = raw.trim().parse().map_err(|_| ConfigError(format!("{name}={raw:?} is not a valid number")))?;
+    if v < min || v > max {
+        return Err(ConfigError(format!("{name}={raw} is out of range [{min}, {max}]")));
+    }
+    Ok(v)
+}
+
+fn boolean(values: &BTreeMap<&'static str, (String, Source)>, name: &str) -> Result<bool, ConfigError> {
+    match get(values, name).trim().to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(ConfigError(format!("{name}={other:?} must be true or false"))),
+    }
+}
+
+/// Parses `PLAINTEXT://host:port` (or `host:port`).
+pub fn parse_listener(name: &str, raw: &str) -> Result<(String, u16), ConfigError> {
+    let first = raw.split(',').next().unwrap_or("").trim();
+    let addr = match first.split_once("://") {
+        Some((proto, rest)) => {
+            if !proto.eq_ignore_ascii_case("PLAINTEXT") {
+                return Err(ConfigError(format!("{name}: only PLAINTEXT listeners are supported, got {proto}")));
+            }
+            rest
+        }
+        None => first,
+    };
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(ConfigError(format!("{name}={raw:?}: expected PLAINTEXT://host:port")));
+    };
+    let port: u16 = port.parse().map_err(|_| ConfigError(format!("{name}={raw:?}: bad port")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = if host.is_empty() { "0.0.0.0" } else { host };
+    Ok((host.to_string(), port))
+}
+
+impl Config {
+    fn from_values(values: BTreeMap<&'static str, (String, Source)>) -> Result<Config, ConfigError> {
+        let (host, port) = parse_listener("listeners", get(&values, "listeners"))?;
+        let listen_addr: SocketAddr = format!("{host}:{port}")
+            .parse()
+            .or_else(|_| {
+                std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or(())
+            })
+            .map_err(|_| ConfigError(format!("listeners: cannot resolve host {host:?}")))?;
+        let advertised = get(&values, "advertised.listeners");
+        let (advertised_host, advertised_port) = if advertised.trim().is_empty() {
+            let h = if listen_addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { host.clone() };
+            (h, port)
+        } else {
+            parse_listener("advertised.listeners", advertised)?
+        };
+        let log_dirs = get(&values, "log.dirs");
+        if log_dirs.contains(',') {
+            return Err(ConfigError(format!("log.dirs={log_dirs:?}: only one data directory is supported")));
+        }
+        let io_properties = get(&values, "io.properties.file").trim();
+        let cfg = Config {
+            log_dir: PathBuf::from(log_dirs.trim()),
+            listen_addr,
+            advertised_host,
+            advertised_port,
+            num_shards: num(&values, "num.shards", 0usize, 1024)?,
+            num_partitions: num(&values, "num.partitions", 1i32, 100_000)?,
+            default_replication_factor: num(&values, "default.replication.factor", 1i16, 1)?,
+            auto_create_topics: boolean(&values, "auto.create.topics.enable")?,
+            segment_bytes: num(&values, "log.segment.bytes", 14u64, 1 << 40)?,
+            roll_ms: num(&values, "log.roll.ms", 1u64, u64::MAX / 2)?,
+            index_interval_bytes: num(&values, "log.index.interval.bytes", 0u64, 1 << 30)?,
+            preallocate_bytes: num(&values, "log.preallocate.bytes", 0u64, 1 << 34)?,
+            message_max_bytes: num(&values, "message.max.bytes", 61usize, 1 << 30)?,
+            request_max_bytes: num(&values, "socket.request.max.bytes", 1024usize, i32::MAX as usize)?,
+            max_connections: num(&values, "max.connections", 1usize, 1 << 20)?,
+            max_inflight_requests: num(&values, "max.inflight.requests.per.connection", 1usize, 4096)?,
+            fetch_max_wait_ms_max: num(&values, "fetch.max.wait.ms.max", 0u64, 3_600_000)?,
+            flush_write_bytes_max: num(&values, "flush.write.bytes.max", 4096usize, 64 << 20)?,
+            io_properties_file: if io_properties.is_empty() { None } else { Some(PathBuf::from(io_properties)) },
+            io_memory_bytes: num(&values, "io.memory.bytes", 512 * 1024usize, 1 << 30)?,
+            log_level: get(&values, "log.level").to_string(),
+            values,
+        };
+        if cfg.log_dir.as_os_str().is_empty() {
+            return Err(ConfigError("log.dirs must not be empty".into()));
+        }
+        Ok(cfg)
+    }
+
+    /// Shard `i`'s listen address.
+    pub fn shard_listen_addr(&self, shard: usize) -> Result<SocketAddr, ConfigError> {
+        let port = self.listen_addr.port() as usize + shard;
+        let port = u16::try_from(port).map_err(|_| {
+            ConfigError(format!("listeners port + shard {shard} exceeds 65535: lower the port or num.shards"))
+        })?;
+        Ok(SocketAddr::new(self.listen_addr.ip(), port))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        match from_args(&args, &|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))? {
+            Command::Run(c) => Ok(*c),
+            _ => panic!("not a run"),
+        }
+    }
+
+    #[test]
+    fn defaults_work_out_of_the_box() {
+        let c = run(&[], &[]).unwrap();
+        assert_eq!(c.log_dir, PathBuf::from("./tidelog-data"));
+        assert_eq!(c.listen_addr.to_string(), "127.0.0.1:9092");
+        assert_eq!((c.advertised_host.as_str(), c.advertised_port), ("127.0.0.1", 9092));
+        assert!(c.auto_create_topics);
+        assert_eq!(c.message_max_bytes, 1048588);
+        assert_eq!(c.values["log.dirs"].1, Source::Default);
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file() {
+        let dir = std::env::temp_dir().join(format!("tidelog-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("server.properties");
+        std::fs::write(&file, "# comment\nnum.partitions=3\nlog.segment.bytes = 1000\nmessage.max.bytes=5000\n")
+            .unwrap();
+        let c = run(
+            &["--config", file.to_str().unwrap(), "--num.partitions=7", "--listeners", "PLAINTEXT://0.0.0.0:19092"],
+            &[("TIDELOG_NUM_PARTITIONS", "5"), ("TIDELOG_LOG_SEGMENT_BYTES", "2000")],
+        )
+        .unwrap();
+        assert_eq!(c.num_partitions, 7);
+        assert_eq!(c.segment_bytes, 2000);
+        assert_eq!(c.message_max_bytes, 5000);
+        assert_eq!(c.values["message.max.bytes"].1, Source::File);
+        assert_eq!(c.values["log.segment.bytes"].1, Source::Env);
+        assert_eq!(c.listen_addr.port(), 19092);
+        assert_eq!(c.advertised_host, "127.0.0.1");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        assert!(run(&["--nope=1"], &[]).unwrap_err().0.contains("unknown setting --nope"));
+        assert!(run(&["--num.partitions=x"], &[]).unwrap_err().0.contains("num.partitions"));
+        assert!(run(&["--num.partitions"], &[]).unwrap_err().0.contains("needs a value"));
+        assert!(run(&["--listeners=SSL://a:1"], &[]).unwrap_err().0.contains("PLAINTEXT"));
+        assert!(run(&["--default.replication.factor=3"], &[]).is_err());
+    }
+
+    #[test]
+    fn help_lists_every_setting_with_default() {
+        let h = help_text();
+        for s in SETTINGS {
+            assert!(h.contains(&format!("--{} [{}]", s.name, s.default)), "{}", s.name);
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! Metadata, ListOffsets, CreateTopics, DeleteTopics, DescribeConfigs.
+//!
+//! Metadata and the topic admin APIs are answered by any shard; topic changes
+//! go through the controller on shard 0 and return once every shard applied
+//! them, so a client can produce to a new topic as soon as it is told it
+//! exists.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use tidelog_protocol::messages::create_topics_response::{CreatableTopicConfigs, CreatableTopicResult};
+use tidelog_protocol::messages::delete_topics_response::DeletableTopicResult;
+use tidelog_protocol::messages::describe_configs_response::{DescribeConfigsResourceResult, DescribeConfigsResult};
+use tidelog_protocol::messages::list_offsets_response::{ListOffsetsPartitionResponse, ListOffsetsTopicResponse};
+use tidelog_protocol::messages::metadata_response::{
+    MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
+use tidelog_protocol::messages::{
+    ApiKey, BrokerId, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
+    DescribeConfigsRequest, DescribeConfigsResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
+    MetadataResponse, TopicName,
+};
+use tidelog_protocol::{ErrorCode, Offset};
+
+use super::{encode, str_bytes, Response};
+use crate::config::Source;
+use crate::metadata::{validate_topic_name, MetadataImage, TopicMeta};
+use crate::shard::{NewTopic, Shard};
+use crate::storage::partition;
+
+fn brokers(shard: &Shard) -> Vec<MetadataResponseBroker> {
+    (0..shard.num_shards)
+        .map(|i| {
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(i as i32))
+                .with_host(str_bytes(&shard.config.advertised_host))
+                .with_port(shard.config.advertised_port as i32 + i as i32)
+        })
+        .collect()
+}
+
+fn topic_entry(t: &TopicMeta, version: i16) -> MetadataResponseTopic {
+    let partitions = t
+        .owners
+        .iter()
+        .enumerate()
+        .map(|(p, owner)| {
+            let leader = BrokerId(*owner as i32);
+            MetadataResponsePartition::default()
+                .with_partition_index(p as i32)
+                .with_leader_id(leader)
+                .with_leader_epoch(if version >= 7 { 0 } else { -1 })
+                .with_replica_nodes(vec![leader])
+                .with_isr_nodes(vec![leader])
+        })
+        .collect();
+    MetadataResponseTopic::default()
+        .with_name(Some(TopicName(str_bytes(&t.name))))
+        .with_topic_id(if version >= 10 { t.uuid() } else { uuid::Uuid::nil() })
+        .with_partitions(partitions)
+}
+
+fn topic_error(name: &str, code: ErrorCode) -> MetadataResponseTopic {
+    MetadataResponseTopic::default().with_name(Some(TopicName(str_bytes(name)))).with_error_code(code.code())
+}
+
+pub async fn metadata(shard: Rc<Shard>, version: i16, cid: i32, req: MetadataRequest) -> Response {
+    let image = shard.image();
+    // v0: an empty list means all topics; v1+: null means all.
+    let wanted: Option<Vec<String>> = match &req.topics {
+        None => None,
+        Some(t) if t.is_empty() && version == 0 => None,
+        Some(t) => Some(t.iter().filter_map(|t| t.name.as_ref().map(|n| n.0.to_string())).collect()),
+    };
+    let allow_auto = shard.config.auto_create_topics && (version < 4 || req.allow_auto_topic_creation);
+    let mut image = image;
+    if let (Some(names), true) = (&wanted, allow_auto) {
+        let to_create: Vec<NewTopic> = names
+            .iter()
+            .filter(|n| !image.topics.contains_key(n.as_str()) && validate_topic_name(n).is_ok())
+            .map(|n| NewTopic { name: n.clone(), partitions: shard.config.num_partitions, configs: BTreeMap::new() })
+            .collect();
+        if !to_create.is_empty() {
+            for (name, r) in shard.create_topics(to_create).await {
+                match r {
+                    Ok(_) => log::info!("auto-created topic {name} ({} partitions)", shard.config.num_partitions),
+                    Err((code, msg)) if code != ErrorCode::TopicAlreadyExists => {
+                        log::warn!("auto-create {name}: {msg}")
+                    }
+                    Err(_) => {}
+                }
+            }
+            image = shard.image();
+        }
+    }
+    let topics = match &wanted {
+        None => image.topics.values().map(|t| topic_entry(t, version)).collect(),
+        Some(names) => names
+            .iter()
+            .map(|n| match image.topics.get(n.as_str()) {
+                Some(t) => topic_entry(t, version),
+                None if validate_topic_name(n).is_err() => {
+                    log::warn!("metadata: invalid topic name {n:?}");
+                    topic_error(n, ErrorCode::InvalidTopicException)
+                }
+                None => topic_error(n, ErrorCode::UnknownTopicOrPartition),
+            })
+            .collect(),
+    };
+    let resp = MetadataResponse::default()
+        .with_brokers(brokers(&shard))
+        .with_cluster_id(if version >= 2 { Some(str_bytes(&image.cluster_id)) } else { None })
+        .with_controller_id(BrokerId(if version >= 1 { 0 } else { -1 }))
+        .with_topics(topics);
+    encode(ApiKey::Metadata, version, cid, &resp)
+}
+
+pub async fn list_offsets(shard: Rc<Shard>, version: i16, cid: i32, req: ListOffsetsRequest) -> Response {
+    let image = shard.image();
+    let mut topics = Vec::with_capacity(req.topics.len());
+    for t in req.topics {
+        let name: &str = &t.name.0;
+        let mut parts = Vec::with_capacity(t.partitions.len());
+        for p in t.partitions {
+            let out = ListOffsetsPartitionResponse::default().with_partition_index(p.partition_index);
+            let log = match image.owner(name, p.partition_index) {
+                None => {
+                    parts.push(out.with_error_code(ErrorCode::UnknownTopicOrPartition.code()));
+                    continue;
+                }
+                Some(o) if o != shard.id => {
+                    parts.push(out.with_error_code(ErrorCode::NotLeaderOrFollower.code()));
+                    continue;
+                }
+                Some(_) => shard.log(name, p.partition_index),
+            };
+            let Some(log) = log else {
+                parts.push(out.with_error_code(ErrorCode::LeaderNotAvailable.code()));
+                continue;
+            };
+            let (start, hw) = {
+                let l = log.borrow();
+                (l.log_start_offset, l.high_watermark)
+            };
+            let found: Result<Option<(Offset, i64)>, std::io::Error> = match p.timestamp {
+                -2 => Ok(Some((start, -1))),
+                -1 => Ok(Some((hw, -1))),
+                ts if ts >= 0 => partition::offset_for_timestamp(&log, ts).await,
+                -3 => max_timestamp(&log).await,
+                other => {
+                    log::warn!("list offsets {name}-{}: unsupported timestamp {other}", p.partition_index);
+                    parts.push(out.with_error_code(ErrorCode::InvalidRequest.code()));
+                    continue;
+                }
+            };
+            parts.push(match found {
+                Ok(Some((offset, ts))) => {
+                    out.with_offset(offset.0).with_timestamp(ts).with_leader_epoch(if version >= 4 { 0 } else { -1 })
+                }
+                Ok(None) => out.with_offset(-1).with_timestamp(-1),
+                Err(e) => {
+                    log::error!("list offsets {name}-{}: {e}", p.partition_index);
+                    out.with_error_code(ErrorCode::KafkaStorageError.code())
+                }
+            });
+        }
+        topics.push(ListOffsetsTopicResponse::default().with_name(t.name).with_partitions(parts));
+    }
+    encode(ApiKey::ListOffsets, version, cid, &ListOffsetsResponse::default().with_topics(topics))
+}
+
+/// KIP-734 (timestamp -3): the record with the largest timestamp.
+async fn max_timestamp(log: &partition::SharedLog) -> Result<Option<(Offset, i64)>, std::io::Error> {
+    let max = log.borrow().max_timestamp_ms();
+    if max < 0 {
+        return Ok(None);
+    }
+    partition::offset_for_timestamp(log, max).await
+}
+
+/// Topic configs tidelog understands, with the broker setting that gives
+/// their default.
+pub const TOPIC_CONFIGS: &[(&str, &str)] = &[
+    ("cleanup.policy", ""),
+    ("retention.ms", ""),
+    ("retention.bytes", ""),
+    ("segment.bytes", "log.segment.bytes"),
+    ("segment.ms", "log.roll.ms"),
+    ("max.message.bytes", "message.max.bytes"),
+    ("message.timestamp.type", ""),
+    ("index.interval.bytes", "log.index.interval.bytes"),
+    ("min.insync.replicas", ""),
+];
+
+fn topic_config_default(shard: &Shard, name: &str) -> String {
+    match name {
+        "cleanup.policy" => "delete".into(),
+        "retention.ms" => "604800000".into(),
+        "retention.bytes" => "-1".into(),
+        "message.timestamp.type" => "CreateTime".into(),
+        "min.insync.replicas" => "1".into(),
+        _ => TOPIC_CONFIGS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, broker)| shard.config.values.get(broker))
+            .map(|(v, _)| v.clone())
+            .unwrap_or_default(),
+    }
+}
+
+fn validate_topic_config(name: &str, value: &str) -> Result<(), String> {
+    let numeric = |min: i64| match value.parse::<i64>() {
+        Ok(v) if v >= min => Ok(()),
+        _ => Err(format!("{name}={value:?} must be an integer >= {min}")),
+    };
+    match name {
+        "cleanup.policy" => match value {
+            "delete" | "compact" | "compact,delete" | "delete,compact" => Ok(()),
+            _ => Err(format!("cleanup.policy={value:?} must be delete, compact or compact,delete")),
+        },
+        "message.timestamp.type" => match value {
+            "CreateTime" | "LogAppendTime" => Ok(()),
+            _ => Err(format!("message.timestamp.type={value:?} must be CreateTime or LogAppendTime")),
+        },
+        "retention.ms" | "retention.bytes" => numeric(-1),
+        "segment.bytes" => numeric(14),
+        "segment.ms" | "max.message.bytes" | "min.insync.replicas" => numeric(1),
+        "index.interval.bytes" => numeric(0),
+        _ => Err(format!("unknown topic config {name:?}")),
+    }
+}
+
+pub async fn create_topics(shard: Rc<Shard>, version: i16, cid: i32, req: CreateTopicsRequest) -> Response {
+    let image = shard.image();
+    let mut results: Vec<CreatableTopicResult> = Vec::with_capacity(req.topics.len());
+    let mut to_create = Vec::new();
+    for t in req.topics {
+        let name = t.name.0.to_string();
+        let mut r = CreatableTopicResult::default().with_name(t.name.clone());
+        let partitions = if t.num_partitions == -1 { shard.config.num_partitions } else { t.num_partitions };
+        let rf =
+            if t.replication_factor == -1 { shard.config.default_replication_factor } else { t.replication_factor };
+        let mut configs = BTreeMap::new();
+        let mut config_error = None;
+        for c in &t.configs {
+            let (k, v) = (c.name.to_string(), c.value.as_ref().map(|v| v.to_string()).unwrap_or_default());
+            if let Err(e) = validate_topic_config(&k, &v) {
+                config_error = Some(e);
+            }
+            configs.insert(k, v);
+        }
+        let error = if let Err(e) = validate_topic_name(&name) {
+            Some((ErrorCode::InvalidTopicException, e))
+        } else if image.topics.contains_key(&name) {
+            Some((ErrorCode::TopicAlreadyExists, format!("topic '{name}' already exists")))
+        } else if !t.assignments.is_empty() {
+            Some((
+                ErrorCode::InvalidReplicaAssignment,
+                "manual replica assignment is not supported; give num_partitions".into(),
+            ))
+        } else if partitions <= 0 || partitions > 100_000 {
+            Some((ErrorCode::InvalidPartitions, format!("num_partitions {partitions} must be between 1 and 100000")))
+        } else if rf != 1 {
+            Some((
+                ErrorCode::InvalidReplicationFactor,
+                format!("replication factor {rf} is larger than the 1 broker available: tidelog runs as a single node for now, use replication factor 1"),
+            ))
+        } else {
+            config_error.map(|e| (ErrorCode::InvalidConfig, e))
+        };
+        if let Some((code, msg)) = error {
+            log::warn!("create topic {name:?}: {} ({msg})", code.name());
+            results.push(r.with_error_code(code.code()).with_error_message(Some(str_bytes(&msg))));
+            continue;
+        }
+        if version >= 5 {
+            r = r.with_num_partitions(partitions).with_replication_factor(1);
+        }
+        if req.validate_only {
+            results.push(r);
+        } else {
+            to_create.push(NewTopic { name, partitions, configs });
+            results.push(r);
+        }
+    }
+    if !to_create.is_empty() {
+        for (name, outcome) in shard.create_topics(to_create).await {
+            let Some(r) = results.iter_mut().find(|r| *r.name.0 == *name) else { continue };
+            match outcome {
+                Ok(meta) if version >= 5 => {
+                    if version >= 7 {
+                        r.topic_id = meta.uuid();
+                    }
+                    r.configs = Some(
+                        describe_topic(&shard, &meta)
+                            .into_iter()
+                            .map(|c| {
+                                CreatableTopicConfigs::default()
+                                    .with_name(c.name)
+                                    .with_value(c.value)
+                                    .with_config_source(c.config_source)
+                                    .with_read_only(false)
+                            })
+                            .collect(),
+                    );
+                }
+                Ok(_) => {}
+                Err((code, msg)) => {
+                    r.error_code = code.code();
+                    r.error_message = Some(str_bytes(&msg));
+                    if version >= 5 {
+                        r.num_partitions = -1;
+                        r.replication_factor = -1;
+                    }
+                }
+            }
+        }
+    }
+    encode(ApiKey::CreateTopics, version, cid, &CreateTopicsResponse::default().with_topics(results))
+}
+
+pub async fn delete_topics(shard: Rc<Shard>, version: i16, cid: i32, req: DeleteTopicsRequest) -> Response {
+    let mut names: Vec<String> = req.topic_names.iter().map(|n| n.0.to_string()).collect();
+    names.extend(req.topics.iter().filter_map(|t| t.name.as_ref().map(|n| n.0.to_string())));
+    let outcomes = shard.delete_topics(names.clone()).await;
+    let responses = names
+        .iter()
+        .map(|name| {
+            let r = DeletableTopicResult::default().with_name(Some(TopicName(str_bytes(name))));
+            match outcomes.iter().find(|(n, _)| n == name).map(|(_, o)| o) {
+                Some(Ok(_)) => r,
+                Some(Err((code, msg))) => {
+                    let r = r.with_error_code(code.code());
+                    if version >= 5 {
+                        r.with_error_message(Some(str_bytes(msg)))
+                    } else {
+                        r
+                    }
+                }
+                None => r.with_error_code(ErrorCode::UnknownServerError.code()),
+            }
+        })
+        .collect();
+    encode(ApiKey::DeleteTopics, version, cid, &DeleteTopicsResponse::default().with_responses(responses))
+}
+
+const SOURCE_DYNAMIC_TOPIC: i8 = 1;
+const SOURCE_STATIC_BROKER: i8 = 4;
+const SOURCE_DEFAULT: i8 = 5;
+
+fn describe_topic(shard: &Shard, meta: &TopicMeta) -> Vec<DescribeConfigsResourceResult> {
+    TOPIC_CONFIGS
+        .iter()
+        .map(|(name, _)| {
+            let (value, source) = match meta.configs.get(*name) {
+                Some(v) => (v.clone(), SOURCE_DYNAMIC_TOPIC),
+                None => (topic_config_default(shard, name), SOURCE_DEFAULT),
+            };
+            DescribeConfigsResourceResult::default()
+                .with_name(str_bytes(name))
+                .with_value(Some(str_bytes(&value)))
+                .with_config_source(source)
+        })
+        .collect()
+}
+
+fn describe_broker(shard: &Shard) -> Vec<DescribeConfigsResourceResult> {
+    shard
+        .config
+        .values
+        .iter()
+        .map(|(name, (value, source))| {
+            DescribeConfigsResourceResult::default()
+                .with_name(str_bytes(name))
+                .with_value(Some(str_bytes(value)))
+                .with_read_only(true)
+                .with_config_source(if *source == Source::Default { SOURCE_DEFAULT } else { SOURCE_STATIC_BROKER })
+        })
+        .collect()
+}
+
+const RESOURCE_TOPIC: i8 = 2;
+const RESOURCE_BROKER: i8 = 4;
+
+pub fn describe_configs(shard: &Rc<Shard>, version: i16, cid: i32, req: DescribeConfigsRequest) -> Response {
+    let image: Arc<MetadataImage> = shard.image();
+    let results = req
+        .resources
+        .into_iter()
+        .map(|res| {
+            let out = DescribeConfigsResult::default()
+                .with_resource_type(res.resource_type)
+                .with_resource_name(res.resource_name.clone());
+            let configs = match res.resource_type {
+                RESOURCE_TOPIC => match image.topics.get(res.resource_name.as_str()) {
+                    Some(meta) => describe_topic(shard, meta),
+                    None => {
+                        return out.with_error_code(ErrorCode::UnknownTopicOrPartition.code()).with_error_message(Some(
+                            str_bytes(&format!("topic '{}' does not exist", res.resource_name.as_str())),
+                        ))
+                    }
+                },
+                RESOURCE_BROKER => {
+                    let id = res.resource_name.as_str();
+                    if !id.is_empty() && id.parse::<usize>().map_or(true, |n| n >= shard.num_shards) {
+                        return out
+                            .with_error_code(ErrorCode::InvalidRequest.code())
+                            .with_error_message(Some(str_bytes(&format!("no broker with id {id:?}"))));
+                    }
+                    describe_broker(shard)
+                }
+                other => {
+                    return out
+                        .with_error_code(ErrorCode::InvalidRequest.code())
+                        .with_error_message(Some(str_bytes(&format!("resource type {other} is not supported"))))
+                }
+            };
+            let configs = match &res.configuration_keys {
+                Some(keys) => {
+                    configs.into_iter().filter(|c| keys.iter().any(|k| k.as_str() == c.name.as_str())).collect()
+                }
+                None => configs,
+            };
+            out.with_configs(configs)
+        })
+        .collect();
+    encode(ApiKey::DescribeConfigs, version, cid, &DescribeConfigsResponse::default().with_results(results))
+}

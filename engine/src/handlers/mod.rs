@@ -1,0 +1,103 @@
+//! Request dispatch: decodes a request body and returns the future that
+//! produces its encoded response.
+//!
+//! Runs on the shard that accepted the connection. `dispatch` itself does the
+//! synchronous part of a request (for Produce: validation and the append, so
+//! offsets follow request order on the connection); the returned future does
+//! whatever waits (durability, long poll, the controller).
+
+mod admin;
+mod fetch;
+mod produce;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use tidelog_protocol::header::encode_response;
+use tidelog_protocol::messages::{self, ApiKey, RequestHeader};
+use tidelog_protocol::{api, Decodable, Encodable, StrBytes};
+
+use crate::shard::Shard;
+
+/// An encoded response frame, `None` for no response (acks=0), or an error
+/// that closes the connection.
+pub type Response = Result<Option<BytesMut>, String>;
+pub type Pending = Pin<Box<dyn Future<Output = Response>>>;
+
+/// Why a request closes its connection instead of getting a response.
+#[derive(Debug)]
+pub struct Reject(pub String);
+
+pub fn encode<M: Encodable>(key: ApiKey, version: i16, correlation_id: i32, body: &M) -> Response {
+    encode_response(key, version, correlation_id, body, version)
+        .map(Some)
+        .map_err(|e| format!("cannot encode {key:?} v{version} response: {e}"))
+}
+
+pub fn ready(r: Response) -> Pending {
+    Box::pin(std::future::ready(r))
+}
+
+pub fn str_bytes(s: &str) -> StrBytes {
+    StrBytes::from_string(s.to_string())
+}
+
+fn decode<M: Decodable>(key: ApiKey, version: i16, body: &mut Bytes) -> Result<M, Reject> {
+    M::decode(body, version).map_err(|e| Reject(format!("malformed {key:?} v{version} request: {e}")))
+}
+
+/// Routes one request. `Err` closes the connection (after logging).
+pub fn dispatch(shard: &Rc<Shard>, key: ApiKey, header: &RequestHeader, mut body: Bytes) -> Result<Pending, Reject> {
+    let version = header.request_api_version;
+    let cid = header.correlation_id;
+    if !api::is_supported(key as i16, version) {
+        if key == ApiKey::ApiVersions {
+            // KIP-511: answer in v0 so the client can retry with a version we know.
+            let resp = api::api_versions_unsupported_response();
+            return Ok(ready(encode_response(key, 0, cid, &resp, 0).map(Some).map_err(|e| e.to_string())));
+        }
+        return Err(Reject(match api::supported(key as i16) {
+            Some(s) => {
+                format!("{key:?} v{version} is not supported (supported: v{}-v{})", s.min_version, s.max_version)
+            }
+            None => format!("{key:?} (api key {}) is not implemented", key as i16),
+        }));
+    }
+    Ok(match key {
+        ApiKey::ApiVersions => {
+            let _req: messages::ApiVersionsRequest = decode(key, version, &mut body)?;
+            ready(encode(key, version, cid, &api::api_versions_response()))
+        }
+        ApiKey::Metadata => {
+            let req = decode(key, version, &mut body)?;
+            Box::pin(admin::metadata(shard.clone(), version, cid, req))
+        }
+        ApiKey::Produce => {
+            let req = decode(key, version, &mut body)?;
+            produce::produce(shard, version, cid, req)
+        }
+        ApiKey::Fetch => {
+            let req = decode(key, version, &mut body)?;
+            Box::pin(fetch::fetch(shard.clone(), version, cid, req))
+        }
+        ApiKey::ListOffsets => {
+            let req = decode(key, version, &mut body)?;
+            Box::pin(admin::list_offsets(shard.clone(), version, cid, req))
+        }
+        ApiKey::CreateTopics => {
+            let req = decode(key, version, &mut body)?;
+            Box::pin(admin::create_topics(shard.clone(), version, cid, req))
+        }
+        ApiKey::DeleteTopics => {
+            let req = decode(key, version, &mut body)?;
+            Box::pin(admin::delete_topics(shard.clone(), version, cid, req))
+        }
+        ApiKey::DescribeConfigs => {
+            let req = decode(key, version, &mut body)?;
+            ready(admin::describe_configs(shard, version, cid, req))
+        }
+        other => return Err(Reject(format!("{other:?} is not implemented"))),
+    })
+}

@@ -1,0 +1,136 @@
+//! The Kafka listener of one shard and its connections.
+//!
+//! Each connection has a reader (frames, headers, dispatch) and a writer that
+//! sends responses strictly in request order, as Kafka requires. Requests are
+//! pipelined up to `max.inflight.requests.per.connection`; beyond that the
+//! reader waits, which pushes back on the client through TCP.
+//!
+//! Bad input never panics: an oversized or garbage frame, an unknown API or
+//! an unsupported version is logged with the peer and closes the connection;
+//! other connections and the shard carry on.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::Task;
+use tidelog_protocol::frame::{self, LENGTH_PREFIX_BYTES};
+use tidelog_protocol::header::{self, HeaderError};
+
+use crate::handlers::{self, Response};
+use crate::shard::Shard;
+
+pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("shard {}: accept failed: {e}", shard.id.0);
+                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let peer = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        if shard.connections.get() >= shard.config.max_connections {
+            log::warn!(
+                "shard {}: refusing {peer}: max.connections={} reached",
+                shard.id.0,
+                shard.config.max_connections
+            );
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        shard.connections.set(shard.connections.get() + 1);
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            connection(s.clone(), stream, peer).await;
+            s.connections.set(s.connections.get() - 1);
+        })
+        .detach();
+    }
+}
+
+async fn connection(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
+    let (mut reader, mut writer) = futures_lite::io::split(stream);
+    let (tx, rx) = glommio::channels::local_channel::new_bounded::<Task<Response>>(shard.config.max_inflight_requests);
+    let shard_id = shard.id.0;
+    let writer_task = glommio::spawn_local(async move {
+        while let Some(task) = rx.recv().await {
+            match task.await {
+                Ok(Some(frame)) => {
+                    if let Err(e) = writer.write_all(&frame).await {
+                        log::debug!("shard {shard_id}: {peer}: write failed: {e}");
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    log::error!("shard {shard_id}: {peer}: {e}; closing connection");
+                    return;
+                }
+            }
+        }
+        let _ = writer.close().await;
+    });
+    loop {
+        let frame = match read_frame(&mut reader, shard.config.request_max_bytes).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(reason) => {
+                log::warn!("shard {}: {peer}: {reason}; closing connection", shard.id.0);
+                break;
+            }
+        };
+        let mut frame = frame;
+        let (key, req_header) = match header::decode_request_header(&mut frame) {
+            Ok(h) => h,
+            Err(e @ HeaderError::UnknownApiKey { .. }) => {
+                log::warn!("shard {}: {peer}: {e}; closing connection", shard.id.0);
+                break;
+            }
+            Err(e) => {
+                log::warn!("shard {}: {peer}: {e}; closing connection", shard.id.0);
+                break;
+            }
+        };
+        match handlers::dispatch(&shard, key, &req_header, frame) {
+            Ok(pending) => {
+                if tx.send(glommio::spawn_local(pending)).await.is_err() {
+                    break;
+                }
+            }
+            Err(reject) => {
+                log::warn!(
+                    "shard {}: {peer}: {} (correlation id {}, client {:?}); closing connection",
+                    shard.id.0,
+                    reject.0,
+                    req_header.correlation_id,
+                    req_header.client_id.as_deref().unwrap_or("")
+                );
+                break;
+            }
+        }
+    }
+    drop(tx);
+    writer_task.await;
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream.
+async fn read_frame<R: futures_lite::AsyncRead + Unpin>(
+    reader: &mut R,
+    limit_bytes: usize,
+) -> Result<Option<Bytes>, String> {
+    let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
+    match reader.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(format!("read failed: {e}")),
+    }
+    let len = frame::frame_len(prefix, limit_bytes).map_err(|e| e.to_string())?;
+    let mut buf = BytesMut::zeroed(len);
+    reader.read_exact(&mut buf).await.map_err(|e| format!("read of a {len}-byte frame failed: {e}"))?;
+    Ok(Some(buf.freeze()))
+}

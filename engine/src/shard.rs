@@ -1,0 +1,461 @@
+//! A shard: one pinned core's partitions, its flusher (the accumulator's
+//! group commit), and its side of the metadata coordination.
+//!
+//! Lives on shard `id`'s thread only (`Rc`, `RefCell`, `Cell`): nothing here
+//! is shared with another core. Other cores are reached only through the
+//! bounded controller channels (`coordination` below); a full channel makes
+//! the sender wait (back-pressure), it never drops.
+//!
+//! # The life of a produce request (acks=-1)
+//! 1. The connection task decodes the request and calls `PartitionLog::append`
+//!    synchronously, so offsets follow request order. The batch is copied once
+//!    (to write its base offset) and queued on the active segment.
+//! 2. The log is put on the shard's dirty list and the flusher is woken.
+//! 3. The flusher takes every dirty log, turns all their pending batches into
+//!    4 KiB-aligned O_DIRECT writes (one buffer chain per segment, starting
+//!    at the in-memory partial tail page), submits them together, and
+//!    fdatasyncs each file: one group commit per cycle for everything that
+//!    arrived while the previous cycle was on disk.
+//! 4. Only then does each log's high watermark move; waiting produces are
+//!    answered and long-polling fetches woken. A consumer can never read what
+//!    a crash could take back.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
+use tidelog_protocol::{ErrorCode, PartitionId, ShardId};
+
+use crate::config::Config;
+use crate::metadata::{self, MetadataImage, TopicMeta};
+use crate::notify::Notify;
+use crate::storage::partition::{self, LogSettings, PartitionLog, SharedLog};
+use crate::storage::segment::SegmentSettings;
+
+/// A topic to create, as validated by the shard that received CreateTopics.
+#[derive(Clone, Debug)]
+pub struct NewTopic {
+    pub name: String,
+    pub partitions: i32,
+    pub configs: BTreeMap<String, String>,
+}
+
+/// A per-topic outcome of a controller operation.
+pub type TopicResult = (String, Result<Arc<TopicMeta>, (ErrorCode, String)>);
+
+/// Messages to the controller (shard 0).
+pub enum ToController {
+    CreateTopics { from: usize, req_id: u64, topics: Vec<NewTopic> },
+    DeleteTopics { from: usize, req_id: u64, names: Vec<String> },
+    Applied { from: usize, version: u64 },
+}
+
+/// Messages from the controller to a shard.
+pub enum FromController {
+    Apply(Arc<MetadataImage>),
+    Done { req_id: u64, results: Vec<TopicResult> },
+}
+
+pub struct Shard {
+    pub id: ShardId,
+    pub num_shards: usize,
+    pub config: Arc<Config>,
+    pub image: RefCell<Arc<MetadataImage>>,
+    /// Logs this shard owns: topic -> partition index -> log.
+    logs: RefCell<HashMap<String, Vec<Option<SharedLog>>>>,
+    dirty: RefCell<Vec<SharedLog>>,
+    dirty_queued: RefCell<std::collections::HashSet<(Rc<str>, i32)>>,
+    dirty_notify: Notify,
+    /// Woken whenever any high watermark on this shard moves.
+    pub hw_notify: Notify,
+    to_controller: ConnectedSender<ToController>,
+    replies: RefCell<HashMap<u64, Option<Vec<TopicResult>>>>,
+    reply_notify: Notify,
+    next_req_id: Cell<u64>,
+    pub connections: Cell<usize>,
+    /// Set once every owned log is open and the listener is up.
+    pub stopping: Cell<bool>,
+}
+
+impl Shard {
+    pub fn new(
+        id: ShardId,
+        num_shards: usize,
+        config: Arc<Config>,
+        image: Arc<MetadataImage>,
+        to_controller: ConnectedSender<ToController>,
+    ) -> Rc<Shard> {
+        Rc::new(Shard {
+            id,
+            num_shards,
+            config,
+            image: RefCell::new(image),
+            logs: RefCell::new(HashMap::new()),
+            dirty: RefCell::new(Vec::new()),
+            dirty_queued: RefCell::new(Default::default()),
+            dirty_notify: Notify::default(),
+            hw_notify: Notify::default(),
+            to_controller,
+            replies: RefCell::new(HashMap::new()),
+            reply_notify: Notify::default(),
+            next_req_id: Cell::new(1),
+            connections: Cell::new(0),
+            stopping: Cell::new(false),
+        })
+    }
+
+    pub fn image(&self) -> Arc<MetadataImage> {
+        self.image.borrow().clone()
+    }
+
+    pub fn log(&self, topic: &str, partition: i32) -> Option<SharedLog> {
+        let logs = self.logs.borrow();
+        let p = usize::try_from(partition).ok()?;
+        logs.get(topic)?.get(p)?.clone()
+    }
+
+    /// Queues `log` for the next flush cycle.
+    pub fn mark_dirty(&self, log: &SharedLog) {
+        let key = {
+            let l = log.borrow();
+            (l.topic.clone(), l.partition.0)
+        };
+        if self.dirty_queued.borrow_mut().insert(key) {
+            self.dirty.borrow_mut().push(log.clone());
+            self.dirty_notify.notify_all();
+        }
+    }
+
+    /// Log settings of a topic: broker defaults with topic overrides.
+    pub fn log_settings(&self, topic: &TopicMeta) -> LogSettings {
+        let c = &self.config;
+        let get = |k: &str, d: u64| topic.configs.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(d);
+        LogSettings {
+            segment: SegmentSettings {
+                index_interval_bytes: get("index.interval.bytes", c.index_interval_bytes),
+                preallocate_bytes: c.preallocate_bytes,
+                segment_bytes: get("segment.bytes", c.segment_bytes),
+                flush_write_bytes_max: c.flush_write_bytes_max,
+            },
+            roll_ms: get("segment.ms", c.roll_ms),
+            cache_bytes_max: 4 << 20,
+        }
+    }
+
+    /// Opens every log this shard owns in `image` that is not open yet, and
+    /// drops (and deletes from disk) logs of topics that are gone.
+    pub async fn apply_image(self: &Rc<Self>, image: Arc<MetadataImage>) {
+        let old = self.image.replace(image.clone());
+        // Topics deleted, or recreated with a new id.
+        let gone: Vec<Arc<TopicMeta>> =
+            old.topics.values().filter(|t| image.topics.get(&t.name).is_none_or(|n| n.id != t.id)).cloned().collect();
+        for t in gone {
+            let removed = self.logs.borrow_mut().remove(&t.name);
+            if let Some(parts) = removed {
+                for (p, log) in parts.into_iter().enumerate() {
+                    if log.is_some() {
+                        self.delete_partition_dir(&t, p as i32).await;
+                    }
+                }
+            }
+        }
+        for t in image.topics.values() {
+            for (p, owner) in t.owners.iter().enumerate() {
+                if *owner as usize != self.id.0 as usize || self.log(&t.name, p as i32).is_some() {
+                    continue;
+                }
+                let dir = partition::partition_dir(&self.config.log_dir, &t.name, PartitionId(p as i32));
+                match PartitionLog::open(Rc::from(t.name.as_str()), PartitionId(p as i32), dir, self.log_settings(t))
+                    .await
+                {
+                    Ok(log) => {
+                        let mut logs = self.logs.borrow_mut();
+                        let parts = logs.entry(t.name.clone()).or_default();
+                        if parts.len() < t.owners.len() {
+                            parts.resize(t.owners.len(), None);
+                        }
+                        parts[p] = Some(log);
+                    }
+                    Err(e) => log::error!(
+                        "shard {}: cannot open {}-{p}: {e}; the partition stays offline (check the data dir)",
+                        self.id.0,
+                        t.name
+                    ),
+                }
+            }
+        }
+    }
+
+    async fn delete_partition_dir(&self, t: &TopicMeta, p: i32) {
+        let dir = partition::partition_dir(&self.config.log_dir, &t.name, PartitionId(p));
+        let trash = self.config.log_dir.join(format!("{}-{p}.{}-delete", t.name, t.id));
+        let shard = self.id.0;
+        let result = glommio::executor()
+            .spawn_blocking(move || -> std::io::Result<()> {
+                std::fs::rename(&dir, &trash)?;
+                std::fs::remove_dir_all(&trash)
+            })
+            .await;
+        match result {
+            Ok(()) => log::info!("shard {shard}: deleted {}-{p}", t.name),
+            Err(e) => log::warn!("shard {shard}: deleting {}-{p}: {e}", t.name),
+        }
+    }
+
+    /// Sends a request to the controller and waits for its answer.
+    async fn ask_controller(&self, make: impl FnOnce(u64) -> ToController) -> Vec<TopicResult> {
+        let req_id = self.next_req_id.get();
+        self.next_req_id.set(req_id + 1);
+        self.replies.borrow_mut().insert(req_id, None);
+        if self.to_controller.send(make(req_id)).await.is_err() {
+            self.replies.borrow_mut().remove(&req_id);
+            return Vec::new();
+        }
+        loop {
+            let notified = self.reply_notify.notified();
+            if let Some(Some(done)) = self.replies.borrow_mut().remove(&req_id) {
+                return done;
+            }
+            self.replies.borrow_mut().entry(req_id).or_insert(None);
+            notified.await;
+        }
+    }
+
+    pub async fn create_topics(&self, topics: Vec<NewTopic>) -> Vec<TopicResult> {
+        let from = self.id.0 as usize;
+        self.ask_controller(|req_id| ToController::CreateTopics { from, req_id, topics }).await
+    }
+
+    pub async fn delete_topics(&self, names: Vec<String>) -> Vec<TopicResult> {
+        let from = self.id.0 as usize;
+        self.ask_controller(|req_id| ToController::DeleteTopics { from, req_id, names }).await
+    }
+
+    /// This shard's end of the controller channel: applies images, completes
+    /// replies.
+    pub async fn run_follower(self: Rc<Self>, from_controller: ConnectedReceiver<FromController>) {
+        while let Some(msg) = from_controller.recv().await {
+            match msg {
+                FromController::Apply(image) => {
+                    let version = image.version;
+                    self.apply_image(image).await;
+                    let from = self.id.0 as usize;
+                    let _ = self.to_controller.send(ToController::Applied { from, version }).await;
+                }
+                FromController::Done { req_id, results } => {
+                    if let Some(slot) = self.replies.borrow_mut().get_mut(&req_id) {
+                        *slot = Some(results);
+                    }
+                    self.reply_notify.notify_all();
+                }
+            }
+        }
+    }
+
+    /// The accumulator's flush loop: group-commits every dirty log per cycle.
+    pub async fn run_flusher(self: Rc<Self>) {
+        loop {
+            let batch: Vec<SharedLog> = std::mem::take(&mut *self.dirty.borrow_mut());
+            if batch.is_empty() {
+                if self.stopping.get() {
+                    return;
+                }
+                self.dirty_notify.notified().await;
+                continue;
+            }
+            for log in &batch {
+                let l = log.borrow();
+                self.dirty_queued.borrow_mut().remove(&(l.topic.clone(), l.partition.0));
+            }
+            let results = join_all(batch.iter().map(|log| async move { (log, partition::flush(log).await) })).await;
+            let mut failed = false;
+            for (log, result) in results {
+                if let Err(e) = result {
+                    let l = log.borrow();
+                    log::error!(
+                        "shard {}: flush of {}-{} failed at offset {} (high watermark {}): {e}; retrying, \
+                         acks=all produces wait (check disk space and health)",
+                        self.id.0,
+                        l.topic,
+                        l.partition.0,
+                        l.log_end_offset().0,
+                        l.high_watermark.0
+                    );
+                    drop(l);
+                    self.mark_dirty(log);
+                    failed = true;
+                }
+            }
+            self.hw_notify.notify_all();
+            if failed {
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// Waits until every pending write is durable (used on shutdown).
+    pub async fn drain(&self) {
+        loop {
+            let pending = self.logs.borrow().values().flatten().flatten().any(|l| l.borrow().needs_flush());
+            if !pending {
+                return;
+            }
+            let _ = glommio::timer::timeout(Duration::from_millis(50), async {
+                self.hw_notify.notified().await;
+                Ok(())
+            })
+            .await;
+        }
+    }
+}
+
+/// The controller: shard 0's task that owns metadata changes.
+pub struct Controller {
+    pub config: Arc<Config>,
+    pub image: RefCell<Arc<MetadataImage>>,
+    pub to_shards: Vec<ConnectedSender<FromController>>,
+    applied: RefCell<Vec<u64>>,
+    applied_notify: Notify,
+}
+
+impl Controller {
+    pub fn new(
+        config: Arc<Config>,
+        image: Arc<MetadataImage>,
+        to_shards: Vec<ConnectedSender<FromController>>,
+    ) -> Rc<Controller> {
+        let n = to_shards.len();
+        Rc::new(Controller {
+            config,
+            image: RefCell::new(image),
+            to_shards,
+            applied: RefCell::new(vec![0; n]),
+            applied_notify: Notify::default(),
+        })
+    }
+
+    /// Handles requests from every shard, one at a time.
+    pub async fn run(self: Rc<Self>, inbox: Vec<ConnectedReceiver<ToController>>) {
+        let (tx, rx) = glommio::channels::local_channel::new_bounded::<ToController>(1024);
+        let tx = Rc::new(tx);
+        for receiver in inbox {
+            let tx = tx.clone();
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                while let Some(msg) = receiver.recv().await {
+                    match msg {
+                        ToController::Applied { from, version } => {
+                            let mut a = me.applied.borrow_mut();
+                            a[from] = a[from].max(version);
+                            drop(a);
+                            me.applied_notify.notify_all();
+                        }
+                        other => {
+                            if tx.send(other).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+            .detach();
+        }
+        while let Some(msg) = rx.recv().await {
+            let (from, req_id, results) = match msg {
+                ToController::CreateTopics { from, req_id, topics } => (from, req_id, self.create(topics).await),
+                ToController::DeleteTopics { from, req_id, names } => (from, req_id, self.delete(names).await),
+                ToController::Applied { .. } => continue,
+            };
+            if let Some(to) = self.to_shards.get(from) {
+                let _ = to.send(FromController::Done { req_id, results }).await;
+            }
+        }
+    }
+
+    async fn create(&self, topics: Vec<NewTopic>) -> Vec<TopicResult> {
+        let mut image = (*self.image.borrow().clone()).clone();
+        let mut results = Vec::with_capacity(topics.len());
+        for t in topics {
+            if image.topics.contains_key(&t.name) {
+                results.push((
+                    t.name.clone(),
+                    Err((ErrorCode::TopicAlreadyExists, format!("topic '{}' already exists", t.name))),
+                ));
+                continue;
+            }
+            let meta = Arc::new(TopicMeta {
+                owners: metadata::place_partitions(&t.name, t.partitions as usize, self.to_shards.len()),
+                id: uuid::Uuid::new_v4().simple().to_string(),
+                name: t.name.clone(),
+                configs: t.configs,
+            });
+            image.topics.insert(t.name.clone(), meta.clone());
+            log::info!(
+                "controller: creating topic {} with {} partition(s) on shards {:?}",
+                meta.name,
+                meta.owners.len(),
+                meta.owners
+            );
+            results.push((t.name, Ok(meta)));
+        }
+        self.commit(image, &mut results).await;
+        results
+    }
+
+    async fn delete(&self, names: Vec<String>) -> Vec<TopicResult> {
+        let mut image = (*self.image.borrow().clone()).clone();
+        let mut results = Vec::with_capacity(names.len());
+        for name in names {
+            match image.topics.remove(&name) {
+                Some(meta) => {
+                    log::info!("controller: deleting topic {name}");
+                    results.push((name, Ok(meta)));
+                }
+                None => results.push((
+                    name.clone(),
+                    Err((ErrorCode::UnknownTopicOrPartition, format!("topic '{name}' does not exist"))),
+                )),
+            }
+        }
+        self.commit(image, &mut results).await;
+        results
+    }
+
+    /// Persists `image` and waits until every shard applied it. On a failed
+    /// write nothing changes and every successful result becomes an error.
+    async fn commit(&self, mut image: MetadataImage, results: &mut [TopicResult]) {
+        if results.iter().all(|(_, r)| r.is_err()) {
+            return;
+        }
+        image.version += 1;
+        let version = image.version;
+        let dir = self.config.log_dir.clone();
+        let to_write = image.clone();
+        let persisted = glommio::executor().spawn_blocking(move || metadata::persist(&dir, &to_write)).await;
+        if let Err(e) = persisted {
+            log::error!("controller: cannot persist metadata version {version}: {e}");
+            for (_, r) in results.iter_mut() {
+                if r.is_ok() {
+                    *r = Err((ErrorCode::KafkaStorageError, format!("metadata write failed: {e}")));
+                }
+            }
+            return;
+        }
+        let image = Arc::new(image);
+        self.image.replace(image.clone());
+        for to in &self.to_shards {
+            let _ = to.send(FromController::Apply(image.clone())).await;
+        }
+        loop {
+            let notified = self.applied_notify.notified();
+            if self.applied.borrow().iter().all(|v| *v >= version) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}

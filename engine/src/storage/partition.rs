@@ -1,0 +1,495 @@
+//! A partition log: ordered segments, the last one active, plus a bounded
+//! cache of recent durable batches for tail reads.
+//!
+//! Shard-local: lives in `Rc<RefCell<_>>` on its owning shard. No borrow is
+//! held across an `.await`: async work (flush, disk reads) snapshots what it
+//! needs, drops the borrow, does the I/O, then borrows again to publish.
+//!
+//! Offsets:
+//! ```text
+//!   log_start_offset <= ... <= high_watermark (durable, visible) <= log_end_offset (appended)
+//! ```
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::join_all;
+use tidelog_protocol::batch::{
+    self, BatchHeader, BatchInfo, Compression, BATCH_HEADER_BYTES, BATCH_LOG_OVERHEAD_BYTES,
+};
+use tidelog_protocol::{Epoch, Offset, PartitionId};
+
+use super::segment::{PendingBatch, Segment, SegmentSettings};
+
+/// Per-log settings resolved from broker defaults and topic overrides.
+#[derive(Clone, Copy, Debug)]
+pub struct LogSettings {
+    pub segment: SegmentSettings,
+    pub roll_ms: u64,
+    pub cache_bytes_max: usize,
+}
+
+/// A durable batch kept in memory for tail fetches.
+struct CachedBatch {
+    base_offset: Offset,
+    last_offset: Offset,
+    bytes: Bytes,
+}
+
+pub struct PartitionLog {
+    pub topic: Rc<str>,
+    pub partition: PartitionId,
+    pub dir: PathBuf,
+    pub settings: LogSettings,
+    segments: Vec<Segment>,
+    pub log_start_offset: Offset,
+    pub high_watermark: Offset,
+    cache: VecDeque<CachedBatch>,
+    cache_bytes: usize,
+    /// Set while the flusher works on this log, so two flushes never overlap.
+    pub flushing: bool,
+}
+
+pub type SharedLog = Rc<RefCell<PartitionLog>>;
+
+/// Batches read for a fetch: `Bytes` slices, either cache entries (no copy)
+/// or one buffer read from disk.
+#[derive(Default)]
+pub struct ReadResult {
+    pub chunks: Vec<Bytes>,
+    pub bytes: usize,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+pub fn partition_dir(root: &Path, topic: &str, partition: PartitionId) -> PathBuf {
+    root.join(format!("{topic}-{}", partition.0))
+}
+
+impl PartitionLog {
+    /// Opens (recovering) or creates the log in `dir`.
+    pub async fn open(
+        topic: Rc<str>,
+        partition: PartitionId,
+        dir: PathBuf,
+        settings: LogSettings,
+    ) -> io::Result<SharedLog> {
+        let d = dir.clone();
+        let mut bases: Vec<i64> = glommio::executor()
+            .spawn_blocking(move || -> io::Result<Vec<i64>> {
+                std::fs::create_dir_all(&d)?;
+                let mut out = Vec::new();
+                for entry in std::fs::read_dir(&d)? {
+                    let name = entry?.file_name();
+                    let name = name.to_string_lossy();
+                    if let Some(stem) = name.strip_suffix(".log") {
+                        if stem.len() == 20 {
+                            if let Ok(b) = stem.parse::<i64>() {
+                                out.push(b);
+                            }
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        bases.sort_unstable();
+        let now = now_ms();
+        let mut segments = Vec::with_capacity(bases.len().max(1));
+        for (i, base) in bases.iter().enumerate() {
+            let next = bases.get(i + 1).map(|b| Offset(*b));
+            let path = super::segment::log_path(&dir, Offset(*base));
+            let (seg, report) = Segment::open(&path, Offset(*base), next, &settings.segment, now).await?;
+            if report.valid_bytes < report.file_bytes {
+                if report.damaged_tail {
+                    log::warn!(
+                        "{topic}-{} recovery: segment {} has a damaged tail after offset {} (position {}); \
+                         truncated {} bytes, keeping {} valid batches",
+                        partition.0,
+                        path.display(),
+                        seg.next_offset.0,
+                        report.valid_bytes,
+                        report.file_bytes - report.valid_bytes,
+                        report.batches
+                    );
+                } else {
+                    log::info!(
+                        "{topic}-{} recovery: segment {} ends cleanly at offset {} (position {}, preallocated zeros trimmed)",
+                        partition.0,
+                        path.display(),
+                        seg.next_offset.0,
+                        report.valid_bytes
+                    );
+                }
+            }
+            segments.push(seg);
+        }
+        if segments.is_empty() {
+            segments.push(Segment::new(&dir, Offset(0), now));
+        }
+        let log_start_offset = segments.first().map(|s| s.base_offset).unwrap_or(Offset(0));
+        let high_watermark = segments.last().map(|s| s.durable_next_offset).unwrap_or(Offset(0));
+        // A log whose last segment is sealed (crash right after a roll) continues in a new one.
+        if segments.last().is_some_and(|s| s.seal_requested) {
+            segments.push(Segment::new(&dir, high_watermark, now));
+        }
+        log::info!(
+            "{topic}-{} opened: {} segment(s), log start offset {}, high watermark {}",
+            partition.0,
+            segments.len(),
+            log_start_offset.0,
+            high_watermark.0
+        );
+        Ok(Rc::new(RefCell::new(PartitionLog {
+            topic,
+            partition,
+            dir,
+            settings,
+            segments,
+            log_start_offset,
+            high_watermark,
+            cache: VecDeque::new(),
+            cache_bytes: 0,
+            flushing: false,
+        })))
+    }
+
+    pub fn log_end_offset(&self) -> Offset {
+        self.active().next_offset
+    }
+
+    fn active(&self) -> &Segment {
+        let last = self.segments.len() - 1;
+        &self.segments[last]
+    }
+
+    fn active_mut(&mut self) -> &mut Segment {
+        let last = self.segments.len() - 1;
+        &mut self.segments[last]
+    }
+
+    /// Largest record timestamp in the log (-1 when empty).
+    pub fn max_timestamp_ms(&self) -> i64 {
+        self.segments.iter().map(|s| s.max_timestamp_ms).max().unwrap_or(-1)
+    }
+
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    pub fn needs_flush(&self) -> bool {
+        self.segments.iter().any(|s| s.needs_flush())
+    }
+
+    /// Appends validated batches (the produce record set), assigning offsets.
+    /// Synchronous: offsets are assigned in call order. Returns the first and
+    /// last offsets assigned.
+    pub fn append(&mut self, records: &Bytes, infos: &[BatchInfo], leader_epoch: Epoch) -> (Offset, Offset) {
+        let first = self.log_end_offset();
+        let mut at = 0;
+        let now = now_ms();
+        for info in infos {
+            self.maybe_roll(info.size_bytes, now);
+            let mut copy = BytesMut::from(&records[at..at + info.size_bytes]);
+            let base = self.log_end_offset();
+            batch::assign_offset(&mut copy, base, leader_epoch);
+            let settings = self.settings.segment;
+            self.active_mut().append(copy.freeze(), info, &settings);
+            at += info.size_bytes;
+        }
+        (first, Offset(self.log_end_offset().0 - 1))
+    }
+
+    fn maybe_roll(&mut self, size_bytes: usize, now: i64) {
+        let settings = self.settings;
+        let active = self.active();
+        let too_old = active.end_bytes > 0 && now.saturating_sub(active.created_at_ms) as u64 >= settings.roll_ms;
+        if active.is_full_for(size_bytes, &settings.segment) || too_old {
+            let base = active.next_offset;
+            log::info!(
+                "{}-{} rolling segment {} at offset {} ({} bytes{})",
+                self.topic,
+                self.partition.0,
+                active.base_offset.0,
+                base.0,
+                active.end_bytes,
+                if too_old { ", log.roll.ms reached" } else { "" }
+            );
+            self.active_mut().seal_requested = true;
+            let seg = Segment::new(&self.dir, base, now);
+            self.segments.push(seg);
+        }
+    }
+
+    fn cache_durable(&mut self, batches: Vec<PendingBatch>) {
+        for b in batches {
+            self.cache_bytes += b.bytes.len();
+            self.cache.push_back(CachedBatch {
+                base_offset: b.base_offset,
+                last_offset: b.last_offset,
+                bytes: b.bytes,
+            });
+        }
+        while self.cache_bytes > self.settings.cache_bytes_max {
+            match self.cache.pop_front() {
+                Some(old) => self.cache_bytes -= old.bytes.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Serves `offset..` from the recent-batch cache if it starts there.
+    fn read_cached(&self, offset: Offset, max_bytes: usize, at_least_one: bool) -> Option<ReadResult> {
+        let front = self.cache.front()?;
+        if offset < front.base_offset {
+            return None;
+        }
+        let start = self.cache.partition_point(|b| b.last_offset < offset);
+        let mut out = ReadResult::default();
+        for b in self.cache.iter().skip(start) {
+            if b.base_offset >= self.high_watermark {
+                break;
+            }
+            if out.bytes + b.bytes.len() > max_bytes && !(at_least_one && out.chunks.is_empty()) {
+                break;
+            }
+            out.bytes += b.bytes.len();
+            out.chunks.push(b.bytes.clone());
+        }
+        Some(out)
+    }
+}
+
+/// Writes and syncs everything pending in `log`, segment by segment in
+/// order, and seals rolled segments. Moves the high watermark only after
+/// fdatasync returned.
+pub async fn flush(log: &SharedLog) -> io::Result<()> {
+    loop {
+        let work = {
+            let l = log.borrow();
+            l.segments
+                .iter()
+                .position(|s| s.needs_flush())
+                .map(|i| (l.segments[i].base_offset, l.segments[i].file.clone(), l.segments[i].path.clone()))
+        };
+        let Some((base, file, path)) = work else { return Ok(()) };
+        let file = match file {
+            Some(f) => f,
+            None => {
+                let f = Rc::new(super::segment::open_rw(&path, true).await?);
+                with_segment(log, base, |s| s.file = Some(f.clone()));
+                f
+            }
+        };
+        let plan = {
+            let l = log.borrow();
+            let settings = l.settings.segment;
+            l.segments.iter().find(|s| s.base_offset == base).and_then(|s| s.plan_flush(file.clone(), &settings))
+        };
+        if let Some(mut plan) = plan {
+            if let Some(to) = plan.preallocate_to {
+                // Preallocation is an optimisation; a filesystem without it still works.
+                if let Err(e) = file.pre_allocate(to, false).await {
+                    log::debug!("{}: fallocate to {to} failed: {e}", path.display());
+                }
+            }
+            let writes = std::mem::take(&mut plan.writes);
+            let results = join_all(writes.into_iter().map(|(pos, buf)| {
+                let file = file.clone();
+                async move {
+                    let len = buf.len();
+                    let n = file.write_at(buf, pos).await.map_err(io::Error::from)?;
+                    if n != len {
+                        return Err(io::Error::new(
+                            io::ErrorKind::WriteZero,
+                            format!("short write {n}/{len} at {pos}"),
+                        ));
+                    }
+                    Ok(())
+                }
+            }))
+            .await;
+            for r in results {
+                r?;
+            }
+            file.fdatasync().await.map_err(io::Error::from)?;
+            let mut l = log.borrow_mut();
+            let Some(i) = l.segments.iter().position(|s| s.base_offset == base) else { return Ok(()) };
+            let durable = l.segments[i].complete_flush(plan);
+            let hw = l.segments[i].durable_next_offset;
+            // Segments flush in order, so every earlier segment is durable.
+            if hw > l.high_watermark {
+                l.high_watermark = hw;
+            }
+            l.cache_durable(durable);
+            continue;
+        }
+        // Nothing pending: this segment only needs sealing.
+        let segment = {
+            let mut l = log.borrow_mut();
+            let Some(i) = l.segments.iter().position(|s| s.base_offset == base) else { return Ok(()) };
+            // Take it out while sealing so no borrow spans the await.
+            std::mem::replace(&mut l.segments[i], Segment::new(Path::new(""), base, 0))
+        };
+        let mut segment = segment;
+        let result = segment.seal().await;
+        with_segment(log, base, |s| *s = segment);
+        result?;
+        log::debug!("{}: sealed", path.display());
+    }
+}
+
+fn with_segment(log: &SharedLog, base: Offset, f: impl FnOnce(&mut Segment)) {
+    let mut l = log.borrow_mut();
+    if let Some(s) = l.segments.iter_mut().find(|s| s.base_offset == base) {
+        f(s);
+    }
+}
+
+/// Reads whole batches from `offset` up to `max_bytes` of durable data
+/// (at least one batch when `at_least_one`). Served from the cache when it
+/// holds `offset`, else from the segment file.
+pub async fn read(log: &SharedLog, offset: Offset, max_bytes: usize, at_least_one: bool) -> io::Result<ReadResult> {
+    let (file, mut pos, limit, mut next_segment_base) = {
+        let l = log.borrow();
+        if offset >= l.high_watermark || offset < l.log_start_offset {
+            return Ok(ReadResult::default());
+        }
+        if let Some(r) = l.read_cached(offset, max_bytes, at_least_one) {
+            return Ok(r);
+        }
+        let i = l.segments.partition_point(|s| s.base_offset <= offset).saturating_sub(1);
+        let seg = &l.segments[i];
+        let Some(file) = seg.file.clone() else { return Ok(ReadResult::default()) };
+        (
+            file,
+            seg.index.position_for(seg.base_offset, offset),
+            seg.durable_bytes,
+            l.segments.get(i + 1).map(|s| s.base_offset),
+        )
+    };
+    let _ = &mut next_segment_base;
+    let mut out = BytesMut::new();
+    let window_min = (max_bytes.min(8 << 20)).max(64 << 10);
+    let mut taken = 0usize;
+    'outer: while pos + (BATCH_LOG_OVERHEAD_BYTES as u64) <= limit {
+        let want = window_min.min((limit - pos) as usize);
+        let chunk = file.read_at(pos, want).await.map_err(io::Error::from)?;
+        let mut at = 0usize;
+        while at + BATCH_HEADER_BYTES <= chunk.len() {
+            let Ok(header) = BatchHeader::parse(&chunk[at..]) else { break 'outer };
+            let size = header.size_bytes();
+            if header.last_offset() < offset {
+                at += size;
+                if at > chunk.len() {
+                    // Skipped batch extends past the window: continue after it.
+                    pos += at as u64;
+                    continue 'outer;
+                }
+                continue;
+            }
+            if taken + size > max_bytes && !(at_least_one && taken == 0) {
+                break 'outer;
+            }
+            if at + size > chunk.len() {
+                if at == 0 {
+                    // A single batch larger than the window: read it whole.
+                    let whole = file.read_at(pos, size).await.map_err(io::Error::from)?;
+                    if whole.len() < size {
+                        break 'outer;
+                    }
+                    out.extend_from_slice(&whole[..size]);
+                    taken += size;
+                    pos += size as u64;
+                    continue 'outer;
+                }
+                pos += at as u64;
+                continue 'outer;
+            }
+            out.extend_from_slice(&chunk[at..at + size]);
+            taken += size;
+            at += size;
+        }
+        if at == 0 {
+            break;
+        }
+        pos += at as u64;
+    }
+    if taken == 0 {
+        // The offset may sit in a segment's tail with nothing readable (the
+        // next batch lives in the following segment).
+        if let Some(next) = next_segment_base {
+            if next > offset {
+                return Box::pin(read(log, next, max_bytes, at_least_one)).await;
+            }
+        }
+        return Ok(ReadResult::default());
+    }
+    Ok(ReadResult { chunks: vec![out.freeze()], bytes: taken })
+}
+
+/// ListOffsets by timestamp: the first offset whose record timestamp is
+/// >= `timestamp_ms`, with that timestamp; `None` when there is none.
+pub async fn offset_for_timestamp(log: &SharedLog, timestamp_ms: i64) -> io::Result<Option<(Offset, i64)>> {
+    let start = {
+        let l = log.borrow();
+        let Some(seg) = l.segments.iter().find(|s| s.max_timestamp_ms >= timestamp_ms && s.durable_bytes > 0) else {
+            return Ok(None);
+        };
+        Offset(seg.base_offset.0 + seg.index.offset_for_time(timestamp_ms) as i64).max(l.log_start_offset)
+    };
+    let mut offset = start;
+    loop {
+        let r = read(log, offset, 1 << 20, true).await?;
+        if r.bytes == 0 {
+            return Ok(None);
+        }
+        for chunk in &r.chunks {
+            let mut at = 0;
+            while at + BATCH_HEADER_BYTES <= chunk.len() {
+                let Ok(h) = BatchHeader::parse(&chunk[at..]) else { break };
+                let size = h.size_bytes();
+                if h.max_timestamp_ms() >= timestamp_ms && h.last_offset() >= offset {
+                    if h.compression() == Compression::None && !h.is_log_append_time() {
+                        if let Some(found) =
+                            first_record_at_or_after(&chunk[at..at + size.min(chunk.len() - at)], timestamp_ms)
+                        {
+                            return Ok(Some(found));
+                        }
+                    }
+                    return Ok(Some((h.base_offset(), h.max_timestamp_ms())));
+                }
+                offset = h.last_offset().next();
+                at += size;
+            }
+        }
+    }
+}
+
+/// Walks the records of an uncompressed batch for the first timestamp >= target.
+fn first_record_at_or_after(b: &[u8], target_ms: i64) -> Option<(Offset, i64)> {
+    let h = BatchHeader::parse(b).ok()?;
+    let mut at = BATCH_HEADER_BYTES;
+    for _ in 0..h.record_count() {
+        let (len, n) = batch::get_varint(b.get(at..)?)?;
+        let body_start = at + n;
+        let body = b.get(body_start..body_start + usize::try_from(len).ok()?)?;
+        let (ts_delta, n1) = batch::get_varint(body.get(1..)?)?;
+        let (off_delta, _) = batch::get_varint(body.get(1 + n1..)?)?;
+        let ts = h.base_timestamp_ms() + ts_delta;
+        if ts >= target_ms {
+            return Some((Offset(h.base_offset().0 + off_delta), ts));
+        }
+        at = body_start + len as usize;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;

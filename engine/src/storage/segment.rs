@@ -1,0 +1,416 @@
+//! One segment of a partition log: a file of record batches plus its sparse
+//! indexes, and the accumulator state that writes it with O_DIRECT.
+//!
+//! ```text
+//!  <dir>/<base offset, 20 digits>.log
+//!  +-----------+-----------+-----+-----------+--------------------------+
+//!  | batch v2  | batch v2  | ... | batch v2  | zeros (preallocated)     |
+//!  +-----------+-----------+-----+-----------+--------------------------+
+//!  0                                durable_bytes ........ end_bytes
+//!                                  |<- tail page ->|
+//!                            align_down(durable_bytes)
+//! ```
+//!
+//! Batches are stored exactly as received, with the broker's base offset and
+//! leader epoch written in. Appends only queue `Bytes` (`pending`); the
+//! shard's flusher turns them into 4 KiB-aligned DMA writes starting at the
+//! last partial page (kept in `tail_page`, so it is rewritten from memory and
+//! never read back), then fdatasyncs. Only then do `durable_bytes` and
+//! `durable_next_offset` move, and with them the partition's high watermark.
+//!
+//! Sealing (after a roll) truncates the preallocated tail, syncs, and only then
+//! writes `.index`/`.timeindex`, so an index file on disk means "sealed".
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use bytes::Bytes;
+use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
+use tidelog_protocol::batch::{self, BatchHeader, BatchInfo, BATCH_HEADER_BYTES, BATCH_LOG_OVERHEAD_BYTES};
+use tidelog_protocol::Offset;
+
+use super::index::{IndexEntry, SegmentIndex, TimeEntry};
+use super::{align_down, align_up, PAGE_BYTES};
+
+/// Bytes read per step when scanning a segment on recovery.
+const RECOVERY_READ_BYTES: usize = 4 << 20;
+
+pub fn log_path(dir: &Path, base: Offset) -> PathBuf {
+    dir.join(format!("{:020}.log", base.0))
+}
+
+fn index_path(log: &Path) -> PathBuf {
+    log.with_extension("index")
+}
+
+fn time_index_path(log: &Path) -> PathBuf {
+    log.with_extension("timeindex")
+}
+
+/// A batch appended but not yet durable.
+pub struct PendingBatch {
+    pub base_offset: Offset,
+    pub last_offset: Offset,
+    pub bytes: Bytes,
+}
+
+/// Tunables a segment needs, from the broker and topic config.
+#[derive(Clone, Copy, Debug)]
+pub struct SegmentSettings {
+    pub index_interval_bytes: u64,
+    pub preallocate_bytes: u64,
+    pub segment_bytes: u64,
+    pub flush_write_bytes_max: usize,
+}
+
+pub struct Segment {
+    pub base_offset: Offset,
+    pub path: PathBuf,
+    pub file: Option<Rc<DmaFile>>,
+    /// Bytes appended, durable or not.
+    pub end_bytes: u64,
+    pub durable_bytes: u64,
+    pub next_offset: Offset,
+    pub durable_next_offset: Offset,
+    /// Bytes `[align_down(durable_bytes), durable_bytes)`: the partial last page.
+    tail_page: Vec<u8>,
+    pub pending: VecDeque<PendingBatch>,
+    pub index: SegmentIndex,
+    bytes_since_index: u64,
+    pub max_timestamp_ms: i64,
+    pub created_at_ms: i64,
+    preallocated_bytes: u64,
+    pub seal_requested: bool,
+    pub sealed: bool,
+}
+
+/// The writes of one flush of one segment, prepared while borrowed and
+/// executed without holding any borrow.
+pub struct FlushPlan {
+    pub file: Rc<DmaFile>,
+    pub writes: Vec<(u64, DmaBuffer)>,
+    pub preallocate_to: Option<u64>,
+    pub end_bytes: u64,
+    pub next_offset: Offset,
+    pub batches: usize,
+    pub new_tail_page: Vec<u8>,
+}
+
+/// What recovery found in a segment.
+#[derive(Debug, Default)]
+pub struct RecoveryReport {
+    pub batches: usize,
+    pub valid_bytes: u64,
+    pub file_bytes: u64,
+    /// Non-zero bytes after the last valid batch (a torn or corrupt tail).
+    pub damaged_tail: bool,
+}
+
+pub async fn open_rw(path: &Path, create: bool) -> io::Result<DmaFile> {
+    OpenOptions::new().read(true).write(true).create(create).dma_open(path).await.map_err(io::Error::from)
+}
+
+impl Segment {
+    /// A new, empty segment; its file is created by the flusher on first write.
+    pub fn new(dir: &Path, base_offset: Offset, now_ms: i64) -> Segment {
+        Segment {
+            base_offset,
+            path: log_path(dir, base_offset),
+            file: None,
+            end_bytes: 0,
+            durable_bytes: 0,
+            next_offset: base_offset,
+            durable_next_offset: base_offset,
+            tail_page: Vec::new(),
+            pending: VecDeque::new(),
+            index: SegmentIndex::default(),
+            bytes_since_index: u64::MAX,
+            max_timestamp_ms: -1,
+            created_at_ms: now_ms,
+            preallocated_bytes: 0,
+            seal_requested: false,
+            sealed: false,
+        }
+    }
+
+    /// Queues a batch whose offsets are already assigned.
+    pub fn append(&mut self, bytes: Bytes, info: &BatchInfo, settings: &SegmentSettings) {
+        debug_assert!(!self.seal_requested, "append to sealing segment {}", self.path.display());
+        let base = self.next_offset;
+        let last = Offset(base.0 + info.last_offset_delta as i64);
+        let position = self.end_bytes;
+        let relative = (base.0 - self.base_offset.0) as u32;
+        if self.bytes_since_index >= settings.index_interval_bytes {
+            self.index.offsets.push(IndexEntry { relative_offset: relative, position: position as u32 });
+            self.bytes_since_index = 0;
+        }
+        if info.max_timestamp_ms > self.max_timestamp_ms {
+            self.max_timestamp_ms = info.max_timestamp_ms;
+            self.index.times.push(TimeEntry { timestamp_ms: info.max_timestamp_ms, relative_offset: relative });
+        }
+        self.bytes_since_index += info.size_bytes as u64;
+        self.end_bytes += info.size_bytes as u64;
+        self.next_offset = last.next();
+        self.pending.push_back(PendingBatch { base_offset: base, last_offset: last, bytes });
+    }
+
+    /// Whether a batch of `size_bytes` would push this segment past its size
+    /// limit (an empty segment always takes it).
+    pub fn is_full_for(&self, size_bytes: usize, settings: &SegmentSettings) -> bool {
+        self.end_bytes > 0 && self.end_bytes + size_bytes as u64 > settings.segment_bytes
+    }
+
+    pub fn needs_flush(&self) -> bool {
+        !self.pending.is_empty() || (self.seal_requested && !self.sealed)
+    }
+
+    /// Builds the DMA writes for everything pending: the tail page, then each
+    /// pending batch, copied once into aligned buffers of at most
+    /// `flush_write_bytes_max`, the last one zero-padded to a page.
+    pub fn plan_flush(&self, file: Rc<DmaFile>, settings: &SegmentSettings) -> Option<FlushPlan> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let start = align_down(self.durable_bytes);
+        let end = self.end_bytes;
+        let total = align_up(end) - start;
+        let chunk_max = align_down(settings.flush_write_bytes_max.max(PAGE_BYTES as usize) as u64).max(PAGE_BYTES);
+        let mut writes = Vec::with_capacity((total / chunk_max + 1) as usize);
+        let mut pieces = std::iter::once(self.tail_page.as_slice())
+            .chain(self.pending.iter().map(|p| p.bytes.as_ref()))
+            .filter(|s| !s.is_empty());
+        let mut current: &[u8] = pieces.next().unwrap_or(&[]);
+        let mut pos = start;
+        while pos < start + total {
+            let len = chunk_max.min(start + total - pos) as usize;
+            let mut buf = file.alloc_dma_buffer(len);
+            let dst = buf.as_bytes_mut();
+            let mut filled = 0;
+            while filled < len {
+                if current.is_empty() {
+                    match pieces.next() {
+                        Some(next) => current = next,
+                        None => break,
+                    }
+                }
+                let n = current.len().min(len - filled);
+                dst[filled..filled + n].copy_from_slice(&current[..n]);
+                current = &current[n..];
+                filled += n;
+            }
+            dst[filled..].fill(0);
+            writes.push((pos, buf));
+            pos += len as u64;
+        }
+        let new_tail_start = align_down(end);
+        let mut new_tail_page = Vec::with_capacity((end - new_tail_start) as usize);
+        if end > new_tail_start {
+            // The new tail page is the start of the last write buffer.
+            if let Some((last_pos, last_buf)) = writes.last() {
+                let from = (new_tail_start - last_pos) as usize;
+                new_tail_page.extend_from_slice(&last_buf.as_bytes()[from..from + (end - new_tail_start) as usize]);
+            }
+        }
+        let preallocate_to = if settings.preallocate_bytes > 0 && align_up(end) > self.preallocated_bytes {
+            Some(align_up(end + settings.preallocate_bytes).min(align_up(settings.segment_bytes.max(end))))
+        } else {
+            None
+        };
+        Some(FlushPlan {
+            file,
+            writes,
+            preallocate_to,
+            end_bytes: end,
+            next_offset: self.next_offset,
+            batches: self.pending.len(),
+            new_tail_page,
+        })
+    }
+
+    /// Records a completed flush; returns the batches that became durable.
+    pub fn complete_flush(&mut self, plan: FlushPlan) -> Vec<PendingBatch> {
+        debug_assert!(plan.end_bytes >= self.durable_bytes && plan.end_bytes <= self.end_bytes);
+        self.durable_bytes = plan.end_bytes;
+        self.durable_next_offset = plan.next_offset;
+        self.tail_page = plan.new_tail_page;
+        if let Some(p) = plan.preallocate_to {
+            self.preallocated_bytes = self.preallocated_bytes.max(p);
+        }
+        self.pending.drain(..plan.batches).collect()
+    }
+
+    /// Truncates away preallocation, syncs, then writes the index files.
+    pub async fn seal(&mut self) -> io::Result<()> {
+        if let Some(file) = &self.file {
+            file.truncate(self.durable_bytes).await.map_err(io::Error::from)?;
+            file.fdatasync().await.map_err(io::Error::from)?;
+        }
+        let offsets = self.index.encode_offsets();
+        let times = self.index.encode_times();
+        let (ip, tp) = (index_path(&self.path), time_index_path(&self.path));
+        glommio::executor()
+            .spawn_blocking(move || -> io::Result<()> {
+                write_synced(&tp, &times)?;
+                write_synced(&ip, &offsets)
+            })
+            .await?;
+        self.sealed = true;
+        Ok(())
+    }
+
+    /// Opens an existing segment. A sealed segment that is not the last is
+    /// trusted up to its file size (its successor's base offset gives its
+    /// end); anything else is scanned batch by batch, CRC checked, and
+    /// truncated after the last valid batch.
+    pub async fn open(
+        path: &Path,
+        base_offset: Offset,
+        next_base: Option<Offset>,
+        settings: &SegmentSettings,
+        now_ms: i64,
+    ) -> io::Result<(Segment, RecoveryReport)> {
+        let file = open_rw(path, false).await?;
+        let file_bytes = file.file_size().await.map_err(io::Error::from)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut seg = Segment::new(dir, base_offset, now_ms);
+        seg.path = path.to_path_buf();
+        let mut report = RecoveryReport { file_bytes, ..Default::default() };
+        if let Some(next_base) = next_base {
+            if let Some(index) = load_index(path, file_bytes).await {
+                seg.end_bytes = file_bytes;
+                seg.durable_bytes = file_bytes;
+                seg.next_offset = next_base;
+                seg.durable_next_offset = next_base;
+                seg.max_timestamp_ms = index.times.last().map(|t| t.timestamp_ms).unwrap_or(-1);
+                seg.index = index;
+                seg.sealed = true;
+                seg.seal_requested = true;
+                seg.file = Some(Rc::new(file));
+                report.valid_bytes = file_bytes;
+                return Ok((seg, report));
+            }
+        }
+        // Reopened as active (or unsealed): its index files would go stale.
+        let (ip, tp) = (index_path(path), time_index_path(path));
+        glommio::executor()
+            .spawn_blocking(move || {
+                let _ = std::fs::remove_file(ip);
+                let _ = std::fs::remove_file(tp);
+            })
+            .await;
+        scan(&file, file_bytes, settings.index_interval_bytes, &mut seg, &mut report).await?;
+        if report.valid_bytes < file_bytes {
+            file.truncate(report.valid_bytes).await.map_err(io::Error::from)?;
+            file.fdatasync().await.map_err(io::Error::from)?;
+        }
+        let tail_start = align_down(report.valid_bytes);
+        if report.valid_bytes > tail_start {
+            let r =
+                file.read_at(tail_start, (report.valid_bytes - tail_start) as usize).await.map_err(io::Error::from)?;
+            seg.tail_page = r.to_vec();
+        }
+        seg.file = Some(Rc::new(file));
+        if next_base.is_some() {
+            seg.seal_requested = true;
+        }
+        Ok((seg, report))
+    }
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(data)?;
+    f.sync_data()
+}
+
+async fn load_index(log: &Path, log_bytes: u64) -> Option<SegmentIndex> {
+    let (ip, tp) = (index_path(log), time_index_path(log));
+    glommio::executor()
+        .spawn_blocking(move || {
+            let offsets = std::fs::read(ip).ok()?;
+            let times = std::fs::read(tp).ok()?;
+            SegmentIndex::decode(&offsets, &times, log_bytes)
+        })
+        .await
+}
+
+/// Scans `file` from the start, filling `seg`'s offsets and index from every
+/// valid batch, and stops at the first torn, zeroed or corrupt one.
+async fn scan(
+    file: &DmaFile,
+    file_bytes: u64,
+    index_interval_bytes: u64,
+    seg: &mut Segment,
+    report: &mut RecoveryReport,
+) -> io::Result<()> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut buf_pos: u64 = 0; // file position of buf[0]
+    let mut cursor: usize = 0;
+    let mut read_pos: u64 = 0;
+    loop {
+        // Consume every whole batch in the buffer.
+        let mut need_more = false;
+        loop {
+            let avail = &buf[cursor..];
+            if avail.len() < BATCH_LOG_OVERHEAD_BYTES {
+                need_more = true;
+                break;
+            }
+            let batch_length = i32::from_be_bytes([avail[8], avail[9], avail[10], avail[11]]);
+            if batch_length < (BATCH_HEADER_BYTES - BATCH_LOG_OVERHEAD_BYTES) as i32 {
+                break;
+            }
+            let size = batch_length as usize + BATCH_LOG_OVERHEAD_BYTES;
+            if size > avail.len() {
+                need_more = true;
+                break;
+            }
+            let Ok(info) = batch::validate(&avail[..size], usize::MAX) else { break };
+            let Ok(header) = BatchHeader::parse(avail) else { break };
+            let base = header.base_offset();
+            if base < seg.next_offset {
+                break; // offsets must increase; anything else is garbage
+            }
+            let position = buf_pos + cursor as u64;
+            let relative = (base.0 - seg.base_offset.0) as u32;
+            if seg.bytes_since_index >= index_interval_bytes {
+                seg.index.offsets.push(IndexEntry { relative_offset: relative, position: position as u32 });
+                seg.bytes_since_index = 0;
+            }
+            if info.max_timestamp_ms > seg.max_timestamp_ms {
+                seg.max_timestamp_ms = info.max_timestamp_ms;
+                seg.index.times.push(TimeEntry { timestamp_ms: info.max_timestamp_ms, relative_offset: relative });
+            }
+            seg.bytes_since_index += size as u64;
+            seg.next_offset = header.last_offset().next();
+            cursor += size;
+            report.batches += 1;
+        }
+        let valid_end = buf_pos + cursor as u64;
+        if !need_more || read_pos >= file_bytes {
+            report.valid_bytes = valid_end;
+            report.damaged_tail = buf[cursor..].iter().any(|b| *b != 0);
+            break;
+        }
+        // Drop consumed bytes and read the next chunk.
+        buf.drain(..cursor);
+        buf_pos += cursor as u64;
+        cursor = 0;
+        let len = RECOVERY_READ_BYTES.min((file_bytes - read_pos) as usize);
+        let r = file.read_at(read_pos, len).await.map_err(io::Error::from)?;
+        if r.is_empty() {
+            read_pos = file_bytes;
+            continue;
+        }
+        buf.extend_from_slice(&r);
+        read_pos += r.len() as u64;
+    }
+    seg.end_bytes = report.valid_bytes;
+    seg.durable_bytes = report.valid_bytes;
+    seg.durable_next_offset = seg.next_offset;
+    seg.preallocated_bytes = report.valid_bytes;
+    Ok(())
+}

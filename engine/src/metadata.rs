@@ -84,7 +84,7 @@ fn new_cluster_id() -> String {
 pub fn persist(dir: &Path, image: &MetadataImage) -> io::Result<()> {
     use std::io::Write;
     let tmp: PathBuf = dir.join(format!("{METADATA_FILE}.tmp"));
-    let bytes = serde_json::to_vec_pretty(image).map_err(|e| io::Error::new(io::ErrorKind::Other, e))?;
+    let bytes = serde_json::to_vec_pretty(image).map_err(io::Error::other)?;
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&bytes)?;
     f.sync_data()?;

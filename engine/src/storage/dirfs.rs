@@ -68,8 +68,7 @@ fn probe_o_direct(dir: &Path) -> io::Result<()> {
     let path = dir.join(".o_direct_probe");
     let result = (|| {
         let f = OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_DIRECT).open(&path)?;
-        let layout = std::alloc::Layout::from_size_align(4096, 4096)
-            .map_err(|e| io::Error::new(io::ErrorKind::Other, e.to_string()))?;
+        let layout = std::alloc::Layout::from_size_align(4096, 4096).map_err(|e| io::Error::other(e.to_string()))?;
         // SAFETY: layout is non-zero sized; the buffer is freed below on every path.
         let buf = unsafe { std::alloc::alloc_zeroed(layout) };
         if buf.is_null() {

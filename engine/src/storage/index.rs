@@ -76,7 +76,7 @@ impl SegmentIndex {
     /// the entry size, not increasing, or pointing past the log), in which
     /// case the caller rebuilds by scanning.
     pub fn decode(offsets: &[u8], times: &[u8], log_bytes: u64) -> Option<SegmentIndex> {
-        if offsets.len() % 8 != 0 || times.len() % 12 != 0 {
+        if !offsets.len().is_multiple_of(8) || !times.len().is_multiple_of(12) {
             return None;
         }
         let mut index = SegmentIndex::default();

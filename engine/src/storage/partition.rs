@@ -376,7 +376,7 @@ pub async fn read(log: &SharedLog, offset: Offset, max_bytes: usize, at_least_on
     };
     let _ = &mut next_segment_base;
     let mut out = BytesMut::new();
-    let window_min = (max_bytes.min(8 << 20)).max(64 << 10);
+    let window_min = max_bytes.clamp(64 << 10, 8 << 20);
     let mut taken = 0usize;
     'outer: while pos + (BATCH_LOG_OVERHEAD_BYTES as u64) <= limit {
         let want = window_min.min((limit - pos) as usize);

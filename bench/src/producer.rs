@@ -174,6 +174,8 @@ impl Producer {
 
     fn run(&mut self) -> anyhow::Result<()> {
         let linger = Duration::from_millis(self.cfg.spec.linger_ms);
+        // Every thread starts on the same tick.
+        std::thread::sleep(self.cfg.clock.start.saturating_duration_since(Instant::now()));
         let mut last_publish = Instant::now();
         let mut interval = crate::stats::new_latency_histogram();
         loop {

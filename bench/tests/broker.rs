@@ -1,0 +1,196 @@
+//! Black-box: the bench binary against the real tidelog broker. Starts
+//! `tidelog` (TIDELOG_BIN, or ../target/release/tidelog), runs a small keyed
+//! workload (2 producers, 1 consumer, 20k records), then reads the topic
+//! back with the bench's client and checks counts, per-partition order and
+//! that every keyed record sits where Kafka's default partitioner puts it.
+//! Skips with a message when the broker binary is not built.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tidelog_bench::client::{ensure_topic, list_offsets, Conn};
+use tidelog_bench::murmur2::partition_for_key;
+use tidelog_bench::records::for_each_fetched_record;
+use tidelog_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use tidelog_protocol::messages::{ApiKey, FetchRequest, FetchResponse, TopicName};
+use tidelog_protocol::StrBytes;
+
+fn broker_bin() -> Option<PathBuf> {
+    let p = std::env::var_os("TIDELOG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/tidelog"));
+    p.exists().then_some(p)
+}
+
+/// Two consecutive free ports (shard i listens on port + i).
+fn free_port_pair() -> u16 {
+    for _ in 0..50 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if port < 65000 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port pair");
+}
+
+struct Broker {
+    child: Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_broker(bin: &PathBuf) -> Broker {
+    let port = free_port_pair();
+    // Not tmpfs: the broker needs O_DIRECT.
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/bench-it-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new(bin)
+        .arg(format!("--log.dirs={}", dir.display()))
+        .arg(format!("--listeners=PLAINTEXT://127.0.0.1:{port}"))
+        .arg("--num.shards=2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tidelog");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("tidelog ready") {
+                let _ = tx.send(Ok(()));
+            }
+            log.push(line);
+            if log.len() > 200 {
+                log.remove(0);
+            }
+        }
+        let _ = tx.send(Err(log.join("\n")));
+    });
+    let broker = Broker { child, dir, port };
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(())) => broker,
+        Ok(Err(log)) => panic!("tidelog exited before it was ready:\n{log}"),
+        Err(_) => panic!("tidelog did not log 'tidelog ready' within 60 s"),
+    }
+}
+
+#[test]
+fn bench_against_real_broker_counts_order_and_key_placement() {
+    let Some(bin) = broker_bin() else {
+        eprintln!(
+            "SKIPPED: tidelog broker binary not found (set TIDELOG_BIN or run `cargo build --release -p tidelog-engine`)"
+        );
+        return;
+    };
+    let broker = start_broker(&bin);
+    let bootstrap = format!("127.0.0.1:{}", broker.port);
+    let out = broker.dir.join("run");
+    let topic = "bench-it";
+    let partitions = 6;
+    let records = 20_000u64;
+    let status = Command::new(env!("CARGO_BIN_EXE_tidelog-bench"))
+        .args(["run", "--bootstrap", &bootstrap, "--no-baseline", "--quiet", "--verify", "--strict"])
+        .args(["--topic", topic, "--partitions", &partitions.to_string()])
+        .args(["--producers", "2", "--consumers", "1", "--records", &records.to_string()])
+        .args(["--keys", "round-robin", "--key-count", "997", "--record-size", "64"])
+        .args(["--warmup-s", "0", "--linger-ms", "2", "--batch-size", "16384", "--cores", "0-1"])
+        .arg("--out")
+        .arg(&out)
+        .arg("--data-dir")
+        .arg(&broker.dir)
+        .status()
+        .expect("run tidelog-bench");
+    assert!(status.success(), "tidelog-bench run failed: {status}");
+
+    // The bench's own accounting.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let r = &summary["results"];
+    assert_eq!(r["produced_total"], records);
+    assert_eq!(r["consumed_total_per_group"], serde_json::json!([records]));
+    assert_eq!(r["failed_records"], 0);
+    let v = &summary["verify"];
+    assert_eq!(v["records"], records);
+    assert_eq!(v["keyed_records"], records);
+    assert_eq!(v["key_partition_mismatches"], 0);
+    assert_eq!(v["producer_order_violations"], 0);
+    assert_eq!(v["offset_regressions"], 0);
+    assert!(r["latency_us"]["produce_ack_record"]["count"].as_u64().unwrap() == records);
+    assert!(r["latency_us"]["end_to_end"]["count"].as_u64().unwrap() == records);
+
+    // Independently: read everything back and recompute.
+    let (cluster, _) = ensure_topic(&bootstrap, topic, partitions, 1, false).unwrap();
+    assert_eq!(cluster.partitions.len(), partitions as usize);
+    let ends = list_offsets(&cluster, topic, -1).unwrap();
+    assert_eq!(ends.iter().sum::<i64>() as u64, records, "end offsets {ends:?}");
+    let mut total = 0u64;
+    let mut keys_seen: HashMap<Vec<u8>, i32> = HashMap::new();
+    for p in &cluster.partitions {
+        let mut conn = Conn::connect(cluster.broker_addr(p.leader).unwrap(), "bench-it-reader").unwrap();
+        let mut next = 0i64;
+        let mut last_seq: HashMap<u32, u64> = HashMap::new();
+        while next < ends[p.index as usize] {
+            let req = FetchRequest::default().with_max_wait_ms(100).with_max_bytes(1 << 20).with_topics(vec![
+                FetchTopic::default().with_topic(TopicName(StrBytes::from_static_str(topic))).with_partitions(vec![
+                    FetchPartition::default()
+                        .with_partition(p.index)
+                        .with_fetch_offset(next)
+                        .with_partition_max_bytes(1 << 20),
+                ]),
+            ]);
+            let resp: FetchResponse = conn.call(ApiKey::Fetch, &req).unwrap();
+            let pd = &resp.responses[0].partitions[0];
+            assert_eq!(pd.error_code, 0);
+            let set = pd.records.clone().unwrap_or_default();
+            let mut expect = next;
+            let after = for_each_fetched_record(&set, true, |rec| {
+                if rec.offset < expect {
+                    return;
+                }
+                assert_eq!(rec.offset, expect, "offsets contiguous in partition {}", p.index);
+                expect += 1;
+                let key = rec.key.expect("keyed").to_vec();
+                assert_eq!(partition_for_key(&key, partitions), p.index, "key {:?}", String::from_utf8_lossy(&key));
+                if let Some(prev) = keys_seen.insert(key.clone(), p.index) {
+                    assert_eq!(prev, p.index, "a key on two partitions");
+                }
+                let value = rec.value.unwrap();
+                assert_eq!(value.len(), 64);
+                let producer = u32::from_be_bytes(value[8..12].try_into().unwrap());
+                let seq = u64::from_be_bytes(value[12..20].try_into().unwrap());
+                if let Some(prev) = last_seq.insert(producer, seq) {
+                    assert!(seq > prev, "producer {producer} out of order in partition {}", p.index);
+                }
+                total += 1;
+            })
+            .unwrap();
+            next = after.expect("progress");
+            assert_eq!(next, expect);
+        }
+        assert_eq!(last_seq.len(), 2, "both producers wrote to partition {}", p.index);
+    }
+    assert_eq!(total, records);
+    assert_eq!(keys_seen.len(), 997);
+
+    // Report files exist and the charts are well-formed.
+    for f in ["latency.svg", "throughput.svg"] {
+        roxmltree::Document::parse(&std::fs::read_to_string(out.join(f)).unwrap()).unwrap();
+    }
+}

@@ -211,18 +211,16 @@ pub fn hgrm(h: &Histogram<u64>) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{:>12} {:>14} {:>10} {:>14}\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)");
     if !h.is_empty() {
+        // TotalCount is cumulative up to the value, as in Java's output.
+        let mut total: u64 = 0;
         for v in h.iter_quantiles(5) {
+            total += v.count_since_last_iteration();
             let value = h.highest_equivalent(v.value_iterated_to()) as f64 / scale;
             let q = v.quantile_iterated_to();
             if q < 1.0 {
-                let _ = writeln!(
-                    out,
-                    "{value:12.3} {q:2.12} {:10} {:14.2}",
-                    v.count_since_last_iteration() as u64 + 0,
-                    1.0 / (1.0 - q)
-                );
+                let _ = writeln!(out, "{value:12.3} {q:2.12} {total:10} {:14.2}", 1.0 / (1.0 - q));
             } else {
-                let _ = writeln!(out, "{value:12.3} {q:2.12} {:10}", v.count_since_last_iteration());
+                let _ = writeln!(out, "{value:12.3} {q:2.12} {total:10}");
             }
         }
     }

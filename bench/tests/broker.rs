@@ -5,6 +5,8 @@
 //! that every keyed record sits where Kafka's default partitioner puts it.
 //! Skips with a message when the broker binary is not built.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: a failed unwrap is a failed test
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -53,7 +55,7 @@ impl Drop for Broker {
     }
 }
 
-fn start_broker(bin: &PathBuf) -> Broker {
+fn start_broker(bin: &std::path::Path) -> Broker {
     let port = free_port_pair();
     // Not tmpfs: the broker needs O_DIRECT.
     let dir =

@@ -3,6 +3,8 @@
 //! format, SVGs are well-formed XML with the expected series, and `compare`
 //! reads two run directories back.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: a failed unwrap is a failed test
+
 use std::path::PathBuf;
 
 use tidelog_bench::client::{Cluster, Versions};
@@ -47,7 +49,7 @@ fn synthetic_outcome(scale_us: u64) -> RunOutcome {
     }
 }
 
-fn write_run(dir: &PathBuf, scale_us: u64, label: &str) -> Vec<PathBuf> {
+fn write_run(dir: &std::path::Path, scale_us: u64, label: &str) -> Vec<PathBuf> {
     let w = Workload::default();
     let o = synthetic_outcome(scale_us);
     let mut s = report::build_summary(
@@ -124,6 +126,10 @@ fn run_directory_files_parse() {
     let last = body.last().unwrap();
     assert_eq!(last.split_whitespace().count(), 3, "the 100% line has no 1/(1-p) column");
     assert!(body[..body.len() - 1].iter().all(|l| l.split_whitespace().count() == 4));
+    // TotalCount is cumulative and ends at the histogram's count.
+    let counts: Vec<u64> = body.iter().map(|l| l.split_whitespace().nth(2).unwrap().parse().unwrap()).collect();
+    assert!(counts.windows(2).all(|w| w[0] <= w[1]));
+    assert_eq!(counts.last(), Some(&10_000));
     // values are in ms: 1000 µs + up to 996 µs
     let max_ms = pts.last().unwrap().1;
     assert!((1.9..=2.1).contains(&max_ms), "max {max_ms} ms");

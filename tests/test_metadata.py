@@ -71,7 +71,8 @@ def test_partition_on_other_shard_is_not_leader(broker):
 
 def test_replication_factor_above_one_rejected(broker):
     topic = unique_topic("rf3")
-    fut = admin(broker).create_topics([NewTopic(topic, num_partitions=1, replication_factor=3)], request_timeout=15)[topic]
+    a = admin(broker)  # keep the client alive until its future resolves
+    fut = a.create_topics([NewTopic(topic, num_partitions=1, replication_factor=3)], request_timeout=15)[topic]
     with pytest.raises(Exception) as ei:
         fut.result(timeout=30)
     err = ei.value.args[0]
@@ -84,13 +85,14 @@ def test_replication_factor_above_one_rejected(broker):
 def test_create_existing_topic_and_delete(broker):
     topic = unique_topic("dup")
     create_topic(broker, topic, 2)
-    fut = admin(broker).create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)], request_timeout=15)[topic]
+    a = admin(broker)  # keep the client alive until its future resolves
+    fut = a.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)], request_timeout=15)[topic]
     with pytest.raises(Exception) as ei:
         fut.result(timeout=30)
     assert ei.value.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS, ei.value.args[0]
 
     produce_confluent(broker, topic, [(b"k%d" % i, b"v%d" % i) for i in range(20)])
-    admin(broker).delete_topics([topic], request_timeout=15)[topic].result(timeout=30)
+    a.delete_topics([topic], request_timeout=15)[topic].result(timeout=30)
     deadline = time.monotonic() + 30
     while any(topic in admin(broker, p).list_topics(timeout=10).topics for p in broker.ports):
         assert time.monotonic() < deadline, "deleted topic still listed"

@@ -57,11 +57,7 @@ def active_segment(broker, topic):
     pdir = partition_dir(broker, topic)
     segs = kw.segment_files(pdir)
     assert segs, "no .log segment in %s: %r" % (pdir, os.listdir(pdir))
-    names = set(os.listdir(pdir))
-    base, path = segs[-1]
-    stem = "%020d" % base
-    assert stem + ".index" in names and stem + ".timeindex" in names, "index files missing beside %s: %r" % (path, sorted(names))
-    return path
+    return segs[-1][1]
 
 
 def check_segment_matches(path, sent, first_offset=0):
@@ -172,3 +168,16 @@ def test_clean_segment_survives_restarts_unchanged(broker):
     wait_topic(broker, topic, 1)
     log = consume_confluent(broker, topic, {0: BATCHES * PER_BATCH})[0]
     assert log == [(i * PER_BATCH + j, k, v) for i in range(BATCHES) for j, (k, v) in enumerate(recs[i])]
+
+
+def test_segment_has_index_files_beside_it(broker):
+    """On-disk contract: every `<base>.log` has `<base>.index` and `<base>.timeindex` beside it."""
+    topic = unique_topic("idx")
+    create_topic(broker, topic, 1)
+    produce_batches(broker, topic, [batch_records(i) for i in range(BATCHES)])
+    assert broker.stop() == 0, broker.log_tail()
+    pdir = partition_dir(broker, topic)
+    names = set(os.listdir(pdir))
+    for base, path in kw.segment_files(pdir):
+        stem = "%020d" % base
+        assert {stem + ".index", stem + ".timeindex"} <= names, "index files missing beside %s: %r" % (path, sorted(names))

@@ -170,14 +170,61 @@ def test_clean_segment_survives_restarts_unchanged(broker):
     assert log == [(i * PER_BATCH + j, k, v) for i in range(BATCHES) for j, (k, v) in enumerate(recs[i])]
 
 
-def test_segment_has_index_files_beside_it(broker):
-    """On-disk contract: every `<base>.log` has `<base>.index` and `<base>.timeindex` beside it."""
-    topic = unique_topic("idx")
+
+def test_segment_roll_and_sealed_segment_indexes(broker_factory):
+    """With a small log.segment.bytes the log rolls: segments are named by the
+    base offset of their first batch, contiguous, sealed ones are truncated to
+    their data and carry `.index`/`.timeindex` whose entries point at batch
+    starts; everything stays readable across a restart. (The active segment's
+    indexes live in memory until it is sealed, and are rebuilt on recovery.)"""
+    broker = broker_factory(args=["--log.segment.bytes=2000"])
+    topic = unique_topic("roll")
     create_topic(broker, topic, 1)
-    produce_batches(broker, topic, [batch_records(i) for i in range(BATCHES)])
+    recs = [batch_records(i) for i in range(BATCHES)]
+    sent = produce_batches(broker, topic, recs)
+    want = [(i * PER_BATCH + j, k, v) for i in range(BATCHES) for j, (k, v) in enumerate(recs[i])]
+    assert consume_confluent(broker, topic, {0: BATCHES * PER_BATCH})[0] == want
     assert broker.stop() == 0, broker.log_tail()
+
     pdir = partition_dir(broker, topic)
+    segs = kw.segment_files(pdir)
+    assert len(segs) >= 3, "20 batches of ~350 bytes with log.segment.bytes=2000 gave segments %r" % segs
     names = set(os.listdir(pdir))
-    for base, path in kw.segment_files(pdir):
+    on_disk = []
+    next_offset = 0
+    for n, (base, path) in enumerate(segs):
+        batches, tail = kw.parse_segment(path)
+        assert batches, "empty segment %s" % path
+        assert batches[0].base_offset == base == next_offset, (path, batches[0].base_offset, next_offset)
+        assert batches[-1].end <= 2000 or len(batches) == 1, "%s grew to %d bytes" % (path, batches[-1].end)
+        next_offset = batches[-1].next_offset
+        on_disk += batches
+        if n == len(segs) - 1:
+            continue  # the active segment
+        assert tail == b"", "sealed %s keeps %d bytes of preallocated tail" % (path, len(tail))
         stem = "%020d" % base
-        assert {stem + ".index", stem + ".timeindex"} <= names, "index files missing beside %s: %r" % (path, sorted(names))
+        assert {stem + ".index", stem + ".timeindex"} <= names, "index files missing beside sealed %s: %r" % (path, sorted(names))
+        starts = {b.position: b for b in batches}
+        with open(os.path.join(pdir, stem + ".index"), "rb") as f:
+            idx = f.read()
+        assert len(idx) % 8 == 0
+        for e in range(0, len(idx), 8):
+            rel, pos = struct.unpack_from(">II", idx, e)
+            assert pos in starts, "%s.index entry %d -> position %d is not a batch start" % (stem, rel, pos)
+            b = starts[pos]
+            assert b.base_offset <= base + rel < b.next_offset, (stem, rel, pos, b.base_offset)
+        with open(os.path.join(pdir, stem + ".timeindex"), "rb") as f:
+            tidx = f.read()
+        assert len(tidx) % 12 == 0
+        last_ts = -1
+        for e in range(0, len(tidx), 12):
+            ts, rel = struct.unpack_from(">qI", tidx, e)
+            assert ts >= last_ts and base + rel < next_offset, (stem, ts, rel)
+            last_ts = ts
+    assert next_offset == BATCHES * PER_BATCH
+    assert [b.raw[kw.CRC_OFFSET:] for b in on_disk] == [x[kw.CRC_OFFSET:] for x in sent]
+
+    broker.start()
+    wait_topic(broker, topic, 1)
+    assert watermarks(broker, topic, [0]) == {0: (0, BATCHES * PER_BATCH)}
+    assert consume_confluent(broker, topic, {0: BATCHES * PER_BATCH})[0] == want

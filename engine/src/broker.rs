@@ -158,6 +158,11 @@ pub fn run(mut config: Config) -> Result<(), String> {
                 let controller = Controller::new(config.clone(), image.clone(), senders);
                 glommio::spawn_local(controller.run(receivers)).detach();
             }
+            if let Err(e) = crate::storage::prime_io_probe(&config.log_dir).await {
+                let _ =
+                    ready.send(Err(format!("shard {i}: cannot read from log.dirs {}: {e}", config.log_dir.display())));
+                return;
+            }
             let shard =
                 Shard::new(ShardId(i as u32), num_shards, config.clone(), Arc::new(MetadataImage::default()), to_ctrl);
             shard.apply_image(image).await;

@@ -8,6 +8,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+/// A one-block file kept in the data dir (see `storage::prime_io_probe`).
+pub const IO_PROBE_FILE: &str = ".io_probe";
+
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 const RAMFS_MAGIC: i64 = 0x8584_58f6;
 const NFS_MAGIC: i64 = 0x6969;

@@ -20,3 +20,28 @@ pub fn align_down(v: u64) -> u64 {
 pub fn align_up(v: u64) -> u64 {
     (v + PAGE_BYTES - 1) & !(PAGE_BYTES - 1)
 }
+
+/// Primes glommio's per-device io_uring IOPOLL probe with a file that has
+/// data. Glommio probes a device the first time a `DmaFile` on it is opened,
+/// by reading one block at offset 0: on an empty file (a brand-new segment)
+/// that read "succeeds" and the device is wrongly marked pollable, after which
+/// every read of a segment fails with EOPNOTSUPP. Opening a file with a real
+/// block first makes the probe meaningful. Call once per shard before any
+/// segment is opened.
+pub async fn prime_io_probe(dir: &std::path::Path) -> std::io::Result<()> {
+    let path = dir.join(dirfs::IO_PROBE_FILE);
+    let p = path.clone();
+    glommio::executor()
+        .spawn_blocking(move || -> std::io::Result<()> {
+            let ok = std::fs::metadata(&p).map(|m| m.len() >= PAGE_BYTES).unwrap_or(false);
+            if !ok {
+                std::fs::write(&p, vec![0u8; PAGE_BYTES as usize])?;
+                std::fs::File::open(&p)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await?;
+    let f = glommio::io::DmaFile::open(&path).await.map_err(std::io::Error::from)?;
+    let _ = f.read_at(0, PAGE_BYTES as usize).await;
+    f.close().await.map_err(std::io::Error::from)
+}

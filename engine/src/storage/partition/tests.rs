@@ -173,10 +173,9 @@ fn damage_and_reopen(name: &str, damage: impl FnOnce(&std::path::Path, &[u64]) +
 fn recovery_truncates_a_zeroed_tail() {
     damage_and_reopen("torn-zero", |path, positions| {
         let data = std::fs::read(path).unwrap();
-        let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
         let from = positions[9] + 20;
-        std::os::unix::fs::FileExt::write_all_at(&mut f, &vec![0u8; (data.len() as u64 - from) as usize], from)
-            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; (data.len() as u64 - from) as usize], from).unwrap();
     });
 }
 

@@ -407,8 +407,35 @@ pub fn ensure_topic(
 }
 
 /// ListOffsets for every partition: `timestamp` -1 = latest, -2 = earliest.
-/// Returns offsets indexed by partition.
+/// Returns offsets indexed by partition. Retries transient errors for up to
+/// 10 s.
 pub fn list_offsets(cluster: &Cluster, topic: &str, timestamp: i64) -> anyhow::Result<Vec<i64>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match list_offsets_once(cluster, topic, timestamp) {
+            Err(ListOffsetsError::Retriable(msg)) if Instant::now() < deadline => {
+                let _ = msg;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(ListOffsetsError::Retriable(msg)) => bail!("{msg}"),
+            Err(ListOffsetsError::Other(e)) => return Err(e),
+            Ok(v) => return Ok(v),
+        }
+    }
+}
+
+enum ListOffsetsError {
+    Retriable(String),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ListOffsetsError {
+    fn from(e: anyhow::Error) -> Self {
+        ListOffsetsError::Other(e)
+    }
+}
+
+fn list_offsets_once(cluster: &Cluster, topic: &str, timestamp: i64) -> Result<Vec<i64>, ListOffsetsError> {
     let n = cluster.partitions.iter().map(|p| p.index).max().map(|m| m + 1).unwrap_or(0) as usize;
     let mut out = vec![-1i64; n];
     let mut by_leader: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
@@ -429,14 +456,23 @@ pub fn list_offsets(cluster: &Cluster, topic: &str, timestamp: i64) -> anyhow::R
         let resp: ListOffsetsResponse = conn.call(ApiKey::ListOffsets, &req)?;
         for t in &resp.topics {
             for p in &t.partitions {
-                anyhow::ensure!(p.error_code == 0, "ListOffsets {topic}-{}: error {}", p.partition_index, p.error_code);
+                if p.error_code != 0 {
+                    let msg = format!("ListOffsets {topic}-{}: error {}", p.partition_index, p.error_code);
+                    return Err(if is_retriable(p.error_code) {
+                        ListOffsetsError::Retriable(msg)
+                    } else {
+                        ListOffsetsError::Other(anyhow!(msg))
+                    });
+                }
                 if let Some(slot) = out.get_mut(p.partition_index as usize) {
                     *slot = p.offset;
                 }
             }
         }
     }
-    anyhow::ensure!(out.iter().all(|&o| o >= 0), "ListOffsets did not answer for every partition of {topic}");
+    if out.iter().any(|&o| o < 0) {
+        return Err(ListOffsetsError::Other(anyhow!("ListOffsets did not answer for every partition of {topic}")));
+    }
     Ok(out)
 }
 

@@ -93,6 +93,8 @@ struct Leader {
     conn: Conn,
     partitions: Vec<i32>,
     in_flight: Option<i32>,
+    /// No fetch before this after an error answer (retry.backoff.ms).
+    backoff_until: Option<Instant>,
 }
 
 pub fn run_consumer(cfg: ConsumerConfig) -> anyhow::Result<ConsumerResult> {
@@ -112,7 +114,7 @@ pub fn run_consumer(cfg: ConsumerConfig) -> anyhow::Result<ConsumerResult> {
             None => {
                 let mut conn = Conn::connect(&addr, &format!("tidelog-bench-consumer-{}-{}", cfg.group, cfg.index))?;
                 conn.set_nonblocking()?;
-                leaders.push(Leader { conn, partitions: vec![p], in_flight: None });
+                leaders.push(Leader { conn, partitions: vec![p], in_flight: None, backoff_until: None });
             }
         }
     }
@@ -149,7 +151,8 @@ pub fn run_consumer(cfg: ConsumerConfig) -> anyhow::Result<ConsumerResult> {
                 break;
             }
         }
-        for l in leaders.iter_mut().filter(|l| l.in_flight.is_none()) {
+        let tick = Instant::now();
+        for l in leaders.iter_mut().filter(|l| l.in_flight.is_none() && l.backoff_until.is_none_or(|t| tick >= t)) {
             let req = FetchRequest::default()
                 .with_max_wait_ms(cfg.spec.fetch_max_wait_ms)
                 .with_min_bytes(cfg.spec.fetch_min_bytes)
@@ -201,6 +204,7 @@ pub fn run_consumer(cfg: ConsumerConfig) -> anyhow::Result<ConsumerResult> {
                 if resp.error_code != 0 {
                     stats.count_error(resp.error_code);
                     cfg.live.errors.fetch_add(1, Ordering::Relaxed);
+                    l.backoff_until = Some(Instant::now() + Duration::from_millis(100));
                     continue;
                 }
                 let now = Instant::now();
@@ -212,6 +216,7 @@ pub fn run_consumer(cfg: ConsumerConfig) -> anyhow::Result<ConsumerResult> {
                         if p.error_code != 0 {
                             stats.count_error(p.error_code);
                             cfg.live.errors.fetch_add(1, Ordering::Relaxed);
+                            l.backoff_until = Some(now + Duration::from_millis(100));
                             continue;
                         }
                         let Some(records) = &p.records else { continue };

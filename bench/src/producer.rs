@@ -77,7 +77,12 @@ struct Leader {
     conn: Conn,
     ready: VecDeque<ReadyBatch>,
     in_flight: VecDeque<InFlight>,
+    /// retry.backoff.ms: no new request before this after a retriable error.
+    backoff_until: Option<Instant>,
 }
+
+/// Kafka's retry.backoff.ms default.
+const RETRY_BACKOFF: Duration = Duration::from_millis(100);
 
 pub fn run_producer(cfg: ProducerConfig) -> anyhow::Result<ThreadStats> {
     let mut p = Producer::new(cfg)?;
@@ -119,7 +124,12 @@ impl Producer {
                     let addr = cfg.cluster.broker_addr(p.leader)?;
                     let mut conn = Conn::connect(addr, &format!("tidelog-bench-producer-{}", cfg.index))?;
                     conn.set_nonblocking()?;
-                    leaders.push(Leader { conn, ready: VecDeque::new(), in_flight: VecDeque::new() });
+                    leaders.push(Leader {
+                        conn,
+                        ready: VecDeque::new(),
+                        in_flight: VecDeque::new(),
+                        backoff_until: None,
+                    });
                     node_to_leader.insert(p.leader, leaders.len() - 1);
                     leaders.len() - 1
                 }
@@ -350,6 +360,12 @@ impl Producer {
         for li in 0..self.leaders.len() {
             loop {
                 let leader = &mut self.leaders[li];
+                if let Some(t) = leader.backoff_until {
+                    if Instant::now() < t {
+                        break;
+                    }
+                    leader.backoff_until = None;
+                }
                 if leader.ready.is_empty() || (acks != 0 && leader.in_flight.len() >= max_in_flight) {
                     break;
                 }
@@ -506,6 +522,7 @@ impl Producer {
                         let mut b = b;
                         b.attempts += 1;
                         self.leaders[li].ready.push_front(b);
+                        self.leaders[li].backoff_until = Some(now + RETRY_BACKOFF);
                     } else {
                         self.stats.failed_records += b.records as u64;
                         self.buffered_bytes = self.buffered_bytes.saturating_sub(b.bytes.len());

@@ -15,6 +15,7 @@ compile_error!("tidelog is Linux-only (io_uring, O_DIRECT): see linux-only.md");
 pub mod api;
 pub mod batch;
 pub mod error;
+pub mod fetch;
 pub mod frame;
 pub mod header;
 pub mod types;

@@ -131,20 +131,41 @@ mod tests {
     use kafka_protocol::messages::{ApiKey, FetchResponse};
 
     fn sample() -> (Vec<TopicHeader>, Vec<Bytes>) {
-        let records: Vec<Bytes> = vec![
-            Bytes::from_static(b"first-partition-records"),
-            Bytes::new(),
-            Bytes::from(vec![7u8; 300]),
-        ];
+        let records: Vec<Bytes> =
+            vec![Bytes::from_static(b"first-partition-records"), Bytes::new(), Bytes::from(vec![7u8; 300])];
         let topics = vec![
             TopicHeader {
                 name: "alpha".into(),
                 partitions: vec![
-                    PartitionHeader { partition_index: 0, high_watermark: 10, last_stable_offset: 10, log_start_offset: 0, records_bytes: records[0].len(), ..Default::default() },
-                    PartitionHeader { partition_index: 3, error_code: 6, high_watermark: -1, last_stable_offset: -1, log_start_offset: -1, records_bytes: 0 },
+                    PartitionHeader {
+                        partition_index: 0,
+                        high_watermark: 10,
+                        last_stable_offset: 10,
+                        log_start_offset: 0,
+                        records_bytes: records[0].len(),
+                        ..Default::default()
+                    },
+                    PartitionHeader {
+                        partition_index: 3,
+                        error_code: 6,
+                        high_watermark: -1,
+                        last_stable_offset: -1,
+                        log_start_offset: -1,
+                        records_bytes: 0,
+                    },
                 ],
             },
-            TopicHeader { name: "b".into(), partitions: vec![PartitionHeader { partition_index: 1, high_watermark: 99, last_stable_offset: 99, log_start_offset: 5, records_bytes: 300, ..Default::default() }] },
+            TopicHeader {
+                name: "b".into(),
+                partitions: vec![PartitionHeader {
+                    partition_index: 1,
+                    high_watermark: 99,
+                    last_stable_offset: 99,
+                    log_start_offset: 5,
+                    records_bytes: 300,
+                    ..Default::default()
+                }],
+            },
             TopicHeader { name: "empty".into(), partitions: vec![] },
         ];
         (topics, records)

@@ -1,22 +1,30 @@
-//! Fetch: sessionless, long-polling reads of durable data.
+//! Fetch: sessionless, long-polling reads of durable data, sent without
+//! copying record data in user space.
 //!
 //! Limits as Kafka applies them: `partition_max_bytes` per partition,
 //! `max_bytes` for the response, and at least one whole batch from the first
-//! partition that has data even if it is larger than both (KIP-74), so a
+//! partition that has data even when it is larger than both (KIP-74), so a
 //! client always makes progress. Waits up to `max_wait_ms` for `min_bytes`,
-//! woken whenever a high watermark on this shard moves.
+//! woken whenever a high watermark on this shard moves; an idle waiting fetch
+//! costs one waker.
+//!
+//! Hot reads (the offset is in the partition's recent-batch cache) are `Bytes`
+//! slices of the cached batches; cold reads are file regions of one segment.
+//! The response is framed by `tidelog_protocol::fetch` (sizes known up front)
+//! and written by the connection's writer: inline pieces and memory batches
+//! with one vectored `sendmsg`, file regions with `sendfile` (see
+//! `server::send_parts` for why that runs on the shard's blocking pool).
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use tidelog_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
-use tidelog_protocol::messages::{ApiKey, FetchRequest, FetchResponse};
-use tidelog_protocol::ErrorCode;
+use tidelog_protocol::fetch::{encode_fetch_frame, PartitionHeader, TopicHeader};
+use tidelog_protocol::messages::FetchRequest;
+use tidelog_protocol::{ErrorCode, Offset};
 
-use super::{encode, Response};
+use super::{OutPart, Outgoing, Response};
 use crate::shard::Shard;
-use crate::storage::partition;
+use crate::storage::partition::{self, RecordsPart};
 
 pub async fn fetch(shard: Rc<Shard>, version: i16, cid: i32, req: FetchRequest) -> Response {
     let max_wait = Duration::from_millis(req.max_wait_ms.max(0) as u64)
@@ -26,11 +34,12 @@ pub async fn fetch(shard: Rc<Shard>, version: i16, cid: i32, req: FetchRequest) 
     let max_bytes = if req.max_bytes <= 0 { i32::MAX as usize } else { req.max_bytes as usize };
     loop {
         let notified = shard.hw_notify.notified();
-        let (resp, bytes, any_error) = collect(&shard, version, &req, max_bytes).await;
+        let collected = collect(&shard, &req, max_bytes).await;
         let now = Instant::now();
-        if bytes >= min_bytes || any_error || now >= deadline || bytes >= max_bytes {
-            return encode(ApiKey::Fetch, version, cid, &resp);
+        if collected.bytes >= min_bytes || collected.any_error || now >= deadline || collected.bytes >= max_bytes {
+            return Ok(Some(frame(&shard, version, cid, collected)));
         }
+        drop(collected);
         let _ = glommio::timer::timeout(deadline - now, async {
             notified.await;
             Ok(())
@@ -39,21 +48,54 @@ pub async fn fetch(shard: Rc<Shard>, version: i16, cid: i32, req: FetchRequest) 
     }
 }
 
-async fn collect(
-    shard: &Rc<Shard>,
-    version: i16,
-    req: &FetchRequest,
-    max_bytes: usize,
-) -> (FetchResponse, usize, bool) {
+/// The planned response: headers plus each partition's record parts.
+struct Collected {
+    topics: Vec<TopicHeader>,
+    records: Vec<Vec<RecordsPart>>,
+    bytes: usize,
+    any_error: bool,
+}
+
+fn frame(shard: &Shard, version: i16, cid: i32, c: Collected) -> Outgoing {
+    let frame = encode_fetch_frame(version, cid, 0, &c.topics);
+    let mut parts = Vec::with_capacity(frame.inline.len() + c.records.len());
+    let mut inline = frame.inline.into_iter();
+    for records in c.records {
+        if let Some(head) = inline.next() {
+            parts.push(OutPart::Inline(head));
+        }
+        for r in records {
+            match r {
+                RecordsPart::Memory(b) => {
+                    shard.fetch_stats.memory_bytes.set(shard.fetch_stats.memory_bytes.get() + b.len() as u64);
+                    parts.push(OutPart::Inline(b));
+                }
+                RecordsPart::File { file, position, len } => {
+                    shard.fetch_stats.file_bytes.set(shard.fetch_stats.file_bytes.get() + len);
+                    parts.push(OutPart::File { file, position, len });
+                }
+            }
+        }
+    }
+    parts.extend(inline.map(OutPart::Inline));
+    Outgoing::Parts(parts)
+}
+
+async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Collected {
     let image = shard.image();
-    let mut total = 0usize;
-    let mut any_error = false;
-    let mut topics = Vec::with_capacity(req.topics.len());
+    let mut c =
+        Collected { topics: Vec::with_capacity(req.topics.len()), records: Vec::new(), bytes: 0, any_error: false };
     for t in &req.topics {
         let name: &str = &t.topic.0;
-        let mut parts = Vec::with_capacity(t.partitions.len());
+        let mut partitions = Vec::with_capacity(t.partitions.len());
         for p in &t.partitions {
-            let mut out = PartitionData::default().with_partition_index(p.partition).with_records(Some(Bytes::new()));
+            let mut header = PartitionHeader {
+                partition_index: p.partition,
+                high_watermark: -1,
+                last_stable_offset: -1,
+                log_start_offset: -1,
+                ..Default::default()
+            };
             let code = match image.owner(name, p.partition) {
                 None => Some(ErrorCode::UnknownTopicOrPartition),
                 Some(owner) if owner != shard.id => Some(ErrorCode::NotLeaderOrFollower),
@@ -61,62 +103,51 @@ async fn collect(
             };
             let log = if code.is_none() { shard.log(name, p.partition) } else { None };
             let Some(log) = log else {
-                any_error = true;
-                parts.push(
-                    out.with_error_code(code.unwrap_or(ErrorCode::LeaderNotAvailable).code()).with_high_watermark(-1),
-                );
+                c.any_error = true;
+                header.error_code = code.unwrap_or(ErrorCode::LeaderNotAvailable).code();
+                partitions.push(header);
+                c.records.push(Vec::new());
                 continue;
             };
             let (hw, leo, start) = {
                 let l = log.borrow();
                 (l.high_watermark, l.log_end_offset(), l.log_start_offset)
             };
-            out = out.with_high_watermark(hw.0).with_last_stable_offset(hw.0);
-            if version >= 5 {
-                out = out.with_log_start_offset(start.0);
-            }
-            let offset = tidelog_protocol::Offset(p.fetch_offset);
+            header.high_watermark = hw.0;
+            header.last_stable_offset = hw.0;
+            header.log_start_offset = start.0;
+            let offset = Offset(p.fetch_offset);
             if offset < start || offset > leo {
                 log::info!("fetch {name}-{}: offset {} out of range [{}, {}]", p.partition, offset.0, start.0, leo.0);
-                any_error = true;
-                parts.push(out.with_error_code(ErrorCode::OffsetOutOfRange.code()));
+                c.any_error = true;
+                header.error_code = ErrorCode::OffsetOutOfRange.code();
+                partitions.push(header);
+                c.records.push(Vec::new());
                 continue;
             }
-            let budget = (p.partition_max_bytes.max(0) as usize).min(max_bytes.saturating_sub(total));
-            let at_least_one = total == 0;
-            if budget == 0 && !at_least_one {
-                parts.push(out);
-                continue;
-            }
-            match partition::read(&log, offset, budget, at_least_one).await {
+            let budget = (p.partition_max_bytes.max(0) as usize).min(max_bytes.saturating_sub(c.bytes));
+            let at_least_one = c.bytes == 0;
+            let read = if budget == 0 && !at_least_one {
+                Ok(partition::FetchRead::default())
+            } else {
+                partition::read_for_fetch(&log, offset, budget, at_least_one).await
+            };
+            match read {
                 Ok(r) => {
-                    total += r.bytes;
-                    let records = match r.chunks.len() {
-                        0 => Bytes::new(),
-                        1 => r.chunks.into_iter().next().unwrap_or_default(),
-                        _ => {
-                            let mut b = BytesMut::with_capacity(r.bytes);
-                            for c in &r.chunks {
-                                b.extend_from_slice(c);
-                            }
-                            b.freeze()
-                        }
-                    };
-                    parts.push(out.with_records(Some(records)));
+                    c.bytes += r.bytes;
+                    header.records_bytes = r.bytes;
+                    c.records.push(r.parts);
                 }
                 Err(e) => {
                     log::error!("fetch {name}-{} at offset {}: read failed: {e}", p.partition, offset.0);
-                    any_error = true;
-                    parts.push(out.with_error_code(ErrorCode::KafkaStorageError.code()));
+                    c.any_error = true;
+                    header.error_code = ErrorCode::KafkaStorageError.code();
+                    c.records.push(Vec::new());
                 }
             }
+            partitions.push(header);
         }
-        topics.push(
-            FetchableTopicResponse::default()
-                .with_topic(t.topic.clone())
-                .with_topic_id(t.topic_id)
-                .with_partitions(parts),
-        );
+        c.topics.push(TopicHeader { name: name.to_string(), partitions });
     }
-    (FetchResponse::default().with_session_id(0).with_responses(topics), total, any_error)
+    c
 }

@@ -23,7 +23,22 @@ use crate::shard::Shard;
 
 /// An encoded response frame, `None` for no response (acks=0), or an error
 /// that closes the connection.
-pub type Response = Result<Option<BytesMut>, String>;
+pub type Response = Result<Option<Outgoing>, String>;
+
+/// A response ready to send.
+pub enum Outgoing {
+    /// A whole frame in one buffer.
+    Frame(BytesMut),
+    /// A Fetch response: inline header pieces interleaved with record data
+    /// from memory or from segment files (see `fetch`).
+    Parts(Vec<OutPart>),
+}
+
+/// One piece of an `Outgoing::Parts` response.
+pub enum OutPart {
+    Inline(Bytes),
+    File { file: Rc<std::fs::File>, position: u64, len: u64 },
+}
 pub type Pending = Pin<Box<dyn Future<Output = Response>>>;
 
 /// Why a request closes its connection instead of getting a response.
@@ -32,7 +47,7 @@ pub struct Reject(pub String);
 
 pub fn encode<M: Encodable>(key: ApiKey, version: i16, correlation_id: i32, body: &M) -> Response {
     encode_response(key, version, correlation_id, body, version)
-        .map(Some)
+        .map(|b| Some(Outgoing::Frame(b)))
         .map_err(|e| format!("cannot encode {key:?} v{version} response: {e}"))
 }
 
@@ -56,7 +71,9 @@ pub fn dispatch(shard: &Rc<Shard>, key: ApiKey, header: &RequestHeader, mut body
         if key == ApiKey::ApiVersions {
             // KIP-511: answer in v0 so the client can retry with a version we know.
             let resp = api::api_versions_unsupported_response();
-            return Ok(ready(encode_response(key, 0, cid, &resp, 0).map(Some).map_err(|e| e.to_string())));
+            return Ok(ready(
+                encode_response(key, 0, cid, &resp, 0).map(|b| Some(Outgoing::Frame(b))).map_err(|e| e.to_string()),
+            ));
         }
         return Err(Reject(match api::supported(key as i16) {
             Some(s) => {

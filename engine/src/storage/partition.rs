@@ -434,6 +434,126 @@ pub async fn read(log: &SharedLog, offset: Offset, max_bytes: usize, at_least_on
     Ok(ReadResult { chunks: vec![out.freeze()], bytes: taken })
 }
 
+/// A piece of a partition's records in a Fetch response.
+pub enum RecordsPart {
+    /// Batches held in memory (the recent-batch cache): sent as `Bytes`.
+    Memory(Bytes),
+    /// A region of a segment file: sent with sendfile, never read by us.
+    File { file: Rc<std::fs::File>, position: u64, len: u64 },
+}
+
+impl RecordsPart {
+    pub fn len(&self) -> usize {
+        match self {
+            RecordsPart::Memory(b) => b.len(),
+            RecordsPart::File { len, .. } => *len as usize,
+        }
+    }
+}
+
+/// What a Fetch sends for one partition.
+#[derive(Default)]
+pub struct FetchRead {
+    pub parts: Vec<RecordsPart>,
+    pub bytes: usize,
+}
+
+/// Bytes read to find the first batch of a cold fetch (headers only matter).
+const LOCATE_WINDOW_BYTES: usize = 16 << 10;
+
+/// Plans the records for a Fetch from `offset`, as Kafka does it: from the
+/// recent-batch cache as whole batches when it holds `offset`; otherwise as one
+/// region of one segment file starting at the batch that contains `offset`
+/// and running for up to `max_bytes` (so the last batch may be cut short, which
+/// clients discard), or for the whole first batch when `at_least_one` and it
+/// is larger (KIP-74). Only durable data is ever returned. Only batch headers
+/// near the start are read (through O_DIRECT) to find the start; the record
+/// data itself never enters user space.
+pub async fn read_for_fetch(
+    log: &SharedLog,
+    offset: Offset,
+    max_bytes: usize,
+    at_least_one: bool,
+) -> io::Result<FetchRead> {
+    let mut offset = offset;
+    loop {
+        let (dma, reader, path, base, mut pos, limit, next_base) = {
+            let l = log.borrow();
+            if offset >= l.high_watermark || offset < l.log_start_offset {
+                return Ok(FetchRead::default());
+            }
+            if let Some(r) = l.read_cached(offset, max_bytes, at_least_one) {
+                return Ok(FetchRead {
+                    bytes: r.bytes,
+                    parts: r.chunks.into_iter().map(RecordsPart::Memory).collect(),
+                });
+            }
+            let i = l.segments.partition_point(|s| s.base_offset <= offset).saturating_sub(1);
+            let seg = &l.segments[i];
+            let Some(dma) = seg.file.clone() else { return Ok(FetchRead::default()) };
+            (
+                dma,
+                seg.reader.clone(),
+                seg.path.clone(),
+                seg.base_offset,
+                seg.index.position_for(seg.base_offset, offset),
+                seg.durable_bytes,
+                l.segments.get(i + 1).map(|s| s.base_offset),
+            )
+        };
+        // Find the first batch whose last offset reaches `offset`.
+        let mut found: Option<(u64, usize)> = None;
+        'scan: while pos + BATCH_HEADER_BYTES as u64 <= limit {
+            let want = LOCATE_WINDOW_BYTES.min((limit - pos) as usize);
+            let window = dma.read_at(pos, want).await.map_err(io::Error::from)?;
+            let mut at = 0usize;
+            while at + BATCH_HEADER_BYTES <= window.len() {
+                let Ok(h) = BatchHeader::parse(&window[at..]) else { break 'scan };
+                if h.last_offset() >= offset {
+                    found = Some((pos + at as u64, h.size_bytes()));
+                    break 'scan;
+                }
+                at += h.size_bytes();
+            }
+            if at == 0 {
+                break;
+            }
+            pos += at as u64;
+        }
+        let Some((start, first_size)) = found else {
+            // Nothing at or after `offset` in this segment: the next one has it.
+            match next_base {
+                Some(next) if next > offset => {
+                    offset = next;
+                    continue;
+                }
+                _ => return Ok(FetchRead::default()),
+            }
+        };
+        if !at_least_one && first_size > max_bytes {
+            return Ok(FetchRead::default());
+        }
+        let wanted = if at_least_one { max_bytes.max(first_size) } else { max_bytes } as u64;
+        let len = wanted.min(limit - start);
+        let reader = match reader {
+            Some(r) => r,
+            None => {
+                let p = path.clone();
+                let f = Rc::new(glommio::executor().spawn_blocking(move || std::fs::File::open(p)).await?);
+                let mut l = log.borrow_mut();
+                if let Some(s) = l.segments.iter_mut().find(|s| s.base_offset == base) {
+                    s.reader = Some(f.clone());
+                }
+                f
+            }
+        };
+        return Ok(FetchRead {
+            bytes: len as usize,
+            parts: vec![RecordsPart::File { file: reader, position: start, len }],
+        });
+    }
+}
+
 /// ListOffsets by timestamp: the first offset whose record timestamp is
 /// >= `timestamp_ms`, with that timestamp; `None` when there is none.
 pub async fn offset_for_timestamp(log: &SharedLog, timestamp_ms: i64) -> io::Result<Option<(Offset, i64)>> {
@@ -489,6 +609,91 @@ fn first_record_at_or_after(b: &[u8], target_ms: i64) -> Option<(Offset, i64)> {
         at = body_start + len as usize;
     }
     None
+}
+
+/// Lifecycle operations (log start offset, deleting old segments, stats),
+/// used by DeleteRecords, retention and metrics.
+impl PartitionLog {
+    /// Size and memory figures for metrics and DescribeLogDirs.
+    pub fn stats(&self) -> LogStats {
+        LogStats {
+            segments: self.segments.len() as u64,
+            bytes: self.segments.iter().map(|s| s.end_bytes).sum(),
+            cache_bytes: self.cache_bytes as u64,
+            pending_bytes: self.pending_bytes(),
+        }
+    }
+
+    /// Bytes appended and not yet handed to the flusher's writes.
+    pub fn pending_bytes(&self) -> u64 {
+        self.segments.iter().flat_map(|s| s.pending.iter()).map(|p| p.bytes.len() as u64).sum()
+    }
+
+    /// What retention and DeleteRecords may look at: every segment but the
+    /// active one, oldest first, as (base offset, bytes, max timestamp, sealed).
+    pub fn inactive_segments(&self) -> Vec<SegmentInfo> {
+        let n = self.segments.len().saturating_sub(1);
+        self.segments[..n]
+            .iter()
+            .map(|s| SegmentInfo {
+                base_offset: s.base_offset,
+                next_offset: s.next_offset,
+                bytes: s.end_bytes,
+                max_timestamp_ms: s.max_timestamp_ms,
+                sealed: s.sealed,
+            })
+            .collect()
+    }
+
+    /// Moves the log start offset forward (never back, never past the high
+    /// watermark) and drops cached batches wholly below it.
+    pub fn advance_log_start(&mut self, offset: Offset) -> Offset {
+        let to = offset.min(self.high_watermark);
+        if to > self.log_start_offset {
+            self.log_start_offset = to;
+            while self.cache.front().is_some_and(|b| b.last_offset < to) {
+                if let Some(old) = self.cache.pop_front() {
+                    self.cache_bytes -= old.bytes.len();
+                }
+            }
+        }
+        self.log_start_offset
+    }
+
+    /// Removes the leading sealed segments that end at or below `offset` (the
+    /// active segment is never removed) and returns their paths, for the
+    /// caller to delete off the shard thread.
+    pub fn remove_segments_below(&mut self, offset: Offset) -> Vec<(PathBuf, u64)> {
+        let mut out = Vec::new();
+        while self.segments.len() > 1 {
+            let s = &self.segments[0];
+            if !(s.sealed && s.next_offset <= offset) {
+                break;
+            }
+            let s = self.segments.remove(0);
+            out.push((s.path.clone(), s.end_bytes));
+        }
+        out
+    }
+}
+
+/// Sizes of one partition log.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogStats {
+    pub segments: u64,
+    pub bytes: u64,
+    pub cache_bytes: u64,
+    pub pending_bytes: u64,
+}
+
+/// An inactive segment as retention sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub base_offset: Offset,
+    pub next_offset: Offset,
+    pub bytes: u64,
+    pub max_timestamp_ms: i64,
+    pub sealed: bool,
 }
 
 #[cfg(test)]

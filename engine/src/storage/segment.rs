@@ -69,6 +69,8 @@ pub struct Segment {
     pub base_offset: Offset,
     pub path: PathBuf,
     pub file: Option<Rc<DmaFile>>,
+    /// A buffered read-only fd for zero-copy (sendfile) fetches, opened on first use.
+    pub reader: Option<Rc<std::fs::File>>,
     /// Bytes appended, durable or not.
     pub end_bytes: u64,
     pub durable_bytes: u64,
@@ -119,6 +121,7 @@ impl Segment {
             base_offset,
             path: log_path(dir, base_offset),
             file: None,
+            reader: None,
             end_bytes: 0,
             durable_bytes: 0,
             next_offset: base_offset,

@@ -52,6 +52,7 @@ def expect_closed(conn, what):
 
 def expect_log(broker, since, pattern, what):
     line = broker.wait_log(pattern, since=since, timeout=10)
+    print("%s -> broker log: %s" % (what, line))
     assert line is not None, "%s: no broker log line matching %r; log since:\n%s" % (what, pattern, broker.log_since(since)[-3000:])
     return line
 

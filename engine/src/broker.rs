@@ -141,7 +141,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
         let builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{i}"))
             .io_memory(config.io_memory_bytes)
-            .blocking_thread_pool_placement(PoolPlacement::Unbound(1));
+            .blocking_thread_pool_placement(PoolPlacement::Unbound(config.fetch_sendfile_threads));
         let spawned = builder.spawn(move || async move {
             let (Some(to_ctrl), Some(from_ctrl)) = (to_ctrl, from_ctrl) else { return };
             // `connect` waits for the other end, so every endpoint of this
@@ -156,7 +156,19 @@ pub fn run(mut config: Config) -> Result<(), String> {
                 futures::join!(to_ctrl.connect(), from_ctrl.connect(), controller_ends);
             if let Some((receivers, senders)) = controller_ends {
                 let controller = Controller::new(config.clone(), image.clone(), senders);
-                glommio::spawn_local(controller.run(receivers)).detach();
+                glommio::spawn_local(controller.clone().run(receivers)).detach();
+                if let Some(addr) = config.metrics_addr {
+                    match glommio::net::TcpListener::bind(addr) {
+                        Ok(l) => {
+                            log::info!("metrics: serving /metrics and /health on http://{addr}");
+                            glommio::spawn_local(crate::http::serve(l, controller, std::time::Instant::now())).detach();
+                        }
+                        Err(e) => log::error!(
+                            "metrics: cannot listen on {addr}: {e}; running without /metrics and /health \
+                             (change metrics.listeners, or set it empty to disable)"
+                        ),
+                    }
+                }
             }
             if let Err(e) = crate::storage::prime_io_probe(&config.log_dir).await {
                 let _ =
@@ -168,7 +180,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
             shard.apply_image(image).await;
             glommio::spawn_local(shard.clone().run_flusher()).detach();
             glommio::spawn_local(shard.clone().run_follower(from_ctrl)).detach();
-            let listener = match glommio::net::TcpListener::bind(listen) {
+            let listener = match bind_exclusive(listen) {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = ready.send(Err(format!(
@@ -228,4 +240,15 @@ pub fn run(mut config: Config) -> Result<(), String> {
     drop(lock);
     log::info!("tidelog stopped");
     Ok(())
+}
+
+/// Binds `addr` without SO_REUSEPORT. glommio's own `TcpListener::bind` sets
+/// SO_REUSEPORT, which lets a second broker (or anything else) bind the same
+/// port and silently receive a share of the connections; a plain bind fails
+/// with "address in use" instead.
+fn bind_exclusive(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+    use std::os::unix::io::{FromRawFd, IntoRawFd};
+    let std_listener = std::net::TcpListener::bind(addr)?;
+    // SAFETY: the fd is a bound, listening TCP socket whose ownership moves here.
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(std_listener.into_raw_fd()) })
 }

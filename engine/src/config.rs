@@ -35,11 +35,32 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "socket.request.max.bytes", default: "104857600", doc: "Largest request frame; a larger length prefix closes the connection before anything is allocated." },
     Setting { name: "max.connections", default: "10000", doc: "Connections accepted per shard; more are closed at accept with a log line." },
     Setting { name: "max.inflight.requests.per.connection", default: "64", doc: "Requests read ahead of their responses on one connection; the reader waits (back-pressure) beyond this." },
-    Setting { name: "fetch.max.wait.ms.max", default: "30000", doc: "Upper bound on a Fetch's max_wait_ms." },
+        Setting {
+        name: "fetch.cache.max.bytes",
+        default: "0",
+        doc: "Recent durable batches kept in memory per shard for tail fetches (oldest evicted first). 0 = 1/8 of memory per shard, at most 1 GiB.",
+    },
+    Setting {
+        name: "fetch.sendfile.threads",
+        default: "4",
+        doc: "Blocking-pool threads per shard that send cold segment data with sendfile, so a page-cache miss never stalls a shard.",
+    },
+Setting { name: "fetch.max.wait.ms.max", default: "30000", doc: "Upper bound on a Fetch's max_wait_ms." },
     Setting { name: "flush.write.bytes.max", default: "1048576", doc: "Largest single O_DIRECT write the accumulator issues (overridden by io-properties best_write_block_bytes)." },
     Setting { name: "io.properties.file", default: "", doc: "io-properties.json written by `tidelog-tune iotune`. Empty: <log.dirs>/io-properties.json if present." },
     Setting { name: "io.memory.bytes", default: "2097152", doc: "Locked DMA memory per shard for glommio (min 524288). RLIMIT_MEMLOCK must cover num.shards x (this + 512 KiB)." },
     Setting { name: "log.level", default: "info", doc: "Log level: error, warn, info, debug, trace (RUST_LOG overrides)." },
+    Setting { name: "metrics.listeners", default: "127.0.0.1:9644", doc: "host:port of the HTTP endpoint serving /metrics (Prometheus text) and /health, on shard 0. Empty disables it. If the port cannot be bound the broker logs an error and runs without it." },
+    Setting { name: "log.retention.ms", default: "604800000", doc: "Default retention.ms: delete sealed segments whose newest record is older than this. -1 = keep forever." },
+    Setting { name: "log.retention.bytes", default: "-1", doc: "Default retention.bytes: delete the oldest sealed segments while a partition is larger than this. -1 = no size limit." },
+    Setting { name: "log.cleanup.policy", default: "delete", doc: "Default cleanup.policy: delete, compact, or compact,delete." },
+    Setting { name: "log.message.timestamp.type", default: "CreateTime", doc: "Default message.timestamp.type: CreateTime (producer's) or LogAppendTime (broker's clock at append)." },
+    Setting { name: "log.retention.check.interval.ms", default: "300000", doc: "How often each shard's retention task looks for segments to delete." },
+    Setting { name: "log.retention.segments.per.check.max", default: "256", doc: "Pace of retention: segments a shard deletes per check at most; the rest wait for the next check." },
+    Setting { name: "log.cleaner.backoff.ms", default: "15000", doc: "How often each shard's compaction task looks for compact topics with sealed segments to clean." },
+    Setting { name: "log.cleaner.io.max.bytes.per.second", default: "104857600", doc: "Pace of compaction: bytes a shard's cleaner reads and writes per second at most." },
+    Setting { name: "log.cleaner.delete.retention.ms", default: "86400000", doc: "Default delete.retention.ms: how long compaction keeps tombstones." },
+    Setting { name: "log.cleaner.min.compaction.lag.ms", default: "0", doc: "Default min.compaction.lag.ms: records younger than this are never compacted." },
 ];
 
 /// A parse or validation failure, with what to do about it.
@@ -72,10 +93,18 @@ pub struct Config {
     pub max_connections: usize,
     pub max_inflight_requests: usize,
     pub fetch_max_wait_ms_max: u64,
+    pub fetch_cache_max_bytes: usize,
+    pub fetch_sendfile_threads: usize,
     pub flush_write_bytes_max: usize,
     pub io_properties_file: Option<PathBuf>,
     pub io_memory_bytes: usize,
     pub log_level: String,
+    /// `metrics.listeners`; `None` when disabled.
+    pub metrics_addr: Option<SocketAddr>,
+    pub retention_check_interval_ms: u64,
+    pub retention_segments_per_check_max: usize,
+    pub cleaner_backoff_ms: u64,
+    pub cleaner_io_max_bytes_per_second: u64,
     /// Every setting's final value and where it came from, for DescribeConfigs.
     pub values: BTreeMap<&'static str, (String, Source)>,
 }
@@ -245,6 +274,20 @@ pub fn parse_listener(name: &str, raw: &str) -> Result<(String, u16), ConfigErro
     Ok((host.to_string(), port))
 }
 
+/// `metrics.listeners`: empty disables; `host:port` or `http://host:port`.
+fn parse_metrics_addr(raw: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    let addr = raw.strip_prefix("http://").unwrap_or(raw).trim_end_matches('/');
+    std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .ok()
+        .and_then(|mut a| a.next())
+        .map(Some)
+        .ok_or_else(|| ConfigError(format!("metrics.listeners={raw:?}: expected host:port, or empty to disable")))
+}
+
 impl Config {
     fn from_values(values: BTreeMap<&'static str, (String, Source)>) -> Result<Config, ConfigError> {
         let (host, port) = parse_listener("listeners", get(&values, "listeners"))?;
@@ -287,10 +330,17 @@ impl Config {
             max_connections: num(&values, "max.connections", 1usize, 1 << 20)?,
             max_inflight_requests: num(&values, "max.inflight.requests.per.connection", 1usize, 4096)?,
             fetch_max_wait_ms_max: num(&values, "fetch.max.wait.ms.max", 0u64, 3_600_000)?,
+            fetch_cache_max_bytes: num(&values, "fetch.cache.max.bytes", 0usize, 1 << 40)?,
+            fetch_sendfile_threads: num(&values, "fetch.sendfile.threads", 1usize, 256)?,
             flush_write_bytes_max: num(&values, "flush.write.bytes.max", 4096usize, 64 << 20)?,
             io_properties_file: if io_properties.is_empty() { None } else { Some(PathBuf::from(io_properties)) },
             io_memory_bytes: num(&values, "io.memory.bytes", 512 * 1024usize, 1 << 30)?,
             log_level: get(&values, "log.level").to_string(),
+            metrics_addr: parse_metrics_addr(get(&values, "metrics.listeners"))?,
+            retention_check_interval_ms: num(&values, "log.retention.check.interval.ms", 1u64, 86_400_000)?,
+            retention_segments_per_check_max: num(&values, "log.retention.segments.per.check.max", 1usize, 1 << 20)?,
+            cleaner_backoff_ms: num(&values, "log.cleaner.backoff.ms", 1u64, 86_400_000)?,
+            cleaner_io_max_bytes_per_second: num(&values, "log.cleaner.io.max.bytes.per.second", 4096u64, 1 << 40)?,
             values,
         };
         if cfg.log_dir.as_os_str().is_empty() {

@@ -80,6 +80,8 @@ pub struct FetchStats {
 pub struct Shard {
     pub id: ShardId,
     pub fetch_stats: FetchStats,
+    /// Bound of the recent-batch cache of every log on this shard.
+    pub cache_budget: Rc<partition::CacheBudget>,
     pub num_shards: usize,
     pub config: Arc<Config>,
     pub image: RefCell<Arc<MetadataImage>>,
@@ -112,6 +114,7 @@ impl Shard {
         Rc::new(Shard {
             id,
             fetch_stats: FetchStats::default(),
+            cache_budget: partition::CacheBudget::new(cache_limit_bytes(&config, num_shards)),
             num_shards,
             config,
             image: RefCell::new(image),
@@ -164,7 +167,7 @@ impl Shard {
                 flush_write_bytes_max: c.flush_write_bytes_max,
             },
             roll_ms: get("segment.ms", c.roll_ms),
-            cache_bytes_max: 4 << 20,
+            cache_bytes_max: self.cache_budget.limit_bytes,
         }
     }
 
@@ -195,6 +198,7 @@ impl Shard {
                     .await
                 {
                     Ok(log) => {
+                        log.borrow_mut().cache_budget = Some(self.cache_budget.clone());
                         let mut logs = self.logs.borrow_mut();
                         let parts = logs.entry(t.name.clone()).or_default();
                         if parts.len() < t.owners.len() {
@@ -296,12 +300,13 @@ impl Shard {
                 let l = log.borrow();
                 self.dirty_queued.borrow_mut().remove(&(l.topic.clone(), l.partition.0));
             }
+            let me = &self;
             let results = join_all(batch.iter().map(|log| async move {
                 let bytes = log.borrow().pending_bytes();
                 let started = std::time::Instant::now();
                 let r = partition::flush(log).await;
                 if r.is_ok() && bytes > 0 {
-                    self.metrics.flushed(bytes, started.elapsed());
+                    me.metrics.flushed(bytes, started.elapsed());
                 }
                 (log, r)
             }))
@@ -529,4 +534,16 @@ impl Controller {
             notified.await;
         }
     }
+}
+
+/// `fetch.cache.max.bytes`, or 1/8 of physical memory per shard (at most 1 GiB).
+fn cache_limit_bytes(config: &Config, num_shards: usize) -> usize {
+    if config.fetch_cache_max_bytes > 0 {
+        return config.fetch_cache_max_bytes;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let memory = if pages > 0 && page > 0 { pages as usize * page as usize } else { 1 << 30 };
+    (memory / num_shards.max(1) / 8).min(1 << 30)
 }

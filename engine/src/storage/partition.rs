@@ -52,6 +52,41 @@ pub struct PartitionLog {
     cache_bytes: usize,
     /// Set while the flusher works on this log, so two flushes never overlap.
     pub flushing: bool,
+    /// The shard-wide bound on cached batches, shared by every log of a shard.
+    pub cache_budget: Option<Rc<CacheBudget>>,
+}
+
+/// The recent-batch cache bound of one shard: every log's cached batches in
+/// one FIFO, evicted oldest first once their total passes `limit_bytes`.
+pub struct CacheBudget {
+    pub limit_bytes: usize,
+    used_bytes: std::cell::Cell<usize>,
+    fifo: RefCell<VecDeque<(std::rc::Weak<RefCell<PartitionLog>>, Offset, usize)>>,
+}
+
+impl CacheBudget {
+    pub fn new(limit_bytes: usize) -> Rc<CacheBudget> {
+        Rc::new(CacheBudget { limit_bytes, used_bytes: Default::default(), fifo: Default::default() })
+    }
+
+    pub fn used_bytes(&self) -> usize {
+        self.used_bytes.get()
+    }
+
+    fn admit(&self, log: &SharedLog, batches: Vec<(Offset, usize)>) {
+        let mut fifo = self.fifo.borrow_mut();
+        for (base, len) in batches {
+            fifo.push_back((Rc::downgrade(log), base, len));
+            self.used_bytes.set(self.used_bytes.get() + len);
+        }
+        while self.used_bytes.get() > self.limit_bytes {
+            let Some((weak, base, len)) = fifo.pop_front() else { break };
+            self.used_bytes.set(self.used_bytes.get() - len);
+            if let Some(owner) = weak.upgrade() {
+                owner.borrow_mut().evict_cached(base);
+            }
+        }
+    }
 }
 
 pub type SharedLog = Rc<RefCell<PartitionLog>>;
@@ -157,6 +192,7 @@ impl PartitionLog {
             cache: VecDeque::new(),
             cache_bytes: 0,
             flushing: false,
+            cache_budget: None,
         })))
     }
 
@@ -227,7 +263,10 @@ impl PartitionLog {
         }
     }
 
-    fn cache_durable(&mut self, batches: Vec<PendingBatch>) {
+    /// Keeps newly durable batches for tail fetches; returns (base, bytes) of
+    /// each, for the shard-wide budget.
+    fn cache_durable(&mut self, batches: Vec<PendingBatch>) -> Vec<(Offset, usize)> {
+        let admitted = batches.iter().map(|b| (b.base_offset, b.bytes.len())).collect();
         for b in batches {
             self.cache_bytes += b.bytes.len();
             self.cache.push_back(CachedBatch {
@@ -240,6 +279,16 @@ impl PartitionLog {
             match self.cache.pop_front() {
                 Some(old) => self.cache_bytes -= old.bytes.len(),
                 None => break,
+            }
+        }
+        admitted
+    }
+
+    /// Drops the cached batch starting at `base` if it is still the oldest.
+    fn evict_cached(&mut self, base: Offset) {
+        if self.cache.front().is_some_and(|c| c.base_offset == base) {
+            if let Some(old) = self.cache.pop_front() {
+                self.cache_bytes -= old.bytes.len();
             }
         }
     }
@@ -327,7 +376,12 @@ pub async fn flush(log: &SharedLog) -> io::Result<()> {
             if hw > l.high_watermark {
                 l.high_watermark = hw;
             }
-            l.cache_durable(durable);
+            let admitted = l.cache_durable(durable);
+            let budget = l.cache_budget.clone();
+            drop(l);
+            if let Some(budget) = budget {
+                budget.admit(log, admitted);
+            }
             continue;
         }
         // Nothing pending: this segment only needs sealing.

@@ -56,12 +56,15 @@ pub struct PartitionLog {
     pub cache_budget: Option<Rc<CacheBudget>>,
 }
 
+/// One cached batch in the shard-wide FIFO: its log, base offset and size.
+type CacheEntry = (std::rc::Weak<RefCell<PartitionLog>>, Offset, usize);
+
 /// The recent-batch cache bound of one shard: every log's cached batches in
 /// one FIFO, evicted oldest first once their total passes `limit_bytes`.
 pub struct CacheBudget {
     pub limit_bytes: usize,
     used_bytes: std::cell::Cell<usize>,
-    fifo: RefCell<VecDeque<(std::rc::Weak<RefCell<PartitionLog>>, Offset, usize)>>,
+    fifo: RefCell<VecDeque<CacheEntry>>,
 }
 
 impl CacheBudget {
@@ -496,14 +499,6 @@ pub enum RecordsPart {
     File { file: Rc<std::fs::File>, position: u64, len: u64 },
 }
 
-impl RecordsPart {
-    pub fn len(&self) -> usize {
-        match self {
-            RecordsPart::Memory(b) => b.len(),
-            RecordsPart::File { len, .. } => *len as usize,
-        }
-    }
-}
 
 /// What a Fetch sends for one partition.
 #[derive(Default)]

@@ -198,7 +198,14 @@ pub fn run(mut config: Config) -> Result<(), String> {
             let _ = server.cancel().await;
             shard.stopping.set(true);
             shard.drain().await;
-            log::info!("shard {i}: stopped, all appended data durable");
+            let stats = &shard.fetch_stats;
+            log::info!(
+                "shard {i}: stopped, all appended data durable; fetch bytes sent: {} from memory, {} by sendfile, \
+                 {} read to locate batches",
+                stats.memory_bytes.get(),
+                stats.file_bytes.get(),
+                stats.located_bytes.get()
+            );
         });
         match spawned {
             Ok(h) => handles.push(h),

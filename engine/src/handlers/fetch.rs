@@ -134,6 +134,8 @@ async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Col
             };
             match read {
                 Ok(r) => {
+                    let stats = &shard.fetch_stats.located_bytes;
+                    stats.set(stats.get() + r.located_bytes as u64);
                     c.bytes += r.bytes;
                     header.records_bytes = r.bytes;
                     c.records.push(r.parts);

@@ -499,12 +499,13 @@ pub enum RecordsPart {
     File { file: Rc<std::fs::File>, position: u64, len: u64 },
 }
 
-
 /// What a Fetch sends for one partition.
 #[derive(Default)]
 pub struct FetchRead {
     pub parts: Vec<RecordsPart>,
     pub bytes: usize,
+    /// Bytes read through user space to find the first batch (headers).
+    pub located_bytes: usize,
 }
 
 /// Bytes read to find the first batch of a cold fetch (headers only matter).
@@ -535,6 +536,7 @@ pub async fn read_for_fetch(
                 return Ok(FetchRead {
                     bytes: r.bytes,
                     parts: r.chunks.into_iter().map(RecordsPart::Memory).collect(),
+                    located_bytes: 0,
                 });
             }
             let i = l.segments.partition_point(|s| s.base_offset <= offset).saturating_sub(1);
@@ -552,9 +554,11 @@ pub async fn read_for_fetch(
         };
         // Find the first batch whose last offset reaches `offset`.
         let mut found: Option<(u64, usize)> = None;
+        let mut located_bytes = 0usize;
         'scan: while pos + BATCH_HEADER_BYTES as u64 <= limit {
             let want = LOCATE_WINDOW_BYTES.min((limit - pos) as usize);
             let window = dma.read_at(pos, want).await.map_err(io::Error::from)?;
+            located_bytes += window.len();
             let mut at = 0usize;
             while at + BATCH_HEADER_BYTES <= window.len() {
                 let Ok(h) = BatchHeader::parse(&window[at..]) else { break 'scan };
@@ -599,6 +603,7 @@ pub async fn read_for_fetch(
         return Ok(FetchRead {
             bytes: len as usize,
             parts: vec![RecordsPart::File { file: reader, position: start, len }],
+            located_bytes,
         });
     }
 }

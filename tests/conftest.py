@@ -157,6 +157,7 @@ class Broker:
         self.proc = None
         self.expect_exit = False  # set while we stop or kill it ourselves
         self.starts = 0
+        self.start_mark = 0
         os.makedirs(self.data_dir, exist_ok=True)
 
     # -- addresses
@@ -185,6 +186,7 @@ class Broker:
         env.setdefault("RUST_BACKTRACE", "1")
         env.update(self.env)
         log = open(self.log_path, "ab")
+        self.start_mark = log.tell()
         self.starts += 1
         log.write(
             ("\n===== test harness: start #%d: %s\n" % (self.starts, " ".join(self.command()))).encode()
@@ -223,6 +225,15 @@ class Broker:
             if time.monotonic() > deadline:
                 raise BrokerError("tidelog ports %r not accepting after %ss\n%s" % (self.ports, timeout, self.log_tail()))
             time.sleep(0.1)
+        # The documented readiness line, logged once every shard listens.
+        while self.wait_log(r"tidelog ready", since=self.start_mark, timeout=0) is None:
+            if self.proc.poll() is not None:
+                raise BrokerError(
+                    "tidelog exited with %s during startup\n%s" % (self.proc.returncode, self.log_tail())
+                )
+            if time.monotonic() > deadline:
+                raise BrokerError("no 'tidelog ready' log line after %ss\n%s" % (timeout, self.log_tail()))
+            time.sleep(0.05)
         admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 3})
         last = None
         while True:

@@ -10,11 +10,14 @@ compile_error!("tidelog is Linux-only (io_uring, O_DIRECT): see linux-only.md");
 pub mod broker;
 pub mod config;
 pub mod handlers;
+pub mod http;
 pub mod metadata;
+pub mod metrics;
 pub mod notify;
 pub mod server;
 pub mod shard;
 pub mod storage;
+pub mod topic_config;
 
 /// A scratch dir for tests: `$TIDELOG_TEST_DIR` (e.g. an XFS mount) or
 /// `target/test-data`, never tmpfs (no O_DIRECT).

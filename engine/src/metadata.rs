@@ -39,6 +39,9 @@ pub struct MetadataImage {
     pub version: u64,
     pub cluster_id: String,
     pub topics: BTreeMap<String, Arc<TopicMeta>>,
+    /// Dynamic broker config defaults set with AlterConfigs (see `topic_config`).
+    #[serde(default)]
+    pub broker_configs: BTreeMap<String, String>,
 }
 
 impl MetadataImage {
@@ -55,9 +58,12 @@ impl MetadataImage {
         let mut image = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice::<MetadataImage>(&bytes)
                 .map_err(|e| format!("{} is corrupt: {e}; restore it from a backup", path.display()))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                MetadataImage { version: 0, cluster_id: new_cluster_id(), topics: BTreeMap::new() }
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => MetadataImage {
+                version: 0,
+                cluster_id: new_cluster_id(),
+                topics: BTreeMap::new(),
+                broker_configs: BTreeMap::new(),
+            },
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
         for topic in image.topics.values_mut() {

@@ -63,8 +63,20 @@ fn decode<M: Decodable>(key: ApiKey, version: i16, body: &mut Bytes) -> Result<M
     M::decode(body, version).map_err(|e| Reject(format!("malformed {key:?} v{version} request: {e}")))
 }
 
-/// Routes one request. `Err` closes the connection (after logging).
-pub fn dispatch(shard: &Rc<Shard>, key: ApiKey, header: &RequestHeader, mut body: Bytes) -> Result<Pending, Reject> {
+/// Routes one request and times it (request count and latency by API, in
+/// the shard's metrics). `Err` closes the connection (after logging).
+pub fn dispatch(shard: &Rc<Shard>, key: ApiKey, header: &RequestHeader, body: Bytes) -> Result<Pending, Reject> {
+    let started = std::time::Instant::now();
+    let pending = route(shard, key, header, body)?;
+    let shard = shard.clone();
+    Ok(Box::pin(async move {
+        let r = pending.await;
+        shard.metrics.request(key, started.elapsed());
+        r
+    }))
+}
+
+fn route(shard: &Rc<Shard>, key: ApiKey, header: &RequestHeader, mut body: Bytes) -> Result<Pending, Reject> {
     let version = header.request_api_version;
     let cid = header.correlation_id;
     if !api::is_supported(key as i16, version) {

@@ -4,10 +4,12 @@
 //! Everything here is shard-local: a partition log is owned by exactly one
 //! shard and touched only from its thread.
 
+pub mod checkpoint;
 pub mod dirfs;
 pub mod index;
 pub mod partition;
 pub mod segment;
+pub mod timestamps;
 
 /// O_DIRECT alignment. 4 KiB covers every NVMe/SATA logical block size we
 /// target (512 and 4096) on XFS and ext4.

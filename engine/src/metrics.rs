@@ -1,0 +1,511 @@
+//! Metrics: shard-local counters and histograms, the plain-data snapshot a
+//! scrape carries across cores, and its Prometheus text rendering.
+//!
+//! Every shard owns one `ShardMetrics` (inside its `Shard`): `Cell` and
+//! `RefCell` only, no atomics, touched only from the shard's thread. A scrape
+//! (see `http`) asks every shard over the controller channels for a
+//! `ShardSnapshot` (plain `Send` data, built on the shard itself), and shard 0
+//! renders them all. Nothing on the hot path waits for a scrape.
+//!
+//! Names follow Prometheus conventions: `tidelog_` prefix, unit last
+//! (`_bytes`, `_seconds`), counters end in `_total`, histograms are
+//! cumulative `_bucket{le=..}` plus `_sum` and `_count`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use tidelog_protocol::batch::{BatchHeader, BATCH_HEADER_BYTES};
+use tidelog_protocol::messages::ApiKey;
+
+/// Upper bounds (seconds) of the latency histogram buckets; `+Inf` is implied.
+pub const LATENCY_BUCKETS_S: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// A fixed-bucket histogram of seconds (non-cumulative counts; the last slot
+/// is `+Inf`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Histogram {
+    pub counts: Vec<u64>,
+    pub sum_s: f64,
+    pub count: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram { counts: vec![0; LATENCY_BUCKETS_S.len() + 1], sum_s: 0.0, count: 0 }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = LATENCY_BUCKETS_S.partition_point(|b| *b < s);
+        self.counts[i] += 1;
+        self.sum_s += s;
+        self.count += 1;
+    }
+
+    fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.sum_s += other.sum_s;
+        self.count += other.count;
+    }
+}
+
+/// Traffic counters of one partition.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PartitionCounters {
+    pub produce_bytes: u64,
+    pub produce_records: u64,
+    pub fetch_bytes: u64,
+    pub fetch_records: u64,
+}
+
+/// Work done by the log cleaners (retention and compaction) on one shard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CleanerCounters {
+    pub retention_segments_deleted: u64,
+    pub retention_bytes_deleted: u64,
+    pub delete_records_segments_deleted: u64,
+    pub compaction_runs: u64,
+    pub compaction_records_removed: u64,
+    pub compaction_bytes_reclaimed: u64,
+}
+
+/// One shard's live metrics. Shard-local.
+#[derive(Default)]
+pub struct ShardMetrics {
+    requests: RefCell<BTreeMap<i16, Histogram>>,
+    errors: RefCell<BTreeMap<(i16, i16), u64>>,
+    partitions: RefCell<HashMap<String, Vec<PartitionCounters>>>,
+    flushes: Cell<u64>,
+    flush_bytes: Cell<u64>,
+    flush_latency: RefCell<Histogram>,
+    pub cleaner: Cell<CleanerCounters>,
+}
+
+impl ShardMetrics {
+    /// A finished request of `api` that took `elapsed`.
+    pub fn request(&self, api: ApiKey, elapsed: Duration) {
+        self.requests.borrow_mut().entry(api as i16).or_default().observe(elapsed);
+    }
+
+    /// A Kafka error code answered for `api` (per partition or resource).
+    pub fn error(&self, api: ApiKey, code: i16) {
+        if code != 0 {
+            *self.errors.borrow_mut().entry((api as i16, code)).or_default() += 1;
+        }
+    }
+
+    fn with_partition(&self, topic: &str, partition: i32, f: impl FnOnce(&mut PartitionCounters)) {
+        let Ok(p) = usize::try_from(partition) else { return };
+        let mut map = self.partitions.borrow_mut();
+        let parts = match map.get_mut(topic) {
+            Some(v) => v,
+            None => map.entry(topic.to_string()).or_default(),
+        };
+        if parts.len() <= p {
+            parts.resize(p + 1, PartitionCounters::default());
+        }
+        f(&mut parts[p]);
+    }
+
+    /// Record batches appended by a produce.
+    pub fn produced(&self, topic: &str, partition: i32, bytes: u64, records: u64) {
+        self.with_partition(topic, partition, |c| {
+            c.produce_bytes += bytes;
+            c.produce_records += records;
+        });
+    }
+
+    /// Record data sent by a fetch.
+    pub fn fetched(&self, topic: &str, partition: i32, bytes: u64, records: u64) {
+        self.with_partition(topic, partition, |c| {
+            c.fetch_bytes += bytes;
+            c.fetch_records += records;
+        });
+    }
+
+    /// One log's group-commit flush: bytes written and how long write+fdatasync took.
+    pub fn flushed(&self, bytes: u64, elapsed: Duration) {
+        self.flushes.set(self.flushes.get() + 1);
+        self.flush_bytes.set(self.flush_bytes.get() + bytes);
+        self.flush_latency.borrow_mut().observe(elapsed);
+    }
+
+    pub fn cleaner_add(&self, f: impl FnOnce(&mut CleanerCounters)) {
+        let mut c = self.cleaner.get();
+        f(&mut c);
+        self.cleaner.set(c);
+    }
+
+    /// Forgets counters of a deleted topic.
+    pub fn forget_topic(&self, topic: &str) {
+        self.partitions.borrow_mut().remove(topic);
+    }
+
+    /// The counter part of a snapshot; gauges are filled in by the shard.
+    pub fn snapshot(&self, shard: u32) -> ShardSnapshot {
+        let counters = self.partitions.borrow();
+        ShardSnapshot {
+            shard,
+            requests: self.requests.borrow().iter().map(|(k, h)| (*k, h.clone())).collect(),
+            errors: self.errors.borrow().iter().map(|(k, n)| (k.0, k.1, *n)).collect(),
+            partitions: counters
+                .iter()
+                .flat_map(|(t, parts)| {
+                    parts.iter().enumerate().map(move |(p, c)| PartitionSnapshot {
+                        topic: t.clone(),
+                        partition: p as i32,
+                        counters: *c,
+                        ..Default::default()
+                    })
+                })
+                .collect(),
+            flushes: self.flushes.get(),
+            flush_bytes: self.flush_bytes.get(),
+            flush_latency: self.flush_latency.borrow().clone(),
+            cleaner: self.cleaner.get(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Gauges and counters of one partition at scrape time.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PartitionSnapshot {
+    pub topic: String,
+    pub partition: i32,
+    pub counters: PartitionCounters,
+    /// False for a partition that only has counters (not owned any more).
+    pub open: bool,
+    pub high_watermark: i64,
+    pub log_start_offset: i64,
+    pub log_end_offset: i64,
+    pub segments: u64,
+    pub segment_bytes: u64,
+}
+
+/// Everything one shard reports to a scrape. Plain data: crosses cores.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ShardSnapshot {
+    pub shard: u32,
+    pub requests: Vec<(i16, Histogram)>,
+    pub errors: Vec<(i16, i16, u64)>,
+    pub partitions: Vec<PartitionSnapshot>,
+    pub flushes: u64,
+    pub flush_bytes: u64,
+    pub flush_latency: Histogram,
+    pub cleaner: CleanerCounters,
+    pub connections: u64,
+    /// Bytes held by this shard's logs in memory (recent-batch caches and
+    /// appends waiting for the flusher).
+    pub memory_bytes: u64,
+}
+
+impl ShardSnapshot {
+    /// Merges log gauges into the partition list (adding logs without traffic yet).
+    pub fn set_partition_gauges(&mut self, g: PartitionSnapshot) {
+        match self.partitions.iter_mut().find(|p| p.topic == g.topic && p.partition == g.partition) {
+            Some(p) => {
+                let counters = p.counters;
+                *p = PartitionSnapshot { counters, open: true, ..g };
+            }
+            None => self.partitions.push(PartitionSnapshot { open: true, ..g }),
+        }
+    }
+}
+
+/// Records and bytes in whole batches of `data` (a fetch's record set; a
+/// trailing partial batch, which clients discard, is not counted).
+pub fn count_batches(data: &[u8]) -> (u64, u64) {
+    let (mut records, mut bytes, mut at) = (0u64, 0u64, 0usize);
+    while at + BATCH_HEADER_BYTES <= data.len() {
+        let Ok(h) = BatchHeader::parse(&data[at..]) else { break };
+        let size = h.size_bytes();
+        if at + size > data.len() {
+            break;
+        }
+        records += h.record_count().max(0) as u64;
+        bytes += size as u64;
+        at += size;
+    }
+    (records, bytes)
+}
+
+fn api_name(key: i16) -> String {
+    ApiKey::try_from(key).map(|k| format!("{k:?}")).unwrap_or_else(|_| key.to_string())
+}
+
+/// Escapes a label value (`\`, `"`, newline).
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
+    let mut cumulative = 0u64;
+    for (i, le) in LATENCY_BUCKETS_S.iter().enumerate() {
+        cumulative += h.counts[i];
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+    }
+    cumulative += h.counts[LATENCY_BUCKETS_S.len()];
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum_s);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+}
+
+/// Process-wide numbers that do not belong to a shard.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcessInfo {
+    pub resident_memory_bytes: u64,
+    pub uptime_s: f64,
+}
+
+/// Resident set size from /proc/self/statm (0 if unreadable).
+pub fn resident_memory_bytes() -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/statm") else { return 0 };
+    let pages: u64 = s.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(0) as u64
+}
+
+/// Renders every shard's snapshot in the Prometheus text format (0.0.4).
+pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
+    let mut out = String::with_capacity(16 << 10);
+    let shard_label = |s: &ShardSnapshot| format!("shard=\"{}\"", s.shard);
+
+    header(&mut out, "tidelog_requests_total", "counter", "Requests answered, by shard and API.");
+    for s in shards {
+        for (api, h) in &s.requests {
+            let _ =
+                writeln!(out, "tidelog_requests_total{{{},api=\"{}\"}} {}", shard_label(s), api_name(*api), h.count);
+        }
+    }
+    header(&mut out, "tidelog_request_errors_total", "counter", "Kafka error codes answered, by shard, API and error.");
+    for s in shards {
+        for (api, code, n) in &s.errors {
+            let _ = writeln!(
+                out,
+                "tidelog_request_errors_total{{{},api=\"{}\",code=\"{code}\"}} {n}",
+                shard_label(s),
+                api_name(*api)
+            );
+        }
+    }
+    header(
+        &mut out,
+        "tidelog_request_latency_seconds",
+        "histogram",
+        "Time from decoding a request to its encoded response (includes durability and long-poll waits), by API.",
+    );
+    let mut by_api: BTreeMap<i16, Histogram> = BTreeMap::new();
+    for s in shards {
+        for (api, h) in &s.requests {
+            by_api.entry(*api).or_default().merge(h);
+        }
+    }
+    for (api, h) in &by_api {
+        histogram(&mut out, "tidelog_request_latency_seconds", &format!("api=\"{}\"", api_name(*api)), h);
+    }
+
+    type Get = fn(&PartitionSnapshot) -> u64;
+    let partition_counters: [(&str, &str, Get); 4] = [
+        ("tidelog_produce_bytes_total", "Record batch bytes appended by Produce.", |p| p.counters.produce_bytes),
+        ("tidelog_produce_records_total", "Records appended by Produce.", |p| p.counters.produce_records),
+        ("tidelog_fetch_bytes_total", "Record batch bytes sent by Fetch (whole batches).", |p| p.counters.fetch_bytes),
+        ("tidelog_fetch_records_total", "Records sent by Fetch (whole batches).", |p| p.counters.fetch_records),
+    ];
+    for (name, help, get) in partition_counters {
+        header(&mut out, name, "counter", help);
+        for s in shards {
+            for p in &s.partitions {
+                let _ = writeln!(
+                    out,
+                    "{name}{{{},topic=\"{}\",partition=\"{}\"}} {}",
+                    shard_label(s),
+                    esc(&p.topic),
+                    p.partition,
+                    get(p)
+                );
+            }
+        }
+    }
+    type GetI = fn(&PartitionSnapshot) -> i64;
+    let partition_gauges: [(&str, &str, GetI); 5] = [
+        ("tidelog_high_watermark", "High watermark (next offset visible to consumers).", |p| p.high_watermark),
+        ("tidelog_log_start_offset", "First offset of the log.", |p| p.log_start_offset),
+        ("tidelog_log_end_offset", "Next offset to be assigned.", |p| p.log_end_offset),
+        ("tidelog_log_segments", "Segment files of the partition.", |p| p.segments as i64),
+        ("tidelog_log_size_bytes", "Bytes of the partition's segments.", |p| p.segment_bytes as i64),
+    ];
+    for (name, help, get) in partition_gauges {
+        header(&mut out, name, "gauge", help);
+        for s in shards {
+            for p in s.partitions.iter().filter(|p| p.open) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{{},topic=\"{}\",partition=\"{}\"}} {}",
+                    shard_label(s),
+                    esc(&p.topic),
+                    p.partition,
+                    get(p)
+                );
+            }
+        }
+    }
+
+    header(&mut out, "tidelog_flushes_total", "counter", "Per-log group-commit flushes (writes + fdatasync).");
+    for s in shards {
+        let _ = writeln!(out, "tidelog_flushes_total{{{}}} {}", shard_label(s), s.flushes);
+    }
+    header(
+        &mut out,
+        "tidelog_flush_bytes_total",
+        "counter",
+        "Bytes of record batches made durable by the accumulator.",
+    );
+    for s in shards {
+        let _ = writeln!(out, "tidelog_flush_bytes_total{{{}}} {}", shard_label(s), s.flush_bytes);
+    }
+    header(
+        &mut out,
+        "tidelog_flush_latency_seconds",
+        "histogram",
+        "Time of one log's flush: O_DIRECT writes plus fdatasync.",
+    );
+    for s in shards {
+        histogram(&mut out, "tidelog_flush_latency_seconds", &shard_label(s), &s.flush_latency);
+    }
+
+    type GetC = fn(&CleanerCounters) -> u64;
+    let cleaner: [(&str, &str, GetC); 6] = [
+        ("tidelog_retention_segments_deleted_total", "Segments deleted by time/size retention.", |c| {
+            c.retention_segments_deleted
+        }),
+        ("tidelog_retention_bytes_deleted_total", "Bytes deleted by time/size retention.", |c| {
+            c.retention_bytes_deleted
+        }),
+        (
+            "tidelog_delete_records_segments_deleted_total",
+            "Segments deleted below a DeleteRecords log start offset.",
+            |c| c.delete_records_segments_deleted,
+        ),
+        ("tidelog_compaction_runs_total", "Segment compactions completed.", |c| c.compaction_runs),
+        ("tidelog_compaction_records_removed_total", "Records dropped by compaction.", |c| {
+            c.compaction_records_removed
+        }),
+        ("tidelog_compaction_bytes_reclaimed_total", "Bytes reclaimed by compaction.", |c| {
+            c.compaction_bytes_reclaimed
+        }),
+    ];
+    for (name, help, get) in cleaner {
+        header(&mut out, name, "counter", help);
+        for s in shards {
+            let _ = writeln!(out, "{name}{{{}}} {}", shard_label(s), get(&s.cleaner));
+        }
+    }
+
+    header(&mut out, "tidelog_connections", "gauge", "Open client connections.");
+    for s in shards {
+        let _ = writeln!(out, "tidelog_connections{{{}}} {}", shard_label(s), s.connections);
+    }
+    header(
+        &mut out,
+        "tidelog_log_memory_bytes",
+        "gauge",
+        "Record bytes held in memory by the shard's logs (tail caches and unflushed appends).",
+    );
+    for s in shards {
+        let _ = writeln!(out, "tidelog_log_memory_bytes{{{}}} {}", shard_label(s), s.memory_bytes);
+    }
+    header(&mut out, "tidelog_shards", "gauge", "Shards that answered this scrape.");
+    let _ = writeln!(out, "tidelog_shards {}", shards.len());
+    header(&mut out, "process_resident_memory_bytes", "gauge", "Resident memory of the broker process.");
+    let _ = writeln!(out, "process_resident_memory_bytes {}", process.resident_memory_bytes);
+    header(&mut out, "tidelog_uptime_seconds", "gauge", "Seconds since the broker started.");
+    let _ = writeln!(out, "tidelog_uptime_seconds {:.3}", process.uptime_s);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidelog_protocol::batch::{build_batch, ProducerFields, RecordRef};
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_complete() {
+        let m = ShardMetrics::default();
+        m.request(ApiKey::Produce, Duration::from_micros(50));
+        m.request(ApiKey::Produce, Duration::from_millis(3));
+        m.request(ApiKey::Produce, Duration::from_secs(20));
+        m.error(ApiKey::Produce, 10);
+        m.error(ApiKey::Produce, 0);
+        m.produced("t", 1, 100, 4);
+        m.produced("t", 1, 50, 1);
+        let mut snap = m.snapshot(3);
+        snap.set_partition_gauges(PartitionSnapshot {
+            topic: "t".into(),
+            partition: 1,
+            high_watermark: 5,
+            log_end_offset: 5,
+            segments: 1,
+            segment_bytes: 150,
+            ..Default::default()
+        });
+        let text = render(&[snap], ProcessInfo::default());
+        let lines: Vec<&str> = text.lines().collect();
+        let has = |l: &str| lines.iter().any(|x| *x == l);
+        assert!(has("tidelog_requests_total{shard=\"3\",api=\"Produce\"} 3"), "{text}");
+        assert!(has("tidelog_request_errors_total{shard=\"3\",api=\"Produce\",code=\"10\"} 1"), "{text}");
+        assert!(!text.contains("code=\"0\""));
+        assert!(has("tidelog_request_latency_seconds_bucket{api=\"Produce\",le=\"0.0001\"} 1"), "{text}");
+        assert!(has("tidelog_request_latency_seconds_bucket{api=\"Produce\",le=\"0.0025\"} 1"), "{text}");
+        assert!(has("tidelog_request_latency_seconds_bucket{api=\"Produce\",le=\"0.005\"} 2"), "{text}");
+        assert!(has("tidelog_request_latency_seconds_bucket{api=\"Produce\",le=\"10\"} 2"), "{text}");
+        assert!(has("tidelog_request_latency_seconds_bucket{api=\"Produce\",le=\"+Inf\"} 3"), "{text}");
+        assert!(has("tidelog_request_latency_seconds_count{api=\"Produce\"} 3"), "{text}");
+        assert!(has("tidelog_produce_bytes_total{shard=\"3\",topic=\"t\",partition=\"1\"} 150"), "{text}");
+        assert!(has("tidelog_produce_records_total{shard=\"3\",topic=\"t\",partition=\"1\"} 5"), "{text}");
+        assert!(has("tidelog_high_watermark{shard=\"3\",topic=\"t\",partition=\"1\"} 5"), "{text}");
+        // Partition 0 only has (zero) counters, no gauges: it is not open here.
+        assert!(has("tidelog_produce_bytes_total{shard=\"3\",topic=\"t\",partition=\"0\"} 0"), "{text}");
+        assert!(!text.contains("tidelog_high_watermark{shard=\"3\",topic=\"t\",partition=\"0\"}"));
+        // Every sample line belongs to a declared metric family.
+        let families: Vec<&str> =
+            lines.iter().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();
+        for l in lines.iter().filter(|l| !l.starts_with('#')) {
+            let name = l.split(['{', ' ']).next().unwrap_or("");
+            let base = name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
+            assert!(families.contains(&name) || families.contains(&base), "undeclared {name}");
+        }
+    }
+
+    #[test]
+    fn count_batches_counts_whole_batches_only() {
+        let recs: Vec<RecordRef<'_>> = (0..3)
+            .map(|_| RecordRef { key: Some(b"k"), value: Some(b"v"), headers: &[], timestamp_delta_ms: 0 })
+            .collect();
+        let b = build_batch(&recs, 1000, ProducerFields::default());
+        let mut two = b.to_vec();
+        two.extend_from_slice(&b);
+        assert_eq!(count_batches(&two), (6, 2 * b.len() as u64));
+        // A cut second batch is not counted.
+        assert_eq!(count_batches(&two[..b.len() + 20]), (3, b.len() as u64));
+        assert_eq!(count_batches(&[]), (0, 0));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -71,7 +71,7 @@ pub fn encode_fetch_frame(version: i16, correlation_id: i32, session_id: i32, to
     }
     put_array_len(&mut buf, flexible, topics.len());
     let mut records_total = 0usize;
-    for (ti, t) in topics.iter().enumerate() {
+    for t in topics {
         if flexible {
             put_uvarint(&mut buf, t.name.len() as u64 + 1);
         } else {
@@ -109,7 +109,6 @@ pub fn encode_fetch_frame(version: i16, correlation_id: i32, session_id: i32, to
         if flexible && t.partitions.is_empty() {
             put_uvarint(&mut buf, 0);
         }
-        let _ = ti;
     }
     if flexible {
         put_uvarint(&mut buf, 0); // top-level tagged fields

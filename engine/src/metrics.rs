@@ -237,6 +237,33 @@ pub fn count_batches(data: &[u8]) -> (u64, u64) {
     (records, bytes)
 }
 
+/// Counts one Fetch response's record data per partition: bytes of every
+/// part; records of the whole batches sent from memory (batches sent from a
+/// segment file with sendfile are never read by the broker, so only their
+/// bytes are counted).
+pub fn account_fetch<'a>(
+    metrics: &ShardMetrics,
+    parts: impl Iterator<Item = ((&'a str, i32), &'a Vec<crate::storage::partition::RecordsPart>)>,
+) {
+    use crate::storage::partition::RecordsPart;
+    for ((topic, partition), records) in parts {
+        if records.is_empty() {
+            continue;
+        }
+        let (mut bytes, mut count) = (0u64, 0u64);
+        for r in records {
+            match r {
+                RecordsPart::Memory(b) => {
+                    bytes += b.len() as u64;
+                    count += count_batches(b).0;
+                }
+                RecordsPart::File { len, .. } => bytes += len,
+            }
+        }
+        metrics.fetched(topic, partition, bytes, count);
+    }
+}
+
 fn api_name(key: i16) -> String {
     ApiKey::try_from(key).map(|k| format!("{k:?}")).unwrap_or_else(|_| key.to_string())
 }
@@ -322,8 +349,12 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
     let partition_counters: [(&str, &str, Get); 4] = [
         ("tidelog_produce_bytes_total", "Record batch bytes appended by Produce.", |p| p.counters.produce_bytes),
         ("tidelog_produce_records_total", "Records appended by Produce.", |p| p.counters.produce_records),
-        ("tidelog_fetch_bytes_total", "Record batch bytes sent by Fetch (whole batches).", |p| p.counters.fetch_bytes),
-        ("tidelog_fetch_records_total", "Records sent by Fetch (whole batches).", |p| p.counters.fetch_records),
+        ("tidelog_fetch_bytes_total", "Record bytes sent by Fetch (memory and sendfile).", |p| p.counters.fetch_bytes),
+        (
+            "tidelog_fetch_records_total",
+            "Records sent by Fetch in batches served from memory (sendfile data is counted in bytes only).",
+            |p| p.counters.fetch_records,
+        ),
     ];
     for (name, help, get) in partition_counters {
         header(&mut out, name, "counter", help);

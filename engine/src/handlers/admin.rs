@@ -1,4 +1,4 @@
-//! Metadata, ListOffsets, CreateTopics, DeleteTopics, DescribeConfigs.
+//! Metadata, ListOffsets, CreateTopics, DeleteTopics (config APIs: `configs`).
 //!
 //! Metadata and the topic admin APIs are answered by any shard; topic changes
 //! go through the controller on shard 0 and return once every shard applied
@@ -7,25 +7,21 @@
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::sync::Arc;
 
 use tidelog_protocol::messages::create_topics_response::{CreatableTopicConfigs, CreatableTopicResult};
 use tidelog_protocol::messages::delete_topics_response::DeletableTopicResult;
-use tidelog_protocol::messages::describe_configs_response::{DescribeConfigsResourceResult, DescribeConfigsResult};
 use tidelog_protocol::messages::list_offsets_response::{ListOffsetsPartitionResponse, ListOffsetsTopicResponse};
 use tidelog_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
 use tidelog_protocol::messages::{
     ApiKey, BrokerId, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
-    DescribeConfigsRequest, DescribeConfigsResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
-    MetadataResponse, TopicName,
+    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, TopicName,
 };
 use tidelog_protocol::{ErrorCode, Offset};
 
 use super::{encode, str_bytes, Response};
-use crate::config::Source;
-use crate::metadata::{validate_topic_name, MetadataImage, TopicMeta};
+use crate::metadata::{validate_topic_name, TopicMeta};
 use crate::shard::{NewTopic, Shard};
 use crate::storage::partition;
 
@@ -58,6 +54,7 @@ fn topic_entry(t: &TopicMeta, version: i16) -> MetadataResponseTopic {
     MetadataResponseTopic::default()
         .with_name(Some(TopicName(str_bytes(&t.name))))
         .with_topic_id(if version >= 10 { t.uuid() } else { uuid::Uuid::nil() })
+        .with_is_internal(version >= 1 && t.name == crate::groups::OFFSETS_TOPIC)
         .with_partitions(partitions)
 }
 
@@ -179,58 +176,6 @@ async fn max_timestamp(log: &partition::SharedLog) -> Result<Option<(Offset, i64
     partition::offset_for_timestamp(log, max).await
 }
 
-/// Topic configs tidelog understands, with the broker setting that gives
-/// their default.
-pub const TOPIC_CONFIGS: &[(&str, &str)] = &[
-    ("cleanup.policy", ""),
-    ("retention.ms", ""),
-    ("retention.bytes", ""),
-    ("segment.bytes", "log.segment.bytes"),
-    ("segment.ms", "log.roll.ms"),
-    ("max.message.bytes", "message.max.bytes"),
-    ("message.timestamp.type", ""),
-    ("index.interval.bytes", "log.index.interval.bytes"),
-    ("min.insync.replicas", ""),
-];
-
-fn topic_config_default(shard: &Shard, name: &str) -> String {
-    match name {
-        "cleanup.policy" => "delete".into(),
-        "retention.ms" => "604800000".into(),
-        "retention.bytes" => "-1".into(),
-        "message.timestamp.type" => "CreateTime".into(),
-        "min.insync.replicas" => "1".into(),
-        _ => TOPIC_CONFIGS
-            .iter()
-            .find(|(n, _)| *n == name)
-            .and_then(|(_, broker)| shard.config.values.get(broker))
-            .map(|(v, _)| v.clone())
-            .unwrap_or_default(),
-    }
-}
-
-fn validate_topic_config(name: &str, value: &str) -> Result<(), String> {
-    let numeric = |min: i64| match value.parse::<i64>() {
-        Ok(v) if v >= min => Ok(()),
-        _ => Err(format!("{name}={value:?} must be an integer >= {min}")),
-    };
-    match name {
-        "cleanup.policy" => match value {
-            "delete" | "compact" | "compact,delete" | "delete,compact" => Ok(()),
-            _ => Err(format!("cleanup.policy={value:?} must be delete, compact or compact,delete")),
-        },
-        "message.timestamp.type" => match value {
-            "CreateTime" | "LogAppendTime" => Ok(()),
-            _ => Err(format!("message.timestamp.type={value:?} must be CreateTime or LogAppendTime")),
-        },
-        "retention.ms" | "retention.bytes" => numeric(-1),
-        "segment.bytes" => numeric(14),
-        "segment.ms" | "max.message.bytes" | "min.insync.replicas" => numeric(1),
-        "index.interval.bytes" => numeric(0),
-        _ => Err(format!("unknown topic config {name:?}")),
-    }
-}
-
 pub async fn create_topics(shard: Rc<Shard>, version: i16, cid: i32, req: CreateTopicsRequest) -> Response {
     let image = shard.image();
     let mut results: Vec<CreatableTopicResult> = Vec::with_capacity(req.topics.len());
@@ -245,7 +190,7 @@ pub async fn create_topics(shard: Rc<Shard>, version: i16, cid: i32, req: Create
         let mut config_error = None;
         for c in &t.configs {
             let (k, v) = (c.name.to_string(), c.value.as_ref().map(|v| v.to_string()).unwrap_or_default());
-            if let Err(e) = validate_topic_config(&k, &v) {
+            if let Err(e) = crate::topic_config::validate_topic_config(&k, &v) {
                 config_error = Some(e);
             }
             configs.insert(k, v);
@@ -293,7 +238,7 @@ pub async fn create_topics(shard: Rc<Shard>, version: i16, cid: i32, req: Create
                         r.topic_id = meta.uuid();
                     }
                     r.configs = Some(
-                        describe_topic(&shard, &meta)
+                        super::configs::describe_topic(&shard, &shard.image(), &meta, 1, false, false)
                             .into_iter()
                             .map(|c| {
                                 CreatableTopicConfigs::default()
@@ -343,87 +288,4 @@ pub async fn delete_topics(shard: Rc<Shard>, version: i16, cid: i32, req: Delete
         })
         .collect();
     encode(ApiKey::DeleteTopics, version, cid, &DeleteTopicsResponse::default().with_responses(responses))
-}
-
-const SOURCE_DYNAMIC_TOPIC: i8 = 1;
-const SOURCE_STATIC_BROKER: i8 = 4;
-const SOURCE_DEFAULT: i8 = 5;
-
-fn describe_topic(shard: &Shard, meta: &TopicMeta) -> Vec<DescribeConfigsResourceResult> {
-    TOPIC_CONFIGS
-        .iter()
-        .map(|(name, _)| {
-            let (value, source) = match meta.configs.get(*name) {
-                Some(v) => (v.clone(), SOURCE_DYNAMIC_TOPIC),
-                None => (topic_config_default(shard, name), SOURCE_DEFAULT),
-            };
-            DescribeConfigsResourceResult::default()
-                .with_name(str_bytes(name))
-                .with_value(Some(str_bytes(&value)))
-                .with_config_source(source)
-        })
-        .collect()
-}
-
-fn describe_broker(shard: &Shard) -> Vec<DescribeConfigsResourceResult> {
-    shard
-        .config
-        .values
-        .iter()
-        .map(|(name, (value, source))| {
-            DescribeConfigsResourceResult::default()
-                .with_name(str_bytes(name))
-                .with_value(Some(str_bytes(value)))
-                .with_read_only(true)
-                .with_config_source(if *source == Source::Default { SOURCE_DEFAULT } else { SOURCE_STATIC_BROKER })
-        })
-        .collect()
-}
-
-const RESOURCE_TOPIC: i8 = 2;
-const RESOURCE_BROKER: i8 = 4;
-
-pub fn describe_configs(shard: &Rc<Shard>, version: i16, cid: i32, req: DescribeConfigsRequest) -> Response {
-    let image: Arc<MetadataImage> = shard.image();
-    let results = req
-        .resources
-        .into_iter()
-        .map(|res| {
-            let out = DescribeConfigsResult::default()
-                .with_resource_type(res.resource_type)
-                .with_resource_name(res.resource_name.clone());
-            let configs = match res.resource_type {
-                RESOURCE_TOPIC => match image.topics.get(res.resource_name.as_str()) {
-                    Some(meta) => describe_topic(shard, meta),
-                    None => {
-                        return out.with_error_code(ErrorCode::UnknownTopicOrPartition.code()).with_error_message(Some(
-                            str_bytes(&format!("topic '{}' does not exist", res.resource_name.as_str())),
-                        ))
-                    }
-                },
-                RESOURCE_BROKER => {
-                    let id = res.resource_name.as_str();
-                    if !id.is_empty() && id.parse::<usize>().map_or(true, |n| n >= shard.num_shards) {
-                        return out
-                            .with_error_code(ErrorCode::InvalidRequest.code())
-                            .with_error_message(Some(str_bytes(&format!("no broker with id {id:?}"))));
-                    }
-                    describe_broker(shard)
-                }
-                other => {
-                    return out
-                        .with_error_code(ErrorCode::InvalidRequest.code())
-                        .with_error_message(Some(str_bytes(&format!("resource type {other} is not supported"))))
-                }
-            };
-            let configs = match &res.configuration_keys {
-                Some(keys) => {
-                    configs.into_iter().filter(|c| keys.iter().any(|k| k.as_str() == c.name.as_str())).collect()
-                }
-                None => configs,
-            };
-            out.with_configs(configs)
-        })
-        .collect();
-    encode(ApiKey::DescribeConfigs, version, cid, &DescribeConfigsResponse::default().with_results(results))
 }

@@ -58,6 +58,8 @@ struct Collected {
 
 fn frame(shard: &Shard, version: i16, cid: i32, c: Collected) -> Outgoing {
     let frame = encode_fetch_frame(version, cid, 0, &c.topics);
+    let names = c.topics.iter().flat_map(|t| t.partitions.iter().map(move |p| (t.name.as_str(), p.partition_index)));
+    crate::metrics::account_fetch(&shard.metrics, names.zip(c.records.iter()));
     let mut parts = Vec::with_capacity(frame.inline.len() + c.records.len());
     let mut inline = frame.inline.into_iter();
     for records in c.records {

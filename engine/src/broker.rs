@@ -180,6 +180,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
             shard.apply_image(image).await;
             glommio::spawn_local(shard.clone().run_flusher()).detach();
             glommio::spawn_local(shard.clone().run_follower(from_ctrl)).detach();
+            glommio::spawn_local(crate::storage::retention::run(shard.clone())).detach();
             let listener = match bind_exclusive(listen) {
                 Ok(l) => l,
                 Err(e) => {

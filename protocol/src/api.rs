@@ -32,6 +32,13 @@ pub const SUPPORTED_APIS: &[ApiSupport] = &[
     api(ApiKey::CreateTopics, 2, 7),
     api(ApiKey::DeleteTopics, 1, 5),
     api(ApiKey::DescribeConfigs, 1, 4),
+    api(ApiKey::AlterConfigs, 0, 2),
+    api(ApiKey::IncrementalAlterConfigs, 0, 1),
+    api(ApiKey::CreatePartitions, 0, 3),
+    api(ApiKey::DeleteRecords, 0, 2),
+    api(ApiKey::DescribeCluster, 0, 1),
+    api(ApiKey::DescribeLogDirs, 1, 4),
+    api(ApiKey::OffsetForLeaderEpoch, 2, 4),
 ];
 
 /// The implemented version range of `api_key`, or `None` when the API is not

@@ -7,7 +7,9 @@
 //! whatever waits (durability, long poll, the controller).
 
 mod admin;
+mod configs;
 mod fetch;
+mod partitions;
 mod produce;
 
 use std::future::Future;
@@ -125,7 +127,35 @@ fn route(shard: &Rc<Shard>, key: ApiKey, header: &RequestHeader, mut body: Bytes
         }
         ApiKey::DescribeConfigs => {
             let req = decode(key, version, &mut body)?;
-            ready(admin::describe_configs(shard, version, cid, req))
+            ready(configs::describe_configs(shard, version, cid, req))
+        }
+        ApiKey::AlterConfigs => {
+            let req = decode(key, version, &mut body)?;
+            Box::pin(configs::alter_configs(shard.clone(), version, cid, req))
+        }
+        ApiKey::IncrementalAlterConfigs => {
+            let req = decode(key, version, &mut body)?;
+            Box::pin(configs::incremental_alter_configs(shard.clone(), version, cid, req))
+        }
+        ApiKey::CreatePartitions => {
+            let req = decode(key, version, &mut body)?;
+            Box::pin(partitions::create_partitions(shard.clone(), version, cid, req))
+        }
+        ApiKey::DeleteRecords => {
+            let req = decode(key, version, &mut body)?;
+            Box::pin(partitions::delete_records(shard.clone(), version, cid, req))
+        }
+        ApiKey::DescribeCluster => {
+            let req = decode(key, version, &mut body)?;
+            ready(partitions::describe_cluster(shard, version, cid, req))
+        }
+        ApiKey::DescribeLogDirs => {
+            let req = decode(key, version, &mut body)?;
+            Box::pin(partitions::describe_log_dirs(shard.clone(), version, cid, req))
+        }
+        ApiKey::OffsetForLeaderEpoch => {
+            let req = decode(key, version, &mut body)?;
+            ready(partitions::offset_for_leader_epoch(shard, version, cid, req))
         }
         other => return Err(Reject(format!("{other:?} is not implemented"))),
     })

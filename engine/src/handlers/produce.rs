@@ -37,14 +37,16 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
         let name: &str = &topic.name.0;
         let topic_meta = image.topics.get(name);
         let max_bytes = topic_meta
-            .and_then(|t| t.configs.get("max.message.bytes"))
-            .and_then(|v| v.parse().ok())
+            .and_then(|t| {
+                usize::try_from(crate::topic_config::topic_i64(&shard.config, &image, t, "max.message.bytes")).ok()
+            })
             .unwrap_or(shard.config.message_max_bytes);
         let mut parts = Vec::with_capacity(topic.partition_data.len());
         for (pi, p) in topic.partition_data.into_iter().enumerate() {
             let mut r = PartitionProduceResponse::default().with_index(p.index);
             let fail = |r: PartitionProduceResponse, code: ErrorCode, msg: String| {
                 log::warn!("produce {name}-{}: {} ({msg})", p.index, code.name());
+                shard.metrics.error(ApiKey::Produce, code.code());
                 let r = r.with_error_code(code.code()).with_base_offset(-1);
                 if version >= 8 {
                     r.with_error_message(Some(str_bytes(&msg)))
@@ -72,6 +74,7 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
                     continue;
                 }
                 Some(o) if o != shard.id => {
+                    shard.metrics.error(ApiKey::Produce, ErrorCode::NotLeaderOrFollower.code());
                     r = r.with_error_code(ErrorCode::NotLeaderOrFollower.code()).with_base_offset(-1);
                     parts.push(r);
                     continue;
@@ -83,7 +86,7 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
                 continue;
             };
             let records = p.records.unwrap_or_default();
-            let infos = match batch::validate_record_set(&records, max_bytes) {
+            let mut infos = match batch::validate_record_set(&records, max_bytes) {
                 Ok(infos) => infos,
                 Err(e) => {
                     parts.push(fail(r, error_for(&e), e.to_string()));
@@ -98,6 +101,28 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
                 ));
                 continue;
             }
+            // LogAppendTime topics: the broker's clock goes into each batch (and the response).
+            let log_append_time = topic_meta.is_some_and(|t| {
+                crate::topic_config::topic_value(&shard.config, &image, t, "message.timestamp.type") == "LogAppendTime"
+            });
+            let records = if log_append_time {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0);
+                let mut stamped = bytes::BytesMut::from(&records[..]);
+                crate::storage::timestamps::stamp_log_append_time(&mut stamped, &mut infos, now_ms);
+                r = r.with_log_append_time_ms(now_ms);
+                stamped.freeze()
+            } else {
+                records
+            };
+            shard.metrics.produced(
+                name,
+                p.index,
+                records.len() as u64,
+                infos.iter().map(|i| i.record_count.max(0) as u64).sum(),
+            );
             // Idempotent/transactional batches need producer state (InitProducerId), not implemented yet.
             let (first, last) = {
                 let mut l = log.borrow_mut();

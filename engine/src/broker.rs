@@ -179,6 +179,11 @@ pub fn run(mut config: Config) -> Result<(), String> {
                 Shard::new(ShardId(i as u32), num_shards, config.clone(), Arc::new(MetadataImage::default()), to_ctrl);
             shard.apply_image(image).await;
             glommio::spawn_local(shard.clone().run_flusher()).detach();
+            if i == 0 {
+                glommio::spawn_local(crate::groups::ensure_offsets_topic(shard.clone())).detach();
+            }
+            glommio::spawn_local(crate::groups::run(shard.clone())).detach();
+            glommio::spawn_local(crate::handlers::producer_id::run_snapshots(shard.clone())).detach();
             glommio::spawn_local(shard.clone().run_follower(from_ctrl)).detach();
             glommio::spawn_local(crate::storage::retention::run(shard.clone())).detach();
             let listener = match bind_exclusive(listen) {
@@ -199,6 +204,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
             let _ = server.cancel().await;
             shard.stopping.set(true);
             shard.drain().await;
+            crate::handlers::producer_id::snapshot_all(&shard).await;
             let stats = &shard.fetch_stats;
             log::info!(
                 "shard {i}: stopped, all appended data durable; fetch bytes sent: {} from memory, {} by sendfile, \

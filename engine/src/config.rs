@@ -61,6 +61,13 @@ Setting { name: "fetch.max.wait.ms.max", default: "30000", doc: "Upper bound on 
     Setting { name: "log.cleaner.io.max.bytes.per.second", default: "104857600", doc: "Pace of compaction: bytes a shard's cleaner reads and writes per second at most." },
     Setting { name: "log.cleaner.delete.retention.ms", default: "86400000", doc: "Default delete.retention.ms: how long compaction keeps tombstones." },
     Setting { name: "log.cleaner.min.compaction.lag.ms", default: "0", doc: "Default min.compaction.lag.ms: records younger than this are never compacted." },
+    Setting { name: "group.min.session.timeout.ms", default: "6000", doc: "Smallest session.timeout.ms a group member may ask for; smaller gets INVALID_SESSION_TIMEOUT." },
+    Setting { name: "group.max.session.timeout.ms", default: "1800000", doc: "Largest session.timeout.ms a group member may ask for; larger gets INVALID_SESSION_TIMEOUT." },
+    Setting { name: "group.initial.rebalance.delay.ms", default: "0", doc: "How long the first rebalance of an empty group waits for more members to join (Kafka's default is 3000; 0 answers the first member at once)." },
+    Setting { name: "group.max.size", default: "1000", doc: "Members a consumer group may have; one more gets GROUP_MAX_SIZE_REACHED." },
+    Setting { name: "offsets.retention.minutes", default: "10080", doc: "Committed offsets of a group that has been empty this long are deleted (with the group)." },
+    Setting { name: "offset.metadata.max.bytes", default: "4096", doc: "Largest metadata string of a committed offset; larger gets OFFSET_METADATA_TOO_LARGE." },
+    Setting { name: "producer.id.expiration.ms", default: "86400000", doc: "Idempotent producer state of a partition is dropped when the producer has not written to it for this long." },
 ];
 
 /// A parse or validation failure, with what to do about it.

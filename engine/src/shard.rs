@@ -124,6 +124,10 @@ pub struct Shard {
     pub metrics: crate::metrics::ShardMetrics,
     /// Set once every owned log is open and the listener is up.
     pub stopping: Cell<bool>,
+    /// The consumer group coordinator of this shard (see `groups`).
+    pub groups: crate::groups::Coordinator,
+    /// This shard's producer id range (see `storage::producer_state`).
+    pub producer_ids: crate::storage::producer_state::PidAllocator,
 }
 
 impl Shard {
@@ -134,6 +138,8 @@ impl Shard {
         image: Arc<MetadataImage>,
         to_controller: ConnectedSender<ToController>,
     ) -> Rc<Shard> {
+        let groups = crate::groups::Coordinator::new(&config);
+        let producer_ids = crate::storage::producer_state::PidAllocator::new(id, &config.log_dir);
         Rc::new(Shard {
             id,
             fetch_stats: FetchStats::default(),
@@ -153,6 +159,8 @@ impl Shard {
             connections: Cell::new(0),
             metrics: Default::default(),
             stopping: Cell::new(false),
+            groups,
+            producer_ids,
         })
     }
 
@@ -525,7 +533,10 @@ impl Controller {
                 continue;
             }
             let meta = Arc::new(TopicMeta {
-                owners: metadata::place_partitions(&t.name, t.partitions as usize, self.to_shards.len()),
+                owners: crate::groups::internal_placement(&t.name, t.partitions as usize, self.to_shards.len())
+                    .unwrap_or_else(|| {
+                        metadata::place_partitions(&t.name, t.partitions as usize, self.to_shards.len())
+                    }),
                 id: uuid::Uuid::new_v4().simple().to_string(),
                 name: t.name.clone(),
                 configs: t.configs,

@@ -9,8 +9,10 @@
 mod admin;
 mod configs;
 mod fetch;
+mod groups;
 mod partitions;
 mod produce;
+pub mod producer_id;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -156,6 +158,34 @@ fn route(shard: &Rc<Shard>, key: ApiKey, header: &RequestHeader, mut body: Bytes
         ApiKey::OffsetForLeaderEpoch => {
             let req = decode(key, version, &mut body)?;
             ready(partitions::offset_for_leader_epoch(shard, version, cid, req))
+        }
+        ApiKey::FindCoordinator => {
+            ready(groups::find_coordinator(shard, version, cid, decode(key, version, &mut body)?))
+        }
+        ApiKey::JoinGroup => {
+            let req = decode(key, version, &mut body)?;
+            let client_id = header.client_id.as_ref().map(|c| c.to_string()).unwrap_or_default();
+            Box::pin(groups::join_group(shard.clone(), version, cid, req, client_id))
+        }
+        ApiKey::SyncGroup => {
+            Box::pin(groups::sync_group(shard.clone(), version, cid, decode(key, version, &mut body)?))
+        }
+        ApiKey::Heartbeat => ready(groups::heartbeat(shard, version, cid, decode(key, version, &mut body)?)),
+        ApiKey::LeaveGroup => ready(groups::leave_group(shard, version, cid, decode(key, version, &mut body)?)),
+        ApiKey::OffsetCommit => {
+            Box::pin(groups::offset_commit(shard.clone(), version, cid, decode(key, version, &mut body)?))
+        }
+        ApiKey::OffsetFetch => ready(groups::offset_fetch(shard, version, cid, decode(key, version, &mut body)?)),
+        ApiKey::ListGroups => ready(groups::list_groups(shard, version, cid, decode(key, version, &mut body)?)),
+        ApiKey::DescribeGroups => ready(groups::describe_groups(shard, version, cid, decode(key, version, &mut body)?)),
+        ApiKey::DeleteGroups => {
+            Box::pin(groups::delete_groups(shard.clone(), version, cid, decode(key, version, &mut body)?))
+        }
+        ApiKey::OffsetDelete => {
+            Box::pin(groups::offset_delete(shard.clone(), version, cid, decode(key, version, &mut body)?))
+        }
+        ApiKey::InitProducerId => {
+            Box::pin(producer_id::init_producer_id(shard.clone(), version, cid, decode(key, version, &mut body)?))
         }
         other => return Err(Reject(format!("{other:?} is not implemented"))),
     })

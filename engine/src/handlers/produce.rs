@@ -12,6 +12,7 @@ use tidelog_protocol::{Epoch, ErrorCode, Offset};
 use super::{encode, ready, str_bytes, Pending};
 use crate::shard::Shard;
 use crate::storage::partition::SharedLog;
+use crate::storage::producer_state::{self, BatchMeta, Check};
 
 struct Waiting {
     topic: usize,
@@ -123,10 +124,56 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
                 records.len() as u64,
                 infos.iter().map(|i| i.record_count.max(0) as u64).sum(),
             );
-            // Idempotent/transactional batches need producer state (InitProducerId), not implemented yet.
+            // Idempotent producers: Kafka's epoch and sequence checks before the append.
+            let producer = match producer_state::idempotent_batch(&records, &infos) {
+                Ok(p) => p,
+                Err(msg) => {
+                    parts.push(fail(r, ErrorCode::InvalidRecord, msg));
+                    continue;
+                }
+            };
+            if let Some(b) = &producer {
+                let check = log.borrow().producers.check(b.pid, b.epoch, b.first_seq, b.count);
+                match check {
+                    Check::Append => {}
+                    Check::Duplicate { base_offset, last_offset } => {
+                        log::debug!(
+                            "produce {name}-{}: producer {} seq {} is a retry of offsets {}..={}",
+                            p.index,
+                            b.pid.0,
+                            b.first_seq,
+                            base_offset.0,
+                            last_offset.0
+                        );
+                        r = r.with_base_offset(base_offset.0);
+                        if version >= 5 {
+                            r = r.with_log_start_offset(log.borrow().log_start_offset.0);
+                        }
+                        if acks == -1 {
+                            waiting.push(Waiting { topic: ti, partition: pi, log: log.clone(), last: last_offset });
+                        }
+                        parts.push(r);
+                        continue;
+                    }
+                    Check::Reject(code) => {
+                        let msg = format!("producer {} epoch {} sequence {}", b.pid.0, b.epoch, b.first_seq);
+                        parts.push(fail(r, code, msg));
+                        continue;
+                    }
+                }
+            }
             let (first, last) = {
                 let mut l = log.borrow_mut();
                 let (first, last) = l.append(&records, &infos, Epoch(0));
+                if let Some(b) = &producer {
+                    let meta = BatchMeta {
+                        first_seq: b.first_seq,
+                        last_seq: producer_state::seq_add(b.first_seq, b.count - 1),
+                        base_offset: first,
+                        last_offset: last,
+                    };
+                    l.producers.record(b.pid, b.epoch, meta, b.max_timestamp_ms);
+                }
                 r = r.with_base_offset(first.0);
                 if version >= 5 {
                     r = r.with_log_start_offset(l.log_start_offset.0);

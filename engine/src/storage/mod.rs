@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod dirfs;
 pub mod index;
 pub mod partition;
+pub mod producer_state;
 pub mod retention;
 pub mod segment;
 pub mod timestamps;

@@ -50,10 +50,10 @@ pub struct PartitionLog {
     pub high_watermark: Offset,
     cache: VecDeque<CachedBatch>,
     cache_bytes: usize,
-    /// Set while the flusher works on this log, so two flushes never overlap.
-    pub flushing: bool,
     /// The shard-wide bound on cached batches, shared by every log of a shard.
     pub cache_budget: Option<Rc<CacheBudget>>,
+    /// Idempotent producers' sequence state (see `producer_state`).
+    pub producers: super::producer_state::ProducerStateTable,
 }
 
 /// One cached batch in the shard-wide FIFO: its log, base offset and size.
@@ -184,7 +184,7 @@ impl PartitionLog {
             log_start_offset.0,
             high_watermark.0
         );
-        Ok(Rc::new(RefCell::new(PartitionLog {
+        let log = Rc::new(RefCell::new(PartitionLog {
             topic,
             partition,
             dir,
@@ -194,9 +194,11 @@ impl PartitionLog {
             high_watermark,
             cache: VecDeque::new(),
             cache_bytes: 0,
-            flushing: false,
             cache_budget: None,
-        })))
+            producers: Default::default(),
+        }));
+        super::producer_state::rebuild(&log).await?;
+        Ok(log)
     }
 
     pub fn log_end_offset(&self) -> Offset {
@@ -413,7 +415,7 @@ fn with_segment(log: &SharedLog, base: Offset, f: impl FnOnce(&mut Segment)) {
 /// (at least one batch when `at_least_one`). Served from the cache when it
 /// holds `offset`, else from the segment file.
 pub async fn read(log: &SharedLog, offset: Offset, max_bytes: usize, at_least_one: bool) -> io::Result<ReadResult> {
-    let (file, mut pos, limit, mut next_segment_base) = {
+    let (file, mut pos, limit, next_segment_base) = {
         let l = log.borrow();
         if offset >= l.high_watermark || offset < l.log_start_offset {
             return Ok(ReadResult::default());
@@ -431,7 +433,6 @@ pub async fn read(log: &SharedLog, offset: Offset, max_bytes: usize, at_least_on
             l.segments.get(i + 1).map(|s| s.base_offset),
         )
     };
-    let _ = &mut next_segment_base;
     let mut out = BytesMut::new();
     let window_min = max_bytes.clamp(64 << 10, 8 << 20);
     let mut taken = 0usize;

@@ -1,0 +1,441 @@
+//! The consumer group coordinator of one shard: the groups whose
+//! `__consumer_offsets` partition this shard owns, their committed offsets,
+//! and the durable log of both.
+//!
+//! Lives on its shard only (a field of `Shard`, `RefCell`s, no cross-core
+//! calls). Which shard coordinates a group is Kafka's rule:
+//! `partition = abs(java_string_hash(group_id)) % partitions of __consumer_offsets`,
+//! and the coordinator is that partition's owning shard. `__consumer_offsets`
+//! is created at start-up with one partition per shard, partition p on shard
+//! p, so every commit is an append to a partition of the shard that received
+//! it (see `internal_placement`).
+//!
+//! Lifecycle: `run` waits until the shard's `__consumer_offsets` partitions
+//! are open, replays them from the log start (committed offsets, group
+//! metadata, tombstones), marks the coordinator loaded (until then group
+//! requests get COORDINATOR_LOAD_IN_PROGRESS), then ticks every 100 ms to
+//! expire sessions, rebalance timeouts and offsets of long-empty groups.
+//! Record format: `records`. State machine: `group`.
+
+pub mod group;
+pub mod records;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tidelog_protocol::{Epoch, ErrorCode, Offset};
+
+use crate::config::Config;
+use crate::shard::{NewTopic, Shard};
+use crate::storage::partition;
+use group::{Group, GroupLimits, GroupState};
+use records::{OffsetValue, Record};
+
+/// The internal topic holding committed offsets and group metadata.
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+/// How often sessions and rebalance timeouts are checked.
+const TICK: Duration = Duration::from_millis(100);
+/// Bytes read per step while replaying `__consumer_offsets` at start-up.
+const LOAD_READ_BYTES: usize = 4 << 20;
+
+/// Java's `String.hashCode` (over UTF-16 code units), which Kafka uses to
+/// map a group id to its `__consumer_offsets` partition.
+pub fn java_string_hash(s: &str) -> i32 {
+    s.encode_utf16().fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(c as i32))
+}
+
+/// Kafka's `partitionFor(groupId)`: `Utils.abs(hash) % partitions`.
+pub fn partition_for(group_id: &str, partitions: usize) -> i32 {
+    let h = java_string_hash(group_id);
+    let abs = if h == i32::MIN { 0 } else { h.abs() };
+    (abs as i64 % partitions.max(1) as i64) as i32
+}
+
+/// Placement of internal topics: `__consumer_offsets` partition p on shard
+/// p (mod the shard count). `None` for every other topic.
+pub fn internal_placement(name: &str, partitions: usize, num_shards: usize) -> Option<Vec<u32>> {
+    (name == OFFSETS_TOPIC).then(|| (0..partitions).map(|p| (p % num_shards.max(1)) as u32).collect())
+}
+
+/// A committed offset and where its record sits in `__consumer_offsets`
+/// (commits that become durable out of order are applied by log position).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub value: OffsetValue,
+    pub log_offset: i64,
+}
+
+/// Settings read from the broker config (`group.*`, `offset*`).
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub limits: GroupLimits,
+    pub metadata_max_bytes: usize,
+    pub offsets_retention: Duration,
+}
+
+impl Settings {
+    pub fn from_config(config: &Config) -> Settings {
+        let num = |name: &str, default: i64| -> i64 {
+            config.values.get(name).and_then(|(v, _)| v.trim().parse::<i64>().ok()).unwrap_or(default)
+        };
+        Settings {
+            limits: GroupLimits {
+                min_session_timeout_ms: num("group.min.session.timeout.ms", 6000).clamp(1, i32::MAX as i64) as i32,
+                max_session_timeout_ms: num("group.max.session.timeout.ms", 1_800_000).clamp(1, i32::MAX as i64) as i32,
+                initial_rebalance_delay_ms: num("group.initial.rebalance.delay.ms", 0).max(0) as u64,
+                max_size: num("group.max.size", 1000).max(1) as usize,
+            },
+            metadata_max_bytes: num("offset.metadata.max.bytes", 4096).max(0) as usize,
+            offsets_retention: Duration::from_secs(num("offsets.retention.minutes", 10080).max(1) as u64 * 60),
+        }
+    }
+}
+
+pub struct Coordinator {
+    pub settings: Settings,
+    pub groups: RefCell<HashMap<String, Group>>,
+    /// Committed offsets: group -> (topic, partition) -> offset.
+    pub offsets: RefCell<HashMap<String, BTreeMap<(String, i32), Committed>>>,
+    loaded: Cell<bool>,
+}
+
+/// What a change to a group looked like before, to tell whether it must be persisted.
+pub type GroupMark = Option<(i32, GroupState, Vec<String>)>;
+
+impl Coordinator {
+    pub fn new(config: &Config) -> Coordinator {
+        Coordinator {
+            settings: Settings::from_config(config),
+            groups: RefCell::new(HashMap::new()),
+            offsets: RefCell::new(HashMap::new()),
+            loaded: Cell::new(false),
+        }
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.get()
+    }
+
+    /// The `__consumer_offsets` partition of `group_id`, if that topic exists.
+    pub fn partition_of(shard: &Shard, group_id: &str) -> Option<(i32, u32)> {
+        let image = shard.image();
+        let t = image.topics.get(OFFSETS_TOPIC)?;
+        let p = partition_for(group_id, t.owners.len());
+        Some((p, *t.owners.get(p as usize)?))
+    }
+
+    /// Whether this shard may serve `group_id` now: NOT_COORDINATOR when
+    /// another shard owns it, COORDINATOR_LOAD_IN_PROGRESS while loading.
+    pub fn check(&self, shard: &Shard, group_id: &str) -> Result<(), ErrorCode> {
+        if group_id.is_empty() {
+            return Err(ErrorCode::InvalidGroupId);
+        }
+        let Some((_, owner)) = Self::partition_of(shard, group_id) else {
+            return Err(ErrorCode::CoordinatorNotAvailable);
+        };
+        if owner != shard.id.0 {
+            return Err(ErrorCode::NotCoordinator);
+        }
+        if !self.loaded.get() {
+            return Err(ErrorCode::CoordinatorLoadInProgress);
+        }
+        Ok(())
+    }
+
+    pub fn mark(&self, group_id: &str) -> GroupMark {
+        let groups = self.groups.borrow();
+        let g = groups.get(group_id)?;
+        let mut ids: Vec<String> = g.members.keys().cloned().collect();
+        ids.sort();
+        Some((g.generation, g.state, ids))
+    }
+
+    /// Persists the group's metadata when a change settled it (Stable or
+    /// Empty) differently from `before`. The append is not waited for: the
+    /// flusher makes it durable within a cycle, and losing it only makes
+    /// members join again after a crash.
+    pub fn persist_if_changed(&self, shard: &Rc<Shard>, group_id: &str, before: GroupMark) {
+        let after = self.mark(group_id);
+        if after == before {
+            return;
+        }
+        let Some((_, state, _)) = &after else { return };
+        if !matches!(state, GroupState::Stable | GroupState::Empty) {
+            return;
+        }
+        let snapshot = self.groups.borrow().get(group_id).map(|g| g.snapshot(now_ms()));
+        if let Some(s) = snapshot {
+            let recs = vec![(records::group_key(group_id), Some(records::group_value(&s)))];
+            if let Err(e) = append_records(shard, group_id, &recs) {
+                log::warn!("group {group_id}: cannot persist group metadata: {}", e.name());
+            }
+        }
+    }
+
+    /// Applies offsets that are now durable at `log_offset`.
+    pub fn apply_commits(&self, group_id: &str, commits: Vec<(String, i32, OffsetValue)>, log_offset: i64) {
+        let mut offsets = self.offsets.borrow_mut();
+        let per_group = offsets.entry(group_id.to_string()).or_default();
+        for (topic, partition, value) in commits {
+            let e = per_group.entry((topic, partition)).or_insert(Committed { value: value.clone(), log_offset });
+            if log_offset >= e.log_offset {
+                *e = Committed { value, log_offset };
+            }
+        }
+    }
+
+    /// Replays one record from `__consumer_offsets`.
+    fn replay(&self, record: Record, log_offset: i64, now: Instant) {
+        match record {
+            Record::Offset { group, topic, partition, value: Some(v) } => {
+                self.groups.borrow_mut().entry(group.clone()).or_insert_with(|| Group::new(&group, now));
+                self.apply_commits(&group, vec![(topic, partition, v)], log_offset);
+            }
+            Record::Offset { group, topic, partition, value: None } => {
+                if let Some(o) = self.offsets.borrow_mut().get_mut(&group) {
+                    o.remove(&(topic, partition));
+                }
+            }
+            Record::Group { group, value: Some(s) } => {
+                self.groups.borrow_mut().insert(group.clone(), Group::restore(&group, s, now));
+            }
+            Record::Group { group, value: None } => {
+                self.groups.borrow_mut().remove(&group);
+                self.offsets.borrow_mut().remove(&group);
+            }
+        }
+    }
+
+    /// Removes a group and its offsets, writing the tombstones. The caller
+    /// checked that it may be deleted.
+    pub async fn delete_group(&self, shard: &Rc<Shard>, group_id: &str) -> Result<(), ErrorCode> {
+        let mut recs: Vec<(Bytes, Option<Bytes>)> = self
+            .offsets
+            .borrow()
+            .get(group_id)
+            .map(|o| o.keys().map(|(t, p)| (records::offset_key(group_id, t, *p), None)).collect())
+            .unwrap_or_default();
+        recs.push((records::group_key(group_id), None));
+        if let Some(g) = self.groups.borrow_mut().get_mut(group_id) {
+            g.kill(Instant::now());
+        }
+        let result = append_and_wait(shard, group_id, &recs).await;
+        self.groups.borrow_mut().remove(group_id);
+        self.offsets.borrow_mut().remove(group_id);
+        result.map(|_| ())
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Appends records to the group's `__consumer_offsets` partition on this
+/// shard; returns the log and the last offset to wait for.
+fn append_records(
+    shard: &Rc<Shard>,
+    group_id: &str,
+    recs: &[(Bytes, Option<Bytes>)],
+) -> Result<(partition::SharedLog, Offset), ErrorCode> {
+    let (p, owner) = Coordinator::partition_of(shard, group_id).ok_or(ErrorCode::CoordinatorNotAvailable)?;
+    if owner != shard.id.0 {
+        return Err(ErrorCode::NotCoordinator);
+    }
+    let log = shard.log(OFFSETS_TOPIC, p).ok_or(ErrorCode::CoordinatorNotAvailable)?;
+    let batch = records::build(recs, now_ms());
+    let infos = tidelog_protocol::batch::validate_record_set(&batch, usize::MAX).map_err(|e| {
+        log::error!("group {group_id}: built an invalid batch: {e}");
+        ErrorCode::UnknownServerError
+    })?;
+    let (_, last) = log.borrow_mut().append(&batch, &infos, Epoch(0));
+    shard.mark_dirty(&log);
+    Ok((log, last))
+}
+
+/// Appends and waits until the records are durable (the high watermark
+/// passed them). Returns their last offset.
+pub async fn append_and_wait(
+    shard: &Rc<Shard>,
+    group_id: &str,
+    recs: &[(Bytes, Option<Bytes>)],
+) -> Result<i64, ErrorCode> {
+    let (log, last) = append_records(shard, group_id, recs)?;
+    loop {
+        let notified = shard.hw_notify.notified();
+        if log.borrow().high_watermark > last {
+            return Ok(last.0);
+        }
+        notified.await;
+    }
+}
+
+/// Shard 0 at start-up: creates `__consumer_offsets` (one partition per
+/// shard, compacted) if it does not exist yet.
+pub async fn ensure_offsets_topic(shard: Rc<Shard>) {
+    if shard.image().topics.contains_key(OFFSETS_TOPIC) {
+        return;
+    }
+    let mut configs = BTreeMap::new();
+    configs.insert("cleanup.policy".to_string(), "compact".to_string());
+    configs.insert("segment.bytes".to_string(), "104857600".to_string());
+    let topic = NewTopic { name: OFFSETS_TOPIC.to_string(), partitions: shard.num_shards as i32, configs };
+    for (name, r) in shard.create_topics(vec![topic]).await {
+        match r {
+            Ok(meta) => log::info!("created {name} with {} partition(s), partition p on shard p", meta.owners.len()),
+            Err((ErrorCode::TopicAlreadyExists, _)) => {}
+            Err((code, msg)) => log::error!(
+                "cannot create {name}: {} ({msg}); consumer groups are unavailable until it exists",
+                code.name()
+            ),
+        }
+    }
+}
+
+/// The coordinator's task on its shard: load, then tick.
+pub async fn run(shard: Rc<Shard>) {
+    let owned = loop {
+        if shard.stopping.get() {
+            return;
+        }
+        let image = shard.image();
+        if let Some(t) = image.topics.get(OFFSETS_TOPIC) {
+            let owned: Vec<i32> =
+                t.owners.iter().enumerate().filter(|(_, o)| **o == shard.id.0).map(|(p, _)| p as i32).collect();
+            if owned.iter().all(|p| shard.log(OFFSETS_TOPIC, *p).is_some()) {
+                break owned;
+            }
+        }
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    };
+    let started = Instant::now();
+    let mut records = 0usize;
+    for p in &owned {
+        let Some(log) = shard.log(OFFSETS_TOPIC, *p) else { continue };
+        records += load_partition(&shard, &log).await;
+    }
+    shard.groups.loaded.set(true);
+    log::info!(
+        "shard {}: group coordinator loaded {} group(s) from {records} record(s) of {OFFSETS_TOPIC} partition(s) {owned:?} in {:?}",
+        shard.id.0,
+        shard.groups.groups.borrow().len(),
+        started.elapsed()
+    );
+    let mut last_retention_check = Instant::now();
+    while !shard.stopping.get() {
+        glommio::timer::sleep(TICK).await;
+        tick(&shard);
+        if last_retention_check.elapsed() >= Duration::from_secs(60) {
+            last_retention_check = Instant::now();
+            expire_offsets(&shard).await;
+        }
+    }
+}
+
+async fn load_partition(shard: &Rc<Shard>, log: &partition::SharedLog) -> usize {
+    let (mut offset, hw) = {
+        let l = log.borrow();
+        (l.log_start_offset, l.high_watermark)
+    };
+    let now = Instant::now();
+    let mut count = 0usize;
+    while offset < hw {
+        let r = match partition::read(log, offset, LOAD_READ_BYTES, true).await {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!(
+                    "shard {}: reading {OFFSETS_TOPIC} at {}: {e}; stopping the load there",
+                    shard.id.0,
+                    offset.0
+                );
+                break;
+            }
+        };
+        if r.bytes == 0 {
+            break;
+        }
+        let mut next = offset;
+        for chunk in &r.chunks {
+            let at = next.0;
+            let mut found = Vec::new();
+            if let Some(n) = records::for_each_record(chunk, |k, v| {
+                if let Some(rec) = records::decode(k, v) {
+                    found.push(rec);
+                }
+            }) {
+                next = Offset(n);
+            }
+            count += found.len();
+            for rec in found {
+                shard.groups.replay(rec, at, now);
+            }
+        }
+        if next <= offset {
+            break;
+        }
+        offset = next;
+    }
+    count
+}
+
+fn tick(shard: &Rc<Shard>) {
+    let coord = &shard.groups;
+    let now = Instant::now();
+    let ids: Vec<String> = coord.groups.borrow().keys().cloned().collect();
+    for id in ids {
+        let before = coord.mark(&id);
+        if let Some(g) = coord.groups.borrow_mut().get_mut(&id) {
+            g.tick(now, &coord.settings.limits);
+        }
+        coord.persist_if_changed(shard, &id, before);
+    }
+}
+
+/// Deletes groups (and their offsets) that have been empty longer than
+/// `offsets.retention.minutes`.
+async fn expire_offsets(shard: &Rc<Shard>) {
+    let coord = &shard.groups;
+    let retention = coord.settings.offsets_retention;
+    let expired: Vec<String> = coord
+        .groups
+        .borrow()
+        .values()
+        .filter(|g| g.state == GroupState::Empty && g.empty_since.is_some_and(|t| t.elapsed() >= retention))
+        .map(|g| g.id.clone())
+        .collect();
+    for id in expired {
+        log::info!("group {id}: empty for longer than offsets.retention.minutes; deleting its offsets");
+        if let Err(e) = coord.delete_group(shard, &id).await {
+            log::warn!("group {id}: expiring offsets failed: {}", e.name());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_for_matches_kafka() {
+        // Values from Java: "my-group".hashCode() == 1025521858 ... checked by hand:
+        assert_eq!(java_string_hash(""), 0);
+        assert_eq!(java_string_hash("a"), 97);
+        assert_eq!(java_string_hash("ab"), 97 * 31 + 98);
+        // Java: "polygenelubricants".hashCode() == Integer.MIN_VALUE -> Utils.abs gives 0.
+        assert_eq!(java_string_hash("polygenelubricants"), i32::MIN);
+        assert_eq!(partition_for("polygenelubricants", 50), 0);
+        // Negative hashes use the absolute value.
+        let h = java_string_hash("consumer-group-1");
+        assert_eq!(partition_for("consumer-group-1", 50), (h.unsigned_abs() % 50) as i32);
+        assert!((0..2).contains(&partition_for("x", 2)));
+    }
+
+    #[test]
+    fn internal_topics_are_placed_on_their_shard() {
+        assert_eq!(internal_placement(OFFSETS_TOPIC, 4, 4), Some(vec![0, 1, 2, 3]));
+        assert_eq!(internal_placement(OFFSETS_TOPIC, 4, 2), Some(vec![0, 1, 0, 1]));
+        assert_eq!(internal_placement("orders", 4, 4), None);
+    }
+}

@@ -1,0 +1,556 @@
+//! Idempotent producer state: per partition, each producer id's epoch, last
+//! sequence and its last 5 batches (first/last sequence, base/last offset),
+//! so a retried batch is answered with its original offsets instead of being
+//! written twice, and a gap or an old epoch is refused as Kafka refuses it.
+//! Also the per-shard producer id allocator.
+//!
+//! Shard-local: a `ProducerStateTable` is a field of its `PartitionLog` (on
+//! the owning shard); a `PidAllocator` belongs to one shard.
+//!
+//! Durability: the table is rebuilt at open from a snapshot plus the batch
+//! headers after it (`rebuild`). The snapshot
+//! (`<partition dir>/producer-state.snapshot`) only ever describes durable
+//! data: it is written when nothing is pending (periodically and at
+//! shutdown) and ignored when it claims more than recovery kept. Without a
+//! usable snapshot the whole log is scanned.
+//!
+//! ```text
+//! snapshot = "TLPS" | u16 version (1) | i64 covered_to | u32 count | entries | u32 crc32c (of all before)
+//! entry    = i64 pid | i16 epoch | i32 last seq | i64 last timestamp | u8 n | n x (i32 first seq
+//!            | i32 last seq | i64 base offset | i64 last offset)
+//! ```
+//!
+//! Producer ids: `shard << 40 | counter`, so shards never collide without
+//! talking; the counter is reserved in blocks of 1000 in
+//! `<log.dirs>/producer-ids-<shard>` (written durably before a block is
+//! used), so ids are unique across restarts and crashes.
+
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::path::PathBuf;
+
+use bytes::{Buf, BufMut, BytesMut};
+use tidelog_protocol::batch::{BatchHeader, BatchInfo, BATCH_HEADER_BYTES};
+use tidelog_protocol::{ErrorCode, Offset, ProducerId, ShardId};
+
+use super::partition::{self, SharedLog};
+
+/// Batches remembered per producer for duplicate detection (Kafka's 5,
+/// matching max.in.flight.requests.per.connection for idempotence).
+pub const BATCHES_KEPT: usize = 5;
+pub const SNAPSHOT_FILE: &str = "producer-state.snapshot";
+const SNAPSHOT_MAGIC: &[u8; 4] = b"TLPS";
+const SNAPSHOT_VERSION: u16 = 1;
+/// Producers remembered per partition at most; the least recently active
+/// are dropped beyond it.
+pub const PRODUCERS_MAX: usize = 100_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchMeta {
+    pub first_seq: i32,
+    pub last_seq: i32,
+    pub base_offset: Offset,
+    pub last_offset: Offset,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProducerEntry {
+    pub epoch: i16,
+    pub last_seq: i32,
+    pub last_timestamp_ms: i64,
+    pub batches: VecDeque<BatchMeta>,
+}
+
+/// What to do with an incoming batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Not idempotent, or next in sequence: append it.
+    Append,
+    /// A retry of a batch already in the log: answer with these offsets.
+    Duplicate {
+        base_offset: Offset,
+        last_offset: Offset,
+    },
+    Reject(ErrorCode),
+}
+
+/// Kafka's sequence arithmetic: sequences wrap from i32::MAX to 0.
+pub fn seq_add(seq: i32, delta: i32) -> i32 {
+    if seq > i32::MAX - delta {
+        delta - (i32::MAX - seq) - 1
+    } else {
+        seq + delta
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ProducerStateTable {
+    producers: HashMap<ProducerId, ProducerEntry>,
+    /// Changed since the last snapshot.
+    pub dirty: bool,
+}
+
+impl ProducerStateTable {
+    pub fn len(&self) -> usize {
+        self.producers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.producers.is_empty()
+    }
+
+    pub fn get(&self, pid: ProducerId) -> Option<&ProducerEntry> {
+        self.producers.get(&pid)
+    }
+
+    /// Kafka's checks for a batch of `count` records from `pid`/`epoch`
+    /// starting at sequence `first_seq`.
+    pub fn check(&self, pid: ProducerId, epoch: i16, first_seq: i32, count: i32) -> Check {
+        if pid.0 < 0 {
+            return Check::Append;
+        }
+        let last_seq = seq_add(first_seq, count.max(1) - 1);
+        let Some(e) = self.producers.get(&pid) else {
+            // Unknown producer: it must start at 0 (KIP-360: else UNKNOWN_PRODUCER_ID,
+            // and the client bumps its epoch and starts over).
+            return if first_seq == 0 { Check::Append } else { Check::Reject(ErrorCode::UnknownProducerId) };
+        };
+        if epoch < e.epoch {
+            return Check::Reject(ErrorCode::InvalidProducerEpoch);
+        }
+        if epoch > e.epoch {
+            return if first_seq == 0 { Check::Append } else { Check::Reject(ErrorCode::OutOfOrderSequenceNumber) };
+        }
+        if let Some(b) = e.batches.iter().find(|b| b.first_seq == first_seq && b.last_seq == last_seq) {
+            return Check::Duplicate { base_offset: b.base_offset, last_offset: b.last_offset };
+        }
+        if first_seq == seq_add(e.last_seq, 1) {
+            Check::Append
+        } else {
+            Check::Reject(ErrorCode::OutOfOrderSequenceNumber)
+        }
+    }
+
+    /// Records an appended batch (after `check` said Append, or on replay).
+    pub fn record(&mut self, pid: ProducerId, epoch: i16, meta: BatchMeta, timestamp_ms: i64) {
+        if pid.0 < 0 {
+            return;
+        }
+        if !self.producers.contains_key(&pid) && self.producers.len() >= PRODUCERS_MAX {
+            self.evict_oldest();
+        }
+        let e = self.producers.entry(pid).or_insert(ProducerEntry {
+            epoch,
+            last_seq: -1,
+            last_timestamp_ms: timestamp_ms,
+            batches: VecDeque::new(),
+        });
+        if epoch != e.epoch {
+            e.epoch = epoch;
+            e.batches.clear();
+        }
+        e.last_seq = meta.last_seq;
+        e.last_timestamp_ms = e.last_timestamp_ms.max(timestamp_ms);
+        e.batches.push_back(meta);
+        while e.batches.len() > BATCHES_KEPT {
+            e.batches.pop_front();
+        }
+        self.dirty = true;
+    }
+
+    /// Replays one batch header from the log.
+    pub fn replay(&mut self, h: &BatchHeader<'_>) {
+        let pid = h.producer_id();
+        if pid.0 < 0 || h.is_control() {
+            return;
+        }
+        let count = h.last_offset_delta() + 1;
+        let meta = BatchMeta {
+            first_seq: h.base_sequence(),
+            last_seq: seq_add(h.base_sequence(), count - 1),
+            base_offset: h.base_offset(),
+            last_offset: h.last_offset(),
+        };
+        self.record(pid, h.producer_epoch(), meta, h.max_timestamp_ms());
+    }
+
+    /// Drops producers idle for longer than `expiration_ms` (producer.id.expiration.ms).
+    pub fn expire(&mut self, now_ms: i64, expiration_ms: i64) {
+        let before = self.producers.len();
+        self.producers.retain(|_, e| now_ms - e.last_timestamp_ms < expiration_ms);
+        if self.producers.len() != before {
+            self.dirty = true;
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        if let Some(pid) = self.producers.iter().min_by_key(|(_, e)| e.last_timestamp_ms).map(|(p, _)| *p) {
+            self.producers.remove(&pid);
+        }
+    }
+
+    pub fn encode_snapshot(&self, covered_to: Offset) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_slice(SNAPSHOT_MAGIC);
+        b.put_u16(SNAPSHOT_VERSION);
+        b.put_i64(covered_to.0);
+        b.put_u32(self.producers.len() as u32);
+        let mut pids: Vec<&ProducerId> = self.producers.keys().collect();
+        pids.sort();
+        for pid in pids {
+            let e = &self.producers[pid];
+            b.put_i64(pid.0);
+            b.put_i16(e.epoch);
+            b.put_i32(e.last_seq);
+            b.put_i64(e.last_timestamp_ms);
+            b.put_u8(e.batches.len() as u8);
+            for m in &e.batches {
+                b.put_i32(m.first_seq);
+                b.put_i32(m.last_seq);
+                b.put_i64(m.base_offset.0);
+                b.put_i64(m.last_offset.0);
+            }
+        }
+        let crc = crc32c::crc32c(&b);
+        b.put_u32(crc);
+        b.to_vec()
+    }
+
+    /// Decodes a snapshot; `None` when it is damaged (it is then ignored).
+    pub fn decode_snapshot(bytes: &[u8]) -> Option<(ProducerStateTable, Offset)> {
+        if bytes.len() < 4 + 2 + 8 + 4 + 4 {
+            return None;
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32c::crc32c(body) != u32::from_be_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+            return None;
+        }
+        let mut b = body;
+        if &b[..4] != SNAPSHOT_MAGIC {
+            return None;
+        }
+        b.advance(4);
+        if b.get_u16() != SNAPSHOT_VERSION {
+            return None;
+        }
+        let covered_to = Offset(b.get_i64());
+        let count = b.get_u32() as usize;
+        let mut table = ProducerStateTable::default();
+        for _ in 0..count {
+            if b.remaining() < 8 + 2 + 4 + 8 + 1 {
+                return None;
+            }
+            let pid = ProducerId(b.get_i64());
+            let epoch = b.get_i16();
+            let last_seq = b.get_i32();
+            let last_timestamp_ms = b.get_i64();
+            let n = b.get_u8() as usize;
+            if b.remaining() < n * 24 {
+                return None;
+            }
+            let batches = (0..n)
+                .map(|_| BatchMeta {
+                    first_seq: b.get_i32(),
+                    last_seq: b.get_i32(),
+                    base_offset: Offset(b.get_i64()),
+                    last_offset: Offset(b.get_i64()),
+                })
+                .collect();
+            table.producers.insert(pid, ProducerEntry { epoch, last_seq, last_timestamp_ms, batches });
+        }
+        (b.remaining() == 0).then_some((table, covered_to))
+    }
+}
+
+/// The producer fields of an idempotent produce record set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdempotentBatch {
+    pub pid: ProducerId,
+    pub epoch: i16,
+    pub first_seq: i32,
+    pub count: i32,
+    pub max_timestamp_ms: i64,
+}
+
+/// `Some` when the (validated) record set comes from an idempotent
+/// producer. Like Kafka, such a record set must be exactly one batch.
+pub fn idempotent_batch(records: &[u8], infos: &[BatchInfo]) -> Result<Option<IdempotentBatch>, String> {
+    let Ok(h) = BatchHeader::parse(records) else { return Ok(None) };
+    if h.producer_id().0 < 0 {
+        return Ok(None);
+    }
+    if infos.len() != 1 {
+        return Err(format!("an idempotent producer must send one batch per partition, got {}", infos.len()));
+    }
+    if h.base_sequence() < 0 {
+        return Err(format!("idempotent batch with invalid base sequence {}", h.base_sequence()));
+    }
+    Ok(Some(IdempotentBatch {
+        pid: h.producer_id(),
+        epoch: h.producer_epoch(),
+        first_seq: h.base_sequence(),
+        count: infos[0].last_offset_delta + 1,
+        max_timestamp_ms: infos[0].max_timestamp_ms,
+    }))
+}
+
+/// Rebuilds a log's producer state at open: the snapshot if it is usable,
+/// then every batch header from there to the high watermark.
+pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
+    let (path, start, hw) = {
+        let l = log.borrow();
+        (l.dir.join(SNAPSHOT_FILE), l.log_start_offset, l.high_watermark)
+    };
+    let snapshot = glommio::executor()
+        .spawn_blocking(move || match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await?;
+    let (mut table, mut offset) = match snapshot.as_deref().map(ProducerStateTable::decode_snapshot) {
+        Some(Some((t, covered))) if covered <= hw && covered >= start => (t, covered),
+        Some(_) => {
+            log::warn!(
+                "{}: producer state snapshot unusable; rebuilding from the whole log",
+                log.borrow().dir.display()
+            );
+            (ProducerStateTable::default(), start)
+        }
+        None => (ProducerStateTable::default(), start),
+    };
+    let from = offset;
+    let mut batches = 0usize;
+    while offset < hw {
+        let r = partition::read(log, offset, 4 << 20, true).await?;
+        if r.bytes == 0 {
+            break;
+        }
+        let mut next = offset;
+        for chunk in &r.chunks {
+            let mut at = 0;
+            while at + BATCH_HEADER_BYTES <= chunk.len() {
+                let Ok(h) = BatchHeader::parse(&chunk[at..]) else { break };
+                if h.last_offset() >= offset {
+                    table.replay(&h);
+                    batches += 1;
+                }
+                next = next.max(h.last_offset().next());
+                at += h.size_bytes();
+            }
+        }
+        if next <= offset {
+            break;
+        }
+        offset = next;
+    }
+    table.dirty = batches > 0;
+    let mut l = log.borrow_mut();
+    if !table.is_empty() {
+        log::info!(
+            "{}-{}: producer state of {} producer(s) rebuilt ({batches} batch header(s) from offset {})",
+            l.topic,
+            l.partition.0,
+            table.len(),
+            from.0
+        );
+    }
+    l.producers = table;
+    Ok(())
+}
+
+/// Writes the snapshot of a log whose appends are all durable (skipped
+/// otherwise: a snapshot must never describe data a crash can take back).
+pub async fn snapshot(log: &SharedLog) -> io::Result<bool> {
+    let (bytes, dir) = {
+        let l = log.borrow();
+        if !l.producers.dirty || l.needs_flush() || l.log_end_offset() != l.high_watermark {
+            return Ok(false);
+        }
+        (l.producers.encode_snapshot(l.high_watermark), l.dir.clone())
+    };
+    log.borrow_mut().producers.dirty = false;
+    let written = glommio::executor().spawn_blocking(move || write_durably(&dir, SNAPSHOT_FILE, &bytes)).await;
+    if written.is_err() {
+        log.borrow_mut().producers.dirty = true;
+    }
+    written.map(|_| true)
+}
+
+/// temp file, fdatasync, rename, directory fsync. Blocking.
+fn write_durably(dir: &std::path::Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Producer ids of one shard: `shard << 40 | counter`, reserved in blocks.
+pub struct PidAllocator {
+    shard: ShardId,
+    path: PathBuf,
+    next: Cell<i64>,
+    reserved_to: Cell<i64>,
+    loaded: Cell<bool>,
+}
+
+const PID_SHARD_SHIFT: u32 = 40;
+const PID_BLOCK: i64 = 1000;
+
+impl PidAllocator {
+    pub fn new(shard: ShardId, log_dir: &std::path::Path) -> PidAllocator {
+        PidAllocator {
+            shard,
+            path: log_dir.join(format!("producer-ids-{}", shard.0)),
+            next: Cell::new(0),
+            reserved_to: Cell::new(0),
+            loaded: Cell::new(false),
+        }
+    }
+
+    /// A producer id never handed out before by this data dir.
+    pub async fn allocate(&self) -> io::Result<ProducerId> {
+        loop {
+            if !self.loaded.get() {
+                let path = self.path.clone();
+                let stored = glommio::executor()
+                    .spawn_blocking(move || match std::fs::read_to_string(&path) {
+                        Ok(s) => s.trim().parse::<i64>().map_err(|e| {
+                            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+                        }),
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+                        Err(e) => Err(e),
+                    })
+                    .await?;
+                if !self.loaded.get() {
+                    self.next.set(stored);
+                    self.reserved_to.set(stored);
+                    self.loaded.set(true);
+                }
+            }
+            let next = self.next.get();
+            if next < self.reserved_to.get() {
+                self.next.set(next + 1);
+                return Ok(ProducerId(((self.shard.0 as i64) << PID_SHARD_SHIFT) | next));
+            }
+            let to = self.reserved_to.get() + PID_BLOCK;
+            if to >= 1i64 << PID_SHARD_SHIFT {
+                return Err(io::Error::other("producer id space of this shard is exhausted"));
+            }
+            let dir = self.path.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+            let name = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            glommio::executor().spawn_blocking(move || write_durably(&dir, &name, to.to_string().as_bytes())).await?;
+            if to > self.reserved_to.get() {
+                self.reserved_to.set(to);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(first: i32, last: i32, base: i64) -> BatchMeta {
+        BatchMeta {
+            first_seq: first,
+            last_seq: last,
+            base_offset: Offset(base),
+            last_offset: Offset(base + (last - first) as i64),
+        }
+    }
+
+    #[test]
+    fn sequence_checks_follow_kafka() {
+        let mut t = ProducerStateTable::default();
+        let p = ProducerId(7);
+        assert_eq!(t.check(p, 0, 5, 1), Check::Reject(ErrorCode::UnknownProducerId));
+        assert_eq!(t.check(p, 0, 0, 3), Check::Append);
+        t.record(p, 0, meta(0, 2, 100), 1);
+        // Retry of the same batch: its original offsets.
+        assert_eq!(t.check(p, 0, 0, 3), Check::Duplicate { base_offset: Offset(100), last_offset: Offset(102) });
+        assert_eq!(t.check(p, 0, 3, 2), Check::Append);
+        assert_eq!(t.check(p, 0, 4, 2), Check::Reject(ErrorCode::OutOfOrderSequenceNumber));
+        t.record(p, 0, meta(3, 4, 103), 2);
+        // Older epoch fenced, newer epoch must restart at 0.
+        assert_eq!(t.check(p, -1, 5, 1), Check::Reject(ErrorCode::InvalidProducerEpoch));
+        assert_eq!(t.check(p, 1, 5, 1), Check::Reject(ErrorCode::OutOfOrderSequenceNumber));
+        assert_eq!(t.check(p, 1, 0, 1), Check::Append);
+        t.record(p, 1, meta(0, 0, 105), 3);
+        assert_eq!(t.check(p, 0, 5, 1), Check::Reject(ErrorCode::InvalidProducerEpoch));
+        assert_eq!(t.check(ProducerId(-1), -1, -1, 10), Check::Append);
+    }
+
+    #[test]
+    fn only_the_last_five_batches_are_remembered() {
+        let mut t = ProducerStateTable::default();
+        let p = ProducerId(1);
+        for i in 0..7 {
+            t.record(p, 0, meta(i, i, i as i64), 0);
+        }
+        assert_eq!(t.get(p).map(|e| e.batches.len()), Some(BATCHES_KEPT));
+        assert!(matches!(t.check(p, 0, 6, 1), Check::Duplicate { .. }));
+        assert!(matches!(t.check(p, 0, 2, 1), Check::Duplicate { .. }));
+        // Older than the window: out of order (Kafka does the same).
+        assert_eq!(t.check(p, 0, 1, 1), Check::Reject(ErrorCode::OutOfOrderSequenceNumber));
+    }
+
+    #[test]
+    fn sequence_wraps() {
+        assert_eq!(seq_add(i32::MAX, 1), 0);
+        assert_eq!(seq_add(i32::MAX - 1, 3), 1);
+        let mut t = ProducerStateTable::default();
+        t.record(ProducerId(1), 0, meta(i32::MAX - 1, i32::MAX, 0), 0);
+        assert_eq!(t.check(ProducerId(1), 0, 0, 1), Check::Append);
+    }
+
+    #[test]
+    fn snapshot_roundtrip_and_damage() {
+        let mut t = ProducerStateTable::default();
+        t.record(ProducerId(3), 2, meta(0, 9, 50), 77);
+        t.record(ProducerId(4), 0, meta(0, 0, 60), 78);
+        let snap = t.encode_snapshot(Offset(61));
+        let (back, covered) = ProducerStateTable::decode_snapshot(&snap).expect("valid");
+        assert_eq!(covered, Offset(61));
+        assert_eq!(back.get(ProducerId(3)), t.get(ProducerId(3)));
+        assert_eq!(back.get(ProducerId(4)), t.get(ProducerId(4)));
+        assert_eq!(back.len(), 2);
+        let mut bad = snap.clone();
+        bad[10] ^= 1;
+        assert!(ProducerStateTable::decode_snapshot(&bad).is_none());
+        assert!(ProducerStateTable::decode_snapshot(&snap[..snap.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn replay_from_batch_headers() {
+        use tidelog_protocol::batch::{assign_offset, build_batch, ProducerFields, RecordRef};
+        let recs: Vec<RecordRef<'_>> =
+            (0..3).map(|_| RecordRef { key: None, value: Some(b"v"), headers: &[], timestamp_delta_ms: 0 }).collect();
+        let mut b =
+            build_batch(&recs, 5, ProducerFields { producer_id: 9, producer_epoch: 1, base_sequence: 10 }).to_vec();
+        assign_offset(&mut b, Offset(40), tidelog_protocol::Epoch(0));
+        let mut t = ProducerStateTable::default();
+        t.replay(&BatchHeader::parse(&b).expect("header"));
+        let e = t.get(ProducerId(9)).expect("entry");
+        assert_eq!((e.epoch, e.last_seq), (1, 12));
+        assert_eq!(
+            t.check(ProducerId(9), 1, 10, 3),
+            Check::Duplicate { base_offset: Offset(40), last_offset: Offset(42) }
+        );
+        assert_eq!(t.check(ProducerId(9), 1, 13, 1), Check::Append);
+    }
+
+    #[test]
+    fn expiry_drops_idle_producers() {
+        let mut t = ProducerStateTable::default();
+        t.record(ProducerId(1), 0, meta(0, 0, 0), 1_000);
+        t.record(ProducerId(2), 0, meta(0, 0, 1), 9_000);
+        t.expire(10_000, 5_000);
+        assert!(t.get(ProducerId(1)).is_none());
+        assert!(t.get(ProducerId(2)).is_some());
+    }
+}

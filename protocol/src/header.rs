@@ -171,3 +171,19 @@ mod tests {
         assert_eq!(decoded.api_keys.len(), api::SUPPORTED_APIS.len());
     }
 }
+
+#[cfg(test)]
+mod hostile_input_tests {
+    use super::*;
+    use kafka_protocol::messages::MetadataRequest;
+
+    /// A request whose array count claims 2^31-1 elements in a few bytes must
+    /// fail to decode, not reserve gigabytes (see third_party/README.md).
+    #[test]
+    fn lying_array_count_fails_without_allocating() {
+        let mut body = Bytes::from_static(&[0x7f, 0xff, 0xff, 0xff, 0x00, 0x01, b'a', 0x01]);
+        assert!(MetadataRequest::decode(&mut body, 4).is_err());
+        let mut compact = Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 0x07, 0x02, b'a', 0x00]);
+        assert!(MetadataRequest::decode(&mut compact, 12).is_err());
+    }
+}

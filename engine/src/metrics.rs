@@ -495,7 +495,7 @@ mod tests {
         });
         let text = render(&[snap], ProcessInfo::default());
         let lines: Vec<&str> = text.lines().collect();
-        let has = |l: &str| lines.iter().any(|x| *x == l);
+        let has = |l: &str| lines.contains(&l);
         assert!(has("tidelog_requests_total{shard=\"3\",api=\"Produce\"} 3"), "{text}");
         assert!(has("tidelog_request_errors_total{shard=\"3\",api=\"Produce\",code=\"10\"} 1"), "{text}");
         assert!(!text.contains("code=\"0\""));

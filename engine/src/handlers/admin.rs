@@ -238,7 +238,12 @@ pub async fn create_topics(shard: Rc<Shard>, version: i16, cid: i32, req: Create
                         r.topic_id = meta.uuid();
                     }
                     r.configs = Some(
-                        super::configs::describe_topic(&shard, &shard.image(), &meta, 1, false, false)
+                        super::configs::describe_topic(
+                            &shard,
+                            &shard.image(),
+                            &meta,
+                            super::configs::Want { version: 1, synonyms: false, doc: false },
+                        )
                             .into_iter()
                             .map(|c| {
                                 CreatableTopicConfigs::default()

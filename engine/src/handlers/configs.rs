@@ -30,16 +30,23 @@ use crate::topic_config::{
 pub const RESOURCE_TOPIC: i8 = 2;
 pub const RESOURCE_BROKER: i8 = 4;
 
+/// What a DescribeConfigs request asked to be included.
+#[derive(Clone, Copy)]
+pub struct Want {
+    pub version: i16,
+    pub synonyms: bool,
+    pub doc: bool,
+}
+
 fn entry(
-    version: i16,
+    want: Want,
     name: &str,
     chain: Vec<Resolved>,
     read_only: bool,
     config_type: i8,
     doc: &str,
-    want_synonyms: bool,
-    want_doc: bool,
 ) -> DescribeConfigsResourceResult {
+    let (version, want_synonyms, want_doc) = (want.version, want.synonyms, want.doc);
     let first = chain.first().cloned();
     let (value, source) = first.map(|r| (r.value, r.source)).unwrap_or((String::new(), SOURCE_DEFAULT));
     let mut out = DescribeConfigsResourceResult::default()
@@ -73,15 +80,13 @@ pub fn describe_topic(
     shard: &Shard,
     image: &MetadataImage,
     meta: &TopicMeta,
-    version: i16,
-    synonyms: bool,
-    doc: bool,
+    want: Want,
 ) -> Vec<DescribeConfigsResourceResult> {
     TOPIC_CONFIGS
         .iter()
         .map(|def| {
             let chain = tc::topic_synonyms(&shard.config, image, meta, def);
-            entry(version, def.name, chain, false, def.kind.config_type(), def.doc, synonyms, doc)
+            entry(want, def.name, chain, false, def.kind.config_type(), def.doc)
         })
         .collect()
 }
@@ -89,10 +94,8 @@ pub fn describe_topic(
 fn describe_broker(
     shard: &Shard,
     image: &MetadataImage,
-    version: i16,
+    want: Want,
     per_broker: bool,
-    synonyms: bool,
-    doc: bool,
 ) -> Vec<DescribeConfigsResourceResult> {
     crate::config::SETTINGS
         .iter()
@@ -106,7 +109,7 @@ fn describe_broker(
             }
             let dynamic = tc::broker_dynamic_def(s.name);
             let kind = dynamic.map(|d| d.kind.config_type()).unwrap_or(tc::TYPE_STRING);
-            entry(version, s.name, chain, dynamic.is_none(), kind, s.doc, synonyms, doc)
+            entry(want, s.name, chain, dynamic.is_none(), kind, s.doc)
         })
         .collect()
 }
@@ -117,7 +120,11 @@ fn broker_id_ok(shard: &Shard, name: &str) -> bool {
 
 pub fn describe_configs(shard: &Rc<Shard>, version: i16, cid: i32, req: DescribeConfigsRequest) -> Response {
     let image = shard.image();
-    let (synonyms, doc) = (version >= 1 && req.include_synonyms, version >= 3 && req.include_documentation);
+    let want = Want {
+        version,
+        synonyms: version >= 1 && req.include_synonyms,
+        doc: version >= 3 && req.include_documentation,
+    };
     let results = req
         .resources
         .into_iter()
@@ -132,7 +139,7 @@ pub fn describe_configs(shard: &Rc<Shard>, version: i16, cid: i32, req: Describe
             };
             let configs = match res.resource_type {
                 RESOURCE_TOPIC => match image.topics.get(name) {
-                    Some(meta) => describe_topic(shard, &image, meta, version, synonyms, doc),
+                    Some(meta) => describe_topic(shard, &image, meta, want),
                     None => {
                         return fail(out, ErrorCode::UnknownTopicOrPartition, format!("topic '{name}' does not exist"))
                     }
@@ -141,7 +148,7 @@ pub fn describe_configs(shard: &Rc<Shard>, version: i16, cid: i32, req: Describe
                     if !broker_id_ok(shard, name) {
                         return fail(out, ErrorCode::InvalidRequest, format!("no broker with id {name:?}"));
                     }
-                    describe_broker(shard, &image, version, !name.is_empty(), synonyms, doc)
+                    describe_broker(shard, &image, want, !name.is_empty())
                 }
                 other => {
                     return fail(out, ErrorCode::InvalidRequest, format!("resource type {other} is not supported"))

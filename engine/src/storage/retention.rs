@@ -42,7 +42,8 @@ pub fn select(
         if !s.sealed {
             break;
         }
-        let too_old = retention_ms >= 0 && s.max_timestamp_ms >= 0 && now_ms.saturating_sub(s.max_timestamp_ms) > retention_ms;
+        let too_old =
+            retention_ms >= 0 && s.max_timestamp_ms >= 0 && now_ms.saturating_sub(s.max_timestamp_ms) > retention_ms;
         // Kafka's rule: drop a segment only if the log is still at least
         // retention.bytes without it.
         let too_big = retention_bytes >= 0 && remaining >= s.bytes && remaining - s.bytes >= retention_bytes as u64;

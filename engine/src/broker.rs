@@ -24,6 +24,8 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// Glommio's rings and registered buffers need locked memory beyond io_memory.
 const RING_MEMLOCK_BYTES: u64 = 512 * 1024;
+/// How long start-up waits for every shard (log recovery included).
+const SHARD_START_TIMEOUT: Duration = Duration::from_secs(600);
 /// Bound of every cross-core channel: a full channel is back-pressure.
 const CONTROLLER_CHANNEL_DEPTH: usize = 1024;
 
@@ -154,11 +156,12 @@ pub fn run(mut config: Config) -> Result<(), String> {
             };
             let (to_ctrl, from_ctrl, controller_ends) =
                 futures::join!(to_ctrl.connect(), from_ctrl.connect(), controller_ends);
+            log::debug!("shard {i}: controller channels connected");
             if let Some((receivers, senders)) = controller_ends {
                 let controller = Controller::new(config.clone(), image.clone(), senders);
                 glommio::spawn_local(controller.clone().run(receivers)).detach();
                 if let Some(addr) = config.metrics_addr {
-                    match glommio::net::TcpListener::bind(addr) {
+                    match bind_exclusive(addr) {
                         Ok(l) => {
                             log::info!("metrics: serving /metrics and /health on http://{addr}");
                             glommio::spawn_local(crate::http::serve(l, controller, std::time::Instant::now())).detach();
@@ -178,6 +181,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
             let shard =
                 Shard::new(ShardId(i as u32), num_shards, config.clone(), Arc::new(MetadataImage::default()), to_ctrl);
             shard.apply_image(image).await;
+            log::debug!("shard {i}: owned partitions opened");
             glommio::spawn_local(shard.clone().run_flusher()).detach();
             if i == 0 {
                 glommio::spawn_local(crate::groups::ensure_offsets_topic(shard.clone())).detach();
@@ -226,19 +230,37 @@ pub fn run(mut config: Config) -> Result<(), String> {
         }
     }
     drop(ready_tx);
-    let mut up = 0;
-    while up < num_shards {
-        match ready_rx.recv() {
-            Ok(Ok(_)) => up += 1,
-            Ok(Err(e)) => {
-                STOP.store(true, Ordering::Relaxed);
-                for h in handles {
-                    let _ = h.join();
-                }
-                return Err(e);
+    let mut ready = vec![false; num_shards];
+    let started = std::time::Instant::now();
+    while ready.iter().any(|r| !r) {
+        let waiting: Vec<usize> = (0..num_shards).filter(|i| !ready[*i]).collect();
+        let failure = match ready_rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(Ok(i)) => {
+                ready[i] = true;
+                continue;
             }
-            Err(_) => return Err("a shard exited during start-up (see the log above)".into()),
+            Ok(Err(e)) => e,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                "a shard exited during start-up (see the log above)".to_string()
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if STOP.load(Ordering::Relaxed) => {
+                format!("stopped by a signal during start-up; shard(s) {waiting:?} were still starting")
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if started.elapsed() > SHARD_START_TIMEOUT => format!(
+                "shard(s) {waiting:?} did not start within {} s (recovering a large log? see the log above)",
+                SHARD_START_TIMEOUT.as_secs()
+            ),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+        };
+        // Shards that came up drain and exit on STOP; one stuck in start-up
+        // cannot be joined, and the process exit ends it.
+        STOP.store(true, Ordering::Relaxed);
+        for (i, h) in handles.into_iter().enumerate() {
+            if ready[i] {
+                let _ = h.join();
+            }
         }
+        return Err(failure);
     }
     log::info!(
         "tidelog ready: {num_shards} shard(s), bootstrap {}:{} (shard i on port {} + i)",

@@ -734,11 +734,9 @@ impl Group {
             .filter(|m| m.join_waiter.is_none() && m.sync_waiter.is_none() && m.heartbeat_deadline <= now)
             .map(|m| m.id.clone())
             .collect();
+        // As Kafka: a member that neither heartbeats nor waits in a join or
+        // sync is gone, also in the middle of a rebalance.
         for id in expired {
-            if self.state == GroupState::PreparingRebalance {
-                // It simply has not rejoined yet; the rebalance timeout decides.
-                continue;
-            }
             log::info!("group {}: member {id} session expired", self.id);
             self.remove_member(&id);
             self.member_gone(now, limits);

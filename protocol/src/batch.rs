@@ -51,6 +51,8 @@ pub enum BatchError {
     BadCount { count: i32, last_offset_delta: i32 },
     #[error("record set is empty")]
     Empty,
+    #[error("record {index} of the batch is malformed: {reason}")]
+    InvalidRecord { index: i32, reason: &'static str },
 }
 
 /// Compression codec from the attributes.
@@ -220,10 +222,86 @@ pub fn validate_record_set(bytes: &[u8], limit_bytes: usize) -> Result<Vec<Batch
         if info.record_count != info.last_offset_delta + 1 {
             return Err(BatchError::BadCount { count: info.record_count, last_offset_delta: info.last_offset_delta });
         }
+        if info.compression == Compression::None {
+            validate_records(&bytes[at..at + info.size_bytes])?;
+        }
         at += info.size_bytes;
         infos.push(info);
     }
     Ok(infos)
+}
+
+/// Walks the records of an uncompressed batch (already length- and
+/// CRC-checked): each record's length, offset delta (must be 0, 1, 2, ...),
+/// key, value and headers must fit exactly, and the records must end exactly
+/// where the batch does. Compressed batches are stored opaque, as the design
+/// says; their records are not inspected.
+pub fn validate_records(batch: &[u8]) -> Result<(), BatchError> {
+    let header = BatchHeader::parse(batch)?;
+    let end = header.size_bytes().min(batch.len());
+    let mut at = BATCH_HEADER_BYTES;
+    for index in 0..header.record_count() {
+        let bad = |reason| BatchError::InvalidRecord { index, reason };
+        let (len, n) = get_varint(batch.get(at..end).unwrap_or(&[])).ok_or(bad("record length is not a varint"))?;
+        let len = usize::try_from(len).map_err(|_| bad("negative record length"))?;
+        let start = at + n;
+        let record =
+            batch.get(start..start + len).filter(|_| start + len <= end).ok_or(bad("record runs past the batch"))?;
+        let mut r = Reader { bytes: record, at: 1 };
+        if record.is_empty() {
+            return Err(bad("empty record"));
+        }
+        r.varint().ok_or(bad("bad timestamp delta"))?;
+        if r.varint().ok_or(bad("bad offset delta"))? != index as i64 {
+            return Err(bad("offset deltas are not 0, 1, 2, ..."));
+        }
+        r.bytes_field().ok_or(bad("bad key"))?;
+        r.bytes_field().ok_or(bad("bad value"))?;
+        let headers = r.varint().ok_or(bad("bad header count"))?;
+        if headers < 0 {
+            return Err(bad("negative header count"));
+        }
+        for _ in 0..headers {
+            match r.bytes_field() {
+                Some(Some(_)) => {}
+                _ => return Err(bad("bad header key")),
+            }
+            r.bytes_field().ok_or(bad("bad header value"))?;
+        }
+        if r.at != record.len() {
+            return Err(bad("record length does not match its fields"));
+        }
+        at = start + len;
+    }
+    if at != end {
+        return Err(BatchError::InvalidRecord { index: header.record_count(), reason: "bytes after the last record" });
+    }
+    Ok(())
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn varint(&mut self) -> Option<i64> {
+        let (v, n) = get_varint(self.bytes.get(self.at..)?)?;
+        self.at += n;
+        Some(v)
+    }
+
+    /// A varint length then that many bytes; `Some(None)` for length -1.
+    fn bytes_field(&mut self) -> Option<Option<&[u8]>> {
+        let len = self.varint()?;
+        if len == -1 {
+            return Some(None);
+        }
+        let len = usize::try_from(len).ok()?;
+        let v = self.bytes.get(self.at..self.at + len)?;
+        self.at += len;
+        Some(Some(v))
+    }
 }
 
 /// Rewrites base offset and leader epoch in place (neither is under the CRC).
@@ -432,6 +510,28 @@ mod tests {
         // a torn second batch: only the first survives
         let torn = &set[..a.len() + b.len() - 3];
         assert_eq!(scan_valid_prefix(torn).0, a.len());
+    }
+
+    #[test]
+    fn truncated_or_padded_records_are_rejected() {
+        let b = sample(3);
+        assert!(validate_records(&b).is_ok());
+        // Cut the last record short but keep length and CRC consistent.
+        let mut cut = b[..b.len() - 2].to_vec();
+        let len = (cut.len() - BATCH_LOG_OVERHEAD_BYTES) as i32;
+        cut[8..12].copy_from_slice(&len.to_be_bytes());
+        let crc = crc32c::crc32c(&cut[CRC_COVERED_FROM..]);
+        cut[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+        assert!(validate(&cut, 1 << 20).is_ok(), "CRC and length alone accept it");
+        assert!(matches!(validate_record_set(&cut, 1 << 20), Err(BatchError::InvalidRecord { index: 2, .. })));
+        // Trailing garbage after the last record.
+        let mut padded = b.to_vec();
+        padded.extend_from_slice(&[0, 0]);
+        let len = (padded.len() - BATCH_LOG_OVERHEAD_BYTES) as i32;
+        padded[8..12].copy_from_slice(&len.to_be_bytes());
+        let crc = crc32c::crc32c(&padded[CRC_COVERED_FROM..]);
+        padded[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(validate_record_set(&padded, 1 << 20), Err(BatchError::InvalidRecord { .. })));
     }
 
     #[test]

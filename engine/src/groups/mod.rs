@@ -94,11 +94,14 @@ impl Settings {
     }
 }
 
+/// One group's committed offsets by (topic, partition).
+pub type GroupOffsets = BTreeMap<(String, i32), Committed>;
+
 pub struct Coordinator {
     pub settings: Settings,
     pub groups: RefCell<HashMap<String, Group>>,
     /// Committed offsets: group -> (topic, partition) -> offset.
-    pub offsets: RefCell<HashMap<String, BTreeMap<(String, i32), Committed>>>,
+    pub offsets: RefCell<HashMap<String, GroupOffsets>>,
     loaded: Cell<bool>,
 }
 

@@ -190,6 +190,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
             glommio::spawn_local(crate::handlers::producer_id::run_snapshots(shard.clone())).detach();
             glommio::spawn_local(shard.clone().run_follower(from_ctrl)).detach();
             glommio::spawn_local(crate::storage::retention::run(shard.clone())).detach();
+            glommio::spawn_local(crate::storage::compaction::run(shard.clone())).detach();
             let listener = match bind_exclusive(listen) {
                 Ok(l) => l,
                 Err(e) => {

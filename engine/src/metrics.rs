@@ -74,6 +74,9 @@ pub struct CleanerCounters {
     pub compaction_runs: u64,
     pub compaction_records_removed: u64,
     pub compaction_bytes_reclaimed: u64,
+    pub compaction_bytes_read: u64,
+    pub compaction_bytes_written: u64,
+    pub compaction_segments_cleaned: u64,
 }
 
 /// One shard's live metrics. Shard-local.
@@ -419,7 +422,7 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
     }
 
     type GetC = fn(&CleanerCounters) -> u64;
-    let cleaner: [(&str, &str, GetC); 6] = [
+    let cleaner: [(&str, &str, GetC); 9] = [
         ("tidelog_retention_segments_deleted_total", "Segments deleted by time/size retention.", |c| {
             c.retention_segments_deleted
         }),
@@ -431,7 +434,12 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
             "Segments deleted below a DeleteRecords log start offset.",
             |c| c.delete_records_segments_deleted,
         ),
-        ("tidelog_compaction_runs_total", "Segment compactions completed.", |c| c.compaction_runs),
+        ("tidelog_compaction_runs_total", "Compaction passes over a partition completed.", |c| c.compaction_runs),
+        ("tidelog_compaction_segments_cleaned_total", "Segments rewritten by compaction.", |c| {
+            c.compaction_segments_cleaned
+        }),
+        ("tidelog_compaction_read_bytes_total", "Bytes read by compaction.", |c| c.compaction_bytes_read),
+        ("tidelog_compaction_written_bytes_total", "Bytes written by compaction.", |c| c.compaction_bytes_written),
         ("tidelog_compaction_records_removed_total", "Records dropped by compaction.", |c| {
             c.compaction_records_removed
         }),

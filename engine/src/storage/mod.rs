@@ -5,6 +5,7 @@
 //! shard and touched only from its thread.
 
 pub mod checkpoint;
+pub mod compaction;
 pub mod dirfs;
 pub mod index;
 pub mod partition;

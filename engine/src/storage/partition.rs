@@ -122,6 +122,8 @@ impl PartitionLog {
         let mut bases: Vec<i64> = glommio::executor()
             .spawn_blocking(move || -> io::Result<Vec<i64>> {
                 std::fs::create_dir_all(&d)?;
+                // Finish or discard a compaction swap a crash interrupted.
+                super::compaction::recover_dir(&d)?;
                 let mut out = Vec::new();
                 for entry in std::fs::read_dir(&d)? {
                     let name = entry?.file_name();
@@ -595,10 +597,20 @@ pub async fn read_for_fetch(
                 let p = path.clone();
                 let f = Rc::new(glommio::executor().spawn_blocking(move || std::fs::File::open(p)).await?);
                 let mut l = log.borrow_mut();
-                if let Some(s) = l.segments.iter_mut().find(|s| s.base_offset == base) {
-                    s.reader = Some(f.clone());
+                match l.segments.iter_mut().find(|s| s.base_offset == base) {
+                    // Still the file the position was found in: keep the fd
+                    // (or one another task opened meanwhile, before a
+                    // compaction swap renamed a new file over this path).
+                    Some(s) if s.file.as_ref().is_some_and(|f| Rc::ptr_eq(f, &dma)) => match &s.reader {
+                        Some(r) => r.clone(),
+                        None => {
+                            s.reader = Some(f.clone());
+                            f
+                        }
+                    },
+                    // Swapped by compaction or deleted while we opened: plan again.
+                    _ => continue,
                 }
-                f
             }
         };
         return Ok(FetchRead {
@@ -698,6 +710,61 @@ impl PartitionLog {
                 sealed: s.sealed,
             })
             .collect()
+    }
+
+    /// The active segment as compaction sees it: `bytes` is its durable size.
+    pub fn active_segment_info(&self) -> SegmentInfo {
+        let s = self.active();
+        SegmentInfo {
+            base_offset: s.base_offset,
+            next_offset: s.durable_next_offset,
+            bytes: s.durable_bytes,
+            max_timestamp_ms: s.max_timestamp_ms,
+            sealed: s.sealed,
+        }
+    }
+
+    /// Compaction: gives the sealed segment at `base` a buffered read fd for
+    /// its current file if it has none, so fetches keep reading this inode
+    /// after a cleaned file is renamed over its path.
+    pub fn set_reader_if_none(&mut self, base: Offset, reader: Rc<std::fs::File>) {
+        if let Some(s) = self.segments.iter_mut().find(|s| s.base_offset == base && s.sealed) {
+            if s.reader.is_none() {
+                s.reader = Some(reader);
+            }
+        }
+    }
+
+    /// Compaction: swaps the sealed, inactive segment at `base` for its
+    /// cleaned rewrite (already renamed over its path and indexed on disk).
+    /// Fetches holding the old file keep reading the old inode. Cached
+    /// batches outside the active segment are dropped, since they may hold
+    /// records the rewrite removed. `false` when the segment is gone.
+    pub fn swap_cleaned_segment(
+        &mut self,
+        base: Offset,
+        file: Rc<glommio::io::DmaFile>,
+        bytes: u64,
+        index: super::index::SegmentIndex,
+        max_timestamp_ms: i64,
+    ) -> bool {
+        let n = self.segments.len().saturating_sub(1);
+        let Some(s) = self.segments[..n].iter_mut().find(|s| s.base_offset == base && s.sealed) else {
+            return false;
+        };
+        s.file = Some(file);
+        s.reader = None;
+        s.end_bytes = bytes;
+        s.durable_bytes = bytes;
+        s.index = index;
+        s.max_timestamp_ms = max_timestamp_ms;
+        let active_base = self.active().base_offset;
+        while self.cache.front().is_some_and(|b| b.base_offset < active_base) {
+            if let Some(old) = self.cache.pop_front() {
+                self.cache_bytes -= old.bytes.len();
+            }
+        }
+        true
     }
 
     /// Moves the log start offset forward (never back, never past the high

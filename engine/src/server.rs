@@ -147,6 +147,29 @@ async fn read_frame<R: futures_lite::AsyncRead + Unpin>(
     Ok(Some(buf.freeze()))
 }
 
+/// Niceness of the blocking-pool threads that run cold sends: the copy from
+/// page cache to socket is kernel CPU work, and on a busy host it must lose
+/// the CPU to the shard threads (acks and tail fetches), not compete with them.
+const SEND_POOL_NICE: libc::c_int = 10;
+
+thread_local! {
+    static DEMOTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Lowers the calling (blocking-pool) thread's priority once.
+fn demote_pool_thread() {
+    DEMOTED.with(|d| {
+        if !d.get() {
+            d.set(true);
+            // SAFETY: gettid/setpriority on the calling thread only.
+            unsafe {
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::setpriority(libc::PRIO_PROCESS, tid, SEND_POOL_NICE);
+            }
+        }
+    });
+}
+
 /// How long a response may wait on a client that does not read, per part.
 const SEND_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// iovecs per `sendmsg` (well under IOV_MAX).
@@ -178,6 +201,7 @@ pub async fn send_parts(fd: RawFd, parts: Vec<OutPart>) -> io::Result<()> {
     if !regions.is_empty() {
         glommio::executor()
             .spawn_blocking(move || {
+                demote_pool_thread();
                 for (file_fd, position, len) in regions {
                     // SAFETY: advisory call on an fd kept open by `parts` until this completes.
                     unsafe { libc::posix_fadvise(file_fd, position as i64, len as i64, libc::POSIX_FADV_WILLNEED) };
@@ -281,6 +305,7 @@ fn wait_writable(fd: RawFd, since: Instant) -> io::Result<()> {
 
 /// Blocking-pool side of `sendmsg_nowait`: sends everything, waiting for room.
 fn send_all_blocking(fd: RawFd, mut rest: Vec<bytes::Bytes>) -> io::Result<()> {
+    demote_pool_thread();
     let mut since = Instant::now();
     while !rest.is_empty() {
         let n = sendmsg_nowait(fd, &rest)?;
@@ -296,6 +321,7 @@ fn send_all_blocking(fd: RawFd, mut rest: Vec<bytes::Bytes>) -> io::Result<()> {
 
 /// Sends `len` bytes of `file_fd` from `position` to the socket with sendfile.
 fn sendfile_all(fd: RawFd, file_fd: RawFd, position: u64, len: u64) -> io::Result<()> {
+    demote_pool_thread();
     let mut offset = position as libc::off_t;
     let end = (position + len) as libc::off_t;
     let mut since = Instant::now();

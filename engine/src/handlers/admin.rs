@@ -244,15 +244,15 @@ pub async fn create_topics(shard: Rc<Shard>, version: i16, cid: i32, req: Create
                             &meta,
                             super::configs::Want { version: 1, synonyms: false, doc: false },
                         )
-                            .into_iter()
-                            .map(|c| {
-                                CreatableTopicConfigs::default()
-                                    .with_name(c.name)
-                                    .with_value(c.value)
-                                    .with_config_source(c.config_source)
-                                    .with_read_only(false)
-                            })
-                            .collect(),
+                        .into_iter()
+                        .map(|c| {
+                            CreatableTopicConfigs::default()
+                                .with_name(c.name)
+                                .with_value(c.value)
+                                .with_config_source(c.config_source)
+                                .with_read_only(false)
+                        })
+                        .collect(),
                     );
                 }
                 Ok(_) => {}

@@ -108,7 +108,7 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
                 break;
             }
         };
-        match handlers::dispatch(&shard, key, &req_header, frame) {
+        match handlers::dispatch(&shard, peer, key, &req_header, frame) {
             Ok(pending) => {
                 if tx.send(glommio::spawn_local(pending)).await.is_err() {
                     break;

@@ -142,6 +142,7 @@ pub async fn join_group(
     cid: i32,
     req: JoinGroupRequest,
     client_id: String,
+    client_host: String,
 ) -> Response {
     let gid = req.group_id.0.to_string();
     let coord = &shard.groups;
@@ -153,7 +154,7 @@ pub async fn join_group(
         member_id: member_id.clone(),
         instance_id: if version >= 5 { opt(&req.group_instance_id) } else { None },
         client_id,
-        client_host: "/".into(),
+        client_host,
         session_timeout_ms: req.session_timeout_ms,
         rebalance_timeout_ms: if version >= 1 { req.rebalance_timeout_ms } else { req.session_timeout_ms },
         protocol_type: req.protocol_type.to_string(),

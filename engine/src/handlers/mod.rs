@@ -69,9 +69,15 @@ fn decode<M: Decodable>(key: ApiKey, version: i16, body: &mut Bytes) -> Result<M
 
 /// Routes one request and times it (request count and latency by API, in
 /// the shard's metrics). `Err` closes the connection (after logging).
-pub fn dispatch(shard: &Rc<Shard>, key: ApiKey, header: &RequestHeader, body: Bytes) -> Result<Pending, Reject> {
+pub fn dispatch(
+    shard: &Rc<Shard>,
+    peer: std::net::SocketAddr,
+    key: ApiKey,
+    header: &RequestHeader,
+    body: Bytes,
+) -> Result<Pending, Reject> {
     let started = std::time::Instant::now();
-    let pending = route(shard, key, header, body)?;
+    let pending = route(shard, peer, key, header, body)?;
     let shard = shard.clone();
     Ok(Box::pin(async move {
         let r = pending.await;
@@ -80,7 +86,13 @@ pub fn dispatch(shard: &Rc<Shard>, key: ApiKey, header: &RequestHeader, body: By
     }))
 }
 
-fn route(shard: &Rc<Shard>, key: ApiKey, header: &RequestHeader, mut body: Bytes) -> Result<Pending, Reject> {
+fn route(
+    shard: &Rc<Shard>,
+    peer: std::net::SocketAddr,
+    key: ApiKey,
+    header: &RequestHeader,
+    mut body: Bytes,
+) -> Result<Pending, Reject> {
     let version = header.request_api_version;
     let cid = header.correlation_id;
     if !api::is_supported(key as i16, version) {
@@ -165,7 +177,9 @@ fn route(shard: &Rc<Shard>, key: ApiKey, header: &RequestHeader, mut body: Bytes
         ApiKey::JoinGroup => {
             let req = decode(key, version, &mut body)?;
             let client_id = header.client_id.as_ref().map(|c| c.to_string()).unwrap_or_default();
-            Box::pin(groups::join_group(shard.clone(), version, cid, req, client_id))
+            // Kafka reports a member's host as "/<ip>".
+            let client_host = format!("/{}", peer.ip());
+            Box::pin(groups::join_group(shard.clone(), version, cid, req, client_id, client_host))
         }
         ApiKey::SyncGroup => {
             Box::pin(groups::sync_group(shard.clone(), version, cid, decode(key, version, &mut body)?))

@@ -36,6 +36,11 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "max.connections", default: "10000", doc: "Connections accepted per shard; more are closed at accept with a log line." },
     Setting { name: "max.inflight.requests.per.connection", default: "64", doc: "Requests read ahead of their responses on one connection; the reader waits (back-pressure) beyond this." },
         Setting {
+        name: "flush.writes.inflight.max",
+        default: "32",
+        doc: "Most O_DIRECT writes of one segment on the device at once in a flush (overridden by io-properties best_queue_depth).",
+    },
+    Setting {
         name: "fetch.cache.max.bytes",
         default: "0",
         doc: "Recent durable batches kept in memory per shard for tail fetches (oldest evicted first). 0 = 1/8 of memory per shard, at most 1 GiB.",
@@ -59,6 +64,7 @@ Setting { name: "fetch.max.wait.ms.max", default: "30000", doc: "Upper bound on 
     Setting { name: "log.retention.segments.per.check.max", default: "256", doc: "Pace of retention: segments a shard deletes per check at most; the rest wait for the next check." },
     Setting { name: "log.cleaner.backoff.ms", default: "15000", doc: "How often each shard's compaction task looks for compact topics with sealed segments to clean." },
     Setting { name: "log.cleaner.io.max.bytes.per.second", default: "104857600", doc: "Pace of compaction: bytes a shard's cleaner reads and writes per second at most." },
+    Setting { name: "log.cleaner.min.cleanable.ratio", default: "0.5", doc: "Compaction starts on a log once its never-cleaned sealed bytes are at least this fraction of its cleanable bytes (Kafka's min.cleanable.dirty.ratio)." },
     Setting { name: "log.cleaner.delete.retention.ms", default: "86400000", doc: "Default delete.retention.ms: how long compaction keeps tombstones." },
     Setting { name: "log.cleaner.min.compaction.lag.ms", default: "0", doc: "Default min.compaction.lag.ms: records younger than this are never compacted." },
     Setting { name: "group.min.session.timeout.ms", default: "6000", doc: "Smallest session.timeout.ms a group member may ask for; smaller gets INVALID_SESSION_TIMEOUT." },
@@ -101,6 +107,7 @@ pub struct Config {
     pub max_inflight_requests: usize,
     pub fetch_max_wait_ms_max: u64,
     pub fetch_cache_max_bytes: usize,
+    pub flush_writes_inflight_max: usize,
     pub fetch_sendfile_threads: usize,
     pub flush_write_bytes_max: usize,
     pub io_properties_file: Option<PathBuf>,
@@ -112,6 +119,7 @@ pub struct Config {
     pub retention_segments_per_check_max: usize,
     pub cleaner_backoff_ms: u64,
     pub cleaner_io_max_bytes_per_second: u64,
+    pub cleaner_min_cleanable_ratio: f64,
     /// Every setting's final value and where it came from, for DescribeConfigs.
     pub values: BTreeMap<&'static str, (String, Source)>,
 }
@@ -338,6 +346,7 @@ impl Config {
             max_inflight_requests: num(&values, "max.inflight.requests.per.connection", 1usize, 4096)?,
             fetch_max_wait_ms_max: num(&values, "fetch.max.wait.ms.max", 0u64, 3_600_000)?,
             fetch_cache_max_bytes: num(&values, "fetch.cache.max.bytes", 0usize, 1 << 40)?,
+            flush_writes_inflight_max: num(&values, "flush.writes.inflight.max", 1usize, 4096)?,
             fetch_sendfile_threads: num(&values, "fetch.sendfile.threads", 1usize, 256)?,
             flush_write_bytes_max: num(&values, "flush.write.bytes.max", 4096usize, 64 << 20)?,
             io_properties_file: if io_properties.is_empty() { None } else { Some(PathBuf::from(io_properties)) },
@@ -348,6 +357,7 @@ impl Config {
             retention_segments_per_check_max: num(&values, "log.retention.segments.per.check.max", 1usize, 1 << 20)?,
             cleaner_backoff_ms: num(&values, "log.cleaner.backoff.ms", 1u64, 86_400_000)?,
             cleaner_io_max_bytes_per_second: num(&values, "log.cleaner.io.max.bytes.per.second", 4096u64, 1 << 40)?,
+            cleaner_min_cleanable_ratio: num(&values, "log.cleaner.min.cleanable.ratio", 0.0f64, 1.0)?,
             values,
         };
         if cfg.log_dir.as_os_str().is_empty() {

@@ -10,12 +10,14 @@
 //! after each step for the bytes it read and wrote).
 //!
 //! What is cleaned: the *cleanable* segments are the leading sealed segments
-//! whose newest record is older than `min.compaction.lag.ms` and whose
-//! successor already holds durable data (so a rewrite never becomes the last
-//! file on disk, whose end recovery would take from its last batch). The
+//! whose newest record is older than `min.compaction.lag.ms`; the last of
+//! them only once the active segment holds durable data (so a rewrite never
+//! becomes the last file on disk, whose end recovery takes from its last
+//! batch). The
 //! active segment is never touched. A pass runs when the never-cleaned
-//! ("dirty") bytes are at least half of the cleanable bytes (Kafka's default
-//! `min.cleanable.dirty.ratio`), or when tombstones are due to expire.
+//! ("dirty") bytes are at least `log.cleaner.min.cleanable.ratio` (default
+//! 0.5, Kafka's `min.cleanable.dirty.ratio`) of the cleanable bytes, or when
+//! tombstones are due to expire.
 //!
 //! A pass: (1) the key -> latest offset map is built from every segment of
 //! the log, the active one up to its durable end included, so a key whose
@@ -77,8 +79,6 @@ use crate::topic_config;
 pub const CHECKPOINT_FILE: &str = "cleaner-checkpoint";
 /// Suffix of a segment's rewrite before it is renamed over the segment.
 pub const CLEANED_SUFFIX: &str = ".log.cleaned";
-/// Kafka's default `min.cleanable.dirty.ratio`, as a fraction of 2.
-const DIRTY_RATIO_DENOMINATOR: u64 = 2;
 const READ_BUFFER_BYTES: usize = 1 << 20;
 
 fn now_ms() -> i64 {
@@ -476,6 +476,8 @@ pub struct CleanParams {
     pub min_compaction_lag_ms: i64,
     pub delete_retention_ms: i64,
     pub io_max_bytes_per_second: u64,
+    /// `log.cleaner.min.cleanable.ratio`: dirty share of the cleanable bytes that starts a pass.
+    pub min_cleanable_ratio: f64,
 }
 
 /// What one pass did.
@@ -493,8 +495,10 @@ pub fn cleanable(inactive: &[SegmentInfo], active: &SegmentInfo, now_ms: i64, mi
     let mut out = Vec::new();
     for (i, s) in inactive.iter().enumerate() {
         let too_young = s.max_timestamp_ms >= 0 && now_ms.saturating_sub(s.max_timestamp_ms) < min_lag_ms;
-        let successor_bytes = inactive.get(i + 1).map(|n| n.bytes).unwrap_or(active.bytes);
-        if !s.sealed || too_young || successor_bytes == 0 {
+        // Only the last sealed segment waits for its successor (the active
+        // one) to hold durable data; an emptied sealed successor is still a file.
+        let last_without_successor = i + 1 == inactive.len() && active.bytes == 0;
+        if !s.sealed || too_young || last_without_successor {
             break;
         }
         out.push(*s);
@@ -512,7 +516,7 @@ pub fn worth_cleaning(segments: &[SegmentInfo], cp: &Checkpoint, p: &CleanParams
     let dirty: u64 = segments.iter().filter(|s| !cp.contains_key(&s.base_offset.0)).map(|s| s.bytes).sum();
     let due =
         segments.iter().filter_map(|s| cp.get(&s.base_offset.0)).any(|c| c.tombstones > 0 && tombstones_due(c, p));
-    (dirty > 0 && dirty * DIRTY_RATIO_DENOMINATOR >= total) || due
+    (dirty > 0 && dirty as f64 >= p.min_cleanable_ratio * total as f64) || due
 }
 
 async fn pace(bytes: u64, bytes_per_second: u64) {
@@ -561,9 +565,13 @@ pub async fn clean_log(
         segments.len(),
         segments.iter().map(|s| s.bytes).sum::<u64>()
     );
+    // Every segment with its file and size known: the sealed ones, then the
+    // active one's durable part. A segment still waiting for its flush and
+    // seal ends the list (missing newer keys only means keeping more).
+    let sealed = inactive.iter().take_while(|s| s.sealed);
     let mut sources: Vec<(PathBuf, u64)> =
-        inactive.iter().map(|s| (super::segment::log_path(&dir, s.base_offset), s.bytes)).collect();
-    if active.bytes > 0 {
+        sealed.map(|s| (super::segment::log_path(&dir, s.base_offset), s.bytes)).collect();
+    if active.bytes > 0 && sources.len() == inactive.len() {
         sources.push((super::segment::log_path(&dir, active.base_offset), active.bytes));
     }
     let (map, read) = glommio::executor().spawn_blocking(move || build_key_map(&sources)).await?;
@@ -663,6 +671,7 @@ pub async fn check(shard: &Rc<Shard>) {
             min_compaction_lag_ms: topic_config::topic_i64(&shard.config, &image, meta, "min.compaction.lag.ms"),
             delete_retention_ms: topic_config::topic_i64(&shard.config, &image, meta, "delete.retention.ms"),
             io_max_bytes_per_second: shard.config.cleaner_io_max_bytes_per_second,
+            min_cleanable_ratio: shard.config.cleaner_min_cleanable_ratio,
         };
         let stopping = || shard.stopping.get();
         match clean_log(&log, &params, &stopping).await {

@@ -127,7 +127,13 @@ fn compacted() -> Vec<Row> {
 }
 
 fn params(now_ms: i64) -> CleanParams {
-    CleanParams { now_ms, min_compaction_lag_ms: 0, delete_retention_ms: 1_000, io_max_bytes_per_second: 0 }
+    CleanParams {
+        now_ms,
+        min_compaction_lag_ms: 0,
+        delete_retention_ms: 1_000,
+        io_max_bytes_per_second: 0,
+        min_cleanable_ratio: 0.5,
+    }
 }
 
 fn stray_cleaned(dir: &Path) -> Vec<String> {
@@ -317,6 +323,9 @@ fn cleanable_range_and_dirty_ratio() {
     assert_eq!(cleanable(&inactive, &empty_active, 6_000, 0).len(), 2);
     let unsealed = [seg(0, 10, 100, 1, true), seg(10, 20, 100, 1, false)];
     assert_eq!(cleanable(&unsealed, &active, 6_000, 0).len(), 1);
+    // Emptied sealed segments do not stop the range.
+    let emptied = [seg(0, 10, 0, -1, true), seg(10, 20, 0, -1, true), seg(20, 30, 100, 1_000, true)];
+    assert_eq!(cleanable(&emptied, &active, 6_000, 0).len(), 3);
 
     let p = params(10_000);
     let mut cp = Checkpoint::new();

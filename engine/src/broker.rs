@@ -63,10 +63,14 @@ fn apply_io_properties(config: &mut Config) {
                 let block = (block as usize).clamp(4096, 64 << 20);
                 config.flush_write_bytes_max = block;
             }
+            if let Some(depth) = v.get("best_queue_depth").and_then(|d| d.as_u64()) {
+                config.flush_writes_inflight_max = (depth as usize).clamp(1, 4096);
+            }
             log::info!(
-                "using io-properties {}: flush writes up to {} bytes (measured write bandwidth {} B/s)",
+                "using io-properties {}: flush writes up to {} bytes, {} in flight (measured write bandwidth {} B/s)",
                 path.display(),
                 config.flush_write_bytes_max,
+                config.flush_writes_inflight_max,
                 v.get("write_bandwidth_bytes_per_s").and_then(|b| b.as_u64()).unwrap_or(0)
             );
         }

@@ -238,6 +238,7 @@ impl Shard {
                 {
                     Ok(log) => {
                         log.borrow_mut().cache_budget = Some(self.cache_budget.clone());
+                        log.borrow_mut().writes_inflight_max = self.config.flush_writes_inflight_max;
                         if let Err(e) = crate::storage::checkpoint::restore(&log).await {
                             log::error!(
                                 "shard {}: {}-{p}: cannot restore the log start offset checkpoint: {e}",

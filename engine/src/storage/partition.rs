@@ -18,6 +18,7 @@ use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
+use glommio::io::DmaBuffer;
 use tidelog_protocol::batch::{
     self, BatchHeader, BatchInfo, Compression, BATCH_HEADER_BYTES, BATCH_LOG_OVERHEAD_BYTES,
 };
@@ -54,7 +55,12 @@ pub struct PartitionLog {
     pub cache_budget: Option<Rc<CacheBudget>>,
     /// Idempotent producers' sequence state (see `producer_state`).
     pub producers: super::producer_state::ProducerStateTable,
+    /// Most O_DIRECT writes of one segment in flight at once (`flush.writes.inflight.max`).
+    pub writes_inflight_max: usize,
 }
+
+/// `flush.writes.inflight.max` when a log is opened outside a shard (tests).
+pub const WRITES_INFLIGHT_DEFAULT: usize = 32;
 
 /// One cached batch in the shard-wide FIFO: its log, base offset and size.
 type CacheEntry = (std::rc::Weak<RefCell<PartitionLog>>, Offset, usize);
@@ -197,6 +203,7 @@ impl PartitionLog {
             cache: VecDeque::new(),
             cache_bytes: 0,
             cache_budget: None,
+            writes_inflight_max: WRITES_INFLIGHT_DEFAULT,
             producers: Default::default(),
         }));
         super::producer_state::rebuild(&log).await?;
@@ -355,24 +362,31 @@ pub async fn flush(log: &SharedLog) -> io::Result<()> {
                     log::debug!("{}: fallocate to {to} failed: {e}", path.display());
                 }
             }
-            let writes = std::mem::take(&mut plan.writes);
-            let results = join_all(writes.into_iter().map(|(pos, buf)| {
-                let file = file.clone();
-                async move {
-                    let len = buf.len();
-                    let n = file.write_at(buf, pos).await.map_err(io::Error::from)?;
-                    if n != len {
-                        return Err(io::Error::new(
-                            io::ErrorKind::WriteZero,
-                            format!("short write {n}/{len} at {pos}"),
-                        ));
+            // At most `writes_inflight_max` writes of this segment are on the
+            // device at once (the queue depth iotune found best); they are
+            // disjoint, so their order does not matter.
+            let inflight_max = log.borrow().writes_inflight_max.max(1);
+            let mut writes = std::mem::take(&mut plan.writes).into_iter().peekable();
+            while writes.peek().is_some() {
+                let wave: Vec<(u64, DmaBuffer)> = writes.by_ref().take(inflight_max).collect();
+                let results = join_all(wave.into_iter().map(|(pos, buf)| {
+                    let file = file.clone();
+                    async move {
+                        let len = buf.len();
+                        let n = file.write_at(buf, pos).await.map_err(io::Error::from)?;
+                        if n != len {
+                            return Err(io::Error::new(
+                                io::ErrorKind::WriteZero,
+                                format!("short write {n}/{len} at {pos}"),
+                            ));
+                        }
+                        Ok(())
                     }
-                    Ok(())
+                }))
+                .await;
+                for r in results {
+                    r?;
                 }
-            }))
-            .await;
-            for r in results {
-                r?;
             }
             file.fdatasync().await.map_err(io::Error::from)?;
             let mut l = log.borrow_mut();

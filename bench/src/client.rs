@@ -25,6 +25,9 @@ use tidelog_protocol::{Decodable, Encodable, StrBytes};
 
 pub const CLIENT_SOFTWARE_NAME: &str = "tidelog-bench";
 pub const CLIENT_SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Read timeout of blocking calls; a JoinGroup may wait a whole rebalance
+/// timeout for its answer, so that must stay below this.
+pub const BLOCKING_CALL_TIMEOUT_MS: u64 = 60_000;
 /// Largest response frame accepted (a fetch is bounded by fetch_max_bytes).
 pub const RESPONSE_BYTES_MAX: usize = 256 * 1024 * 1024;
 
@@ -37,6 +40,14 @@ pub const CLIENT_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Metadata, 1, 12),
     (ApiKey::ApiVersions, 0, 3),
     (ApiKey::CreateTopics, 2, 7),
+    // Classic consumer groups (consumer.mode = "group").
+    (ApiKey::FindCoordinator, 1, 4),
+    (ApiKey::JoinGroup, 1, 9),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 5),
+    (ApiKey::OffsetCommit, 2, 9),
+    (ApiKey::OffsetFetch, 1, 9),
 ];
 
 /// Kafka error codes the bench treats as transient.
@@ -104,7 +115,7 @@ impl Conn {
         let stream = TcpStream::connect_timeout(&sock, Duration::from_secs(10))
             .with_context(|| format!("connecting to {addr}"))?;
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        stream.set_read_timeout(Some(Duration::from_millis(BLOCKING_CALL_TIMEOUT_MS)))?;
         let mut conn = Conn {
             stream,
             addr: addr.to_string(),

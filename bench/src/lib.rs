@@ -5,13 +5,14 @@
 //!
 //! Modules, bottom up: `murmur2` (Kafka's partitioner), `records` (batch
 //! encode/decode, compression), `client` (connections, setup calls),
-//! `stats` (histograms, pacing), `producer`/`consumer` (worker threads),
-//! `run` (orchestration), `report`/`svg` (outputs), `baseline`/`host`
-//! (what a result is a ratio of).
+//! `group` (consumer-group membership and assignment), `stats` (histograms,
+//! pacing), `producer`/`consumer` (worker threads), `run` (orchestration),
+//! `report`/`svg` (outputs), `baseline`/`host` (what a result is a ratio of).
 
 pub mod baseline;
 pub mod client;
 pub mod consumer;
+pub mod group;
 pub mod host;
 pub mod murmur2;
 pub mod producer;

@@ -382,9 +382,11 @@ fn cmd_run(a: &RunArgs) -> anyhow::Result<bool> {
                 ok = false;
             }
         }
-        if r.consumed_total_per_group.iter().any(|&c| c != r.produced_total) {
-            eprintln!("consumed {:?} != produced {}", r.consumed_total_per_group, r.produced_total);
-            ok = false;
+        if let Some(want) = r.expected_per_group {
+            if r.consumed_total_per_group.iter().any(|&c| c != want) {
+                eprintln!("consumed per group {:?} != expected {want}", r.consumed_total_per_group);
+                ok = false;
+            }
         }
         if r.failed_records > 0 {
             eprintln!("{} records failed", r.failed_records);

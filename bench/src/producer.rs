@@ -294,13 +294,16 @@ impl Producer {
         if overflow {
             self.close(slot)?;
         }
+        let opened = self.open[slot].is_none();
         let ob = self.open[slot].get_or_insert_with(|| OpenBatch {
             builder: BatchBuilder::new(ts_ms, batch_max),
             created: intended,
             intended: Vec::with_capacity(64),
             value_bytes: 0,
         });
-        let before = ob.builder.size_bytes();
+        // A new batch's header counts too: `close` takes off the whole
+        // uncompressed size.
+        let before = if opened { 0 } else { ob.builder.size_bytes() };
         let tail = &self.filler[offset..offset + value_len - PAYLOAD_HEADER_BYTES];
         ob.builder.append(ts_ms, if keyed.is_some() { Some(self.key_buf.as_slice()) } else { None }, &header, tail);
         ob.intended.push(intended);
@@ -319,7 +322,7 @@ impl Producer {
         let uncompressed = ob.builder.size_bytes();
         let records = ob.builder.count() as u32;
         let bytes = ob.builder.finish(self.cfg.spec.compression)?;
-        self.buffered_bytes = self.buffered_bytes - uncompressed + bytes.len();
+        self.buffered_bytes = self.buffered_bytes + bytes.len() - uncompressed;
         self.leaders[self.leader_of[slot]].ready.push_back(ReadyBatch {
             partition: slot as i32,
             bytes,

@@ -80,6 +80,20 @@ pub struct Results {
     /// Whole run, warm-up included: what verification compares.
     pub produced_total: u64,
     pub consumed_total_per_group: Vec<u64>,
+    /// What each group should have read (produced records, or a consumer-only
+    /// run's backlog capped by run.records); absent when open-ended.
+    #[serde(default)]
+    pub expected_per_group: Option<u64>,
+    /// consumer.mode = "group": the group ids, generations joined (summed
+    /// over members), commits, and codes answered to group calls.
+    #[serde(default)]
+    pub group_ids: Vec<String>,
+    #[serde(default)]
+    pub group_generations: u64,
+    #[serde(default)]
+    pub group_commits: u64,
+    #[serde(default)]
+    pub group_error_codes: BTreeMap<String, u64>,
     pub requests: u64,
     pub errors: u64,
     pub retries: u64,
@@ -146,6 +160,11 @@ pub fn build_summary(inp: SummaryInputs<'_>, o: &RunOutcome) -> Summary {
         consume: tp(s.consumed_records, s.consumed_bytes, o.consume_window_s),
         produced_total: o.produced_total,
         consumed_total_per_group: o.consumed_total_per_group.clone(),
+        expected_per_group: o.expected_per_group,
+        group_ids: o.group_ids.clone(),
+        group_generations: s.group_generations,
+        group_commits: s.group_commits,
+        group_error_codes: s.group_error_codes.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         requests: s.requests,
         errors: s.errors,
         retries: s.retries,
@@ -285,11 +304,12 @@ pub fn render_table(s: &Summary) -> String {
     let w = &s.workload;
     let _ = writeln!(
         out,
-        "workload: {} partitions, {} producers, {}x{} consumers, record {} B, keys {:?}, acks {}, linger {} ms, batch {} B, {:?}, in-flight {}, target {}",
+        "workload: {} partitions, {} producers, {}x{} consumers ({:?}), record {} B, keys {:?}, acks {}, linger {} ms, batch {} B, {:?}, in-flight {}, target {}",
         w.topic.partitions,
         w.producer.count,
         w.consumer.groups,
         w.consumer.count,
+        w.consumer.mode,
         w.producer.mean_record_bytes(),
         w.producer.keys,
         w.producer.acks,
@@ -300,13 +320,20 @@ pub fn render_table(s: &Summary) -> String {
         if r.paced { format!("{:.0} rec/s (latency from intended send time)", r.target_records_per_s) } else { "max".into() }
     );
     let _ = writeln!(out);
-    let _ =
-        writeln!(out, "{:<12} {:>12} {:>12} {:>10} {:>12}", "throughput", "records/s", "MB/s", "window s", "records");
-    for (name, t) in [("produce", &r.produce), ("consume", &r.consume)] {
+    let _ = writeln!(
+        out,
+        "{:<12} {:>12} {:>12} {:>10} {:>12} {:>12}",
+        "throughput", "records/s", "MB/s", "window s", "records", "/ loopback"
+    );
+    for (name, t, ratio) in [
+        ("produce", &r.produce, "produce_mb_per_s_over_loopback"),
+        ("consume", &r.consume, "consume_mb_per_s_over_loopback"),
+    ] {
+        let ratio = s.ratios.get(ratio).map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
-            "{:<12} {:>12.0} {:>12.2} {:>10.1} {:>12}",
-            name, t.records_per_s, t.mb_per_s, t.window_s, t.records
+            "{:<12} {:>12.0} {:>12.2} {:>10.1} {:>12} {:>12}",
+            name, t.records_per_s, t.mb_per_s, t.window_s, t.records, ratio
         );
     }
     let _ = writeln!(out);
@@ -341,6 +368,17 @@ pub fn render_table(s: &Summary) -> String {
         "requests {} | errors {} | retries {} | failed records {} | error codes {:?}",
         r.requests, r.errors, r.retries, r.failed_records, r.error_codes
     );
+    if !r.group_ids.is_empty() {
+        let _ = writeln!(
+            out,
+            "groups: {} ({:?} assignor) | generations joined {} | commits {} | group call codes {:?}",
+            r.group_ids.join(", "),
+            s.workload.consumer.assignor,
+            r.group_generations,
+            r.group_commits,
+            r.group_error_codes
+        );
+    }
     match &s.baseline {
         Some(b) => {
             let _ = writeln!(
@@ -363,7 +401,7 @@ pub fn render_table(s: &Summary) -> String {
     if let Some(v) = &s.verify {
         let _ = writeln!(
             out,
-            "verify: produced {} consumed {:?} | checked {} ({} keyed) | key->partition mismatches {} | order violations {} | offset regressions {} | {}",
+            "verify: produced {} consumed {:?} | checked {} ({} keyed) | key->partition mismatches {} | order violations {} | offset regressions {} | read twice {} | never read {} | {}",
             r.produced_total,
             r.consumed_total_per_group,
             v.records,
@@ -371,6 +409,8 @@ pub fn render_table(s: &Summary) -> String {
             v.key_partition_mismatches,
             v.producer_order_violations,
             v.offset_regressions,
+            v.duplicate_offsets,
+            v.missing_offsets,
             v.first_problem.as_deref().unwrap_or("ok")
         );
     }

@@ -16,7 +16,8 @@ use hdrhistogram::Histogram;
 use tidelog_protocol::messages::ApiKey;
 
 use crate::client::{ensure_topic, list_offsets, Cluster, Versions};
-use crate::consumer::{run_consumer, ConsumerConfig, ConsumerResult, VerifyStats};
+use crate::consumer::{run_consumer, ConsumerConfig, ConsumerResult, Membership, VerifyStats};
+use crate::group::GroupSettings;
 use crate::producer::{run_producer, ProducerConfig};
 use crate::stats::{new_latency_histogram, ThreadStats};
 use crate::util::wall_now_us;
@@ -40,31 +41,30 @@ pub struct Live {
     pub produced_bytes: AtomicU64,
     pub consumed_records: AtomicU64,
     pub consumed_bytes: AtomicU64,
-    pub consumed_group0_total: AtomicU64,
+    /// Records read per consumer group (index = group).
+    pub consumed_per_group: Vec<AtomicU64>,
     pub acked_total: AtomicU64,
     pub errors: AtomicU64,
     ack: Mutex<Histogram<u64>>,
     e2e: Mutex<Histogram<u64>>,
 }
 
-impl Default for Live {
-    fn default() -> Self {
+impl Live {
+    pub fn new(groups: usize) -> Live {
         Live {
             stop: AtomicBool::new(false),
             produced_records: AtomicU64::new(0),
             produced_bytes: AtomicU64::new(0),
             consumed_records: AtomicU64::new(0),
             consumed_bytes: AtomicU64::new(0),
-            consumed_group0_total: AtomicU64::new(0),
+            consumed_per_group: (0..groups).map(|_| AtomicU64::new(0)).collect(),
             acked_total: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             ack: Mutex::new(new_latency_histogram()),
             e2e: Mutex::new(new_latency_histogram()),
         }
     }
-}
 
-impl Live {
     pub fn merge_latency(&self, h: &Histogram<u64>) {
         if let Ok(mut g) = self.ack.lock() {
             let _ = g.add(h);
@@ -101,6 +101,11 @@ pub struct RunOutcome {
     pub produced_total: u64,
     /// Records consumed per group over the whole run.
     pub consumed_total_per_group: Vec<u64>,
+    /// What each group should read: `produced_total`, or for a consumer-only
+    /// run the backlog (capped by `run.records`); `None` when open-ended.
+    pub expected_per_group: Option<u64>,
+    /// Group ids used (consumer.mode = "group").
+    pub group_ids: Vec<String>,
     pub verify: Option<VerifyStats>,
     pub produce_window_s: f64,
     pub consume_window_s: f64,
@@ -126,26 +131,71 @@ fn join<T>(h: JoinHandle<anyhow::Result<T>>) -> anyhow::Result<T> {
     h.join().map_err(|_| anyhow!("worker thread panicked"))?
 }
 
+/// What a run does, decided once from the workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    /// Producers and consumers together (consumers may be absent).
+    Live,
+    /// Produce everything, then read the backlog (`run.catch_up`).
+    CatchUp,
+    /// No producers: read what the topic holds, up to `run.records` per
+    /// group (stopping at the end of the backlog), or for `run.duration_s`.
+    ReadOnly,
+}
+
 pub fn run(opts: &RunOptions) -> anyhow::Result<RunOutcome> {
     let w = &opts.workload;
     w.validate()?;
     let topic = w.topic_name();
     let (cluster, versions) =
         ensure_topic(&opts.bootstrap, &topic, w.topic.partitions, w.topic.replication_factor, w.topic.create)?;
-    let consumers_total = w.consumer.count * w.consumer.groups.max(1);
+    let groups = if w.consumer.count > 0 { w.consumer.groups.max(1) } else { 0 };
+    let consumers_total = w.consumer.count * groups;
+    let shape = if w.producer.count == 0 {
+        Shape::ReadOnly
+    } else if w.run.catch_up {
+        Shape::CatchUp
+    } else {
+        Shape::Live
+    };
     if consumers_total > 0 && w.consumer.mode == ConsumerMode::Group {
-        if !versions.broker_supports(ApiKey::FindCoordinator) {
-            bail!("broker does not support consumer groups (FindCoordinator not in ApiVersions); use consumer.mode = \"assigned\"");
+        for key in [ApiKey::FindCoordinator, ApiKey::JoinGroup, ApiKey::SyncGroup, ApiKey::OffsetCommit] {
+            if let Err(e) = versions.get(key) {
+                bail!("{e:#}; use consumer.mode = \"assigned\" with this broker");
+            }
         }
-        bail!("consumer.mode = \"group\" (JoinGroup/SyncGroup) is not implemented in tidelog-bench yet; use consumer.mode = \"assigned\"");
     }
     let latest = list_offsets(&cluster, &topic, -1)?;
-    let start_offsets = match (w.run.catch_up, w.consumer.start) {
-        (true, _) | (false, StartAt::Latest) => latest,
-        (false, StartAt::Earliest) => list_offsets(&cluster, &topic, -2)?,
+    let start_offsets = match (shape, w.consumer.start) {
+        (Shape::CatchUp, _) | (_, StartAt::Latest) => latest.clone(),
+        (_, StartAt::Earliest) => list_offsets(&cluster, &topic, -2)?,
+    };
+    let backlog: u64 = latest.iter().zip(&start_offsets).map(|(l, s)| (l - s).max(0) as u64).sum();
+    let group_records_max = if shape == Shape::ReadOnly { w.run.records } else { 0 };
+    if shape == Shape::ReadOnly && consumers_total > 0 {
+        if w.run.records > backlog {
+            eprintln!(
+                "note: {topic} holds {backlog} records after the start offsets, fewer than --records {}; reading those",
+                w.run.records
+            );
+        }
+        if backlog == 0 && w.run.records > 0 {
+            bail!("{topic} has nothing to read from the {:?} offsets (use --start earliest?)", w.consumer.start);
+        }
+    }
+    let stamp = wall_now_us() / 1_000_000;
+    let group_ids: Vec<String> = if w.consumer.mode == ConsumerMode::Group {
+        let prefix = if w.consumer.group_id_prefix.is_empty() {
+            format!("tidelog-bench-{}-{stamp}", w.name)
+        } else {
+            w.consumer.group_id_prefix.clone()
+        };
+        (0..groups).map(|g| format!("{prefix}-{g}")).collect()
+    } else {
+        Vec::new()
     };
 
-    let live = Arc::new(Live::default());
+    let live = Arc::new(Live::new(groups));
     let begin = Instant::now() + Duration::from_millis(200);
     let warmup_end = begin + Duration::from_secs_f64(w.run.warmup_s);
     let clock = RunClock {
@@ -160,6 +210,10 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunOutcome> {
         drain_timeout_s: w.run.drain_timeout_s,
     };
     let end_offsets: Arc<OnceLock<Vec<i64>>> = Arc::new(OnceLock::new());
+    if shape == Shape::ReadOnly && w.run.records > 0 {
+        // A bounded read of what is there now.
+        let _ = end_offsets.set(latest.clone());
+    }
     let mut next_core = 0usize;
     let mut core = || {
         let c = opts.cores.get(next_core % opts.cores.len().max(1)).copied();
@@ -167,22 +221,45 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunOutcome> {
         c
     };
 
-    let spawn_consumers = |core: &mut dyn FnMut() -> Option<usize>| -> anyhow::Result<Vec<_>> {
+    // Bounded reads (catch-up, read-only with a record count) are measured
+    // whole from when the consumers start; warm-up only applies to runs
+    // that go on for a duration.
+    let bounded_read = shape == Shape::CatchUp || (shape == Shape::ReadOnly && w.run.records > 0);
+    let spawn_consumers = |core: &mut dyn FnMut() -> Option<usize>| -> anyhow::Result<(Vec<_>, Instant)> {
+        let measure_from = if bounded_read { Instant::now() } else { clock.warmup_end };
         let mut handles = Vec::new();
         let parts: Vec<i32> = cluster.partitions.iter().map(|p| p.index).collect();
-        for g in 0..w.consumer.groups.max(1) {
+        for g in 0..groups {
             for c in 0..w.consumer.count {
-                let assigned: Vec<i32> =
-                    parts.iter().copied().filter(|p| *p as usize % w.consumer.count == c).collect();
+                let membership = match w.consumer.mode {
+                    ConsumerMode::Assigned => Membership::Assigned(
+                        parts.iter().copied().filter(|p| *p as usize % w.consumer.count == c).collect(),
+                    ),
+                    ConsumerMode::Group => Membership::Group {
+                        bootstrap: opts.bootstrap.clone(),
+                        settings: GroupSettings {
+                            group_id: group_ids.get(g).cloned().unwrap_or_default(),
+                            client_id: format!("tidelog-bench-consumer-{g}-{c}"),
+                            assignor: w.consumer.assignor,
+                            session_timeout_ms: w.consumer.session_timeout_ms,
+                            rebalance_timeout_ms: w.consumer.rebalance_timeout_ms,
+                            heartbeat_interval_ms: w.consumer.heartbeat_interval_ms,
+                            commit_interval_ms: w.consumer.commit_interval_ms,
+                        },
+                    },
+                };
                 let cfg = ConsumerConfig {
                     group: g,
                     index: c,
                     spec: w.consumer.clone(),
                     topic: topic.clone(),
                     cluster: cluster.clone(),
-                    assigned,
+                    membership,
                     start_offsets: start_offsets.clone(),
                     end_offsets: end_offsets.clone(),
+                    measure_from,
+                    group_records_max,
+                    record_e2e: shape != Shape::ReadOnly,
                     clock,
                     live: live.clone(),
                     verify: opts.verify,
@@ -190,12 +267,13 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunOutcome> {
                 handles.push(spawn_pinned(format!("consumer-{g}-{c}"), core(), move || run_consumer(cfg))?);
             }
         }
-        Ok(handles)
+        Ok((handles, measure_from))
     };
 
     let mut consumers = Vec::new();
-    if !w.run.catch_up {
-        consumers = spawn_consumers(&mut core)?;
+    let mut consume_from = clock.warmup_end;
+    if shape != Shape::CatchUp {
+        (consumers, consume_from) = spawn_consumers(&mut core)?;
     }
     let mut producers = Vec::new();
     let n_prod = w.producer.count as u64;
@@ -216,7 +294,8 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunOutcome> {
         producers.push(spawn_pinned(format!("producer-{i}"), core(), move || run_producer(cfg))?);
     }
 
-    let mut progress = Progress::new(opts.progress, clock, w.run.records, live.clone());
+    let records_target = if shape == Shape::ReadOnly { w.run.records.min(backlog) } else { w.run.records };
+    let mut progress = Progress::new(opts.progress, clock, records_target, shape == Shape::ReadOnly, live.clone());
     let mut merged = ThreadStats::default();
     let mut first_error: Option<anyhow::Error> = None;
     while producers.iter().any(|h| !h.is_finished()) {
@@ -233,24 +312,26 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunOutcome> {
             }
         }
     }
-    let consume_begin = Instant::now();
-    if first_error.is_none() && consumers_total > 0 {
+    if first_error.is_some() || consumers_total == 0 {
+        live.stop.store(true, Ordering::Relaxed);
+    } else if shape != Shape::ReadOnly {
         let ends = list_offsets(&cluster, &topic, -1)?;
         let _ = end_offsets.set(ends);
-        if w.run.catch_up {
-            consumers = spawn_consumers(&mut core)?;
+        if shape == Shape::CatchUp {
+            (consumers, consume_from) = spawn_consumers(&mut core)?;
         }
-    } else {
-        live.stop.store(true, Ordering::Relaxed);
     }
     while consumers.iter().any(|h| !h.is_finished()) {
-        progress.tick("draining");
+        if shape == Shape::ReadOnly && w.run.records == 0 && Instant::now() >= clock.end {
+            live.stop.store(true, Ordering::Relaxed);
+        }
+        progress.tick(if shape == Shape::ReadOnly { "reading" } else { "draining" });
         std::thread::sleep(Duration::from_millis(100));
     }
     progress.finish();
     let consumers_done = Instant::now();
-    let mut per_group = vec![0u64; if consumers_total > 0 { w.consumer.groups.max(1) } else { 0 }];
-    let mut verify = opts.verify.then(VerifyStats::default);
+    let mut per_group = vec![0u64; groups];
+    let mut per_group_verify: Vec<VerifyStats> = vec![VerifyStats::default(); groups];
     for h in consumers {
         match join(h) {
             Ok(ConsumerResult { group, stats, verify: v }) => {
@@ -258,8 +339,8 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunOutcome> {
                     *slot += stats.consumed.records.iter().sum::<u64>();
                 }
                 merged.merge(&stats);
-                if let Some(all) = verify.as_mut() {
-                    all.merge(&v);
+                if let Some(slot) = per_group_verify.get_mut(group) {
+                    slot.merge(&v);
                 }
             }
             Err(e) => {
@@ -270,18 +351,36 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunOutcome> {
     if let Some(e) = first_error {
         return Err(e);
     }
-    let measure_from = clock.warmup_end;
-    let produce_window_s = producers_done.saturating_duration_since(measure_from).as_secs_f64();
-    let consume_start = if w.run.catch_up { consume_begin } else { measure_from };
-    let consume_window_s = consumers_done.saturating_duration_since(consume_start).as_secs_f64();
+    let verify = opts.verify.then(|| {
+        let mut all = VerifyStats::default();
+        for (g, mut v) in per_group_verify.into_iter().enumerate() {
+            // A read stopped by its record budget ends short of the end
+            // offsets on purpose; only overlaps and holes count then.
+            let budget_hit = group_records_max > 0 && per_group[g] >= group_records_max;
+            let ends = end_offsets.get().filter(|_| !budget_hit).map(|e| e.as_slice());
+            v.check_coverage(g, &start_offsets, ends);
+            v.ranges.clear();
+            all.merge(&v);
+        }
+        all
+    });
+    let expected_per_group = match shape {
+        Shape::ReadOnly if w.run.records > 0 => Some(w.run.records.min(backlog)),
+        Shape::ReadOnly => None,
+        _ => Some(live.acked_total.load(Ordering::Relaxed)),
+    };
+    let produce_window_s = producers_done.saturating_duration_since(clock.warmup_end).as_secs_f64();
+    let consume_window_s = consumers_done.saturating_duration_since(consume_from).as_secs_f64();
     Ok(RunOutcome {
         cluster,
         versions,
         stats: merged,
         produced_total: live.acked_total.load(Ordering::Relaxed),
         consumed_total_per_group: per_group,
+        expected_per_group,
+        group_ids,
         verify,
-        produce_window_s,
+        produce_window_s: if shape == Shape::ReadOnly { 0.0 } else { produce_window_s },
         consume_window_s,
         elapsed_s: consumers_done.saturating_duration_since(clock.start).as_secs_f64(),
     })
@@ -292,6 +391,8 @@ struct Progress {
     enabled: bool,
     clock: RunClock,
     records_target: u64,
+    /// Consumer-only run: progress is records read by a group, not acked.
+    reading: bool,
     live: Arc<Live>,
     last: Instant,
     last_produced: (u64, u64),
@@ -300,11 +401,12 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(enabled: bool, clock: RunClock, records_target: u64, live: Arc<Live>) -> Progress {
+    fn new(enabled: bool, clock: RunClock, records_target: u64, reading: bool, live: Arc<Live>) -> Progress {
         Progress {
             enabled,
             clock,
             records_target,
+            reading,
             live,
             last: Instant::now(),
             last_produced: (0, 0),
@@ -321,12 +423,19 @@ impl Progress {
         let l = &self.live;
         let p = (l.produced_records.load(Ordering::Relaxed), l.produced_bytes.load(Ordering::Relaxed));
         let c = (l.consumed_records.load(Ordering::Relaxed), l.consumed_bytes.load(Ordering::Relaxed));
-        let acked = l.acked_total.load(Ordering::Relaxed);
         let now = Instant::now();
         let left = if self.records_target > 0 {
-            let rate = (p.0 - self.last_produced.0) as f64 / dt;
+            // Progress of the slowest side that has a target: acks, or for a
+            // read-only run, records read per group.
+            let (done, rate) = if self.reading {
+                let groups = l.consumed_per_group.len().max(1) as f64;
+                let done = l.consumed_per_group.iter().map(|c| c.load(Ordering::Relaxed)).min().unwrap_or(0);
+                (done, (c.0 - self.last_consumed.0) as f64 / dt / groups)
+            } else {
+                (l.acked_total.load(Ordering::Relaxed), (p.0 - self.last_produced.0) as f64 / dt)
+            };
             if rate > 0.0 {
-                format!("~{:.0}s", self.records_target.saturating_sub(acked) as f64 / rate)
+                format!("~{:.0}s", self.records_target.saturating_sub(done) as f64 / rate)
             } else {
                 "?".into()
             }

@@ -129,6 +129,12 @@ pub struct ThreadStats {
     /// Records given up on after the retries ran out.
     pub failed_records: u64,
     pub error_codes: std::collections::BTreeMap<i16, u64>,
+    /// Consumer groups: generations joined (1 per member without rebalances).
+    pub group_generations: u64,
+    pub group_commits: u64,
+    /// Codes on group calls; some are part of the protocol (79
+    /// MEMBER_ID_REQUIRED, 27 REBALANCE_IN_PROGRESS), so not in `errors`.
+    pub group_error_codes: std::collections::BTreeMap<i16, u64>,
 }
 
 impl Default for ThreadStats {
@@ -148,6 +154,9 @@ impl Default for ThreadStats {
             retries: 0,
             failed_records: 0,
             error_codes: Default::default(),
+            group_generations: 0,
+            group_commits: 0,
+            group_error_codes: Default::default(),
         }
     }
 }
@@ -169,6 +178,11 @@ impl ThreadStats {
         self.failed_records += other.failed_records;
         for (k, v) in &other.error_codes {
             *self.error_codes.entry(*k).or_default() += v;
+        }
+        self.group_generations += other.group_generations;
+        self.group_commits += other.group_commits;
+        for (k, v) in &other.group_error_codes {
+            *self.group_error_codes.entry(*k).or_default() += v;
         }
     }
 

@@ -8,7 +8,10 @@
 //!              or record_size = { dist = "uniform", min_bytes, max_bytes },
 //!              keys = "none" | "random" | "round-robin", key_count, acks,
 //!              linger_ms, batch_size_bytes, compression, max_in_flight
-//! [consumer]   count, groups, mode = "assigned" | "group", start, fetch_*
+//! [consumer]   count, groups, mode = "assigned" | "group", start, fetch_*,
+//!              group mode: assignor = "range" | "roundrobin", group_id_prefix,
+//!              session_timeout_ms, rebalance_timeout_ms, heartbeat_interval_ms,
+//!              commit_interval_ms
 //! [run]        duration_s | records, warmup_s, catch_up
 //! ```
 
@@ -193,6 +196,35 @@ pub enum ConsumerMode {
     Group,
 }
 
+/// How a group's leader spreads partitions over members (Kafka's
+/// `partition.assignment.strategy`, classic protocol).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Assignor {
+    /// Contiguous runs per member, the first `partitions % members` get one more.
+    Range,
+    /// Partitions dealt out one by one in member-id order.
+    RoundRobin,
+}
+
+impl Assignor {
+    /// The protocol name in JoinGroup, as Kafka's assignors call themselves.
+    pub fn protocol_name(self) -> &'static str {
+        match self {
+            Assignor::Range => "range",
+            Assignor::RoundRobin => "roundrobin",
+        }
+    }
+
+    pub fn from_protocol_name(name: &str) -> Option<Assignor> {
+        match name {
+            "range" => Some(Assignor::Range),
+            "roundrobin" => Some(Assignor::RoundRobin),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum StartAt {
@@ -215,6 +247,17 @@ pub struct ConsumerSpec {
     pub partition_max_bytes: i32,
     /// Check CRCs of fetched batches.
     pub check_crc: bool,
+    /// Group mode: partition assignment strategy the leader uses.
+    pub assignor: Assignor,
+    /// Group mode: group ids are `<prefix>-<group index>`; empty means
+    /// `tidelog-bench-<workload name>-<unix time>` (fresh groups, no old commits).
+    pub group_id_prefix: String,
+    pub session_timeout_ms: i32,
+    pub rebalance_timeout_ms: i32,
+    pub heartbeat_interval_ms: u64,
+    /// Group mode: how often positions are committed (auto.commit.interval.ms);
+    /// they are also committed before every rebalance and at the end.
+    pub commit_interval_ms: u64,
 }
 
 impl Default for ConsumerSpec {
@@ -229,6 +272,12 @@ impl Default for ConsumerSpec {
             fetch_max_bytes: 50 * 1024 * 1024,
             partition_max_bytes: 4 * 1024 * 1024,
             check_crc: true,
+            assignor: Assignor::Range,
+            group_id_prefix: String::new(),
+            session_timeout_ms: 10_000,
+            rebalance_timeout_ms: 30_000,
+            heartbeat_interval_ms: 1_000,
+            commit_interval_ms: 1_000,
         }
     }
 }
@@ -297,6 +346,19 @@ impl Workload {
         );
         anyhow::ensure!(self.run.records > 0 || self.run.duration_s > 0.0, "set run.duration_s or run.records");
         anyhow::ensure!(self.producer.count > 0 || self.consumer.count > 0, "nothing to run");
+        let c = &self.consumer;
+        if c.mode == ConsumerMode::Group {
+            anyhow::ensure!(
+                c.heartbeat_interval_ms > 0 && (c.heartbeat_interval_ms as i64) < c.session_timeout_ms as i64,
+                "consumer.heartbeat_interval_ms must be > 0 and below session_timeout_ms"
+            );
+            anyhow::ensure!(
+                (1..=crate::client::BLOCKING_CALL_TIMEOUT_MS - 10_000).contains(&(c.rebalance_timeout_ms as u64)),
+                "consumer.rebalance_timeout_ms must be 1..={} (a JoinGroup waits that long)",
+                crate::client::BLOCKING_CALL_TIMEOUT_MS - 10_000
+            );
+            anyhow::ensure!(c.commit_interval_ms > 0, "consumer.commit_interval_ms must be > 0");
+        }
         anyhow::ensure!(
             !(self.run.catch_up && self.producer.count == 0),
             "catch_up needs producers to fill the topic first"

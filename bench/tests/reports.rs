@@ -42,6 +42,8 @@ fn synthetic_outcome(scale_us: u64) -> RunOutcome {
         stats,
         produced_total: 10_000,
         consumed_total_per_group: vec![10_000],
+        expected_per_group: Some(10_000),
+        group_ids: Vec::new(),
         verify: None,
         produce_window_s: 10.0,
         consume_window_s: 10.0,

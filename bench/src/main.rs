@@ -13,7 +13,7 @@ use tidelog_bench::host::host_info;
 use tidelog_bench::report::{self, SummaryInputs};
 use tidelog_bench::run::{self, RunOptions};
 use tidelog_bench::util::{parse_cores, wall_now_us};
-use tidelog_bench::workload::{Codec, ConsumerMode, KeyMode, SizeDist, StartAt, Workload};
+use tidelog_bench::workload::{Assignor, Codec, ConsumerMode, KeyMode, SizeDist, StartAt, Workload};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,8 +26,11 @@ pinned thread per producer and consumer, per-producer accumulators (batch.size +
 partitioning, murmur2 key hashing like Kafka's default partitioner), pipelined requests. Reports produce \
 ack latency (per record and per batch), end-to-end latency, throughput over time and errors, as a \
 terminal table, summary.json, .hgrm percentile files and SVG charts, next to a hardware baseline.\n\n\
-Examples:\n  tidelog-bench run --workload bench/workloads/max-throughput.toml --bootstrap 127.0.0.1:9092\n  \
-tidelog-bench baseline --dir /var/lib/tidelog\n  tidelog-bench compare results/run-a results/run-b"
+Examples (bench/README.md has more):\n  tidelog-bench baseline --dir /var/lib/tidelog\n  \
+tidelog-bench run --workload bench/workloads/max-throughput.toml --bootstrap 127.0.0.1:9092\n  \
+tidelog-bench run --workload bench/workloads/fan-out-3-groups.toml\n  \
+tidelog-bench run --topic backlog --no-create-topic --producers 0 --consumers 2 --start earliest --records 4000000\n  \
+tidelog-bench compare results/run-a results/run-b"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -79,10 +82,10 @@ struct RunArgs {
     /// The broker's data directory, to record its filesystem in the host section (default: --baseline-dir or /var/tmp).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Check every consumed record: per-partition order, per-producer order, keyed records on the murmur2 partition.
+    /// Check every consumed record: per-partition order, per-producer order, keyed records on the murmur2 partition, and per group that no offset was read twice or skipped.
     #[arg(long)]
     verify: bool,
-    /// Exit non-zero when verification finds a problem or consumed != produced.
+    /// Exit non-zero when verification finds a problem or a group read other than it should (all produced records; with --producers 0, the backlog capped by --records).
     #[arg(long)]
     strict: bool,
     /// No live progress line on stderr.
@@ -100,7 +103,7 @@ struct RunArgs {
     /// Do not create the topic; fail if it does not exist.
     #[arg(long)]
     no_create_topic: bool,
-    /// Number of producer threads.
+    /// Number of producer threads; 0 = consumer-only run reading what the topic holds (see --start, --records).
     #[arg(long)]
     producers: Option<usize>,
     /// Consumer threads per group.
@@ -109,10 +112,25 @@ struct RunArgs {
     /// Independent consumer groups (fan-out): each reads every record.
     #[arg(long)]
     groups: Option<usize>,
-    /// Consumer mode: "assigned" (static partition split) or "group" (Kafka consumer groups; needs FindCoordinator).
+    /// Consumer mode: "assigned" (static partition split) or "group" (Kafka consumer groups: FindCoordinator, JoinGroup/SyncGroup, heartbeats, OffsetCommit, LeaveGroup).
     #[arg(long, value_parser = parse_mode)]
     consumer_mode: Option<ConsumerMode>,
-    /// Where consumers start: "latest" (only new records) or "earliest".
+    /// Group mode: partition assignment the group leader computes, "range" or "roundrobin".
+    #[arg(long, value_parser = parse_assignor)]
+    assignor: Option<Assignor>,
+    /// Group mode: group ids are PREFIX-0, PREFIX-1, ...; default tidelog-bench-<workload>-<unix time> (fresh groups).
+    #[arg(long)]
+    group_id_prefix: Option<String>,
+    /// Group mode: commit positions this often (they are also committed before each rebalance and at the end).
+    #[arg(long)]
+    commit_interval_ms: Option<u64>,
+    /// Group mode: heartbeat interval; a rebalance is noticed within it.
+    #[arg(long)]
+    heartbeat_interval_ms: Option<u64>,
+    /// Group mode: session timeout a member must heartbeat within.
+    #[arg(long)]
+    session_timeout_ms: Option<i32>,
+    /// Where consumers start: "latest" (only new records) or "earliest" (with --producers 0: read the topic's backlog).
     #[arg(long, value_parser = parse_start)]
     start: Option<StartAt>,
     /// Target total rate in records/s over all producers (0 = as fast as possible). Paced runs measure latency from the intended send time.
@@ -148,15 +166,18 @@ struct RunArgs {
     /// max.in.flight.requests.per.connection.
     #[arg(long)]
     max_in_flight: Option<usize>,
-    /// Measured duration in seconds after warm-up (ignored with --records).
-    #[arg(long)]
+    /// Measured duration in seconds after warm-up (clears a record count from the workload file).
+    #[arg(long, conflicts_with = "records")]
     duration_s: Option<f64>,
-    /// Total records over all producers instead of a duration.
+    /// Total records over all producers instead of a duration. With --producers 0: records each group reads from the existing topic (stopping early at the end of what it holds).
     #[arg(long)]
     records: Option<u64>,
-    /// Warm-up seconds: traffic runs but histograms and rates ignore it.
+    /// Warm-up seconds: traffic runs but histograms and rates ignore it. Bounded reads (--catch-up, and --producers 0 with --records) are measured whole.
     #[arg(long)]
     warmup_s: Option<f64>,
+    /// After the producers stop, how long consumers may take to reach the end offsets.
+    #[arg(long)]
+    drain_timeout_s: Option<f64>,
     /// Produce everything first, then read the backlog (catch-up read).
     #[arg(long)]
     catch_up: bool,
@@ -200,6 +221,9 @@ fn parse_mode(s: &str) -> Result<ConsumerMode, String> {
         "group" => Ok(ConsumerMode::Group),
         _ => Err(format!("{s:?}: expected assigned or group")),
     }
+}
+fn parse_assignor(s: &str) -> Result<Assignor, String> {
+    Assignor::from_protocol_name(s).ok_or_else(|| format!("{s:?}: expected range or roundrobin"))
 }
 fn parse_start(s: &str) -> Result<StartAt, String> {
     match s {
@@ -298,6 +322,21 @@ fn build_workload(a: &RunArgs) -> anyhow::Result<Workload> {
     if let Some(v) = a.start {
         c.start = v;
     }
+    if let Some(v) = a.assignor {
+        c.assignor = v;
+    }
+    if let Some(v) = &a.group_id_prefix {
+        c.group_id_prefix = v.clone();
+    }
+    if let Some(v) = a.commit_interval_ms {
+        c.commit_interval_ms = v;
+    }
+    if let Some(v) = a.heartbeat_interval_ms {
+        c.heartbeat_interval_ms = v;
+    }
+    if let Some(v) = a.session_timeout_ms {
+        c.session_timeout_ms = v;
+    }
     let r = &mut w.run;
     if let Some(v) = a.duration_s {
         r.duration_s = v;
@@ -308,6 +347,9 @@ fn build_workload(a: &RunArgs) -> anyhow::Result<Workload> {
     }
     if let Some(v) = a.warmup_s {
         r.warmup_s = v;
+    }
+    if let Some(v) = a.drain_timeout_s {
+        r.drain_timeout_s = v;
     }
     if a.catch_up {
         r.catch_up = true;

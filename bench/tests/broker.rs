@@ -196,3 +196,239 @@ fn bench_against_real_broker_counts_order_and_key_placement() {
         roxmltree::Document::parse(&std::fs::read_to_string(out.join(f)).unwrap()).unwrap();
     }
 }
+
+/// Runs `tidelog-bench run` against `broker` with `args`; returns summary.json.
+fn bench_run(broker: &Broker, out: &str, args: &[&str]) -> serde_json::Value {
+    let out = broker.dir.join(out);
+    let output = Command::new(env!("CARGO_BIN_EXE_tidelog-bench"))
+        .args(["run", "--bootstrap", &format!("127.0.0.1:{}", broker.port), "--quiet", "--cores", "0-1"])
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .arg("--data-dir")
+        .arg(&broker.dir)
+        .output()
+        .expect("run tidelog-bench");
+    assert!(
+        output.status.success(),
+        "tidelog-bench {args:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}
+
+/// Committed offsets of `group` for `topic`, by partition (OffsetFetch, no membership).
+fn committed_offsets(bootstrap: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    use tidelog_protocol::messages::offset_fetch_request::{OffsetFetchRequestGroup, OffsetFetchRequestTopics};
+    use tidelog_protocol::messages::{GroupId, OffsetFetchRequest, OffsetFetchResponse};
+    let addr = tidelog_bench::group::find_coordinator(bootstrap, group, "bench-it-offsets").unwrap();
+    let mut conn = Conn::connect(&addr, "bench-it-offsets").unwrap();
+    assert!(conn.versions.get(ApiKey::OffsetFetch).unwrap() >= 8, "tidelog speaks OffsetFetch v8+");
+    let req = OffsetFetchRequest::default().with_groups(vec![OffsetFetchRequestGroup::default()
+        .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
+        .with_topics(Some(vec![OffsetFetchRequestTopics::default()
+            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partition_indexes((0..partitions).collect())]))]);
+    let resp: OffsetFetchResponse = conn.call(ApiKey::OffsetFetch, &req).unwrap();
+    let mut out = vec![-1i64; partitions as usize];
+    for p in &resp.groups[0].topics[0].partitions {
+        assert_eq!(p.error_code, 0);
+        out[p.partition_index as usize] = p.committed_offset;
+    }
+    out
+}
+
+#[test]
+fn consumer_groups_read_every_record_once_per_group() {
+    let Some(bin) = broker_bin() else {
+        eprintln!("SKIPPED: tidelog broker binary not found (set TIDELOG_BIN)");
+        return;
+    };
+    let broker = start_broker(&bin);
+    let bootstrap = format!("127.0.0.1:{}", broker.port);
+    let (topic, partitions, records) = ("bench-groups", 6, 60_000u64);
+    // Paced, so all nine members are in their groups while records flow and
+    // the joins of the later members rebalance the earlier ones mid-stream.
+    let s = bench_run(
+        &broker,
+        "groups",
+        &[
+            "--no-baseline",
+            "--verify",
+            "--strict",
+            "--topic",
+            topic,
+            "--partitions",
+            "6",
+            "--producers",
+            "2",
+            "--consumers",
+            "3",
+            "--groups",
+            "3",
+            "--consumer-mode",
+            "group",
+            "--assignor",
+            "range",
+            "--records",
+            "60000",
+            "--rate-records",
+            "20000",
+            "--record-size",
+            "100",
+            "--keys",
+            "round-robin",
+            "--key-count",
+            "101",
+            "--warmup-s",
+            "0",
+            "--commit-interval-ms",
+            "200",
+            "--heartbeat-interval-ms",
+            "200",
+        ],
+    );
+    let r = &s["results"];
+    assert_eq!(r["produced_total"], records);
+    assert_eq!(r["consumed_total_per_group"], serde_json::json!([records, records, records]));
+    assert_eq!(r["expected_per_group"], records);
+    let v = &s["verify"];
+    assert_eq!(v["records"], 3 * records, "every group checked every record");
+    assert_eq!(v["keyed_records"], 3 * records);
+    assert_eq!(v["duplicate_offsets"], 0, "{v}");
+    assert_eq!(v["missing_offsets"], 0, "{v}");
+    assert_eq!(v["offset_regressions"], 0);
+    assert_eq!(v["producer_order_violations"], 0);
+    assert_eq!(v["key_partition_mismatches"], 0);
+    let ids: Vec<String> = r["group_ids"].as_array().unwrap().iter().map(|g| g.as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), 3);
+    assert!(r["group_generations"].as_u64().unwrap() >= 9, "each of the 9 members joined: {r}");
+    assert!(r["group_commits"].as_u64().unwrap() > 0);
+
+    // What the groups left behind: every partition committed at its end.
+    let (cluster, _) = ensure_topic(&bootstrap, topic, partitions, 1, false).unwrap();
+    let ends = list_offsets(&cluster, topic, -1).unwrap();
+    assert_eq!(ends.iter().sum::<i64>() as u64, records);
+    for g in &ids {
+        assert_eq!(committed_offsets(&bootstrap, g, topic, partitions), ends, "group {g}");
+    }
+}
+
+#[test]
+fn consumer_only_run_reads_an_existing_backlog() {
+    let Some(bin) = broker_bin() else {
+        eprintln!("SKIPPED: tidelog broker binary not found (set TIDELOG_BIN)");
+        return;
+    };
+    let broker = start_broker(&bin);
+    let backlog = 50_000u64;
+    let fill = bench_run(
+        &broker,
+        "fill",
+        &[
+            "--no-baseline",
+            "--topic",
+            "backlog",
+            "--partitions",
+            "4",
+            "--producers",
+            "2",
+            "--consumers",
+            "0",
+            "--records",
+            "50000",
+            "--record-size",
+            "200",
+            "--warmup-s",
+            "0",
+        ],
+    );
+    assert_eq!(fill["results"]["produced_total"], backlog);
+
+    // A quick baseline, so the read is reported against loopback.
+    let baseline = broker.dir.join("baseline.json");
+    let status = Command::new(env!("CARGO_BIN_EXE_tidelog-bench"))
+        .args(["baseline", "--write-seconds", "0.2", "--fsyncs", "20", "--loopback-seconds", "0.2"])
+        .arg("--dir")
+        .arg(&broker.dir)
+        .arg("--out")
+        .arg(&baseline)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let baseline = baseline.to_str().unwrap();
+
+    // Part of the backlog: exactly the budget, split over two consumers.
+    let s = bench_run(
+        &broker,
+        "read-part",
+        &[
+            "--baseline",
+            baseline,
+            "--verify",
+            "--strict",
+            "--topic",
+            "backlog",
+            "--no-create-topic",
+            "--producers",
+            "0",
+            "--consumers",
+            "2",
+            "--start",
+            "earliest",
+            "--records",
+            "20000",
+        ],
+    );
+    let r = &s["results"];
+    assert_eq!(r["produced_total"], 0);
+    assert_eq!(r["consumed_total_per_group"], serde_json::json!([20_000]));
+    assert_eq!(r["consume"]["records"], 20_000, "the whole bounded read is measured (no warm-up)");
+    assert_eq!(r["consume"]["bytes"], 20_000 * 200);
+    assert!(r["consume"]["window_s"].as_f64().unwrap() > 0.0);
+    assert!(r["consume"]["mb_per_s"].as_f64().unwrap() > 0.0);
+    assert!(s["ratios"]["consume_mb_per_s_over_loopback"].as_f64().unwrap() > 0.0, "{}", s["ratios"]);
+    assert_eq!(r["latency_us"]["end_to_end"]["count"], 0, "old records say nothing about e2e latency");
+    assert_eq!(s["verify"]["records"], 20_000);
+    assert_eq!(s["verify"]["duplicate_offsets"], 0);
+    assert_eq!(s["verify"]["missing_offsets"], 0);
+    assert_eq!(s["verify"]["producer_order_violations"], 0);
+
+    // More than the backlog holds, through a consumer group: stops at the end
+    // of the backlog, each record once.
+    let s = bench_run(
+        &broker,
+        "read-all",
+        &[
+            "--baseline",
+            baseline,
+            "--verify",
+            "--strict",
+            "--topic",
+            "backlog",
+            "--no-create-topic",
+            "--producers",
+            "0",
+            "--consumers",
+            "3",
+            "--consumer-mode",
+            "group",
+            "--assignor",
+            "roundrobin",
+            "--start",
+            "earliest",
+            "--records",
+            "1000000",
+        ],
+    );
+    let r = &s["results"];
+    assert_eq!(r["expected_per_group"], backlog);
+    assert_eq!(r["consumed_total_per_group"], serde_json::json!([backlog]));
+    assert_eq!(r["consume"]["records"], backlog);
+    assert_eq!(s["verify"]["records"], backlog);
+    assert_eq!(s["verify"]["duplicate_offsets"], 0);
+    assert_eq!(s["verify"]["missing_offsets"], 0);
+}

@@ -657,14 +657,14 @@ pub async fn offset_for_timestamp(log: &SharedLog, timestamp_ms: i64) -> io::Res
                 let Ok(h) = BatchHeader::parse(&chunk[at..]) else { break };
                 let size = h.size_bytes();
                 if h.max_timestamp_ms() >= timestamp_ms && h.last_offset() >= offset {
-                    if h.compression() == Compression::None && !h.is_log_append_time() {
-                        if let Some(found) =
-                            first_record_at_or_after(&chunk[at..at + size.min(chunk.len() - at)], timestamp_ms)
-                        {
+                    // LogAppendTime batches carry one time for every record.
+                    if !h.is_log_append_time() {
+                        let batch = &chunk[at..at + size.min(chunk.len() - at)];
+                        if let Some(found) = first_record_at_or_after(batch, timestamp_ms, offset) {
                             return Ok(Some(found));
                         }
                     }
-                    return Ok(Some((h.base_offset(), h.max_timestamp_ms())));
+                    return Ok(Some((h.base_offset().max(offset), h.max_timestamp_ms())));
                 }
                 offset = h.last_offset().next();
                 at += size;
@@ -673,19 +673,38 @@ pub async fn offset_for_timestamp(log: &SharedLog, timestamp_ms: i64) -> io::Res
     }
 }
 
-/// Walks the records of an uncompressed batch for the first timestamp >= target.
-fn first_record_at_or_after(b: &[u8], target_ms: i64) -> Option<(Offset, i64)> {
+/// The first record of `b` at offset >= `from` whose timestamp is >= the
+/// target, decompressing the records of a compressed batch (the answer must be
+/// the record, as Kafka gives it, not the batch).
+fn first_record_at_or_after(b: &[u8], target_ms: i64, from: Offset) -> Option<(Offset, i64)> {
+    use kafka_protocol::compression::{Decompressor, Gzip, Lz4, Snappy, Zstd};
     let h = BatchHeader::parse(b).ok()?;
-    let mut at = BATCH_HEADER_BYTES;
+    let records = b.get(BATCH_HEADER_BYTES..h.size_bytes().min(b.len()))?;
+    let walk = |records: &[u8]| walk_records(records, &h, target_ms, from);
+    let mut compressed = Bytes::copy_from_slice(records);
+    let found = match h.compression() {
+        Compression::None => return walk(records),
+        Compression::Gzip => Gzip::decompress(&mut compressed, |r: &mut Bytes| Ok(walk(r))),
+        Compression::Snappy => Snappy::decompress(&mut compressed, |r: &mut Bytes| Ok(walk(r))),
+        Compression::Lz4 => Lz4::decompress(&mut compressed, |r: &mut Bytes| Ok(walk(r))),
+        Compression::Zstd => Zstd::decompress(&mut compressed, |r: &mut Bytes| Ok(walk(r))),
+        Compression::Unknown(_) => return None,
+    };
+    found.ok().flatten()
+}
+
+fn walk_records(records: &[u8], h: &BatchHeader<'_>, target_ms: i64, from: Offset) -> Option<(Offset, i64)> {
+    let mut at = 0;
     for _ in 0..h.record_count() {
-        let (len, n) = batch::get_varint(b.get(at..)?)?;
+        let (len, n) = batch::get_varint(records.get(at..)?)?;
         let body_start = at + n;
-        let body = b.get(body_start..body_start + usize::try_from(len).ok()?)?;
+        let body = records.get(body_start..body_start + usize::try_from(len).ok()?)?;
         let (ts_delta, n1) = batch::get_varint(body.get(1..)?)?;
         let (off_delta, _) = batch::get_varint(body.get(1 + n1..)?)?;
         let ts = h.base_timestamp_ms() + ts_delta;
-        if ts >= target_ms {
-            return Some((Offset(h.base_offset().0 + off_delta), ts));
+        let offset = Offset(h.base_offset().0 + off_delta);
+        if ts >= target_ms && offset >= from {
+            return Some((offset, ts));
         }
         at = body_start + len as usize;
     }

@@ -324,12 +324,6 @@ def test_broker_config_through_confluent(broker):
     assert err.code() == INVALID_CONFIG and "listeners" in err.str() and "read-only" in err.str(), err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DescribeConfigs on a broker id reports a cluster-wide dynamic default with source "
-    "DYNAMIC_BROKER_CONFIG (2); Kafka reports DYNAMIC_DEFAULT_BROKER_CONFIG (3) unless that "
-    "broker has its own override (handlers/configs.rs describe_broker rewrites the source)",
-)
 def test_cluster_default_seen_from_a_broker_id(broker):
     assert alter_raw(broker.port, "", [("log.retention.ms", OP_SET, "3600000")]) == (0, None)
     for bid in range(broker.shards):

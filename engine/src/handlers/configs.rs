@@ -23,8 +23,7 @@ use super::{encode, str_bytes, Response};
 use crate::metadata::{MetadataImage, TopicMeta};
 use crate::shard::Shard;
 use crate::topic_config::{
-    self as tc, apply_ops, ConfigChange, ConfigOp, ConfigResource, Resolved, SOURCE_DEFAULT, SOURCE_DYNAMIC_BROKER,
-    SOURCE_DYNAMIC_DEFAULT_BROKER, TOPIC_CONFIGS,
+    self as tc, apply_ops, ConfigChange, ConfigOp, ConfigResource, Resolved, SOURCE_DEFAULT, TOPIC_CONFIGS,
 };
 
 pub const RESOURCE_TOPIC: i8 = 2;
@@ -91,22 +90,14 @@ pub fn describe_topic(
         .collect()
 }
 
-fn describe_broker(
-    shard: &Shard,
-    image: &MetadataImage,
-    want: Want,
-    per_broker: bool,
-) -> Vec<DescribeConfigsResourceResult> {
+fn describe_broker(shard: &Shard, image: &MetadataImage, want: Want) -> Vec<DescribeConfigsResourceResult> {
     crate::config::SETTINGS
         .iter()
         .map(|s| {
-            let mut chain = tc::broker_synonyms(&shard.config, image, s.name);
-            if per_broker {
-                // Dynamic values are cluster-wide; a broker reports them as its own.
-                for r in chain.iter_mut().filter(|r| r.source == SOURCE_DYNAMIC_DEFAULT_BROKER) {
-                    r.source = SOURCE_DYNAMIC_BROKER;
-                }
-            }
+            // Dynamic values are cluster-wide (one store, every shard applies
+            // them), so a broker id reports them as Kafka reports a cluster
+            // default it has no override for: DYNAMIC_DEFAULT_BROKER_CONFIG.
+            let chain = tc::broker_synonyms(&shard.config, image, s.name);
             let dynamic = tc::broker_dynamic_def(s.name);
             let kind = dynamic.map(|d| d.kind.config_type()).unwrap_or(tc::TYPE_STRING);
             entry(want, s.name, chain, dynamic.is_none(), kind, s.doc)
@@ -148,7 +139,7 @@ pub fn describe_configs(shard: &Rc<Shard>, version: i16, cid: i32, req: Describe
                     if !broker_id_ok(shard, name) {
                         return fail(out, ErrorCode::InvalidRequest, format!("no broker with id {name:?}"));
                     }
-                    describe_broker(shard, &image, want, !name.is_empty())
+                    describe_broker(shard, &image, want)
                 }
                 other => {
                     return fail(out, ErrorCode::InvalidRequest, format!("resource type {other} is not supported"))

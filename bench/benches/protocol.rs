@@ -2,10 +2,12 @@
 //! request: record batch validation with CRC-32C, request header decoding,
 //! and the bench client's own batch building and murmur2 partitioning.
 //!
-//! `cargo bench -p tidelog-bench` runs them all.
+//! `cargo bench -p tidelog-bench --features engine-benches` runs these and
+//! the storage benches (benches/storage.rs) in one go; without the feature,
+//! only these.
 
 use bytes::{Buf, Bytes};
-use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{black_box, criterion_group, BenchmarkId, Criterion, Throughput};
 use tidelog_bench::murmur2::partition_for_key;
 use tidelog_bench::records::BatchBuilder;
 use tidelog_bench::workload::Codec;
@@ -102,4 +104,14 @@ fn bench_client(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench_validate, bench_header_decode, bench_client);
-criterion_main!(benches);
+
+fn main() {
+    if !cfg!(feature = "engine-benches") {
+        eprintln!(
+            "note: the storage benches (accumulator append, index lookup) are off; \
+             `cargo bench -p tidelog-bench --features engine-benches` runs every bench"
+        );
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -163,7 +163,7 @@ struct RunArgs {
     /// compression: none, gzip, snappy, lz4, zstd.
     #[arg(long, value_parser = parse_codec)]
     compression: Option<Codec>,
-    /// max.in.flight.requests.per.connection.
+    /// max.in.flight.requests.per.connection: produce requests a producer keeps outstanding per broker connection.
     #[arg(long)]
     max_in_flight: Option<usize>,
     /// Measured duration in seconds after warm-up (clears a record count from the workload file).

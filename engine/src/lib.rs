@@ -33,6 +33,22 @@ pub(crate) fn test_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// Runs `f` in a glommio executor the way a shard does (small io_memory, the
+/// IOPOLL probe primed first), and panics if it panics.
+#[cfg(test)]
+pub(crate) fn run_on_executor<F: std::future::Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
+    let probe_dir = test_dir("probe");
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .io_memory(1 << 20)
+        .spawn(move || async move {
+            crate::storage::prime_io_probe(&probe_dir).await.expect("prime io probe");
+            f().await
+        })
+        .expect("spawn executor")
+        .join()
+        .expect("executor");
+}
+
 #[cfg(test)]
 fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};

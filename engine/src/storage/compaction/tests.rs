@@ -37,18 +37,7 @@ fn keyed(records: &[(&str, Option<&str>)], ts: i64, producer: ProducerFields) ->
     batch::build_batch(&recs, ts, producer)
 }
 
-fn run<F: std::future::Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
-    let probe_dir = crate::test_dir("compaction-probe");
-    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-        .io_memory(1 << 20)
-        .spawn(move || async move {
-            crate::storage::prime_io_probe(&probe_dir).await.unwrap();
-            f().await
-        })
-        .unwrap()
-        .join()
-        .unwrap();
-}
+use crate::run_on_executor as run;
 
 type Row = (i64, String, Option<String>);
 

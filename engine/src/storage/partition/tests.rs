@@ -33,18 +33,7 @@ fn make_batch(first: usize, n: usize, ts: i64) -> Bytes {
     batch::build_batch(&recs, ts, ProducerFields::default())
 }
 
-fn run<F: std::future::Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
-    let probe_dir = crate::test_dir("probe");
-    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-        .io_memory(1 << 20)
-        .spawn(move || async move {
-            crate::storage::prime_io_probe(&probe_dir).await.unwrap();
-            f().await
-        })
-        .unwrap()
-        .join()
-        .unwrap();
-}
+use crate::run_on_executor as run;
 
 async fn append(log: &SharedLog, b: &Bytes) -> (Offset, Offset) {
     let infos = batch::validate_record_set(b, usize::MAX).unwrap();

@@ -118,12 +118,6 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
             } else {
                 records
             };
-            shard.metrics.produced(
-                name,
-                p.index,
-                records.len() as u64,
-                infos.iter().map(|i| i.record_count.max(0) as u64).sum(),
-            );
             // Idempotent producers: Kafka's epoch and sequence checks before the append.
             let producer = match producer_state::idempotent_batch(&records, &infos) {
                 Ok(p) => p,
@@ -180,6 +174,13 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
                 }
                 (first, last)
             };
+            // Counted once appended: rejected batches and retried duplicates are not "in".
+            shard.metrics.produced(
+                name,
+                p.index,
+                records.len() as u64,
+                infos.iter().map(|i| i.record_count.max(0) as u64).sum(),
+            );
             log::trace!("produce {name}-{}: offsets {}..={}", p.index, first.0, last.0);
             shard.mark_dirty(&log);
             if acks == -1 {

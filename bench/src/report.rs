@@ -206,12 +206,18 @@ pub fn build_summary(inp: SummaryInputs<'_>, o: &RunOutcome) -> Summary {
 pub fn ratios(r: &Results, b: Option<&Baseline>) -> BTreeMap<String, f64> {
     let mut m = BTreeMap::new();
     let Some(b) = b else { return m };
-    if b.o_direct_write_mb_per_s > 0.0 {
+    // Only for the sides that ran (a consumer-only run has no produce rate).
+    let (produced, consumed) = (r.produce.records > 0, r.consume.records > 0);
+    if b.o_direct_write_mb_per_s > 0.0 && produced {
         m.insert("produce_mb_per_s_over_o_direct_write".into(), r.produce.mb_per_s / b.o_direct_write_mb_per_s);
     }
     if b.loopback_mb_per_s > 0.0 {
-        m.insert("produce_mb_per_s_over_loopback".into(), r.produce.mb_per_s / b.loopback_mb_per_s);
-        m.insert("consume_mb_per_s_over_loopback".into(), r.consume.mb_per_s / b.loopback_mb_per_s);
+        if produced {
+            m.insert("produce_mb_per_s_over_loopback".into(), r.produce.mb_per_s / b.loopback_mb_per_s);
+        }
+        if consumed {
+            m.insert("consume_mb_per_s_over_loopback".into(), r.consume.mb_per_s / b.loopback_mb_per_s);
+        }
     }
     let f = &b.fdatasync_latency_us;
     let a = &r.latency_us.produce_ack_batch;

@@ -1,7 +1,7 @@
 """Log compaction (cleanup.policy=compact) with real clients: the cleaner
 keeps exactly the latest record per key at the offset it was produced at,
-tombstones stay for delete.retention.ms and then go, and a kill -9 in the
-middle of a compaction pass loses no key."""
+tombstones stay for delete.retention.ms and then go, compressed batches are
+compacted too, and a kill -9 in the middle of a compaction pass loses no key."""
 
 import glob
 import os
@@ -125,6 +125,49 @@ def test_compaction_keeps_latest_per_key_and_expires_tombstones(broker_factory):
     assert consume_all(b, topic) == live
     more = produce_confluent(b, topic, [(b"key-001", b"after-restart")])
     assert more[0][1] == len(records)
+
+
+def test_compaction_of_lz4_compressed_batches(broker_factory):
+    """What most real clients send: compressed batches. They are compacted
+    like plain ones, and no longer hold back tombstone expiry."""
+    b = broker_factory(args=["--log.cleaner.backoff.ms=200", "--log.cleaner.min.cleanable.ratio=0.01"])
+    topic = unique_topic("compact-lz4")
+    create_topic(
+        b,
+        topic,
+        1,
+        config={
+            "cleanup.policy": "compact",
+            "segment.bytes": "4096",
+            "min.compaction.lag.ms": "0",
+            "delete.retention.ms": "3600000",
+        },
+    )
+    records = [(b"key-%03d" % k, b"key-%03d|v%02d|%s" % (k, v, b"z" * (k % 23))) for v in range(20) for k in range(200)]
+    records += [(b"key-%03d" % k, None) for k in range(1, 200, 5)]
+    # Random filler does not compress: the tombstones end up in sealed segments.
+    records += [(b"filler-%04d" % i, os.urandom(40)) for i in range(300)]
+    acked = produce_confluent(b, topic, records, compression="lz4", **{"linger.ms": 0, "batch.size": 2000})
+    assert sorted(r[1] for r in acked) == list(range(len(records)))
+    produced_bytes = log_bytes(b, topic)
+
+    with_tombstones = latest_per_key(acked)
+    assert len(with_tombstones) == 200 + 300
+    assert sum(1 for r in with_tombstones if r[2] is None) == 40
+    got = wait_for(b, topic, with_tombstones)
+    assert got == with_tombstones, "after compaction: %d records, want %d" % (len(got), len(with_tombstones))
+    check_read(got, acked)
+    assert b.wait_log(r"%s-0: compacted segment \d+" % topic, timeout=1) is not None
+    assert log_bytes(b, topic) < produced_bytes
+
+    set_topic_config(b, topic, "delete.retention.ms", "1000")
+    live = [r for r in with_tombstones if r[2] is not None]
+    got = wait_for(b, topic, live)
+    assert got == live, "after tombstone expiry: %d records, want %d" % (len(got), len(live))
+    check_read(got, acked)
+
+    b.restart()
+    assert consume_all(b, topic) == live
 
 
 def test_kill9_during_compaction_loses_no_key(broker_factory):

@@ -28,15 +28,19 @@
 //! its header (base offset, last offset delta, producer id/epoch/sequence,
 //! timestamps) with only the kept records inside, and a new CRC; a batch left
 //! empty is dropped unless it carries a producer id (its header keeps the
-//! producer's sequence state, as Kafka does). Kept as they are, and left out
-//! of the key map: control batches, transactional batches (simplest correct
-//! rule for open and aborted transactions) and compressed batches (not
-//! decoded here). Records without a key are kept.
+//! producer's sequence state, as Kafka does). Compressed batches are read
+//! whole (decompressed per batch, into the key map like any other) and, when
+//! a record goes, rewritten with the same codec and attributes and only the
+//! records section recompressed; should recompression fail, the batch is
+//! written uncompressed with the codec bits cleared. Kept as they are, and
+//! left out of the key map: control batches, transactional batches (simplest
+//! correct rule for open and aborted transactions) and batches with an
+//! unknown codec. Records without a key are kept.
 //!
 //! Tombstones (null value) are kept until `delete.retention.ms` after their
 //! segment was first cleaned, then dropped — but never while the log holds a
-//! batch the cleaner cannot see into, since an older value of the key might
-//! hide there. "First cleaned at" and the tombstones left per segment are in
+//! batch the cleaner cannot see into (transactional or unknown codec), since
+//! an older value of the key might hide there. "First cleaned at" and the tombstones left per segment are in
 //! `<partition dir>/cleaner-checkpoint` (replaced atomically).
 //!
 //! Crash safety, per segment `<base>.log`:
@@ -61,6 +65,7 @@
 //! read fd of the old file so no fetch opens the new file by path with
 //! positions found in the old one.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -68,6 +73,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::compression::{Compressor, Decompressor, Gzip, Lz4, Snappy, Zstd};
 use tidelog_protocol::batch::{self, BatchHeader, Compression, BATCH_HEADER_BYTES, BATCH_LOG_OVERHEAD_BYTES};
 use tidelog_protocol::Offset;
 
@@ -184,7 +191,11 @@ pub fn write_checkpoint(dir: &Path, cp: &Checkpoint) -> io::Result<()> {
 // ---------------------------------------------------------------------------
 // Records
 
-/// One record of an uncompressed batch.
+/// Attribute bits of the compression codec.
+const CODEC_MASK: i16 = 0x07;
+
+/// One record of an uncompressed batch (or of a compressed batch's
+/// [`plain_view`]).
 #[derive(Debug)]
 pub struct Record<'a> {
     /// The record as stored: length varint through its last header.
@@ -242,15 +253,96 @@ pub fn parse_records(b: &[u8]) -> Result<Vec<Record<'_>>, &'static str> {
     Ok(out)
 }
 
+/// The records section of a compressed batch, decompressed.
+fn decompress_records(b: &[u8], codec: Compression) -> Result<Vec<u8>, String> {
+    let mut src = Bytes::copy_from_slice(&b[BATCH_HEADER_BYTES..]);
+    let take = |r: &mut Bytes| Ok(r.to_vec());
+    let out = match codec {
+        Compression::None => return Ok(src.to_vec()),
+        Compression::Gzip => Gzip::decompress(&mut src, take),
+        Compression::Snappy => Snappy::decompress(&mut src, take),
+        Compression::Lz4 => Lz4::decompress(&mut src, take),
+        Compression::Zstd => Zstd::decompress(&mut src, take),
+        Compression::Unknown(n) => return Err(format!("unknown compression codec {n}")),
+    };
+    out.map_err(|e| format!("cannot decompress a {codec:?} batch: {e:#}"))
+}
+
+/// `records` compressed with `codec` (`None` for an unknown codec).
+fn compress_records(records: &[u8], codec: Compression) -> Result<BytesMut, String> {
+    let mut out = BytesMut::with_capacity(records.len() / 2 + 64);
+    let fill = |buf: &mut BytesMut| {
+        buf.extend_from_slice(records);
+        Ok(())
+    };
+    let done = match codec {
+        Compression::None => {
+            out.extend_from_slice(records);
+            Ok(())
+        }
+        Compression::Gzip => Gzip::compress(&mut out, fill),
+        Compression::Snappy => Snappy::compress(&mut out, fill),
+        Compression::Lz4 => Lz4::compress(&mut out, fill),
+        Compression::Zstd => Zstd::compress(&mut out, fill),
+        Compression::Unknown(n) => return Err(format!("unknown compression codec {n}")),
+    };
+    done.map(|()| out).map_err(|e| format!("cannot compress with {codec:?}: {e:#}"))
+}
+
+/// The batch `b` (CRC already checked) as an uncompressed batch that
+/// [`parse_records`] reads: `b` itself, or for a compressed batch its header
+/// (length fixed, CRC and codec bits left stale) followed by the
+/// decompressed records. One allocation per batch, never per record.
+pub fn plain_view(b: &[u8]) -> Result<Cow<'_, [u8]>, String> {
+    let h = BatchHeader::parse(b).map_err(|e| e.to_string())?;
+    let end = h.size_bytes();
+    if end > b.len() {
+        return Err("batch truncated".into());
+    }
+    if h.compression() == Compression::None {
+        return Ok(Cow::Borrowed(&b[..end]));
+    }
+    let records = decompress_records(&b[..end], h.compression())?;
+    let mut out = Vec::with_capacity(BATCH_HEADER_BYTES + records.len());
+    out.extend_from_slice(&b[..BATCH_HEADER_BYTES]);
+    out.extend_from_slice(&records);
+    let len = i32::try_from(out.len() - BATCH_LOG_OVERHEAD_BYTES).map_err(|_| "decompressed batch too large")?;
+    out[8..12].copy_from_slice(&len.to_be_bytes());
+    Ok(Cow::Owned(out))
+}
+
 /// The batch `original` with only `kept` records inside: same header
-/// (base offset, last offset delta, producer fields, timestamps), new
-/// length, record count and CRC.
+/// (attributes, base offset, last offset delta, producer fields,
+/// timestamps), new length, record count and CRC. A compressed `original`
+/// gets its records recompressed with the same codec, or, if that fails,
+/// stored uncompressed with the codec bits cleared. An emptied batch is a
+/// bare header with the codec bits cleared, as Kafka writes it.
 pub fn rebuild_batch(original: &[u8], kept: &[&[u8]]) -> Vec<u8> {
     let body: usize = kept.iter().map(|r| r.len()).sum();
     let mut out = Vec::with_capacity(BATCH_HEADER_BYTES + body);
     out.extend_from_slice(&original[..BATCH_HEADER_BYTES]);
     for r in kept {
         out.extend_from_slice(r);
+    }
+    let codec = BatchHeader::parse(original).map(|h| h.compression()).unwrap_or(Compression::None);
+    if codec != Compression::None {
+        let recompressed = if kept.is_empty() {
+            None
+        } else {
+            compress_records(&out[BATCH_HEADER_BYTES..], codec)
+                .map_err(|e| log::warn!("compaction: {e}; writing the batch uncompressed"))
+                .ok()
+        };
+        match recompressed {
+            Some(records) => {
+                out.truncate(BATCH_HEADER_BYTES);
+                out.extend_from_slice(&records);
+            }
+            None => {
+                let attributes = i16::from_be_bytes([out[21], out[22]]) & !CODEC_MASK;
+                out[21..23].copy_from_slice(&attributes.to_be_bytes());
+            }
+        }
     }
     let len = (out.len() - BATCH_LOG_OVERHEAD_BYTES) as i32;
     out[8..12].copy_from_slice(&len.to_be_bytes());
@@ -260,9 +352,10 @@ pub fn rebuild_batch(original: &[u8], kept: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-/// Whether the cleaner can see into a batch's records.
-fn is_plain(h: &BatchHeader<'_>) -> bool {
-    !h.is_control() && !h.is_transactional() && h.compression() == Compression::None
+/// Whether the cleaner can see into a batch's records (decompressing them
+/// if need be).
+fn is_readable(h: &BatchHeader<'_>) -> bool {
+    !h.is_control() && !h.is_transactional() && !matches!(h.compression(), Compression::Unknown(_))
 }
 
 /// Calls `f` with every batch of the first `limit_bytes` of `path`, each
@@ -301,22 +394,23 @@ fn for_each_batch(path: &Path, limit_bytes: u64, mut f: impl FnMut(&[u8]) -> io:
 #[derive(Debug, Default)]
 pub struct KeyMap {
     pub latest: HashMap<Vec<u8>, Offset>,
-    /// Batches kept unread (compressed or transactional): while there are
-    /// any, tombstones are never dropped.
+    /// Batches kept unread (transactional or of an unknown codec): while
+    /// there are any, tombstones are never dropped.
     pub opaque_batches: u64,
 }
 
 impl KeyMap {
-    pub fn add_batch(&mut self, b: &[u8]) -> Result<(), &'static str> {
-        let h = BatchHeader::parse(b).map_err(|_| "bad batch header")?;
+    pub fn add_batch(&mut self, b: &[u8]) -> Result<(), String> {
+        let h = BatchHeader::parse(b).map_err(|e| e.to_string())?;
         if h.is_control() {
             return Ok(());
         }
-        if !is_plain(&h) {
+        if !is_readable(&h) {
             self.opaque_batches += 1;
             return Ok(());
         }
-        for r in parse_records(b)? {
+        let plain = plain_view(b)?;
+        for r in parse_records(&plain)? {
             let Some(key) = r.key else { continue };
             match self.latest.get_mut(key) {
                 Some(o) => *o = (*o).max(r.offset),
@@ -403,10 +497,11 @@ pub fn rewrite_segment(
         let h = BatchHeader::parse(b).map_err(|e| invalid(e.to_string()))?;
         let count = h.record_count().max(0) as u64;
         out.records_before += count;
-        if !is_plain(&h) {
+        if !is_readable(&h) {
             return emit(b, &mut out, &mut w);
         }
-        let records = parse_records(b).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+        let plain = plain_view(b).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+        let records = parse_records(&plain).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
         let kept: Vec<&[u8]> = records.iter().filter(|r| map.keeps(r, keep_tombstones)).map(|r| r.raw).collect();
         out.tombstones_kept +=
             records.iter().filter(|r| r.value.is_none() && map.keeps(r, keep_tombstones)).count() as u64;

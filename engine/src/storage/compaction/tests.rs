@@ -56,7 +56,8 @@ async fn read_all(log: &SharedLog) -> Vec<Row> {
                 let h = BatchHeader::parse(&chunk[at..]).unwrap();
                 let b = &chunk[at..at + h.size_bytes()];
                 batch::validate(b, usize::MAX).unwrap();
-                for rec in parse_records(b).unwrap() {
+                let plain = plain_view(b).unwrap();
+                for rec in parse_records(&plain).unwrap() {
                     if rec.offset >= offset {
                         out.push((
                             rec.offset.0,
@@ -78,16 +79,68 @@ fn rows(expected: &[(i64, &str, Option<&str>)]) -> Vec<Row> {
 
 const TS: i64 = 1_700_000_000_000;
 
+/// `b` (uncompressed, as `keyed` builds it) with its records section
+/// compressed by `codec` and the attributes' codec bits set, as a client
+/// sends it. Built with kafka-protocol directly, not with the code under test.
+fn compress(b: &[u8], codec: Compression) -> Bytes {
+    use kafka_protocol::compression::{Compressor, Gzip, Lz4, Zstd};
+    let records = &b[BATCH_HEADER_BYTES..];
+    let fill = |buf: &mut bytes::BytesMut| {
+        buf.extend_from_slice(records);
+        Ok(())
+    };
+    let mut body = bytes::BytesMut::new();
+    let (bits, done) = match codec {
+        Compression::None => return Bytes::copy_from_slice(b),
+        Compression::Gzip => (1i16, Gzip::compress(&mut body, fill)),
+        Compression::Lz4 => (3, Lz4::compress(&mut body, fill)),
+        Compression::Zstd => (4, Zstd::compress(&mut body, fill)),
+        other => panic!("no test codec {other:?}"),
+    };
+    done.unwrap();
+    let mut out = b[..BATCH_HEADER_BYTES].to_vec();
+    out.extend_from_slice(&body);
+    let attributes = i16::from_be_bytes([out[21], out[22]]) | bits;
+    out[21..23].copy_from_slice(&attributes.to_be_bytes());
+    let len = (out.len() - BATCH_LOG_OVERHEAD_BYTES) as i32;
+    out[8..12].copy_from_slice(&len.to_be_bytes());
+    let crc = crc32c::crc32c(&out[21..]);
+    out[17..21].copy_from_slice(&crc.to_be_bytes());
+    Bytes::from(out)
+}
+
+/// The records section of a compressed batch, decompressed by kafka-protocol.
+fn decompress(b: &[u8]) -> Vec<u8> {
+    use kafka_protocol::compression::{Decompressor, Gzip, Lz4, Zstd};
+    let h = BatchHeader::parse(b).unwrap();
+    let mut src = Bytes::copy_from_slice(&b[BATCH_HEADER_BYTES..h.size_bytes()]);
+    let take = |r: &mut Bytes| Ok(r.to_vec());
+    match h.compression() {
+        Compression::None => src.to_vec(),
+        Compression::Gzip => Gzip::decompress(&mut src, take).unwrap(),
+        Compression::Lz4 => Lz4::decompress(&mut src, take).unwrap(),
+        Compression::Zstd => Zstd::decompress(&mut src, take).unwrap(),
+        other => panic!("no test codec {other:?}"),
+    }
+}
+
 /// Offsets 0-2, 3-5, 6-7 in sealed segments; 8-9 in the active one.
 async fn sample_log(dir: &Path) -> SharedLog {
+    sample_log_with(dir, [Compression::None; 4]).await
+}
+
+/// `sample_log` with each of its four batches compressed by `codecs[i]`.
+async fn sample_log_with(dir: &Path, codecs: [Compression; 4]) -> SharedLog {
     let log = PartitionLog::open("t".into(), PartitionId(0), dir.to_path_buf(), settings()).await.unwrap();
     let p = ProducerFields::default();
-    for b in [
+    let batches = [
         keyed(&[("a", Some("a1")), ("b", Some("b1")), ("c", Some("c1"))], TS, p),
         keyed(&[("a", Some("a2")), ("b", Some("b2")), ("d", Some("d1"))], TS, p),
         keyed(&[("b", None), ("a", Some("a3"))], TS, p),
         keyed(&[("c", Some("c2")), ("e", Some("e1"))], TS, p),
-    ] {
+    ];
+    for (b, codec) in batches.iter().zip(codecs) {
+        let b = compress(b, codec);
         let infos = batch::validate_record_set(&b, usize::MAX).unwrap();
         log.borrow_mut().append(&b, &infos, Epoch(0));
         partition::flush(&log).await.unwrap();
@@ -211,6 +264,128 @@ fn rewritten_batch_validates_and_keeps_offsets_and_producer() {
     let mut bad = out.clone();
     bad[BATCH_HEADER_BYTES] = 0x7f;
     assert!(parse_records(&bad).is_err());
+}
+
+/// Codec of every batch in `log`, by base offset.
+async fn codecs(log: &SharedLog) -> Vec<(i64, Compression)> {
+    let mut out = Vec::new();
+    let mut offset = Offset(0);
+    loop {
+        let r = partition::read(log, offset, 1 << 20, true).await.unwrap();
+        if r.bytes == 0 {
+            return out;
+        }
+        for chunk in &r.chunks {
+            let mut at = 0;
+            while at + BATCH_HEADER_BYTES <= chunk.len() {
+                let h = BatchHeader::parse(&chunk[at..]).unwrap();
+                if h.base_offset() >= offset {
+                    out.push((h.base_offset().0, h.compression()));
+                }
+                offset = h.last_offset().next();
+                at += h.size_bytes();
+            }
+        }
+    }
+}
+
+/// A log of gzip, lz4, plain and zstd batches compacts exactly like the
+/// plain one: keys are read from every batch, rewritten batches keep their
+/// codec, and tombstones expire (no compressed batch blocks them any more).
+#[test]
+fn compressed_batches_are_compacted_and_keep_their_codec() {
+    run(|| async {
+        use Compression::{Gzip, Lz4, Zstd};
+        let dir = crate::test_dir("compaction-compressed");
+        let log = sample_log_with(&dir, [Gzip, Lz4, Compression::None, Zstd]).await;
+        assert_eq!(log.borrow().segment_count(), 4);
+        assert_eq!(read_all(&log).await, everything());
+        assert_eq!(codecs(&log).await, vec![(0, Gzip), (3, Lz4), (6, Compression::None), (8, Zstd)]);
+
+        let sources: Vec<(PathBuf, u64)> = log
+            .borrow()
+            .inactive_segments()
+            .iter()
+            .chain(std::iter::once(&log.borrow().active_segment_info()))
+            .map(|s| (crate::storage::segment::log_path(&dir, s.base_offset), s.bytes))
+            .collect();
+        let (map, _) = build_key_map(&sources).unwrap();
+        assert_eq!(map.opaque_batches, 0);
+        let mut latest: Vec<(String, i64)> =
+            map.latest.iter().map(|(k, o)| (String::from_utf8(k.clone()).unwrap(), o.0)).collect();
+        latest.sort();
+        let want: Vec<(String, i64)> =
+            [("a", 7), ("b", 6), ("c", 8), ("d", 5), ("e", 9)].iter().map(|(k, o)| (k.to_string(), *o)).collect();
+        assert_eq!(latest, want);
+
+        let now = TS + 10;
+        let done = clean_log(&log, &params(now), &|| false).await.unwrap().unwrap();
+        assert_eq!(done.records_removed, 5);
+        assert_eq!(done.segments_cleaned, 2);
+        assert_eq!(read_all(&log).await, compacted());
+        // Batch 0 (all removed, no producer id) is gone; batch 3 keeps lz4.
+        assert_eq!(codecs(&log).await, vec![(3, Lz4), (6, Compression::None), (8, Zstd)]);
+
+        let done = clean_log(&log, &params(now + 1_001), &|| false).await.unwrap().unwrap();
+        assert_eq!(done.records_removed, 1, "the tombstone expires");
+        let expired = rows(&[(5, "d", Some("d1")), (7, "a", Some("a3")), (8, "c", Some("c2")), (9, "e", Some("e1"))]);
+        assert_eq!(read_all(&log).await, expired);
+        drop(log);
+        let log = PartitionLog::open("t".into(), PartitionId(0), dir.clone(), settings()).await.unwrap();
+        assert_eq!(read_all(&log).await, expired);
+        assert_eq!(log.borrow().high_watermark, Offset(10));
+        drop(log);
+        std::fs::remove_dir_all(dir).unwrap();
+    });
+}
+
+#[test]
+fn rewritten_compressed_batch_keeps_codec_header_and_kept_records() {
+    let producer = ProducerFields { producer_id: 7, producer_epoch: 1, base_sequence: 5 };
+    let plain = keyed(&[("k0", Some("v0")), ("k1", Some("v1")), ("k2", None), ("k3", Some("v3"))], TS, producer);
+    for codec in [Compression::Gzip, Compression::Lz4, Compression::Zstd] {
+        let mut b = compress(&plain, codec).to_vec();
+        batch::assign_offset(&mut b, Offset(100), Epoch(3));
+        batch::validate(&b, usize::MAX).unwrap();
+        let view = plain_view(&b).unwrap();
+        let records = parse_records(&view).unwrap();
+        assert_eq!(records.iter().map(|r| r.offset.0).collect::<Vec<_>>(), vec![100, 101, 102, 103], "{codec:?}");
+        let kept: Vec<&[u8]> = vec![records[1].raw, records[2].raw];
+        let out = rebuild_batch(&b, &kept);
+        let info = batch::validate(&out, usize::MAX).expect("valid CRC and counts");
+        assert_eq!((info.size_bytes, info.record_count, info.compression), (out.len(), 2, codec));
+        let (h, orig) = (BatchHeader::parse(&out).unwrap(), BatchHeader::parse(&b).unwrap());
+        assert_eq!(h.attributes(), orig.attributes(), "{codec:?}");
+        assert_eq!((h.base_offset(), h.last_offset()), (Offset(100), Offset(103)));
+        assert_eq!((h.producer_id().0, h.producer_epoch(), h.base_sequence()), (7, 1, 5));
+        assert_eq!((h.base_timestamp_ms(), h.max_timestamp_ms()), (orig.base_timestamp_ms(), orig.max_timestamp_ms()));
+        assert_eq!(h.leader_epoch(), Epoch(3));
+        // The records section decompresses to exactly the kept records.
+        assert_eq!(decompress(&out), kept.concat(), "{codec:?}");
+        let again_view = plain_view(&out).unwrap();
+        let again = parse_records(&again_view).unwrap();
+        assert_eq!(again.iter().map(|r| r.offset.0).collect::<Vec<_>>(), vec![101, 102]);
+        assert_eq!((again[0].key, again[0].value), (Some(&b"k1"[..]), Some(&b"v1"[..])));
+        assert_eq!((again[1].key, again[1].value), (Some(&b"k2"[..]), None));
+        // Emptied: a bare header, codec bits cleared, producer fields kept.
+        let empty = rebuild_batch(&b, &[]);
+        let info = batch::validate(&empty, usize::MAX).unwrap();
+        assert_eq!((info.record_count, info.compression, empty.len()), (0, Compression::None, BATCH_HEADER_BYTES));
+        assert_eq!(BatchHeader::parse(&empty).unwrap().producer_id().0, 7);
+    }
+    // A codec that cannot be recompressed falls back to uncompressed, codec bits cleared.
+    let mut odd = plain.to_vec();
+    odd[22] |= 0x05;
+    let records = parse_records(&plain).unwrap();
+    let out = rebuild_batch(&odd, &[records[0].raw]);
+    let info = batch::validate(&out, usize::MAX).unwrap();
+    assert_eq!((info.record_count, info.compression), (1, Compression::None));
+    assert_eq!(BatchHeader::parse(&out).unwrap().attributes() & 0x07, 0);
+    assert_eq!(parse_records(&out).unwrap()[0].key, Some(&b"k0"[..]));
+    // A corrupt compressed section is an error, not a panic.
+    let mut bad = compress(&plain, Compression::Lz4).to_vec();
+    bad[BATCH_HEADER_BYTES + 2] ^= 0xff;
+    assert!(plain_view(&bad).is_err());
 }
 
 #[test]

@@ -428,8 +428,10 @@ fn with_segment(log: &SharedLog, base: Offset, f: impl FnOnce(&mut Segment)) {
 }
 
 /// Reads whole batches from `offset` up to `max_bytes` of durable data
-/// (at least one batch when `at_least_one`). Served from the cache when it
-/// holds `offset`, else from the segment file.
+/// (at least one batch when `at_least_one`) into memory: from the cache when
+/// it holds `offset`, else copied out of the segment file with O_DIRECT reads.
+/// For the broker's own readers (group and producer-state recovery, ListOffsets
+/// by time); client fetches use `read_for_fetch`, which never copies data.
 pub async fn read(log: &SharedLog, offset: Offset, max_bytes: usize, at_least_one: bool) -> io::Result<ReadResult> {
     let (file, mut pos, limit, next_segment_base) = {
         let l = log.borrow();

@@ -41,8 +41,8 @@ use crate::run_on_executor as run;
 
 type Row = (i64, String, Option<String>);
 
-/// Every record in `log` from offset 0, in order.
-async fn read_all(log: &SharedLog) -> Vec<Row> {
+/// Every batch in `log` from offset 0, in order, each checked with its CRC.
+async fn all_batches(log: &SharedLog) -> Vec<Bytes> {
     let mut out = Vec::new();
     let mut offset = Offset(0);
     loop {
@@ -54,23 +54,30 @@ async fn read_all(log: &SharedLog) -> Vec<Row> {
             let mut at = 0;
             while at + BATCH_HEADER_BYTES <= chunk.len() {
                 let h = BatchHeader::parse(&chunk[at..]).unwrap();
-                let b = &chunk[at..at + h.size_bytes()];
-                batch::validate(b, usize::MAX).unwrap();
-                let plain = plain_view(b).unwrap();
-                for rec in parse_records(&plain).unwrap() {
-                    if rec.offset >= offset {
-                        out.push((
-                            rec.offset.0,
-                            String::from_utf8(rec.key.unwrap().to_vec()).unwrap(),
-                            rec.value.map(|v| String::from_utf8(v.to_vec()).unwrap()),
-                        ));
-                    }
-                }
+                let b = chunk.slice(at..at + h.size_bytes());
+                batch::validate(&b, usize::MAX).unwrap();
                 offset = h.last_offset().next();
                 at += h.size_bytes();
+                out.push(b);
             }
         }
     }
+}
+
+/// Every record in `log` from offset 0, in order.
+async fn read_all(log: &SharedLog) -> Vec<Row> {
+    let mut out = Vec::new();
+    for b in all_batches(log).await {
+        let plain = plain_view(&b).unwrap();
+        for rec in parse_records(&plain).unwrap() {
+            out.push((
+                rec.offset.0,
+                String::from_utf8(rec.key.unwrap().to_vec()).unwrap(),
+                rec.value.map(|v| String::from_utf8(v.to_vec()).unwrap()),
+            ));
+        }
+    }
+    out
 }
 
 fn rows(expected: &[(i64, &str, Option<&str>)]) -> Vec<Row> {
@@ -269,24 +276,11 @@ fn rewritten_batch_validates_and_keeps_offsets_and_producer() {
 /// Codec of every batch in `log`, by base offset.
 async fn codecs(log: &SharedLog) -> Vec<(i64, Compression)> {
     let mut out = Vec::new();
-    let mut offset = Offset(0);
-    loop {
-        let r = partition::read(log, offset, 1 << 20, true).await.unwrap();
-        if r.bytes == 0 {
-            return out;
-        }
-        for chunk in &r.chunks {
-            let mut at = 0;
-            while at + BATCH_HEADER_BYTES <= chunk.len() {
-                let h = BatchHeader::parse(&chunk[at..]).unwrap();
-                if h.base_offset() >= offset {
-                    out.push((h.base_offset().0, h.compression()));
-                }
-                offset = h.last_offset().next();
-                at += h.size_bytes();
-            }
-        }
+    for b in all_batches(log).await {
+        let h = BatchHeader::parse(&b).unwrap();
+        out.push((h.base_offset().0, h.compression()));
     }
+    out
 }
 
 /// A log of gzip, lz4, plain and zstd batches compacts exactly like the

@@ -28,6 +28,10 @@ const RING_MEMLOCK_BYTES: u64 = 512 * 1024;
 const SHARD_START_TIMEOUT: Duration = Duration::from_secs(600);
 /// Bound of every cross-core channel: a full channel is back-pressure.
 const CONTROLLER_CHANNEL_DEPTH: usize = 1024;
+/// Threads of each shard's glommio blocking pool: file opens, segment rolls,
+/// checkpoints, retention deletes, compaction rewrites. Fetch sends have their
+/// own threads (`sendpool`), so a stalled consumer never holds these.
+const BLOCKING_POOL_THREADS: usize = 4;
 
 fn affinity_cpus() -> Vec<usize> {
     // SAFETY: sched_getaffinity fills the set we own.
@@ -147,7 +151,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
         let builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard-{i}"))
             .io_memory(config.io_memory_bytes)
-            .blocking_thread_pool_placement(PoolPlacement::Unbound(config.fetch_sendfile_threads));
+            .blocking_thread_pool_placement(PoolPlacement::Unbound(BLOCKING_POOL_THREADS));
         let spawned = builder.spawn(move || async move {
             let (Some(to_ctrl), Some(from_ctrl)) = (to_ctrl, from_ctrl) else { return };
             // `connect` waits for the other end, so every endpoint of this
@@ -182,8 +186,30 @@ pub fn run(mut config: Config) -> Result<(), String> {
                     ready.send(Err(format!("shard {i}: cannot read from log.dirs {}: {e}", config.log_dir.display())));
                 return;
             }
-            let shard =
-                Shard::new(ShardId(i as u32), num_shards, config.clone(), Arc::new(MetadataImage::default()), to_ctrl);
+            let send_pool = match crate::sendpool::SendPool::start(
+                i as u32,
+                config.fetch_sendfile_threads,
+                config.fetch_sendfile_priority,
+                config.fetch_readahead_bytes,
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = ready.send(Err(format!(
+                        "shard {i}: cannot start {} send threads: {e} (lower fetch.sendfile.threads or raise the \
+                         process/thread limit)",
+                        config.fetch_sendfile_threads
+                    )));
+                    return;
+                }
+            };
+            let shard = Shard::new(
+                ShardId(i as u32),
+                num_shards,
+                config.clone(),
+                Arc::new(MetadataImage::default()),
+                to_ctrl,
+                send_pool,
+            );
             shard.apply_image(image).await;
             log::debug!("shard {i}: owned partitions opened");
             glommio::spawn_local(shard.clone().run_flusher()).detach();

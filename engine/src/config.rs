@@ -48,7 +48,17 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "fetch.sendfile.threads",
         default: "4",
-        doc: "Blocking-pool threads per shard that send cold segment data with sendfile, so a page-cache miss never stalls a shard.",
+        doc: "Send threads per shard for Fetch responses that read segment files (sendfile), so a page-cache miss never stalls a shard; also the most such responses a shard sends at once (more wait their turn). Separate from the threads that roll segments, so a consumer that stops reading never delays producers.",
+    },
+    Setting {
+        name: "fetch.sendfile.priority",
+        default: "idle",
+        doc: "CPU and I/O priority of the send threads. idle: SCHED_IDLE and the idle I/O class, so catch-up reads use only CPU and disk time the shards (produce, acks, tail fetches) leave over; low: nice 10, lowest best-effort I/O level; normal: same as the shards.",
+    },
+    Setting {
+        name: "fetch.readahead.bytes",
+        default: "4194304",
+        doc: "Cold bytes each send thread asks the kernel to read ahead of its sendfile (posix_fadvise WILLNEED over the response's next file regions, across partitions), and past the end of the response for the consumer's next fetch. Bounds the disk reads a catch-up consumer keeps queued in front of the shards' fdatasyncs.",
     },
 Setting { name: "fetch.max.wait.ms.max", default: "30000", doc: "Upper bound on a Fetch's max_wait_ms." },
     Setting { name: "flush.write.bytes.max", default: "1048576", doc: "Largest single O_DIRECT write the accumulator issues (overridden by io-properties best_write_block_bytes)." },
@@ -109,6 +119,8 @@ pub struct Config {
     pub fetch_cache_max_bytes: usize,
     pub flush_writes_inflight_max: usize,
     pub fetch_sendfile_threads: usize,
+    pub fetch_sendfile_priority: SendPriority,
+    pub fetch_readahead_bytes: u64,
     pub flush_write_bytes_max: usize,
     pub io_properties_file: Option<PathBuf>,
     pub io_memory_bytes: usize,
@@ -157,6 +169,25 @@ pub fn help_text() -> String {
         let _ = writeln!(s, "      {}", setting.doc);
     }
     s
+}
+
+/// `fetch.sendfile.priority`: how the send threads yield to the shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendPriority {
+    Idle,
+    Low,
+    Normal,
+}
+
+impl SendPriority {
+    fn parse(v: &str) -> Result<SendPriority, ConfigError> {
+        match v.trim() {
+            "idle" => Ok(SendPriority::Idle),
+            "low" => Ok(SendPriority::Low),
+            "normal" => Ok(SendPriority::Normal),
+            other => Err(ConfigError(format!("fetch.sendfile.priority={other:?}: expected idle, low or normal"))),
+        }
+    }
 }
 
 fn env_name(name: &str) -> String {
@@ -348,6 +379,8 @@ impl Config {
             fetch_cache_max_bytes: num(&values, "fetch.cache.max.bytes", 0usize, 1 << 40)?,
             flush_writes_inflight_max: num(&values, "flush.writes.inflight.max", 1usize, 4096)?,
             fetch_sendfile_threads: num(&values, "fetch.sendfile.threads", 1usize, 256)?,
+            fetch_sendfile_priority: SendPriority::parse(get(&values, "fetch.sendfile.priority"))?,
+            fetch_readahead_bytes: num(&values, "fetch.readahead.bytes", 65536u64, 1 << 30)?,
             flush_write_bytes_max: num(&values, "flush.write.bytes.max", 4096usize, 64 << 20)?,
             io_properties_file: if io_properties.is_empty() { None } else { Some(PathBuf::from(io_properties)) },
             io_memory_bytes: num(&values, "io.memory.bytes", 512 * 1024usize, 1 << 30)?,

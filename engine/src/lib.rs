@@ -15,6 +15,7 @@ pub mod http;
 pub mod metadata;
 pub mod metrics;
 pub mod notify;
+pub mod sendpool;
 pub mod server;
 pub mod shard;
 pub mod storage;

@@ -103,6 +103,8 @@ pub struct FetchStats {
 pub struct Shard {
     pub id: ShardId,
     pub fetch_stats: FetchStats,
+    /// Where cold Fetch responses are sent from (see `sendpool`).
+    pub send_pool: crate::sendpool::SendPool,
     /// Bound of the recent-batch cache of every log on this shard.
     pub cache_budget: Rc<partition::CacheBudget>,
     pub num_shards: usize,
@@ -137,12 +139,14 @@ impl Shard {
         config: Arc<Config>,
         image: Arc<MetadataImage>,
         to_controller: ConnectedSender<ToController>,
+        send_pool: crate::sendpool::SendPool,
     ) -> Rc<Shard> {
         let groups = crate::groups::Coordinator::new(&config);
         let producer_ids = crate::storage::producer_state::PidAllocator::new(id, &config.log_dir);
         Rc::new(Shard {
             id,
             fetch_stats: FetchStats::default(),
+            send_pool,
             cache_budget: partition::CacheBudget::new(cache_limit_bytes(&config, num_shards)),
             num_shards,
             config,

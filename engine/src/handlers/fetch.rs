@@ -72,9 +72,9 @@ fn frame(shard: &Shard, version: i16, cid: i32, c: Collected) -> Outgoing {
                     shard.fetch_stats.memory_bytes.set(shard.fetch_stats.memory_bytes.get() + b.len() as u64);
                     parts.push(OutPart::Inline(b));
                 }
-                RecordsPart::File { file, position, len } => {
+                RecordsPart::File { file, position, len, readable_to } => {
                     shard.fetch_stats.file_bytes.set(shard.fetch_stats.file_bytes.get() + len);
-                    parts.push(OutPart::File { file, position, len });
+                    parts.push(OutPart::File { file, position, len, readable_to });
                 }
             }
         }
@@ -83,13 +83,25 @@ fn frame(shard: &Shard, version: i16, cid: i32, c: Collected) -> Outgoing {
     Outgoing::Parts(parts)
 }
 
+/// A requested partition after the checks that need no I/O: an error to
+/// answer, or a log to read from `offset`.
+enum Slot {
+    Failed(PartitionHeader),
+    Read { header: PartitionHeader, log: partition::SharedLog, offset: Offset },
+}
+
+/// Plans the response in two steps: first every partition is located at once
+/// (the disk reads of batch headers for cold partitions overlap, so one slow
+/// partition costs one read, not one per partition in turn), then the byte
+/// limits are applied in request order without waiting.
 async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Collected {
     let image = shard.image();
     let mut c =
         Collected { topics: Vec::with_capacity(req.topics.len()), records: Vec::new(), bytes: 0, any_error: false };
+    let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(req.topics.len());
     for t in &req.topics {
         let name: &str = &t.topic.0;
-        let mut partitions = Vec::with_capacity(t.partitions.len());
+        let mut topic_slots = Vec::with_capacity(t.partitions.len());
         for p in &t.partitions {
             let mut header = PartitionHeader {
                 partition_index: p.partition,
@@ -105,34 +117,72 @@ async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Col
             };
             let log = if code.is_none() { shard.log(name, p.partition) } else { None };
             let Some(log) = log else {
-                c.any_error = true;
                 header.error_code = code.unwrap_or(ErrorCode::LeaderNotAvailable).code();
-                partitions.push(header);
-                c.records.push(Vec::new());
+                topic_slots.push(Slot::Failed(header));
                 continue;
             };
             let (hw, leo, start) = {
                 let l = log.borrow();
                 (l.high_watermark, l.log_end_offset(), l.log_start_offset)
             };
-            header.high_watermark = hw.0;
-            header.last_stable_offset = hw.0;
-            header.log_start_offset = start.0;
             let offset = Offset(p.fetch_offset);
             if offset < start || offset > leo {
                 log::info!("fetch {name}-{}: offset {} out of range [{}, {}]", p.partition, offset.0, start.0, leo.0);
-                c.any_error = true;
+                header.high_watermark = hw.0;
+                header.last_stable_offset = hw.0;
+                header.log_start_offset = start.0;
                 header.error_code = ErrorCode::OffsetOutOfRange.code();
-                partitions.push(header);
-                c.records.push(Vec::new());
+                topic_slots.push(Slot::Failed(header));
                 continue;
             }
+            topic_slots.push(Slot::Read { header, log, offset });
+        }
+        slots.push(topic_slots);
+    }
+    let located = futures::future::join_all(slots.iter().flatten().map(|slot| async move {
+        match slot {
+            Slot::Read { log, offset, .. } => Some(partition::locate(log, *offset).await),
+            Slot::Failed(_) => None,
+        }
+    }))
+    .await;
+    let mut located = located.into_iter();
+    for (t, topic_slots) in req.topics.iter().zip(slots) {
+        let name: &str = &t.topic.0;
+        let mut partitions = Vec::with_capacity(topic_slots.len());
+        for (p, slot) in t.partitions.iter().zip(topic_slots) {
+            let found = located.next().flatten();
+            let (mut header, log, offset) = match slot {
+                Slot::Failed(header) => {
+                    c.any_error = true;
+                    partitions.push(header);
+                    c.records.push(Vec::new());
+                    continue;
+                }
+                Slot::Read { header, log, offset } => (header, log, offset),
+            };
+            // Read after locating: the data planned below is all <= this watermark.
+            let (hw, start) = {
+                let l = log.borrow();
+                (l.high_watermark, l.log_start_offset)
+            };
+            header.high_watermark = hw.0;
+            header.last_stable_offset = hw.0;
+            header.log_start_offset = start.0;
             let budget = (p.partition_max_bytes.max(0) as usize).min(max_bytes.saturating_sub(c.bytes));
             let at_least_one = c.bytes == 0;
             let read = if budget == 0 && !at_least_one {
                 Ok(partition::FetchRead::default())
             } else {
-                partition::read_for_fetch(&log, offset, budget, at_least_one).await
+                match found {
+                    Some(Ok(l)) => match partition::plan(&log, offset, l, budget, at_least_one) {
+                        Some(r) => Ok(r),
+                        // The cache moved on since locating: this partition alone, again.
+                        None => partition::read_for_fetch(&log, offset, budget, at_least_one).await,
+                    },
+                    Some(Err(e)) => Err(e),
+                    None => Ok(partition::FetchRead::default()),
+                }
             };
             match read {
                 Ok(r) => {

@@ -39,10 +39,8 @@ pub enum Outgoing {
 }
 
 /// One piece of an `Outgoing::Parts` response.
-pub enum OutPart {
-    Inline(Bytes),
-    File { file: Rc<std::fs::File>, position: u64, len: u64 },
-}
+pub use crate::sendpool::Piece as OutPart;
+
 pub type Pending = Pin<Box<dyn Future<Output = Response>>>;
 
 /// Why a request closes its connection instead of getting a response.

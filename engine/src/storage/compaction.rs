@@ -725,7 +725,7 @@ async fn install(log: &SharedLog, path: &Path, base: Offset, r: &Rewritten) -> i
     // Fetches must keep reading the old inode: pin a read fd to it first.
     let p = path.to_path_buf();
     let old = glommio::executor().spawn_blocking(move || std::fs::File::open(p)).await?;
-    log.borrow_mut().set_reader_if_none(base, Rc::new(old));
+    log.borrow_mut().set_reader_if_none(base, Arc::new(old));
     if !segment_present(log, base) {
         glommio::executor().spawn_blocking(move || remove_if_exists(&cleaned)).await?;
         return Ok(false);

@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::join_all;
@@ -308,6 +309,11 @@ impl PartitionLog {
     }
 
     /// Serves `offset..` from the recent-batch cache if it starts there.
+    /// Whether the recent-batch cache holds `offset` (what `read_cached` serves).
+    fn cache_holds(&self, offset: Offset) -> bool {
+        self.cache.front().is_some_and(|b| offset >= b.base_offset)
+    }
+
     fn read_cached(&self, offset: Offset, max_bytes: usize, at_least_one: bool) -> Option<ReadResult> {
         let front = self.cache.front()?;
         if offset < front.base_offset {
@@ -515,7 +521,10 @@ pub enum RecordsPart {
     /// Batches held in memory (the recent-batch cache): sent as `Bytes`.
     Memory(Bytes),
     /// A region of a segment file: sent with sendfile, never read by us.
-    File { file: Rc<std::fs::File>, position: u64, len: u64 },
+    /// `readable_to` is the file's durable size when the fetch was planned:
+    /// how far past the region the send threads may read ahead for the next
+    /// fetch of a catch-up consumer.
+    File { file: Arc<std::fs::File>, position: u64, len: u64, readable_to: u64 },
 }
 
 /// What a Fetch sends for one partition.
@@ -530,37 +539,39 @@ pub struct FetchRead {
 /// Bytes read to find the first batch of a cold fetch (headers only matter).
 const LOCATE_WINDOW_BYTES: usize = 16 << 10;
 
-/// Plans the records for a Fetch from `offset`, as Kafka does it: from the
-/// recent-batch cache as whole batches when it holds `offset`; otherwise as one
-/// region of one segment file starting at the batch that contains `offset`
-/// and running for up to `max_bytes` (so the last batch may be cut short, which
-/// clients discard), or for the whole first batch when `at_least_one` and it
-/// is larger (KIP-74). Only durable data is ever returned. Only batch headers
-/// near the start are read (through O_DIRECT) to find the start; the record
-/// data itself never enters user space.
-pub async fn read_for_fetch(
-    log: &SharedLog,
-    offset: Offset,
-    max_bytes: usize,
-    at_least_one: bool,
-) -> io::Result<FetchRead> {
+/// Where a Fetch from some offset starts: the I/O half of planning a read.
+/// `locate` does the waiting (disk reads of batch headers, opening the read
+/// fd); `plan` applies the byte limits without waiting, so a Fetch can
+/// locate all its partitions at once and then share its `max_bytes` between
+/// them in request order.
+pub enum Located {
+    /// Nothing durable at or after the offset.
+    Empty,
+    /// The recent-batch cache held the offset when it was located.
+    Cached,
+    /// The batch holding the offset starts at `start` in `file` and is
+    /// `first_size` bytes long; `limit` is the segment's durable size.
+    File { file: Arc<std::fs::File>, start: u64, first_size: usize, limit: u64, located_bytes: usize },
+}
+
+/// Finds where a Fetch from `offset` starts: in the recent-batch cache, or at
+/// the batch containing `offset` in a segment file. Only batch headers near
+/// the index position are read (through O_DIRECT); the record data never
+/// enters user space.
+pub async fn locate(log: &SharedLog, offset: Offset) -> io::Result<Located> {
     let mut offset = offset;
     loop {
         let (dma, reader, path, base, mut pos, limit, next_base) = {
             let l = log.borrow();
             if offset >= l.high_watermark || offset < l.log_start_offset {
-                return Ok(FetchRead::default());
+                return Ok(Located::Empty);
             }
-            if let Some(r) = l.read_cached(offset, max_bytes, at_least_one) {
-                return Ok(FetchRead {
-                    bytes: r.bytes,
-                    parts: r.chunks.into_iter().map(RecordsPart::Memory).collect(),
-                    located_bytes: 0,
-                });
+            if l.cache_holds(offset) {
+                return Ok(Located::Cached);
             }
             let i = l.segments.partition_point(|s| s.base_offset <= offset).saturating_sub(1);
             let seg = &l.segments[i];
-            let Some(dma) = seg.file.clone() else { return Ok(FetchRead::default()) };
+            let Some(dma) = seg.file.clone() else { return Ok(Located::Empty) };
             (
                 dma,
                 seg.reader.clone(),
@@ -599,19 +610,14 @@ pub async fn read_for_fetch(
                     offset = next;
                     continue;
                 }
-                _ => return Ok(FetchRead::default()),
+                _ => return Ok(Located::Empty),
             }
         };
-        if !at_least_one && first_size > max_bytes {
-            return Ok(FetchRead::default());
-        }
-        let wanted = if at_least_one { max_bytes.max(first_size) } else { max_bytes } as u64;
-        let len = wanted.min(limit - start);
-        let reader = match reader {
+        let file = match reader {
             Some(r) => r,
             None => {
                 let p = path.clone();
-                let f = Rc::new(glommio::executor().spawn_blocking(move || std::fs::File::open(p)).await?);
+                let f = Arc::new(glommio::executor().spawn_blocking(move || std::fs::File::open(p)).await?);
                 let mut l = log.borrow_mut();
                 match l.segments.iter_mut().find(|s| s.base_offset == base) {
                     // Still the file the position was found in: keep the fd
@@ -624,16 +630,66 @@ pub async fn read_for_fetch(
                             f
                         }
                     },
-                    // Swapped by compaction or deleted while we opened: plan again.
+                    // Swapped by compaction or deleted while we opened: locate again.
                     _ => continue,
                 }
             }
         };
-        return Ok(FetchRead {
-            bytes: len as usize,
-            parts: vec![RecordsPart::File { file: reader, position: start, len }],
-            located_bytes,
-        });
+        return Ok(Located::File { file, start, first_size, limit, located_bytes });
+    }
+}
+
+/// Plans the records for a Fetch from `offset` once it is located, as Kafka
+/// does it: from the recent-batch cache as whole batches; otherwise as one
+/// region of one segment file starting at the batch that contains `offset`
+/// and running for up to `max_bytes` (so the last batch may be cut short,
+/// which clients discard), or for the whole first batch when `at_least_one`
+/// and it is larger (KIP-74). Only durable data is ever returned. `None` when
+/// the cache no longer holds what `locate` saw there: locate again.
+pub fn plan(
+    log: &SharedLog,
+    offset: Offset,
+    located: Located,
+    max_bytes: usize,
+    at_least_one: bool,
+) -> Option<FetchRead> {
+    match located {
+        Located::Empty => Some(FetchRead::default()),
+        Located::Cached => {
+            let r = log.borrow().read_cached(offset, max_bytes, at_least_one)?;
+            Some(FetchRead {
+                bytes: r.bytes,
+                parts: r.chunks.into_iter().map(RecordsPart::Memory).collect(),
+                located_bytes: 0,
+            })
+        }
+        Located::File { file, start, first_size, limit, located_bytes } => {
+            if !at_least_one && first_size > max_bytes {
+                return Some(FetchRead { located_bytes, ..Default::default() });
+            }
+            let wanted = if at_least_one { max_bytes.max(first_size) } else { max_bytes } as u64;
+            let len = wanted.min(limit - start);
+            Some(FetchRead {
+                bytes: len as usize,
+                parts: vec![RecordsPart::File { file, position: start, len, readable_to: limit }],
+                located_bytes,
+            })
+        }
+    }
+}
+
+/// `locate` then `plan`, for one partition on its own.
+pub async fn read_for_fetch(
+    log: &SharedLog,
+    offset: Offset,
+    max_bytes: usize,
+    at_least_one: bool,
+) -> io::Result<FetchRead> {
+    loop {
+        let located = locate(log, offset).await?;
+        if let Some(r) = plan(log, offset, located, max_bytes, at_least_one) {
+            return Ok(r);
+        }
     }
 }
 
@@ -762,7 +818,7 @@ impl PartitionLog {
     /// Compaction: gives the sealed segment at `base` a buffered read fd for
     /// its current file if it has none, so fetches keep reading this inode
     /// after a cleaned file is renamed over its path.
-    pub fn set_reader_if_none(&mut self, base: Offset, reader: Rc<std::fs::File>) {
+    pub fn set_reader_if_none(&mut self, base: Offset, reader: Arc<std::fs::File>) {
         if let Some(s) = self.segments.iter_mut().find(|s| s.base_offset == base && s.sealed) {
             if s.reader.is_none() {
                 s.reader = Some(reader);

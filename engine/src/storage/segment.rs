@@ -25,6 +25,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
@@ -70,7 +71,7 @@ pub struct Segment {
     pub path: PathBuf,
     pub file: Option<Rc<DmaFile>>,
     /// A buffered read-only fd for zero-copy (sendfile) fetches, opened on first use.
-    pub reader: Option<Rc<std::fs::File>>,
+    pub reader: Option<Arc<std::fs::File>>,
     /// Bytes appended, durable or not.
     pub end_bytes: u64,
     pub durable_bytes: u64,

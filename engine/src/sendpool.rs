@@ -1,0 +1,451 @@
+//! Send threads: where a shard writes the Fetch responses that read segment
+//! files (the cold path) to their sockets.
+//!
+//! Each shard starts its own pool of `fetch.sendfile.threads` plain OS
+//! threads at start-up and is the only one that submits to it; the threads
+//! share nothing but the job queue and exit when the shard drops the pool.
+//!
+//! Why threads, and not io_uring splice or the shard itself: a cold region
+//! is data written with O_DIRECT, so it is not in the page cache and
+//! `sendfile` reads the disk. A shard thread must never wait on that. glommio
+//! 0.9 exposes neither splice nor its ring, and `readahead(2)` only starts
+//! the I/O (a following sendfile still blocks if it has not finished). So a
+//! cold response goes whole to one send thread, which
+//!
+//! 1. asks the kernel to read ahead (`posix_fadvise(WILLNEED)`) at most
+//!    `fetch.readahead.bytes` of file data ahead of what it sends, across the
+//!    response's partitions, so the disk reads of many partitions overlap
+//!    while the queue of reads a catch-up consumer puts in front of the
+//!    shards' fdatasyncs stays bounded;
+//! 2. writes the response in order: inline header pieces with `sendmsg`,
+//!    file regions with `sendfile` (page cache to socket, no copy through
+//!    user space), waiting for socket room with `poll`;
+//! 3. reads ahead the same window past where this response stops, so the
+//!    next fetch of a catch-up consumer finds its data in the page cache.
+//!
+//! The threads run at `fetch.sendfile.priority` (default `idle`: SCHED_IDLE,
+//! so catch-up sends use only CPU time the shards leave over, and the lowest
+//! best-effort I/O level). They are not glommio's blocking pool on purpose:
+//! segment rolls, checkpoints and compaction run there, and a consumer that
+//! stops reading must not make a producer wait for a thread.
+//!
+//! At most `fetch.sendfile.threads` responses per shard are handed over at
+//! once; more wait on the shard (a semaphore), costing nothing while idle.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::config::SendPriority;
+
+/// How long a send may wait on a client that does not read, per wait.
+pub const SEND_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// iovecs per `sendmsg` (well under IOV_MAX).
+const IOVECS_MAX: usize = 64;
+/// Largest single `sendfile` call: bounds how long one call holds the socket.
+const SENDFILE_CHUNK_BYTES: u64 = 1 << 20;
+
+/// One piece of a response, owned so it can cross to a send thread.
+pub enum Piece {
+    /// Header pieces and cached batches.
+    Inline(Bytes),
+    /// `len` bytes of `file` from `position`; readahead may go up to `readable_to`.
+    File { file: Arc<File>, position: u64, len: u64, readable_to: u64 },
+}
+
+struct Job {
+    socket: Arc<OwnedFd>,
+    pieces: Vec<Piece>,
+    done: futures::channel::oneshot::Sender<io::Result<()>>,
+}
+
+/// A shard's send threads (shard-local handle).
+pub struct SendPool {
+    jobs: mpsc::Sender<Job>,
+    permits: glommio::sync::Semaphore,
+}
+
+impl SendPool {
+    /// Starts `threads` send threads named `shard-<shard>-send-<k>`.
+    pub fn start(shard: u32, threads: usize, priority: SendPriority, readahead_bytes: u64) -> io::Result<SendPool> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for k in 0..threads {
+            let rx = rx.clone();
+            std::thread::Builder::new().name(format!("shard-{shard}-send-{k}")).spawn(move || {
+                if let Err(e) = apply_priority(priority) {
+                    log::warn!(
+                        "shard {shard}: send thread {k}: cannot set fetch.sendfile.priority={priority:?}: {e}; \
+                         cold sends run at normal priority"
+                    );
+                }
+                loop {
+                    // Poisoning only means another send thread panicked; the queue is intact.
+                    let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                        Ok(job) => job,
+                        Err(_) => return, // the shard dropped the pool
+                    };
+                    let result = send_pieces(job.socket.as_raw_fd(), &job.pieces, readahead_bytes);
+                    drop(job.pieces);
+                    let _ = job.done.send(result);
+                }
+            })?;
+        }
+        Ok(SendPool { jobs: tx, permits: glommio::sync::Semaphore::new(threads as u64) })
+    }
+
+    /// Sends `pieces` to `socket` in order on a send thread; returns when all
+    /// of it is in the socket (or the send failed).
+    pub async fn send(&self, socket: Arc<OwnedFd>, pieces: Vec<Piece>) -> io::Result<()> {
+        let _permit =
+            self.permits.acquire_permit(1).await.map_err(|e| io::Error::other(format!("send pool closed: {e}")))?;
+        let (done, result) = futures::channel::oneshot::channel();
+        self.jobs.send(Job { socket, pieces, done }).map_err(|_| io::Error::other("send threads exited"))?;
+        result.await.unwrap_or_else(|_| Err(io::Error::other("send thread exited mid-send")))
+    }
+}
+
+/// How long one blocking `sendfile` may wait for socket room before it
+/// returns, so a stalled client is noticed (`SEND_STALL_TIMEOUT`).
+const SOCKET_SEND_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// A second fd for a connection's socket, so a send thread never writes to
+/// an fd number the connection closed and the kernel reused. Also sets the
+/// socket's SO_SNDTIMEO: accepted sockets are blocking, and `sendfile` has
+/// no non-blocking flag; glommio's own sends are unaffected (io_uring never
+/// blocks in the socket).
+pub fn dup_socket(fd: RawFd) -> io::Result<Arc<OwnedFd>> {
+    let tv = libc::timeval { tv_sec: 0, tv_usec: SOCKET_SEND_TIMEOUT.as_micros() as libc::suseconds_t };
+    // SAFETY: setsockopt with a timeval that outlives the call, on an fd the caller keeps open.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fcntl on an fd the caller keeps open; the result is a new fd we own.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `dup` is a fresh fd owned by nothing else.
+    Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(dup) }))
+}
+
+const IOPRIO_CLASS_SHIFT: libc::c_int = 13;
+const IOPRIO_CLASS_BE: libc::c_int = 2;
+const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+/// Lowest best-effort I/O level.
+const IOPRIO_BE_LOWEST: libc::c_int = 7;
+/// Niceness of `low` send threads.
+const LOW_NICE: libc::c_int = 10;
+
+/// Sets the calling thread's CPU and I/O priority.
+fn apply_priority(priority: SendPriority) -> io::Result<()> {
+    let check = |rc: libc::c_long| if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
+    match priority {
+        SendPriority::Normal => return Ok(()),
+        SendPriority::Idle => {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: pid 0 is the calling thread; param is valid for the call.
+            check(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } as libc::c_long)?;
+        }
+        SendPriority::Low => {
+            // SAFETY: gettid/setpriority on the calling thread only.
+            let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
+            check(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, LOW_NICE) } as libc::c_long)?;
+        }
+    }
+    let prio = (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | IOPRIO_BE_LOWEST;
+    // SAFETY: ioprio_set on the calling thread (who 0) with a valid value.
+    check(unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, prio) })
+}
+
+/// The file regions of a response and how far readahead has been asked for.
+struct Readahead {
+    regions: Vec<(RawFd, u64, u64, u64)>,
+    window_bytes: u64,
+    /// Region being advised and bytes of it advised so far.
+    next: usize,
+    next_done: u64,
+    /// File bytes of the response advised so far.
+    advised: u64,
+}
+
+impl Readahead {
+    fn new(pieces: &[Piece], window_bytes: u64) -> Readahead {
+        let regions = pieces
+            .iter()
+            .filter_map(|p| match p {
+                Piece::File { file, position, len, readable_to } => {
+                    Some((file.as_raw_fd(), *position, *len, *readable_to))
+                }
+                Piece::Inline(_) => None,
+            })
+            .collect();
+        Readahead { regions, window_bytes, next: 0, next_done: 0, advised: 0 }
+    }
+
+    /// Asks for readahead up to `window_bytes` past `sent` file bytes.
+    fn advance(&mut self, sent: u64) {
+        let target = sent + self.window_bytes;
+        while self.advised < target && self.next < self.regions.len() {
+            let (fd, position, len, _) = self.regions[self.next];
+            let take = (len - self.next_done).min(target - self.advised);
+            advise(fd, position + self.next_done, take);
+            self.next_done += take;
+            self.advised += take;
+            if self.next_done == len {
+                self.next += 1;
+                self.next_done = 0;
+            }
+        }
+    }
+
+    /// Reads ahead one window past where the response's regions stop, first
+    /// partitions first (a catch-up consumer asks for them next).
+    fn past_end(&self) {
+        let mut left = self.window_bytes;
+        for &(fd, position, len, readable_to) in &self.regions {
+            if left == 0 {
+                break;
+            }
+            let end = position + len;
+            let take = readable_to.saturating_sub(end).min(left);
+            if take > 0 {
+                advise(fd, end, take);
+                left -= take;
+            }
+        }
+    }
+}
+
+fn advise(fd: RawFd, position: u64, len: u64) {
+    // SAFETY: advisory call on an fd the job keeps open.
+    unsafe { libc::posix_fadvise(fd, position as libc::off_t, len as libc::off_t, libc::POSIX_FADV_WILLNEED) };
+}
+
+/// Writes every piece in order to the blocking-capable socket `fd`.
+fn send_pieces(fd: RawFd, pieces: &[Piece], readahead_bytes: u64) -> io::Result<()> {
+    let mut ahead = Readahead::new(pieces, readahead_bytes);
+    let mut file_sent = 0u64;
+    ahead.advance(0);
+    let mut i = 0;
+    while i < pieces.len() {
+        match &pieces[i] {
+            Piece::Inline(_) => {
+                let run_end =
+                    pieces[i..].iter().position(|p| matches!(p, Piece::File { .. })).map_or(pieces.len(), |n| i + n);
+                let run: Vec<Bytes> = pieces[i..run_end]
+                    .iter()
+                    .filter_map(|p| match p {
+                        Piece::Inline(b) if !b.is_empty() => Some(b.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                send_all(fd, run)?;
+                i = run_end;
+            }
+            Piece::File { file, position, len, .. } => {
+                sendfile_all(fd, file.as_raw_fd(), *position, *len, |sent| ahead.advance(file_sent + sent))?;
+                file_sent += len;
+                i += 1;
+            }
+        }
+    }
+    ahead.past_end();
+    Ok(())
+}
+
+/// What of `run` is left after `sent` bytes went out.
+pub fn remaining(run: Vec<Bytes>, mut sent: usize) -> Vec<Bytes> {
+    let mut out = Vec::with_capacity(run.len());
+    for b in run {
+        if sent >= b.len() {
+            sent -= b.len();
+        } else {
+            out.push(b.slice(sent..));
+            sent = 0;
+        }
+    }
+    out
+}
+
+/// One non-blocking vectored send; returns the bytes accepted (0 if full).
+pub fn sendmsg_nowait(fd: RawFd, bufs: &[Bytes]) -> io::Result<usize> {
+    let mut sent = 0;
+    for chunk in bufs.chunks(IOVECS_MAX) {
+        let iov: Vec<libc::iovec> =
+            chunk.iter().map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() }).collect();
+        let want: usize = chunk.iter().map(|b| b.len()).sum();
+        // SAFETY: iov points into `bufs`, alive for the call; msghdr is zeroed then filled.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = iov.len() as _;
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => return Ok(sent),
+                io::ErrorKind::Interrupted => return Ok(sent),
+                _ => return Err(e),
+            }
+        }
+        sent += n as usize;
+        if (n as usize) < want {
+            return Ok(sent);
+        }
+    }
+    Ok(sent)
+}
+
+/// Waits until `fd` is writable, or fails after `SEND_STALL_TIMEOUT`.
+fn wait_writable(fd: RawFd, since: Instant) -> io::Result<()> {
+    loop {
+        let left = SEND_STALL_TIMEOUT.saturating_sub(since.elapsed());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "client stopped reading the response"));
+        }
+        let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+        // SAFETY: one pollfd we own.
+        let rc = unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, 1000) as i32) };
+        if rc > 0 {
+            if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 && pfd.revents & libc::POLLOUT == 0 {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "client closed the connection"));
+            }
+            return Ok(());
+        }
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Sends all of `rest`, waiting for socket room.
+fn send_all(fd: RawFd, mut rest: Vec<Bytes>) -> io::Result<()> {
+    let mut since = Instant::now();
+    while !rest.is_empty() {
+        let n = sendmsg_nowait(fd, &rest)?;
+        if n == 0 {
+            wait_writable(fd, since)?;
+            continue;
+        }
+        since = Instant::now();
+        rest = remaining(rest, n);
+    }
+    Ok(())
+}
+
+/// Sends `len` bytes of `file_fd` from `position` with sendfile, calling
+/// `progress` with the bytes of this region sent so far after every call.
+fn sendfile_all(fd: RawFd, file_fd: RawFd, position: u64, len: u64, mut progress: impl FnMut(u64)) -> io::Result<()> {
+    let mut offset = position as libc::off_t;
+    let end = (position + len) as libc::off_t;
+    let mut since = Instant::now();
+    while offset < end {
+        let chunk = ((end - offset) as u64).min(SENDFILE_CHUNK_BYTES) as usize;
+        // SAFETY: both fds are open for the duration; offset is ours.
+        let n = unsafe { libc::sendfile(fd, file_fd, &mut offset, chunk) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => wait_writable(fd, since)?,
+                io::ErrorKind::Interrupted => {}
+                _ => return Err(e),
+            }
+            continue;
+        }
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "segment file shorter than the fetch region"));
+        }
+        since = Instant::now();
+        progress(offset as u64 - position);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    /// A socket pair over loopback: (the send side's fd owner, the reader).
+    fn socket_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn pieces_arrive_in_order_with_file_regions_between_inline_bytes() {
+        let dir = std::env::temp_dir().join(format!("tidelog-sendpool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("segment");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::File::create(&path).unwrap().write_all(&data).unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        let (tx, mut rx) = socket_pair();
+        let pieces = vec![
+            Piece::Inline(Bytes::from_static(b"head")),
+            Piece::File { file: file.clone(), position: 10, len: 2_500_000, readable_to: 3_000_000 },
+            Piece::Inline(Bytes::from_static(b"mid")),
+            Piece::Inline(Bytes::new()),
+            Piece::File { file, position: 0, len: 7, readable_to: 7 },
+            Piece::Inline(Bytes::from_static(b"tail")),
+        ];
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            rx.read_to_end(&mut got).unwrap();
+            got
+        });
+        // A small readahead window so it slides across both regions.
+        send_pieces(tx.as_raw_fd(), &pieces, 65536).unwrap();
+        drop(tx);
+        let got = reader.join().unwrap();
+        let mut want = b"head".to_vec();
+        want.extend_from_slice(&data[10..2_500_010]);
+        want.extend_from_slice(b"mid");
+        want.extend_from_slice(&data[0..7]);
+        want.extend_from_slice(b"tail");
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "bytes differ");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_region_past_the_end_of_the_file_is_an_error_not_a_hang() {
+        let dir = std::env::temp_dir().join(format!("tidelog-sendpool-short-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("segment");
+        std::fs::File::create(&path).unwrap().write_all(&[7u8; 100]).unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        let (tx, _rx) = socket_pair();
+        let pieces = vec![Piece::File { file, position: 50, len: 100, readable_to: 150 }];
+        let err = send_pieces(tx.as_raw_fd(), &pieces, 4096).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn remaining_drops_what_was_sent() {
+        let run = vec![Bytes::from_static(b"abc"), Bytes::from_static(b"defg"), Bytes::from_static(b"h")];
+        let rest = remaining(run, 5);
+        assert_eq!(rest, vec![Bytes::from_static(b"fg"), Bytes::from_static(b"h")]);
+    }
+}

@@ -3,7 +3,7 @@ sent from segment files with sendfile, both mixed in one response, and the
 partial/oversize batch cases clients rely on.
 
 How bytes left the broker is read from the counters each shard logs when it
-stops ("fetch bytes sent: M from memory, F by sendfile, L read to locate
+stops ("fetch bytes in responses: M from memory, F by sendfile, L read to locate
 batches"): a cold read must go out by sendfile, with only batch headers read
 through user space.
 """
@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from conftest import create_topic, unique_topic
 
 STATS = re.compile(
-    r"shard (\d+): stopped, all appended data durable; fetch bytes sent: (\d+) from memory, (\d+) by sendfile, (\d+) read to locate batches"
+    r"shard (\d+): stopped, all appended data durable; fetch bytes in responses: (\d+) from memory, (\d+) by sendfile, (\d+) read to locate batches"
 )
 
 

@@ -242,8 +242,8 @@ pub fn run(mut config: Config) -> Result<(), String> {
             crate::handlers::producer_id::snapshot_all(&shard).await;
             let stats = &shard.fetch_stats;
             log::info!(
-                "shard {i}: stopped, all appended data durable; fetch bytes sent: {} from memory, {} by sendfile, \
-                 {} read to locate batches",
+                "shard {i}: stopped, all appended data durable; fetch bytes in responses: {} from memory, {} by \
+                 sendfile, {} read to locate batches",
                 stats.memory_bytes.get(),
                 stats.file_bytes.get(),
                 stats.located_bytes.get()

@@ -205,6 +205,13 @@ pub struct ShardSnapshot {
     pub flush_latency: Histogram,
     pub cleaner: CleanerCounters,
     pub connections: u64,
+    /// Fetch record bytes put in responses from memory / from segment files,
+    /// and bytes read through user space to locate cold reads.
+    pub fetch_memory_bytes: u64,
+    pub fetch_file_bytes: u64,
+    pub fetch_located_bytes: u64,
+    /// Cold responses on this shard's send threads right now.
+    pub cold_sends: u64,
     /// Bytes held by this shard's logs in memory (recent-batch caches and
     /// appends waiting for the flusher).
     pub memory_bytes: u64,
@@ -396,6 +403,32 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
                 );
             }
         }
+    }
+
+    header(
+        &mut out,
+        "tidelog_fetch_response_bytes_total",
+        "counter",
+        "Record bytes put in Fetch responses, by path: memory (recent-batch cache, vectored send from the shard) \
+         or sendfile (segment files, from the send threads).",
+    );
+    for s in shards {
+        let l = shard_label(s);
+        let _ = writeln!(out, "tidelog_fetch_response_bytes_total{{{l},path=\"memory\"}} {}", s.fetch_memory_bytes);
+        let _ = writeln!(out, "tidelog_fetch_response_bytes_total{{{l},path=\"sendfile\"}} {}", s.fetch_file_bytes);
+    }
+    header(
+        &mut out,
+        "tidelog_fetch_located_bytes_total",
+        "counter",
+        "Bytes read through user space to find where cold Fetch reads start (batch headers, never record data sent).",
+    );
+    for s in shards {
+        let _ = writeln!(out, "tidelog_fetch_located_bytes_total{{{}}} {}", shard_label(s), s.fetch_located_bytes);
+    }
+    header(&mut out, "tidelog_fetch_cold_sends", "gauge", "Cold Fetch responses on the shard's send threads now.");
+    for s in shards {
+        let _ = writeln!(out, "tidelog_fetch_cold_sends{{{}}} {}", shard_label(s), s.cold_sends);
     }
 
     header(&mut out, "tidelog_flushes_total", "counter", "Per-log group-commit flushes (writes + fdatasync).");

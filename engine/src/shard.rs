@@ -422,6 +422,10 @@ impl Shard {
     pub fn metrics_snapshot(&self) -> crate::metrics::ShardSnapshot {
         let mut snap = self.metrics.snapshot(self.id.0);
         snap.connections = self.connections.get() as u64;
+        snap.fetch_memory_bytes = self.fetch_stats.memory_bytes.get();
+        snap.fetch_file_bytes = self.fetch_stats.file_bytes.get();
+        snap.fetch_located_bytes = self.fetch_stats.located_bytes.get();
+        snap.cold_sends = self.send_pool.in_flight();
         for (topic, partition, log) in self.all_logs() {
             let l = log.borrow();
             let stats = l.stats();

@@ -724,7 +724,7 @@ async fn install(log: &SharedLog, path: &Path, base: Offset, r: &Rewritten) -> i
     let cleaned = cleaned_path(path);
     // Fetches must keep reading the old inode: pin a read fd to it first.
     let p = path.to_path_buf();
-    let old = glommio::executor().spawn_blocking(move || std::fs::File::open(p)).await?;
+    let old = glommio::executor().spawn_blocking(move || super::segment::open_reader(&p)).await?;
     log.borrow_mut().set_reader_if_none(base, Arc::new(old));
     if !segment_present(log, base) {
         glommio::executor().spawn_blocking(move || remove_if_exists(&cleaned)).await?;

@@ -617,7 +617,7 @@ pub async fn locate(log: &SharedLog, offset: Offset) -> io::Result<Located> {
             Some(r) => r,
             None => {
                 let p = path.clone();
-                let f = Arc::new(glommio::executor().spawn_blocking(move || std::fs::File::open(p)).await?);
+                let f = Arc::new(glommio::executor().spawn_blocking(move || super::segment::open_reader(&p)).await?);
                 let mut l = log.borrow_mut();
                 match l.segments.iter_mut().find(|s| s.base_offset == base) {
                     // Still the file the position was found in: keep the fd

@@ -111,6 +111,21 @@ pub struct RecoveryReport {
     pub damaged_tail: bool,
 }
 
+/// Opens the buffered read fd that cold fetches `sendfile` from (blocking:
+/// call it on a blocking thread). Kernel readahead is turned off on it
+/// (POSIX_FADV_RANDOM): the send threads ask for exactly the readahead they
+/// want (`fetch.readahead.bytes`), so the disk reads a catch-up consumer
+/// queues in front of the shards' writes and fdatasyncs stay bounded, where
+/// the kernel's own sequential readahead would grow to `read_ahead_kb` per
+/// stream on its own.
+pub fn open_reader(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: advisory call on the fd we just opened.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    Ok(f)
+}
+
 pub async fn open_rw(path: &Path, create: bool) -> io::Result<DmaFile> {
     OpenOptions::new().read(true).write(true).create(create).dma_open(path).await.map_err(io::Error::from)
 }

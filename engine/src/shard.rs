@@ -370,13 +370,14 @@ impl Shard {
             }
             let me = &self;
             let results = join_all(batch.iter().map(|log| async move {
-                let bytes = log.borrow().pending_bytes();
                 let started = std::time::Instant::now();
                 let r = partition::flush(log).await;
-                if r.is_ok() && bytes > 0 {
-                    me.metrics.flushed(bytes, started.elapsed());
+                if let Ok(bytes) = r {
+                    if bytes > 0 {
+                        me.metrics.flushed(bytes, started.elapsed());
+                    }
                 }
-                (log, r)
+                (log, r.map(|_| ()))
             }))
             .await;
             let mut failed = false;

@@ -338,7 +338,10 @@ impl PartitionLog {
 /// Writes and syncs everything pending in `log`, segment by segment in
 /// order, and seals rolled segments. Moves the high watermark only after
 /// fdatasync returned.
-pub async fn flush(log: &SharedLog) -> io::Result<()> {
+/// Returns the bytes of batches it made durable, including batches appended
+/// while it ran (it keeps going until nothing is pending).
+pub async fn flush(log: &SharedLog) -> io::Result<u64> {
+    let mut flushed_bytes = 0u64;
     loop {
         let work = {
             let l = log.borrow();
@@ -347,7 +350,7 @@ pub async fn flush(log: &SharedLog) -> io::Result<()> {
                 .position(|s| s.needs_flush())
                 .map(|i| (l.segments[i].base_offset, l.segments[i].file.clone(), l.segments[i].path.clone()))
         };
-        let Some((base, file, path)) = work else { return Ok(()) };
+        let Some((base, file, path)) = work else { return Ok(flushed_bytes) };
         let file = match file {
             Some(f) => f,
             None => {
@@ -396,8 +399,9 @@ pub async fn flush(log: &SharedLog) -> io::Result<()> {
             }
             file.fdatasync().await.map_err(io::Error::from)?;
             let mut l = log.borrow_mut();
-            let Some(i) = l.segments.iter().position(|s| s.base_offset == base) else { return Ok(()) };
+            let Some(i) = l.segments.iter().position(|s| s.base_offset == base) else { return Ok(flushed_bytes) };
             let durable = l.segments[i].complete_flush(plan);
+            flushed_bytes += durable.iter().map(|b| b.bytes.len() as u64).sum::<u64>();
             let hw = l.segments[i].durable_next_offset;
             // Segments flush in order, so every earlier segment is durable.
             if hw > l.high_watermark {
@@ -414,7 +418,7 @@ pub async fn flush(log: &SharedLog) -> io::Result<()> {
         // Nothing pending: this segment only needs sealing.
         let segment = {
             let mut l = log.borrow_mut();
-            let Some(i) = l.segments.iter().position(|s| s.base_offset == base) else { return Ok(()) };
+            let Some(i) = l.segments.iter().position(|s| s.base_offset == base) else { return Ok(flushed_bytes) };
             // Take it out while sealing so no borrow spans the await.
             std::mem::replace(&mut l.segments[i], Segment::new(Path::new(""), base, 0))
         };

@@ -31,6 +31,15 @@
 //!
 //! At most `fetch.sendfile.threads` responses per shard are handed over at
 //! once; more wait on the shard (a semaphore), costing nothing while idle.
+//!
+//! Measured on the reference VM (2 vCPU, virtio disk reading 1.2 GB/s, 4 GB
+//! backlog, tidelog-bench catch-up consumers on the same cores): the old
+//! path (glommio's blocking pool, fadvise of whole regions, kernel
+//! readahead on) read cold data at 950 MB/s but pushed a 20 MB/s tail
+//! consumer's end-to-end p99 from 1.7 ms to 320-800 ms, because fdatasync
+//! queued behind megabytes of reads. 4 MiB windows: 1.4 GB/s, p99 800+ ms.
+//! 128 KiB requests, 128 KiB window (the default): 640-700 MB/s, p99 4-6 ms.
+//! The window is the knob between catch-up speed and produce latency.
 
 use std::fs::File;
 use std::io;

@@ -68,8 +68,8 @@ const SENDFILE_CHUNK_BYTES: u64 = READ_CHUNK_BYTES;
 pub enum Piece {
     /// Header pieces and cached batches.
     Inline(Bytes),
-    /// `len` bytes of `file` from `position`; readahead may go up to `readable_to`.
-    File { file: Arc<File>, position: u64, len: u64, readable_to: u64 },
+    /// `len` bytes of `file` from `position`.
+    File { file: Arc<File>, position: u64, len: u64 },
 }
 
 struct Job {
@@ -194,7 +194,7 @@ fn apply_priority(priority: SendPriority) -> io::Result<()> {
 
 /// The file regions of a response and how far readahead has been asked for.
 struct Readahead {
-    regions: Vec<(RawFd, u64, u64, u64)>,
+    regions: Vec<(RawFd, u64, u64)>,
     window_bytes: u64,
     /// Region being advised and bytes of it advised so far.
     next: usize,
@@ -208,9 +208,7 @@ impl Readahead {
         let regions = pieces
             .iter()
             .filter_map(|p| match p {
-                Piece::File { file, position, len, readable_to } => {
-                    Some((file.as_raw_fd(), *position, *len, *readable_to))
-                }
+                Piece::File { file, position, len } => Some((file.as_raw_fd(), *position, *len)),
                 Piece::Inline(_) => None,
             })
             .collect();
@@ -221,7 +219,7 @@ impl Readahead {
     fn advance(&mut self, sent: u64) {
         let target = sent + self.window_bytes;
         while self.advised < target && self.next < self.regions.len() {
-            let (fd, position, len, _) = self.regions[self.next];
+            let (fd, position, len) = self.regions[self.next];
             let take = (len - self.next_done).min(target - self.advised).min(READ_CHUNK_BYTES);
             advise(fd, position + self.next_done, take);
             self.next_done += take;
@@ -405,10 +403,10 @@ mod tests {
         let (tx, mut rx) = socket_pair();
         let pieces = vec![
             Piece::Inline(Bytes::from_static(b"head")),
-            Piece::File { file: file.clone(), position: 10, len: 2_500_000, readable_to: 3_000_000 },
+            Piece::File { file: file.clone(), position: 10, len: 2_500_000 },
             Piece::Inline(Bytes::from_static(b"mid")),
             Piece::Inline(Bytes::new()),
-            Piece::File { file, position: 0, len: 7, readable_to: 7 },
+            Piece::File { file, position: 0, len: 7 },
             Piece::Inline(Bytes::from_static(b"tail")),
         ];
         let reader = std::thread::spawn(move || {
@@ -438,7 +436,7 @@ mod tests {
         std::fs::File::create(&path).unwrap().write_all(&[7u8; 100]).unwrap();
         let file = Arc::new(File::open(&path).unwrap());
         let (tx, _rx) = socket_pair();
-        let pieces = vec![Piece::File { file, position: 50, len: 100, readable_to: 150 }];
+        let pieces = vec![Piece::File { file, position: 50, len: 100 }];
         let err = send_pieces(tx.as_raw_fd(), &pieces, 4096).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         std::fs::remove_dir_all(&dir).unwrap();

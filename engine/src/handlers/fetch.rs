@@ -72,9 +72,9 @@ fn frame(shard: &Shard, version: i16, cid: i32, c: Collected) -> Outgoing {
                     shard.fetch_stats.memory_bytes.set(shard.fetch_stats.memory_bytes.get() + b.len() as u64);
                     parts.push(OutPart::Inline(b));
                 }
-                RecordsPart::File { file, position, len, readable_to } => {
+                RecordsPart::File { file, position, len } => {
                     shard.fetch_stats.file_bytes.set(shard.fetch_stats.file_bytes.get() + len);
-                    parts.push(OutPart::File { file, position, len, readable_to });
+                    parts.push(OutPart::File { file, position, len });
                 }
             }
         }

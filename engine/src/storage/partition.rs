@@ -525,10 +525,7 @@ pub enum RecordsPart {
     /// Batches held in memory (the recent-batch cache): sent as `Bytes`.
     Memory(Bytes),
     /// A region of a segment file: sent with sendfile, never read by us.
-    /// `readable_to` is the file's durable size when the fetch was planned:
-    /// how far past the region the send threads may read ahead for the next
-    /// fetch of a catch-up consumer.
-    File { file: Arc<std::fs::File>, position: u64, len: u64, readable_to: u64 },
+    File { file: Arc<std::fs::File>, position: u64, len: u64 },
 }
 
 /// What a Fetch sends for one partition.
@@ -675,7 +672,7 @@ pub fn plan(
             let len = wanted.min(limit - start);
             Some(FetchRead {
                 bytes: len as usize,
-                parts: vec![RecordsPart::File { file, position: start, len, readable_to: limit }],
+                parts: vec![RecordsPart::File { file, position: start, len }],
                 located_bytes,
             })
         }

@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 import kafka_wire as kw
 from conftest import create_topic, unique_topic
-from test_fetch_paths import check_exact, consume_range, fetch_stats, leaders, payload
+from test_fetch_paths import check_exact, consume_range, fetch_stats, leaders, payload, send
 
 
 def produce_partitions(broker, topic, partitions, count, size, **extra):
@@ -47,13 +47,7 @@ def produce_partitions(broker, topic, partitions, count, size, **extra):
 
     for seq in range(count):
         for q in partitions:
-            while True:
-                try:
-                    p.produce(topic, partition=q, value=payload(q, seq, size), on_delivery=delivered)
-                    break
-                except BufferError:
-                    p.poll(0.05)
-        p.poll(0)
+            send(p, topic, q, payload(q, seq, size), delivered)
     assert p.flush(120) == 0
     assert not errors, errors[:3]
     for q in partitions:

@@ -44,18 +44,22 @@ def leaders(broker, topic):
     return {p.id: p.leader for p in md.topics[topic].partitions.values()}
 
 
+def send(p, topic, partition, value, on_delivery):
+    """Queues one record on Producer `p`, waiting while its buffer is full."""
+    while True:
+        try:
+            p.produce(topic, partition=partition, value=value, on_delivery=on_delivery)
+            break
+        except BufferError:
+            p.poll(0.05)
+    p.poll(0)
+
+
 def produce(broker, topic, partition, first_seq, count, size):
     p = Producer(broker.producer_config(**{"linger.ms": 5, "batch.size": 256 * 1024}))
     errors = []
     for seq in range(first_seq, first_seq + count):
-        while True:
-            try:
-                p.produce(topic, partition=partition, value=payload(partition, seq, size),
-                          on_delivery=lambda err, msg: errors.append(err) if err else None)
-                break
-            except BufferError:
-                p.poll(0.05)
-        p.poll(0)
+        send(p, topic, partition, payload(partition, seq, size), lambda err, msg: errors.append(err) if err else None)
     assert p.flush(120) == 0
     assert not errors, errors[:3]
 

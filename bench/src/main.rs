@@ -197,6 +197,9 @@ struct BaselineArgs {
     /// Cap on bytes written by the write test.
     #[arg(long, default_value_t = 2 << 30)]
     write_bytes_max: u64,
+    /// Seconds for each O_DIRECT read test (one reader, then 4 in parallel) over the written file.
+    #[arg(long, default_value_t = 3.0)]
+    read_seconds: f64,
     /// Number of 4 KiB write + fdatasync rounds.
     #[arg(long, default_value_t = 1000)]
     fsyncs: usize,
@@ -443,6 +446,7 @@ fn cmd_baseline(a: &BaselineArgs) -> anyhow::Result<()> {
         dir: a.dir.clone(),
         write_seconds: a.write_seconds,
         write_bytes_max: a.write_bytes_max,
+        read_seconds: a.read_seconds,
         fsync_count: a.fsyncs,
         loopback_seconds: a.loopback_seconds,
     };

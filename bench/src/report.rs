@@ -219,6 +219,10 @@ pub fn ratios(r: &Results, b: Option<&Baseline>) -> BTreeMap<String, f64> {
             m.insert("consume_mb_per_s_over_loopback".into(), r.consume.mb_per_s / b.loopback_mb_per_s);
         }
     }
+    // Against the disk: what a cold catch-up read can at most get.
+    if b.o_direct_read_mb_per_s > 0.0 && consumed {
+        m.insert("consume_mb_per_s_over_o_direct_read".into(), r.consume.mb_per_s / b.o_direct_read_mb_per_s);
+    }
     let f = &b.fdatasync_latency_us;
     let a = &r.latency_us.produce_ack_batch;
     if f.p50 > 0.0 && a.count > 0 {
@@ -389,9 +393,12 @@ pub fn render_table(s: &Summary) -> String {
         Some(b) => {
             let _ = writeln!(
                 out,
-                "baseline: {} write {:.1} MB/s | fdatasync p50 {} ms p99 {} ms | loopback {:.1} MB/s ({})",
+                "baseline: {} write {:.1} MB/s | read {:.1} MB/s (x{} {:.1}) | fdatasync p50 {} ms p99 {} ms | loopback {:.1} MB/s ({})",
                 if b.o_direct { "O_DIRECT" } else { "buffered" },
                 b.o_direct_write_mb_per_s,
+                b.o_direct_read_mb_per_s,
+                crate::baseline::READ_PARALLEL,
+                b.o_direct_read_parallel_mb_per_s,
                 fmt_ms(b.fdatasync_latency_us.p50),
                 fmt_ms(b.fdatasync_latency_us.p99),
                 b.loopback_mb_per_s,

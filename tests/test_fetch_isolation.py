@@ -257,3 +257,41 @@ def test_stalled_cold_readers_do_not_stall_producers_or_hot_reads(broker_factory
         assert stats[shard][0] >= b_n * b_size, "hot partition %d went out from memory: %r" % (p, stats)
     sendfile = sum(s[1] for s in stats.values())
     assert sendfile >= len(a_owner) * a_n * a_size, "the backlog went out by sendfile: %r" % stats
+
+
+# --------------------------------------------------------------------------
+# 3. a byte budget for cold sends
+
+
+def test_sendfile_budget_paces_cold_reads_broker_wide(broker_factory):
+    """fetch.sendfile.max.bytes.per.second is one budget for all shards: a
+    cold read of both shards' partitions takes at least bytes / rate, the
+    waiting shows in /metrics, and every record still arrives exactly."""
+    from conftest import pick_ports
+    from test_metrics import scrape, total
+
+    rate = 2 << 20
+    port = pick_ports(1)
+    b = broker_factory(args=["--fetch.sendfile.max.bytes.per.second=%d" % rate, "--metrics.listeners=127.0.0.1:%d" % port])
+    topic = unique_topic("paced")
+    create_topic(b, topic, 2)
+    owners = leaders(b, topic)
+    assert len(set(owners.values())) == 2, "one partition per shard, so both shards' threads share the budget: %r" % owners
+    n, size = 800, 4000
+    produce_partitions(b, topic, [0, 1], n, size)
+    b.restart()  # everything is cold now
+
+    t = time.monotonic()
+    got = consume_range(b, topic, {0: 0, 1: 0}, {0: n, 1: n})
+    took = time.monotonic() - t
+    for p in (0, 1):
+        check_exact(got, p, 0, 0, n, size)
+    data = 2 * n * size
+    # Each shard's bucket may start with one 128 KiB burst and each send
+    # thread may finish one chunk without sleeping it off: allow 1 MiB.
+    floor = (data - (1 << 20)) / rate
+    assert took >= floor, "cold read of %d bytes at %d B/s took %.2f s (< %.2f s): not paced" % (data, rate, took, floor)
+    _, text = scrape(port)
+    assert total(text, "tidelog_fetch_response_bytes_total", path="memory") == 0
+    assert total(text, "tidelog_fetch_response_bytes_total", path="sendfile") >= data
+    assert total(text, "tidelog_fetch_sendfile_throttle_seconds_total") > 0.5, text[-2000:]

@@ -139,7 +139,9 @@ pub fn run(mut config: Config) -> Result<(), String> {
     let mut controller_parts = Some((to_ctrl_rx, from_ctrl_tx));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
     let mut handles = Vec::with_capacity(num_shards);
+    let send_budget = crate::sendpool::SendBudget::new(config.fetch_sendfile_max_bytes_per_second);
     for i in 0..num_shards {
+        let send_budget = send_budget.clone();
         let cpu = cpus[i % cpus.len()];
         let config = config.clone();
         let image = image.clone();
@@ -191,6 +193,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
                 config.fetch_sendfile_threads,
                 config.fetch_sendfile_priority,
                 config.fetch_readahead_bytes,
+                send_budget,
             ) {
                 Ok(p) => p,
                 Err(e) => {

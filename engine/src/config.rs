@@ -56,6 +56,11 @@ pub const SETTINGS: &[Setting] = &[
         doc: "CPU and I/O priority of the send threads. idle: SCHED_IDLE and the idle I/O class, so catch-up reads use only CPU and disk time the shards (produce, acks, tail fetches) leave over; low: nice 10, lowest best-effort I/O level; normal: same as the shards.",
     },
     Setting {
+        name: "fetch.sendfile.max.bytes.per.second",
+        default: "0",
+        doc: "Segment-file bytes all send threads of the broker together send per second, at most (one budget for every shard, as they share the disk): caps catch-up reads so produce and tail-fetch latency stay steady while a consumer reads a backlog. Responses served wholly from memory (tail reads) are never slowed; in a response that mixes both, only the file bytes count. 0 = no limit; else at least 1048576.",
+    },
+    Setting {
         name: "fetch.readahead.bytes",
         default: "131072",
         doc: "Cold bytes each send thread asks the kernel to read ahead of its sendfile (posix_fadvise WILLNEED in 128 KiB requests over the response's next file regions, across partitions). Bounds the disk reads a catch-up consumer keeps queued in front of the shards' writes and fdatasyncs to fetch.sendfile.threads x this per shard; larger reads faster from slow disks, smaller keeps produce latency steadier.",
@@ -121,6 +126,8 @@ pub struct Config {
     pub fetch_sendfile_threads: usize,
     pub fetch_sendfile_priority: SendPriority,
     pub fetch_readahead_bytes: u64,
+    /// 0 = no limit.
+    pub fetch_sendfile_max_bytes_per_second: u64,
     pub flush_write_bytes_max: usize,
     pub io_properties_file: Option<PathBuf>,
     pub io_memory_bytes: usize,
@@ -291,6 +298,21 @@ fn num<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
     Ok(v)
 }
 
+/// `fetch.sendfile.max.bytes.per.second`: 0, or a rate at which one 128 KiB
+/// send does not outlast the client stall timeout.
+fn sendfile_rate(values: &BTreeMap<&'static str, (String, Source)>) -> Result<u64, ConfigError> {
+    let name = "fetch.sendfile.max.bytes.per.second";
+    let v = num(values, name, 0u64, 1 << 40)?;
+    if v != 0 && v < SENDFILE_RATE_MIN {
+        return Err(ConfigError(format!(
+            "{name}={v} is too low: use 0 for no limit, or at least {SENDFILE_RATE_MIN} (1 MiB/s)"
+        )));
+    }
+    Ok(v)
+}
+
+const SENDFILE_RATE_MIN: u64 = 1 << 20;
+
 fn boolean(values: &BTreeMap<&'static str, (String, Source)>, name: &str) -> Result<bool, ConfigError> {
     match get(values, name).trim().to_ascii_lowercase().as_str() {
         "true" => Ok(true),
@@ -381,6 +403,7 @@ impl Config {
             fetch_sendfile_threads: num(&values, "fetch.sendfile.threads", 1usize, 256)?,
             fetch_sendfile_priority: SendPriority::parse(get(&values, "fetch.sendfile.priority"))?,
             fetch_readahead_bytes: num(&values, "fetch.readahead.bytes", 4096u64, 1 << 30)?,
+            fetch_sendfile_max_bytes_per_second: sendfile_rate(&values)?,
             flush_write_bytes_max: num(&values, "flush.write.bytes.max", 4096usize, 64 << 20)?,
             io_properties_file: if io_properties.is_empty() { None } else { Some(PathBuf::from(io_properties)) },
             io_memory_bytes: num(&values, "io.memory.bytes", 512 * 1024usize, 1 << 30)?,
@@ -431,6 +454,17 @@ mod tests {
         assert!(c.auto_create_topics);
         assert_eq!(c.message_max_bytes, 1048588);
         assert_eq!(c.values["log.dirs"].1, Source::Default);
+    }
+
+    #[test]
+    fn sendfile_rate_is_off_or_at_least_a_mebibyte_a_second() {
+        assert_eq!(run(&[], &[]).unwrap().fetch_sendfile_max_bytes_per_second, 0);
+        let set = |v: &str| run(&[&format!("--fetch.sendfile.max.bytes.per.second={v}")], &[]);
+        assert_eq!(set("104857600").unwrap().fetch_sendfile_max_bytes_per_second, 104857600);
+        assert_eq!(set("0").unwrap().fetch_sendfile_max_bytes_per_second, 0);
+        let e = set("1000").unwrap_err().0;
+        assert!(e.contains("too low") && e.contains("0 for no limit"), "{e}");
+        assert!(set("-5").is_err());
     }
 
     #[test]

@@ -212,6 +212,8 @@ pub struct ShardSnapshot {
     pub fetch_located_bytes: u64,
     /// Cold responses on this shard's send threads right now.
     pub cold_sends: u64,
+    /// Seconds the shard's send threads slept on fetch.sendfile.max.bytes.per.second.
+    pub cold_throttle_seconds: f64,
     /// Bytes held by this shard's logs in memory (recent-batch caches and
     /// appends waiting for the flusher).
     pub memory_bytes: u64,
@@ -429,6 +431,20 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
     header(&mut out, "tidelog_fetch_cold_sends", "gauge", "Cold Fetch responses on the shard's send threads now.");
     for s in shards {
         let _ = writeln!(out, "tidelog_fetch_cold_sends{{{}}} {}", shard_label(s), s.cold_sends);
+    }
+    header(
+        &mut out,
+        "tidelog_fetch_sendfile_throttle_seconds_total",
+        "counter",
+        "Seconds the shard's send threads waited on fetch.sendfile.max.bytes.per.second.",
+    );
+    for s in shards {
+        let _ = writeln!(
+            out,
+            "tidelog_fetch_sendfile_throttle_seconds_total{{{}}} {:.6}",
+            shard_label(s),
+            s.cold_throttle_seconds
+        );
     }
 
     header(&mut out, "tidelog_flushes_total", "counter", "Per-log group-commit flushes (writes + fdatasync).");

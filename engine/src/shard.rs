@@ -427,6 +427,7 @@ impl Shard {
         snap.fetch_file_bytes = self.fetch_stats.file_bytes.get();
         snap.fetch_located_bytes = self.fetch_stats.located_bytes.get();
         snap.cold_sends = self.send_pool.in_flight();
+        snap.cold_throttle_seconds = self.send_pool.throttled_seconds();
         for (topic, partition, log) in self.all_logs() {
             let l = log.borrow();
             let stats = l.stats();

@@ -177,6 +177,8 @@ struct Leader {
     fetch_version: i16,
     partitions: Vec<i32>,
     in_flight: Option<i32>,
+    /// When the fetch in flight was written.
+    sent_at: Instant,
     /// No fetch before this after an error answer (retry.backoff.ms).
     backoff_until: Option<Instant>,
 }
@@ -215,6 +217,7 @@ impl Owned {
                         fetch_version,
                         partitions: vec![p],
                         in_flight: None,
+                        sent_at: Instant::now(),
                         backoff_until: None,
                     });
                 }
@@ -356,6 +359,7 @@ pub fn run_consumer(cfg: ConsumerConfig) -> anyhow::Result<ConsumerResult> {
                         .collect(),
                 )]);
             l.in_flight = Some(l.conn.queue(ApiKey::Fetch, l.fetch_version, &req)?);
+            l.sent_at = Instant::now();
             l.conn.flush()?;
             stats.requests += 1;
         }
@@ -403,6 +407,8 @@ pub fn run_consumer(cfg: ConsumerConfig) -> anyhow::Result<ConsumerResult> {
                 let now_us = wall_now_us();
                 let measuring = now >= cfg.measure_from;
                 let second = now.saturating_duration_since(cfg.clock.start).as_secs() as usize;
+                let fetch_us = now.saturating_duration_since(l.sent_at).as_micros() as u64;
+                let mut fetched_records = 0u64;
                 for t in &resp.responses {
                     for p in &t.partitions {
                         if p.error_code != 0 {
@@ -454,6 +460,7 @@ pub fn run_consumer(cfg: ConsumerConfig) -> anyhow::Result<ConsumerResult> {
                                 owned.next_offset.insert(partition, next);
                             }
                         }
+                        fetched_records += n;
                         stats.consumed.add(second, n, bytes);
                         if measuring {
                             stats.consumed_records += n;
@@ -469,6 +476,11 @@ pub fn run_consumer(cfg: ConsumerConfig) -> anyhow::Result<ConsumerResult> {
                             }
                         }
                     }
+                }
+                // Round trips that brought records: long-poll waits that
+                // timed out empty say nothing about how fast data comes.
+                if measuring && fetched_records > 0 {
+                    record_us(&mut stats.fetch_us, fetch_us);
                 }
             }
         }

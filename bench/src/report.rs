@@ -23,10 +23,11 @@ pub const SUMMARY_SCHEMA: &str = "tidelog-bench/summary/v1";
 pub const SUMMARY_FILE: &str = "summary.json";
 
 /// The latency histograms a run writes, as (file stem, title).
-pub const LATENCY_SERIES: [(&str, &str); 3] = [
+pub const LATENCY_SERIES: [(&str, &str); 4] = [
     ("produce-ack-record", "produce ack (per record)"),
     ("produce-ack-batch", "produce ack (per batch)"),
     ("end-to-end", "end-to-end"),
+    ("fetch", "fetch round trip (with records)"),
 ];
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -59,6 +60,10 @@ pub struct Latencies {
     pub produce_ack_record: Percentiles,
     pub produce_ack_batch: Percentiles,
     pub end_to_end: Percentiles,
+    /// Fetch request written to response read, for fetches that returned
+    /// records (absent in summaries written before it was measured).
+    #[serde(default)]
+    pub fetch: Percentiles,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -174,6 +179,7 @@ pub fn build_summary(inp: SummaryInputs<'_>, o: &RunOutcome) -> Summary {
             produce_ack_record: Percentiles::of(&s.ack_record_us),
             produce_ack_batch: Percentiles::of(&s.ack_batch_us),
             end_to_end: Percentiles::of(&s.end_to_end_us),
+            fetch: Percentiles::of(&s.fetch_us),
         },
         timeline,
     };
@@ -357,6 +363,7 @@ pub fn render_table(s: &Summary) -> String {
         ("produce ack (record)", &l.produce_ack_record),
         ("produce ack (batch)", &l.produce_ack_batch),
         ("end-to-end", &l.end_to_end),
+        ("fetch (with records)", &l.fetch),
     ] {
         let _ = writeln!(
             out,
@@ -434,7 +441,7 @@ pub fn render_table(s: &Summary) -> String {
 pub fn write_run_dir(dir: &Path, summary: &mut Summary, o: &RunOutcome) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut files = Vec::new();
-    let hists = [&o.stats.ack_record_us, &o.stats.ack_batch_us, &o.stats.end_to_end_us];
+    let hists = [&o.stats.ack_record_us, &o.stats.ack_batch_us, &o.stats.end_to_end_us, &o.stats.fetch_us];
     let mut series = Vec::new();
     for (i, ((stem, title), h)) in LATENCY_SERIES.iter().zip(hists).enumerate() {
         let path = dir.join(format!("{stem}.hgrm"));
@@ -538,6 +545,8 @@ pub fn compare(run_dirs: &[PathBuf], svg_out: &Path) -> anyhow::Result<String> {
         ("e2e p99 ms", |s| fmt_ms(s.results.latency_us.end_to_end.p99)),
         ("e2e p99.9 ms", |s| fmt_ms(s.results.latency_us.end_to_end.p999)),
         ("e2e max ms", |s| fmt_ms(s.results.latency_us.end_to_end.max)),
+        ("fetch p50 ms", |s| fmt_ms(s.results.latency_us.fetch.p50)),
+        ("fetch p99 ms", |s| fmt_ms(s.results.latency_us.fetch.p99)),
         ("errors / retries", |s| format!("{} / {}", s.results.errors, s.results.retries)),
         ("baseline write MB/s", |s| {
             s.baseline.as_ref().map(|b| format!("{:.1}", b.o_direct_write_mb_per_s)).unwrap_or("-".into())

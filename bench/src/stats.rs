@@ -117,6 +117,9 @@ pub struct ThreadStats {
     pub ack_batch_us: Histogram<u64>,
     /// Record timestamp (intended send time) to consumed.
     pub end_to_end_us: Histogram<u64>,
+    /// Fetch round trip (request written to whole response read) of the
+    /// fetches that returned records.
+    pub fetch_us: Histogram<u64>,
     pub produced: Timeline,
     pub consumed: Timeline,
     pub produced_records: u64,
@@ -143,6 +146,7 @@ impl Default for ThreadStats {
             ack_record_us: new_latency_histogram(),
             ack_batch_us: new_latency_histogram(),
             end_to_end_us: new_latency_histogram(),
+            fetch_us: new_latency_histogram(),
             produced: Timeline::default(),
             consumed: Timeline::default(),
             produced_records: 0,
@@ -166,6 +170,7 @@ impl ThreadStats {
         let _ = self.ack_record_us.add(&other.ack_record_us);
         let _ = self.ack_batch_us.add(&other.ack_batch_us);
         let _ = self.end_to_end_us.add(&other.end_to_end_us);
+        let _ = self.fetch_us.add(&other.fetch_us);
         self.produced.merge(&other.produced);
         self.consumed.merge(&other.consumed);
         self.produced_records += other.produced_records;

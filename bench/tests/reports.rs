@@ -82,6 +82,7 @@ fn run_directory_files_parse() {
         "produce-ack-record.hgrm",
         "produce-ack-batch.hgrm",
         "end-to-end.hgrm",
+        "fetch.hgrm",
     ] {
         assert!(files.iter().any(|f| f.ends_with(name)), "{name} not written");
     }
@@ -97,7 +98,7 @@ fn run_directory_files_parse() {
     for key in ["produce", "consume", "latency_us", "timeline", "errors", "retries", "produced_total"] {
         assert!(r.get(key).is_some(), "results lacks {key}");
     }
-    for series in ["produce_ack_record", "produce_ack_batch", "end_to_end"] {
+    for series in ["produce_ack_record", "produce_ack_batch", "end_to_end", "fetch"] {
         for p in ["p50", "p90", "p99", "p999", "p9999", "max", "count"] {
             assert!(r["latency_us"][series][p].is_number(), "{series}.{p}");
         }

@@ -295,3 +295,43 @@ def test_sendfile_budget_paces_cold_reads_broker_wide(broker_factory):
     assert total(text, "tidelog_fetch_response_bytes_total", path="memory") == 0
     assert total(text, "tidelog_fetch_response_bytes_total", path="sendfile") >= data
     assert total(text, "tidelog_fetch_sendfile_throttle_seconds_total") > 0.5, text[-2000:]
+
+
+# --------------------------------------------------------------------------
+# 4. the send threads' CPU and I/O priority
+
+
+def send_threads(broker):
+    """{thread name: tid} of the broker's send threads."""
+    pid = broker.proc.pid
+    out = {}
+    for tid in os.listdir("/proc/%d/task" % pid):
+        with open("/proc/%d/task/%s/comm" % (pid, tid)) as f:
+            name = f.read().strip()
+        if "-send-" in name:
+            out[name] = int(tid)
+    return out
+
+
+def io_priority(tid):
+    import subprocess
+
+    return subprocess.run(["ionice", "-p", str(tid)], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_send_threads_run_at_the_configured_priority(broker_factory):
+    b = broker_factory(args=["--fetch.sendfile.threads=3"])
+    threads = send_threads(b)
+    assert sorted(threads) == ["shard-%d-send-%d" % (s, k) for s in (0, 1) for k in range(3)], threads
+    for name, tid in threads.items():
+        assert os.sched_getscheduler(tid) == os.SCHED_IDLE, "%s is not SCHED_IDLE" % name
+        assert io_priority(tid) == "idle", "%s: ionice says %r" % (name, io_priority(tid))
+    b.stop()
+
+    b = broker_factory(args=["--fetch.sendfile.priority=low", "--fetch.sendfile.threads=1"])
+    threads = send_threads(b)
+    assert len(threads) == 2, threads
+    for name, tid in threads.items():
+        assert os.sched_getscheduler(tid) == os.SCHED_OTHER, name
+        assert os.getpriority(os.PRIO_PROCESS, tid) == 10, "%s: nice %d" % (name, os.getpriority(os.PRIO_PROCESS, tid))
+        assert io_priority(tid) == "best-effort: prio 7", "%s: ionice says %r" % (name, io_priority(tid))

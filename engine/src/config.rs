@@ -53,7 +53,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         name: "fetch.sendfile.priority",
         default: "idle",
-        doc: "CPU and I/O priority of the send threads. idle: SCHED_IDLE and the idle I/O class, so catch-up reads use only CPU and disk time the shards (produce, acks, tail fetches) leave over; low: nice 10, lowest best-effort I/O level; normal: same as the shards.",
+        doc: "CPU and I/O priority of the send threads. idle: SCHED_IDLE and the idle I/O class, so catch-up reads use only CPU and disk time the shards (produce, acks, tail fetches) leave over; the I/O class takes effect under mq-deadline or bfq, not the none scheduler; low: nice 10, lowest best-effort I/O level (for disks written at their limit for long, where idle reads could wait seconds); normal: same as the shards.",
     },
     Setting {
         name: "fetch.sendfile.max.bytes.per.second",

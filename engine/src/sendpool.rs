@@ -24,8 +24,15 @@
 //!    user space), waiting for socket room with `poll`;
 //!
 //! The threads run at `fetch.sendfile.priority` (default `idle`: SCHED_IDLE,
-//! so catch-up sends use only CPU time the shards leave over, and the lowest
-//! best-effort I/O level). They are not glommio's blocking pool on purpose:
+//! so catch-up sends use only CPU time the shards leave over, and the idle
+//! I/O class, so an I/O scheduler that knows priorities, mq-deadline or bfq,
+//! dispatches the shards' writes before catch-up reads; with `none`, usual
+//! on NVMe, only the readahead window below bounds them). On the reference
+//! VM (mq-deadline) the idle class, against the lowest best-effort level,
+//! took a 20 MB/s tail's end-to-end p99 under a cold catch-up from 5.0-5.9
+//! to 4.1-4.4 ms and the catch-up from 650-740 to 720-910 MB/s. mq-deadline
+//! still serves an idle read after `prio_aging_expire` (10 s) of writes;
+//! `low` is the setting for hosts that write at the disk's limit for long. They are not glommio's blocking pool on purpose:
 //! segment rolls, checkpoints and compaction run there, and a consumer that
 //! stops reading must not make a producer wait for a thread.
 //!
@@ -261,6 +268,7 @@ pub fn dup_socket(fd: RawFd) -> io::Result<Arc<OwnedFd>> {
 
 const IOPRIO_CLASS_SHIFT: libc::c_int = 13;
 const IOPRIO_CLASS_BE: libc::c_int = 2;
+const IOPRIO_CLASS_IDLE: libc::c_int = 3;
 const IOPRIO_WHO_PROCESS: libc::c_int = 1;
 /// Lowest best-effort I/O level.
 const IOPRIO_BE_LOWEST: libc::c_int = 7;
@@ -270,20 +278,21 @@ const LOW_NICE: libc::c_int = 10;
 /// Sets the calling thread's CPU and I/O priority.
 fn apply_priority(priority: SendPriority) -> io::Result<()> {
     let check = |rc: libc::c_long| if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
-    match priority {
+    let prio = match priority {
         SendPriority::Normal => return Ok(()),
         SendPriority::Idle => {
             let param = libc::sched_param { sched_priority: 0 };
             // SAFETY: pid 0 is the calling thread; param is valid for the call.
             check(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } as libc::c_long)?;
+            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT
         }
         SendPriority::Low => {
             // SAFETY: gettid/setpriority on the calling thread only.
             let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::id_t;
             check(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, LOW_NICE) } as libc::c_long)?;
+            (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | IOPRIO_BE_LOWEST
         }
-    }
-    let prio = (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | IOPRIO_BE_LOWEST;
+    };
     // SAFETY: ioprio_set on the calling thread (who 0) with a valid value.
     check(unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, prio) })
 }

@@ -69,6 +69,7 @@ esac
 base_args=(--no-baseline)
 [ -n "$baseline" ] && base_args=(--baseline "$baseline")
 mkdir -p "$out"
+rm -rf "$out"/catch-up-*  # passes of an earlier run would count in the rate
 
 if [ "$fill" = 1 ]; then
   echo "filling the backlog: $backlog_records x 1 KiB records into topic backlog"
@@ -76,8 +77,10 @@ if [ "$fill" = 1 ]; then
     --warmup-s 0 --bootstrap "$bootstrap" --no-baseline --quiet --out "$out/fill" | grep -E "^produce "
 fi
 
+# Dropping gigabytes of page cache costs kernel CPU time: like the reader,
+# it runs at the catch-up priority, so the measurement does not measure it.
 evict() {
-  python3 - "$data_dir" <<'PY'
+  "${prefix[@]}" python3 - "$data_dir" <<'PY'
 import glob, os, sys
 n = 0
 for f in glob.glob(os.path.join(sys.argv[1], "backlog-*", "*.log")):
@@ -106,7 +109,7 @@ rm -f "$stop"
     pass=$((pass + 1))
     [ "$cold" = 1 ] && evict
     "${prefix[@]}" "$bench" run --workload "$here/bench/workloads/catch-up-pass.toml" --bootstrap "$bootstrap" \
-      --no-baseline --quiet --out "$out/catch-up-$pass" >/dev/null
+      --no-baseline --quiet --out "$out/catch-up-$pass" >"$out/catch-up-$pass.log" 2>&1
   done
 ) &
 loop=$!

@@ -513,15 +513,30 @@ mod tests {
         (a, b)
     }
 
-    #[test]
-    fn pieces_arrive_in_order_with_file_regions_between_inline_bytes() {
-        let dir = std::env::temp_dir().join(format!("tidelog-sendpool-{}", std::process::id()));
+    /// A scratch file of `len` patterned bytes: (its dir, the bytes, the file).
+    fn scratch_segment(name: &str, len: u32) -> (std::path::PathBuf, Vec<u8>, Arc<File>) {
+        let dir = std::env::temp_dir().join(format!("tidelog-sendpool-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("segment");
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         std::fs::File::create(&path).unwrap().write_all(&data).unwrap();
         let file = Arc::new(File::open(&path).unwrap());
-        let (tx, mut rx) = socket_pair();
+        (dir, data, file)
+    }
+
+    /// Reads `rx` to its end on another thread.
+    fn read_to_end_in_background(mut rx: TcpStream) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            rx.read_to_end(&mut got).unwrap();
+            got
+        })
+    }
+
+    #[test]
+    fn pieces_arrive_in_order_with_file_regions_between_inline_bytes() {
+        let (dir, data, file) = scratch_segment("order", 3_000_000);
+        let (tx, rx) = socket_pair();
         let pieces = vec![
             Piece::Inline(Bytes::from_static(b"head")),
             Piece::File { file: file.clone(), position: 10, len: 2_500_000 },
@@ -530,11 +545,7 @@ mod tests {
             Piece::File { file, position: 0, len: 7 },
             Piece::Inline(Bytes::from_static(b"tail")),
         ];
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            rx.read_to_end(&mut got).unwrap();
-            got
-        });
+        let reader = read_to_end_in_background(rx);
         // A small readahead window so it slides across both regions.
         send_pieces(tx.as_raw_fd(), &pieces, 65536, &unpaced()).unwrap();
         drop(tx);
@@ -588,18 +599,9 @@ mod tests {
 
     #[test]
     fn a_paced_send_takes_as_long_as_the_budget_says() {
-        let dir = std::env::temp_dir().join(format!("tidelog-sendpool-paced-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("segment");
-        let data: Vec<u8> = (0..1_500_000u32).map(|i| (i % 249) as u8).collect();
-        std::fs::File::create(&path).unwrap().write_all(&data).unwrap();
-        let file = Arc::new(File::open(&path).unwrap());
-        let (tx, mut rx) = socket_pair();
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            rx.read_to_end(&mut got).unwrap();
-            got
-        });
+        let (dir, data, file) = scratch_segment("paced", 1_500_000);
+        let (tx, rx) = socket_pair();
+        let reader = read_to_end_in_background(rx);
         // 5 MB/s for 1.5 MB, of which at most one burst (128 KiB) is free:
         // at least (1.5 MB - 128 KiB - one last unslept chunk) / 5 MB/s.
         let pacing = Pacing { budget: SendBudget::new(5_000_000), throttled_ns: AtomicU64::new(0) };

@@ -32,9 +32,11 @@
 //! took a 20 MB/s tail's end-to-end p99 under a cold catch-up from 5.0-5.9
 //! to 4.1-4.4 ms and the catch-up from 650-740 to 720-910 MB/s. mq-deadline
 //! still serves an idle read after `prio_aging_expire` (10 s) of writes;
-//! `low` is the setting for hosts that write at the disk's limit for long. They are not glommio's blocking pool on purpose:
-//! segment rolls, checkpoints and compaction run there, and a consumer that
-//! stops reading must not make a producer wait for a thread.
+//! `low` is the setting for hosts that write at the disk's limit for long.
+//!
+//! The send threads are not glommio's blocking pool on purpose: segment
+//! rolls, checkpoints and compaction run there, and a consumer that stops
+//! reading must not make a producer wait for a thread.
 //!
 //! At most `fetch.sendfile.threads` responses per shard are handed over at
 //! once; more wait on the shard (a semaphore), costing nothing while idle.
@@ -47,6 +49,7 @@
 //! speed. Threads pay for what they sent after each `sendfile` and sleep off
 //! any debt before the next one, so readahead (which stays one window ahead
 //! of the sends) is paced with them.
+//!
 //! On the reference VM, a 20 MB/s tail (end-to-end p99 1.5-1.8 ms alone)
 //! next to a cold catch-up reader at SCHED_IDLE (`bench/scripts/
 //! tail-vs-catch-up.sh`): no limit, 670-770 MB/s and p99 1.0-1.6x alone;

@@ -9,8 +9,15 @@
 //! is data written with O_DIRECT, so it is not in the page cache and
 //! `sendfile` reads the disk. A shard thread must never wait on that. glommio
 //! 0.9 exposes neither splice nor its ring, and `readahead(2)` only starts
-//! the I/O (a following sendfile still blocks if it has not finished). So a
-//! cold response goes whole to one send thread, which
+//! the I/O (a following sendfile still blocks if it has not finished). A
+//! ring of our own would not buy speed either: `tidelog-cold-send` (bench/)
+//! sends a 2 GiB O_DIRECT-written file cold over loopback both ways, and on
+//! the reference VM (disk 1.24 GB/s) sendfile on a thread with one 128 KiB
+//! chunk read ahead did 1.11-1.22 GB/s, io_uring splice from one thread
+//! (file -> pipe -> socket, 1 or 3 chunks ahead) 1.08-1.16 GB/s, and the
+//! submitting thread spent up to 0.16-0.47 ms inside a single
+//! `io_uring_enter` submit, time a shard would lose. So a cold response goes
+//! whole to one send thread, which
 //!
 //! 1. asks the kernel to read ahead (`posix_fadvise(WILLNEED)`, in 128 KiB
 //!    requests) at most `fetch.readahead.bytes` of file data ahead of what it

@@ -11,10 +11,13 @@ threads are not the ones that roll segments or write checkpoints, and hot
 - consumers that stop reading their sockets hold every send thread, yet
   producers (acks=all, across many segment rolls), hot reads and
   ListOffsets/Metadata go on, and the threads come back once those sockets
-  close.
+  close;
+- fetch.sendfile.max.bytes.per.second is one budget for every shard's send
+  threads, and they run at the configured CPU and I/O priority.
 
-Only content, order and counts are asserted; deadlines just keep a broken
-broker from hanging the run.
+Content, order and counts are asserted, plus one lower bound on time that
+only pacing can explain (a budget cannot be faster than its rate); deadlines
+just keep a broken broker from hanging the run.
 """
 
 import os

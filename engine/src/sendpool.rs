@@ -59,10 +59,12 @@
 //!
 //! On the reference VM, a 20 MB/s tail (end-to-end p99 1.5-1.8 ms alone)
 //! next to a cold catch-up reader at SCHED_IDLE (`bench/scripts/
-//! tail-vs-catch-up.sh`): no limit, 670-770 MB/s and p99 1.0-1.6x alone;
-//! 200 MB/s, p99 1.05-1.13x. Warm (page cache): no limit, 1.6-3.1 GB/s and
-//! 2.2-3.1x; 200 MB/s, 1.1-1.4x. A 512 KiB readahead window instead of
-//! 128 KiB: 820-1050 MB/s cold but 4.2-4.8x.
+//! tail-vs-catch-up.sh`): no limit, 670-770 MB/s and p99 1.0-1.7x alone;
+//! 200 MB/s, p99 1.05-1.13x in 3 of 4 runs. Warm (page cache): no limit,
+//! 1.6-3.4 GB/s and 2.2-3.1x; 200 MB/s, 1.1-1.4x in 2 of 3 runs. The runs
+//! that miss had one or two 50-85 ms produce-path (flush) stalls, which the
+//! budget does not address. A 512 KiB readahead window instead of 128 KiB:
+//! 820-1050 MB/s cold but 4.2-4.8x.
 //!
 //! Measured on the reference VM (2 vCPU, virtio disk reading 1.2 GB/s, 4 GB
 //! backlog, tidelog-bench catch-up consumers on the same cores): the old

@@ -42,6 +42,17 @@ def parse_value(value):
 # producers
 
 
+def produce_waiting(p, topic, **fields):
+    """Queues one record on confluent Producer `p`, polling while its buffer is full."""
+    while True:
+        try:
+            p.produce(topic, **fields)
+            break
+        except BufferError:
+            p.poll(0.05)
+    p.poll(0)
+
+
 def produce_confluent(broker, topic, records, compression="none", flush_timeout=300, **extra):
     """Produces (key, value) records; returns [(partition, offset, key, value)]
     from the delivery reports, in delivery order. Fails on any delivery error."""
@@ -57,13 +68,7 @@ def produce_confluent(broker, topic, records, compression="none", flush_timeout=
             acked.append((msg.partition(), msg.offset(), msg.key(), msg.value()))
 
     for k, v in records:
-        while True:
-            try:
-                p.produce(topic, key=k, value=v, on_delivery=on_delivery)
-                break
-            except BufferError:
-                p.poll(0.1)
-        p.poll(0)
+        produce_waiting(p, topic, key=k, value=v, on_delivery=on_delivery)
     left = p.flush(flush_timeout)
     assert left == 0, "%d messages still queued after %ss" % (left, flush_timeout)
     assert not errors, "delivery errors (%d), first: %r" % (len(errors), errors[:3])

@@ -16,6 +16,7 @@ import zlib
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+from clients import produce_waiting
 from conftest import create_topic, unique_topic
 
 STATS = re.compile(
@@ -46,13 +47,7 @@ def leaders(broker, topic):
 
 def send(p, topic, partition, value, on_delivery):
     """Queues one record on Producer `p`, waiting while its buffer is full."""
-    while True:
-        try:
-            p.produce(topic, partition=partition, value=value, on_delivery=on_delivery)
-            break
-        except BufferError:
-            p.poll(0.05)
-    p.poll(0)
+    produce_waiting(p, topic, partition=partition, value=value, on_delivery=on_delivery)
 
 
 def produce(broker, topic, partition, first_seq, count, size):

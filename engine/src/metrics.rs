@@ -290,6 +290,25 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+fn shard_label(s: &ShardSnapshot) -> String {
+    format!("shard=\"{}\"", s.shard)
+}
+
+/// One metric family with one sample per shard.
+fn per_shard<V: std::fmt::Display>(
+    out: &mut String,
+    shards: &[ShardSnapshot],
+    name: &str,
+    kind: &str,
+    help: &str,
+    value: impl Fn(&ShardSnapshot) -> V,
+) {
+    header(out, name, kind, help);
+    for s in shards {
+        let _ = writeln!(out, "{name}{{{}}} {}", shard_label(s), value(s));
+    }
+}
+
 fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
     let mut cumulative = 0u64;
     for (i, le) in LATENCY_BUCKETS_S.iter().enumerate() {
@@ -321,7 +340,6 @@ pub fn resident_memory_bytes() -> u64 {
 /// Renders every shard's snapshot in the Prometheus text format (0.0.4).
 pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
     let mut out = String::with_capacity(16 << 10);
-    let shard_label = |s: &ShardSnapshot| format!("shard=\"{}\"", s.shard);
 
     header(&mut out, "tidelog_requests_total", "counter", "Requests answered, by shard and API.");
     for s in shards {
@@ -419,47 +437,47 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
         let _ = writeln!(out, "tidelog_fetch_response_bytes_total{{{l},path=\"memory\"}} {}", s.fetch_memory_bytes);
         let _ = writeln!(out, "tidelog_fetch_response_bytes_total{{{l},path=\"sendfile\"}} {}", s.fetch_file_bytes);
     }
-    header(
+    per_shard(
         &mut out,
+        shards,
         "tidelog_fetch_located_bytes_total",
         "counter",
         "Bytes read through user space to find where cold Fetch reads start (batch headers, never record data sent).",
+        |s| s.fetch_located_bytes,
     );
-    for s in shards {
-        let _ = writeln!(out, "tidelog_fetch_located_bytes_total{{{}}} {}", shard_label(s), s.fetch_located_bytes);
-    }
-    header(&mut out, "tidelog_fetch_cold_sends", "gauge", "Cold Fetch responses on the shard's send threads now.");
-    for s in shards {
-        let _ = writeln!(out, "tidelog_fetch_cold_sends{{{}}} {}", shard_label(s), s.cold_sends);
-    }
-    header(
+    per_shard(
         &mut out,
+        shards,
+        "tidelog_fetch_cold_sends",
+        "gauge",
+        "Cold Fetch responses on the shard's send threads now.",
+        |s| s.cold_sends,
+    );
+    per_shard(
+        &mut out,
+        shards,
         "tidelog_fetch_sendfile_throttle_seconds_total",
         "counter",
         "Seconds the shard's send threads waited on fetch.sendfile.max.bytes.per.second.",
+        |s| format!("{:.6}", s.cold_throttle_seconds),
     );
-    for s in shards {
-        let _ = writeln!(
-            out,
-            "tidelog_fetch_sendfile_throttle_seconds_total{{{}}} {:.6}",
-            shard_label(s),
-            s.cold_throttle_seconds
-        );
-    }
 
-    header(&mut out, "tidelog_flushes_total", "counter", "Per-log group-commit flushes (writes + fdatasync).");
-    for s in shards {
-        let _ = writeln!(out, "tidelog_flushes_total{{{}}} {}", shard_label(s), s.flushes);
-    }
-    header(
+    per_shard(
         &mut out,
+        shards,
+        "tidelog_flushes_total",
+        "counter",
+        "Per-log group-commit flushes (writes + fdatasync).",
+        |s| s.flushes,
+    );
+    per_shard(
+        &mut out,
+        shards,
         "tidelog_flush_bytes_total",
         "counter",
         "Bytes of record batches made durable by the accumulator.",
+        |s| s.flush_bytes,
     );
-    for s in shards {
-        let _ = writeln!(out, "tidelog_flush_bytes_total{{{}}} {}", shard_label(s), s.flush_bytes);
-    }
     header(
         &mut out,
         "tidelog_flush_latency_seconds",
@@ -497,25 +515,18 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
         }),
     ];
     for (name, help, get) in cleaner {
-        header(&mut out, name, "counter", help);
-        for s in shards {
-            let _ = writeln!(out, "{name}{{{}}} {}", shard_label(s), get(&s.cleaner));
-        }
+        per_shard(&mut out, shards, name, "counter", help, |s| get(&s.cleaner));
     }
 
-    header(&mut out, "tidelog_connections", "gauge", "Open client connections.");
-    for s in shards {
-        let _ = writeln!(out, "tidelog_connections{{{}}} {}", shard_label(s), s.connections);
-    }
-    header(
+    per_shard(&mut out, shards, "tidelog_connections", "gauge", "Open client connections.", |s| s.connections);
+    per_shard(
         &mut out,
+        shards,
         "tidelog_log_memory_bytes",
         "gauge",
         "Record bytes held in memory by the shard's logs (tail caches and unflushed appends).",
+        |s| s.memory_bytes,
     );
-    for s in shards {
-        let _ = writeln!(out, "tidelog_log_memory_bytes{{{}}} {}", shard_label(s), s.memory_bytes);
-    }
     header(&mut out, "tidelog_shards", "gauge", "Shards that answered this scrape.");
     let _ = writeln!(out, "tidelog_shards {}", shards.len());
     header(&mut out, "process_resident_memory_bytes", "gauge", "Resident memory of the broker process.");

@@ -96,7 +96,8 @@ PY
 tail_run() { # name
   echo "tail run: $1 (${duration}s + 3s warm-up)"
   "$bench" run --workload "$here/bench/workloads/fixed-rate-latency.toml" --topic tail --duration-s "$duration" \
-    --warmup-s 3 --bootstrap "$bootstrap" "${base_args[@]}" --quiet --out "$out/$1" | grep -E "^(end-to-end|produce ack)"
+    --warmup-s 3 --bootstrap "$bootstrap" "${base_args[@]}" --quiet --out "$out/$1" \
+    | grep -E "^(end-to-end|produce ack|host hiccups|slowest batch acks)"
 }
 
 tail_run alone
@@ -109,7 +110,7 @@ rm -f "$stop"
     pass=$((pass + 1))
     [ "$cold" = 1 ] && evict
     "${prefix[@]}" "$bench" run --workload "$here/bench/workloads/catch-up-pass.toml" --bootstrap "$bootstrap" \
-      --no-baseline --quiet --out "$out/catch-up-$pass" >"$out/catch-up-$pass.log" 2>&1
+      --no-baseline --hiccup-interval-us 0 --quiet --out "$out/catch-up-$pass" >"$out/catch-up-$pass.log" 2>&1
   done
 ) &
 loop=$!
@@ -123,14 +124,27 @@ rm -f "$stop"
 python3 - "$out" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
-def lat(name):
-    return json.load(open(os.path.join(out, name, "summary.json")))["results"]["latency_us"]
-a, b = lat("alone"), lat("with-catch-up")
+def summary(name):
+    return json.load(open(os.path.join(out, name, "summary.json")))
+sa, sb = summary("alone"), summary("with-catch-up")
+a, b = sa["results"]["latency_us"], sb["results"]["latency_us"]
 print("\n%-22s %12s %12s %8s" % ("ms", "alone", "catch-up", "ratio"))
 for series in ("end_to_end", "produce_ack_batch"):
-    for p in ("p50", "p99", "p999"):
+    for p in ("p50", "p99", "p999", "max"):
         x, y = a[series][p] / 1000, b[series][p] / 1000
         print("%-22s %12.3f %12.3f %8.2f" % (series + " " + p, x, y, y / x if x else float("nan")))
+# The host's own pauses in each run: a produce stall as long as a hiccup, at
+# the same time, was the host (steal, interrupts), not the broker.
+def host(s):
+    h = s.get("hiccups")
+    if not h:
+        return "hiccup meter off"
+    late = max(c["late_us"]["max"] for c in h["per_cpu"]) / 1000
+    over = sum(c["over_10ms"] for c in h["per_cpu"])
+    steal = sum(c["steal_ms"] for c in h["per_cpu"])
+    return "longest hiccup %.1f ms, %d over 10 ms, steal %.0f ms" % (late, over, steal)
+print("host during alone:    %s" % host(sa))
+print("host during catch-up: %s" % host(sb))
 rates = []
 for d in sorted(glob.glob(os.path.join(out, "catch-up-*", "summary.json"))):
     c = json.load(open(d))["results"]["consume"]

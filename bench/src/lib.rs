@@ -13,6 +13,7 @@ pub mod baseline;
 pub mod client;
 pub mod consumer;
 pub mod group;
+pub mod hiccup;
 pub mod host;
 pub mod murmur2;
 pub mod producer;

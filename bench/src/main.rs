@@ -4,11 +4,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use tidelog_bench::baseline::{self, Baseline, BaselineOptions};
+use tidelog_bench::hiccup::HiccupMeter;
 use tidelog_bench::host::host_info;
 use tidelog_bench::report::{self, SummaryInputs};
 use tidelog_bench::run::{self, RunOptions};
@@ -91,6 +93,9 @@ struct RunArgs {
     /// No live progress line on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Host hiccup meter: one pinned thread per core sleeps this long (µs) in a loop and records how late it wakes, so a latency spike can be told apart from the host pausing (steal, interrupts, other load). Reported beside the latencies; 0 turns it off.
+    #[arg(long, default_value_t = 1000)]
+    hiccup_interval_us: u64,
     /// Seed for keys, partition choice and payloads.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -398,7 +403,16 @@ fn cmd_run(a: &RunArgs) -> anyhow::Result<bool> {
         progress: !a.quiet,
         seed: a.seed,
     };
-    let outcome = run::run(&opts)?;
+    // Every core of the host, not only the bench's: the broker's cores matter most.
+    let all_cores: Vec<usize> =
+        core_affinity::get_core_ids().map(|v| v.into_iter().map(|c| c.id).collect()).unwrap_or_default();
+    let meter = match a.hiccup_interval_us {
+        0 => None,
+        us => Some(HiccupMeter::start(&all_cores, Duration::from_micros(us))?),
+    };
+    let outcome = run::run(&opts);
+    let hiccups = meter.map(HiccupMeter::finish);
+    let outcome = outcome?;
     let mut summary = report::build_summary(
         SummaryInputs {
             name: a.name.clone().unwrap_or_else(|| w.name.clone()),
@@ -409,6 +423,7 @@ fn cmd_run(a: &RunArgs) -> anyhow::Result<bool> {
             broker_version: &a.broker_version,
             host: host_info(&data_dir),
             baseline: base,
+            hiccups,
         },
         &outcome,
     );

@@ -28,8 +28,8 @@ use crate::client::{frame_correlation_id, is_retriable, poll_fds, Cluster, Conn}
 use crate::murmur2::partition_for_key;
 use crate::records::BatchBuilder;
 use crate::run::{Live, RunClock};
-use crate::stats::{record_us, record_us_n, Pacer, ThreadStats};
-use crate::util::Rng;
+use crate::stats::{keep_slowest, record_us, record_us_n, Pacer, Slow, ThreadStats, SLOW_US};
+use crate::util::{wall_now_us, Rng};
 use crate::workload::{KeyMode, ProducerSpec, SizeDist, PAYLOAD_HEADER_BYTES};
 
 /// Largest Produce request the producer builds (Kafka's max.request.size).
@@ -427,7 +427,11 @@ impl Producer {
         self.buffered_bytes = self.buffered_bytes.saturating_sub(b.bytes.len());
         let clock = &self.cfg.clock;
         if now >= clock.warmup_end {
-            record_us(&mut self.stats.ack_batch_us, now.saturating_duration_since(sent).as_micros() as u64);
+            let us = now.saturating_duration_since(sent).as_micros() as u64;
+            record_us(&mut self.stats.ack_batch_us, us);
+            if us >= SLOW_US {
+                keep_slowest(&mut self.stats.slowest_batch_acks, Slow { at_unix_ms: wall_now_us() / 1000, us });
+            }
             // Intended times are non-decreasing within a batch, so runs of
             // equal latency (same ms bucket) are rare; record each.
             for &t in &b.intended {

@@ -13,9 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::baseline::Baseline;
 use crate::consumer::VerifyStats;
+use crate::hiccup::Hiccups;
 use crate::host::HostInfo;
 use crate::run::RunOutcome;
-use crate::stats::Percentiles;
+use crate::stats::{Percentiles, Slow, SLOW_US};
 use crate::svg::{latency_by_percentile, throughput_over_time, Series, PALETTE};
 use crate::workload::Workload;
 
@@ -105,6 +106,13 @@ pub struct Results {
     pub failed_records: u64,
     pub error_codes: BTreeMap<String, u64>,
     pub latency_us: Latencies,
+    /// The slowest batch acks (at least `stats::SLOW_US`), with when they
+    /// arrived, to line up with the host hiccups.
+    #[serde(default)]
+    pub slowest_batch_acks: Vec<Slow>,
+    /// When the run's clock started, ms since the epoch (0 in older summaries).
+    #[serde(default)]
+    pub started_at_unix_ms: u64,
     pub timeline: Vec<TimelinePoint>,
 }
 
@@ -122,6 +130,10 @@ pub struct Summary {
     /// Result / baseline, where that makes sense.
     pub ratios: BTreeMap<String, f64>,
     pub verify: Option<VerifyStats>,
+    /// The host hiccup meter's findings (absent when it was off, and in
+    /// summaries written before it existed).
+    #[serde(default)]
+    pub hiccups: Option<Hiccups>,
     pub files: Vec<String>,
 }
 
@@ -134,6 +146,7 @@ pub struct SummaryInputs<'a> {
     pub broker_version: &'a str,
     pub host: HostInfo,
     pub baseline: Option<Baseline>,
+    pub hiccups: Option<Hiccups>,
 }
 
 pub fn build_summary(inp: SummaryInputs<'_>, o: &RunOutcome) -> Summary {
@@ -181,6 +194,8 @@ pub fn build_summary(inp: SummaryInputs<'_>, o: &RunOutcome) -> Summary {
             end_to_end: Percentiles::of(&s.end_to_end_us),
             fetch: Percentiles::of(&s.fetch_us),
         },
+        slowest_batch_acks: s.slowest_batch_acks.clone(),
+        started_at_unix_ms: o.wall_start_us / 1000,
         timeline,
     };
     let broker = BrokerInfo {
@@ -205,6 +220,7 @@ pub fn build_summary(inp: SummaryInputs<'_>, o: &RunOutcome) -> Summary {
         results,
         ratios,
         verify: o.verify.clone(),
+        hiccups: inp.hiccups,
         files: Vec::new(),
     }
 }
@@ -379,6 +395,18 @@ pub fn render_table(s: &Summary) -> String {
             p.count
         );
     }
+    if let Some(h) = &s.hiccups {
+        render_hiccups(&mut out, h, r.started_at_unix_ms);
+    }
+    if !r.slowest_batch_acks.is_empty() {
+        let acks: Vec<String> = r
+            .slowest_batch_acks
+            .iter()
+            .take(5)
+            .map(|s| format!("{} ms {}", fmt_ms(s.us as f64), at_run_s(s, r.started_at_unix_ms)))
+            .collect();
+        let _ = writeln!(out, "slowest batch acks: {}", acks.join(", "));
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -435,6 +463,47 @@ pub fn render_table(s: &Summary) -> String {
         );
     }
     out
+}
+
+/// The hiccup meter's rows under the latency table, in the same columns,
+/// then steal time and the longest hiccups with when they happened.
+fn render_hiccups(out: &mut String, h: &Hiccups, started_ms: u64) {
+    for c in &h.per_cpu {
+        let p = &c.late_us;
+        let _ = writeln!(
+            out,
+            "{:<26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            format!("host hiccup (cpu {})", c.cpu),
+            fmt_ms(p.p50),
+            fmt_ms(p.p90),
+            fmt_ms(p.p99),
+            fmt_ms(p.p999),
+            fmt_ms(p.p9999),
+            fmt_ms(p.max),
+            fmt_ms(p.mean),
+            p.count
+        );
+    }
+    let slowest: Vec<String> = h
+        .slowest()
+        .iter()
+        .take(5)
+        .map(|(cpu, s)| format!("{} ms on cpu {cpu} {}", fmt_ms(s.us as f64), at_run_s(s, started_ms)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "host hiccups: a thread per core sleeping {} us; >1 ms {} | >10 ms {} | steal {:.0} ms | longest: {}",
+        h.interval_us,
+        h.per_cpu.iter().map(|c| c.over_1ms).sum::<u64>(),
+        h.per_cpu.iter().map(|c| c.over_10ms).sum::<u64>(),
+        h.steal_ms(),
+        if slowest.is_empty() { format!("none over {} ms", SLOW_US / 1000) } else { slowest.join(", ") }
+    );
+}
+
+/// "at 12.3 s" into the run (from when its clock started).
+fn at_run_s(s: &Slow, started_ms: u64) -> String {
+    format!("at {:.1} s", (s.at_unix_ms as f64 - started_ms as f64) / 1000.0)
 }
 
 /// Writes summary.json, report.txt, the .hgrm files and the SVGs into `dir`.
@@ -547,6 +616,8 @@ pub fn compare(run_dirs: &[PathBuf], svg_out: &Path) -> anyhow::Result<String> {
         ("e2e max ms", |s| fmt_ms(s.results.latency_us.end_to_end.max)),
         ("fetch p50 ms", |s| fmt_ms(s.results.latency_us.fetch.p50)),
         ("fetch p99 ms", |s| fmt_ms(s.results.latency_us.fetch.p99)),
+        ("host hiccup max ms", |s| s.hiccups.as_ref().map(|h| fmt_ms(h.max_us())).unwrap_or("-".into())),
+        ("host steal ms", |s| s.hiccups.as_ref().map(|h| format!("{:.0}", h.steal_ms())).unwrap_or("-".into())),
         ("errors / retries", |s| format!("{} / {}", s.results.errors, s.results.retries)),
         ("baseline write MB/s", |s| {
             s.baseline.as_ref().map(|b| format!("{:.1}", b.o_direct_write_mb_per_s)).unwrap_or("-".into())

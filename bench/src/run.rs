@@ -110,6 +110,8 @@ pub struct RunOutcome {
     pub produce_window_s: f64,
     pub consume_window_s: f64,
     pub elapsed_s: f64,
+    /// Wall-clock time of `RunClock::start`, in µs since the epoch.
+    pub wall_start_us: u64,
 }
 
 fn spawn_pinned<T: Send + 'static>(
@@ -383,6 +385,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunOutcome> {
         produce_window_s: if shape == Shape::ReadOnly { 0.0 } else { produce_window_s },
         consume_window_s,
         elapsed_s: consumers_done.saturating_duration_since(clock.start).as_secs_f64(),
+        wall_start_us: clock.wall_start_us,
     })
 }
 

@@ -84,6 +84,32 @@ impl Pacer {
     }
 }
 
+/// Events at least this long are also kept one by one, with when they happened.
+pub const SLOW_US: u64 = 5_000;
+/// At most this many such events are kept per series (the longest).
+pub const SLOW_MAX: usize = 20;
+
+/// One long event (a batch ack, a host hiccup) and when it ended, so spikes
+/// in different series can be lined up.
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct Slow {
+    pub at_unix_ms: u64,
+    pub us: u64,
+}
+
+/// Adds `s` to `list` when it is at least `SLOW_US`, keeping the `SLOW_MAX`
+/// longest, longest first.
+pub fn keep_slowest(list: &mut Vec<Slow>, s: Slow) {
+    if s.us < SLOW_US {
+        return;
+    }
+    let at = list.partition_point(|x| x.us >= s.us);
+    if at < SLOW_MAX {
+        list.insert(at, s);
+        list.truncate(SLOW_MAX);
+    }
+}
+
 /// Throughput per one-second bucket since the run start.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct Timeline {
@@ -115,6 +141,8 @@ pub struct ThreadStats {
     pub ack_record_us: Histogram<u64>,
     /// Produce ack latency per batch, from when the request was written.
     pub ack_batch_us: Histogram<u64>,
+    /// The slowest of those, with when each ack arrived.
+    pub slowest_batch_acks: Vec<Slow>,
     /// Record timestamp (intended send time) to consumed.
     pub end_to_end_us: Histogram<u64>,
     /// Fetch round trip (request written to whole response read) of the
@@ -145,6 +173,7 @@ impl Default for ThreadStats {
         ThreadStats {
             ack_record_us: new_latency_histogram(),
             ack_batch_us: new_latency_histogram(),
+            slowest_batch_acks: Vec::new(),
             end_to_end_us: new_latency_histogram(),
             fetch_us: new_latency_histogram(),
             produced: Timeline::default(),
@@ -169,6 +198,9 @@ impl ThreadStats {
     pub fn merge(&mut self, other: &ThreadStats) {
         let _ = self.ack_record_us.add(&other.ack_record_us);
         let _ = self.ack_batch_us.add(&other.ack_batch_us);
+        for s in &other.slowest_batch_acks {
+            keep_slowest(&mut self.slowest_batch_acks, *s);
+        }
         let _ = self.end_to_end_us.add(&other.end_to_end_us);
         let _ = self.fetch_us.add(&other.fetch_us);
         self.produced.merge(&other.produced);
@@ -232,6 +264,23 @@ impl Percentiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keep_slowest_keeps_the_longest_at_or_above_the_threshold() {
+        let mut l = Vec::new();
+        keep_slowest(&mut l, Slow { at_unix_ms: 1, us: SLOW_US - 1 });
+        assert!(l.is_empty());
+        for i in 0..(SLOW_MAX as u64 + 5) {
+            // Out of order on purpose.
+            let us = SLOW_US + (i * 7919) % 101;
+            keep_slowest(&mut l, Slow { at_unix_ms: i, us });
+        }
+        assert_eq!(l.len(), SLOW_MAX);
+        assert!(l.windows(2).all(|w| w[0].us >= w[1].us), "{l:?}");
+        let mut all: Vec<u64> = (0..(SLOW_MAX as u64 + 5)).map(|i| SLOW_US + (i * 7919) % 101).collect();
+        all.sort_unstable_by(|a, b| b.cmp(a));
+        assert_eq!(l.iter().map(|s| s.us).collect::<Vec<_>>(), all[..SLOW_MAX]);
+    }
 
     /// A producer paced at 1000 records/s sends each record 100 µs after it
     /// is due and gets the ack back at once, except that it stalls for one

@@ -136,6 +136,19 @@ fn bench_against_real_broker_counts_order_and_key_placement() {
     assert_eq!(v["offset_regressions"], 0);
     assert!(r["latency_us"]["produce_ack_record"]["count"].as_u64().unwrap() == records);
     assert!(r["latency_us"]["end_to_end"]["count"].as_u64().unwrap() == records);
+    // The host hiccup meter ran on every core for the whole run (1 ms sleeps)
+    // and the report shows it beside the latencies.
+    let h = &summary["hiccups"];
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(h["interval_us"], 1000);
+    assert_eq!(h["per_cpu"].as_array().unwrap().len(), cores, "{h}");
+    let run_s = h["seconds"].as_f64().unwrap();
+    for c in h["per_cpu"].as_array().unwrap() {
+        let wakeups = c["late_us"]["count"].as_f64().unwrap();
+        assert!(wakeups > 0.0 && wakeups <= run_s * 1000.0 + 1.0, "{c} in {run_s} s");
+    }
+    let table = std::fs::read_to_string(out.join("report.txt")).unwrap();
+    assert!(table.contains("host hiccup (cpu 0)") && table.contains("steal"), "{table}");
 
     // Independently: read everything back and recompute.
     let (cluster, _) = ensure_topic(&bootstrap, topic, partitions, 1, false).unwrap();

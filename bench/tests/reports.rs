@@ -48,6 +48,7 @@ fn synthetic_outcome(scale_us: u64) -> RunOutcome {
         produce_window_s: 10.0,
         consume_window_s: 10.0,
         elapsed_s: 10.5,
+        wall_start_us: 1_000_000,
     }
 }
 
@@ -64,6 +65,7 @@ fn write_run(dir: &std::path::Path, scale_us: u64, label: &str) -> Vec<PathBuf> 
             broker_version: "unknown",
             host: tidelog_bench::host::host_info(std::path::Path::new("/")),
             baseline: None,
+            hiccups: None,
         },
         &o,
     );

@@ -11,7 +11,7 @@ use common::*;
 const SATA_WRITES: [(&str, &str, &str, &str); 25] = [
     ("/sys/block/sda/queue/scheduler", "bfq", "mq-deadline", "disk.scheduler"),
     ("/sys/block/sda/queue/nomerges", "2", "0", "disk.nomerges"),
-    ("/sys/block/sda/queue/read_ahead_kb", "0", "128", "disk.read_ahead_kb"),
+    ("/sys/block/sda/queue/read_ahead_kb", "8192", "128", "disk.read_ahead_kb"),
     ("/sys/block/sda/queue/nr_requests", "16", "64", "disk.nr_requests"),
     ("/proc/irq/32/smp_affinity_list", "0", "1", "irq.net.eth0"),
     ("/proc/irq/33/smp_affinity_list", "0-3", "2", "irq.net.eth0"),

@@ -72,7 +72,7 @@ fn sata_host_on_ext4_warns_and_fails_memlock() {
         ("disk.rotational", "warn", "1"),
         ("disk.scheduler", "warn", "bfq"),
         ("disk.nomerges", "warn", "2"),
-        ("disk.read_ahead_kb", "warn", "0"),
+        ("disk.read_ahead_kb", "warn", "8192"),
         ("disk.write_cache", "pass", "write back"),
         ("disk.nr_requests", "warn", "16"),
         ("irq.disk", "skip", "no queue IRQs found for sda"),

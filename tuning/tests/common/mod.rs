@@ -184,7 +184,7 @@ pub fn sata_ext4_host() -> Tree {
         .file("/sys/block/sda/queue/rotational", "1")
         .file("/sys/block/sda/queue/scheduler", "mq-deadline kyber [bfq] none")
         .file("/sys/block/sda/queue/nomerges", "2")
-        .file("/sys/block/sda/queue/read_ahead_kb", "0")
+        .file("/sys/block/sda/queue/read_ahead_kb", "8192")
         .file("/sys/block/sda/queue/write_cache", "write back")
         .file("/sys/block/sda/queue/nr_requests", "16")
         .file(

@@ -300,6 +300,81 @@ def test_sendfile_budget_paces_cold_reads_broker_wide(broker_factory):
     assert total(text, "tidelog_fetch_sendfile_throttle_seconds_total") > 0.5, text[-2000:]
 
 
+def test_cold_sends_yield_to_writes_only_while_the_log_is_written(broker_factory):
+    """fetch.sendfile.writing.max.bytes.per.second limits cold sends only
+    while some shard is flushing produced data: the same cold read runs
+    unthrottled on a quiet broker and at the writing rate next to a
+    producer, and /metrics shows which limit is in force."""
+    import threading
+
+    from conftest import pick_ports
+    from test_metrics import scrape, total
+
+    rate = 2 << 20
+    port = pick_ports(1)
+    b = broker_factory(
+        args=["--fetch.sendfile.writing.max.bytes.per.second=%d" % rate, "--metrics.listeners=127.0.0.1:%d" % port]
+    )
+    topic, busy = unique_topic("yield"), unique_topic("yield-writer")
+    create_topic(b, topic, 2)
+    create_topic(b, busy, 1)
+    n, size = 800, 4000
+    data = 2 * n * size
+    produce_partitions(b, topic, [0, 1], n, size)
+
+    def read():
+        t = time.monotonic()
+        got = consume_range(b, topic, {0: 0, 1: 0}, {0: n, 1: n})
+        took = time.monotonic() - t
+        for p in (0, 1):
+            check_exact(got, p, 0, 0, n, size)
+        return took
+
+    # Quiet broker: no limit in force, nothing waits on the budget.
+    b.restart()  # everything is cold now
+    took_quiet = read()
+    _, text = scrape(port)
+    assert total(text, "tidelog_fetch_sendfile_limit_bytes_per_second") == 0, text[-1500:]
+    assert total(text, "tidelog_fetch_sendfile_throttle_seconds_total") == 0
+    assert total(text, "tidelog_fetch_response_bytes_total", path="sendfile") >= data
+
+    # The same cold read while a producer writes another topic all along.
+    b.restart()
+    stop = threading.Event()
+    acked = []
+
+    def writer():
+        prod = Producer(b.producer_config(**{"linger.ms": 2}))
+        while not stop.is_set():
+            prod.produce(busy, b"x" * 100, partition=0, on_delivery=lambda err, msg: acked.append(err is None))
+            prod.poll(0.005)
+        prod.flush(30)
+
+    w = threading.Thread(target=writer)
+    w.start()
+    try:
+        deadline = time.monotonic() + 30
+        while sum(acked) < 20:
+            assert time.monotonic() < deadline, "the writer got no acks"
+            time.sleep(0.05)
+        took_writing = read()
+        _, text = scrape(port)
+    finally:
+        stop.set()
+        w.join()
+    # Both shards report the broker-wide limit.
+    assert total(text, "tidelog_fetch_sendfile_limit_bytes_per_second") == 2 * rate, text[-1500:]
+    floor = (data - (1 << 20)) / rate
+    assert took_writing >= floor, "cold read of %d bytes next to a writer took %.2f s (< %.2f s): not limited" % (
+        data,
+        took_writing,
+        floor,
+    )
+    assert took_quiet < took_writing / 2, "quiet read %.2f s vs %.2f s while writing" % (took_quiet, took_writing)
+    _, text = scrape(port)
+    assert total(text, "tidelog_fetch_sendfile_throttle_seconds_total") > 0.5, text[-1500:]
+
+
 # --------------------------------------------------------------------------
 # 4. the send threads' CPU and I/O priority
 

@@ -139,7 +139,10 @@ pub fn run(mut config: Config) -> Result<(), String> {
     let mut controller_parts = Some((to_ctrl_rx, from_ctrl_tx));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
     let mut handles = Vec::with_capacity(num_shards);
-    let send_budget = crate::sendpool::SendBudget::new(config.fetch_sendfile_max_bytes_per_second);
+    let send_budget = crate::sendpool::SendBudget::new(
+        config.fetch_sendfile_max_bytes_per_second,
+        config.fetch_sendfile_writing_max_bytes_per_second,
+    );
     for i in 0..num_shards {
         let send_budget = send_budget.clone();
         let cpu = cpus[i % cpus.len()];

@@ -61,6 +61,11 @@ pub const SETTINGS: &[Setting] = &[
         doc: "Segment-file bytes all send threads of the broker together send per second, at most (one budget for every shard, as they share the disk): caps catch-up reads so produce and tail-fetch latency stay steady while a consumer reads a backlog. Responses served wholly from memory (tail reads) are never slowed; in a response that mixes both, only the file bytes count. 0 = no limit; else at least 1048576.",
     },
     Setting {
+        name: "fetch.sendfile.writing.max.bytes.per.second",
+        default: "200000000",
+        doc: "While the log is being written (any shard flushed produced data in the last 100 ms), all send threads together send at most this many segment-file bytes per second, so a catch-up consumer leaves the disk to the writes and produce and tail latency stay where they are; when nothing is written, only fetch.sendfile.max.bytes.per.second applies and catch-up runs at the disk's speed. Raise it on disks that read much faster than the log is written (NVMe); 0 = no separate limit; else at least 1048576.",
+    },
+    Setting {
         name: "fetch.readahead.bytes",
         default: "131072",
         doc: "Cold bytes each send thread asks the kernel to read ahead of its sendfile (posix_fadvise WILLNEED in 128 KiB requests over the response's next file regions, across partitions). Bounds the disk reads a catch-up consumer keeps queued in front of the shards' writes and fdatasyncs to fetch.sendfile.threads x this per shard; larger reads faster from slow disks, smaller keeps produce latency steadier.",
@@ -128,6 +133,8 @@ pub struct Config {
     pub fetch_readahead_bytes: u64,
     /// 0 = no limit.
     pub fetch_sendfile_max_bytes_per_second: u64,
+    /// While the log is being written; 0 = no separate limit.
+    pub fetch_sendfile_writing_max_bytes_per_second: u64,
     pub flush_write_bytes_max: usize,
     pub io_properties_file: Option<PathBuf>,
     pub io_memory_bytes: usize,
@@ -298,10 +305,10 @@ fn num<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
     Ok(v)
 }
 
-/// `fetch.sendfile.max.bytes.per.second`: 0, or a rate at which one 128 KiB
-/// send does not outlast the client stall timeout.
-fn sendfile_rate(values: &BTreeMap<&'static str, (String, Source)>) -> Result<u64, ConfigError> {
-    let name = "fetch.sendfile.max.bytes.per.second";
+/// A cold-send rate (`fetch.sendfile.max.bytes.per.second`,
+/// `fetch.sendfile.writing.max.bytes.per.second`): 0, or a rate at which one
+/// 128 KiB send does not outlast the client stall timeout.
+fn sendfile_rate(values: &BTreeMap<&'static str, (String, Source)>, name: &str) -> Result<u64, ConfigError> {
     let v = num(values, name, 0u64, 1 << 40)?;
     if v != 0 && v < SENDFILE_RATE_MIN {
         return Err(ConfigError(format!(
@@ -403,7 +410,11 @@ impl Config {
             fetch_sendfile_threads: num(&values, "fetch.sendfile.threads", 1usize, 256)?,
             fetch_sendfile_priority: SendPriority::parse(get(&values, "fetch.sendfile.priority"))?,
             fetch_readahead_bytes: num(&values, "fetch.readahead.bytes", 4096u64, 1 << 30)?,
-            fetch_sendfile_max_bytes_per_second: sendfile_rate(&values)?,
+            fetch_sendfile_max_bytes_per_second: sendfile_rate(&values, "fetch.sendfile.max.bytes.per.second")?,
+            fetch_sendfile_writing_max_bytes_per_second: sendfile_rate(
+                &values,
+                "fetch.sendfile.writing.max.bytes.per.second",
+            )?,
             flush_write_bytes_max: num(&values, "flush.write.bytes.max", 4096usize, 64 << 20)?,
             io_properties_file: if io_properties.is_empty() { None } else { Some(PathBuf::from(io_properties)) },
             io_memory_bytes: num(&values, "io.memory.bytes", 512 * 1024usize, 1 << 30)?,
@@ -465,6 +476,12 @@ mod tests {
         let e = set("1000").unwrap_err().0;
         assert!(e.contains("too low") && e.contains("0 for no limit"), "{e}");
         assert!(set("-5").is_err());
+        // The writing limit: on by default, same rules.
+        assert_eq!(run(&[], &[]).unwrap().fetch_sendfile_writing_max_bytes_per_second, 200_000_000);
+        let set = |v: &str| run(&[&format!("--fetch.sendfile.writing.max.bytes.per.second={v}")], &[]);
+        assert_eq!(set("0").unwrap().fetch_sendfile_writing_max_bytes_per_second, 0);
+        let e = set("1000").unwrap_err().0;
+        assert!(e.contains("fetch.sendfile.writing.max.bytes.per.second=1000 is too low"), "{e}");
     }
 
     #[test]

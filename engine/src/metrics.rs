@@ -212,8 +212,10 @@ pub struct ShardSnapshot {
     pub fetch_located_bytes: u64,
     /// Cold responses on this shard's send threads right now.
     pub cold_sends: u64,
-    /// Seconds the shard's send threads slept on fetch.sendfile.max.bytes.per.second.
+    /// Seconds the shard's send threads slept on the cold-send budget.
     pub cold_throttle_seconds: f64,
+    /// The broker-wide cold-send limit in force when scraped (0 = none).
+    pub cold_limit_bytes_per_second: u64,
     /// Bytes held by this shard's logs in memory (recent-batch caches and
     /// appends waiting for the flusher).
     pub memory_bytes: u64,
@@ -458,8 +460,16 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
         shards,
         "tidelog_fetch_sendfile_throttle_seconds_total",
         "counter",
-        "Seconds the shard's send threads waited on fetch.sendfile.max.bytes.per.second.",
+        "Seconds the shard's send threads waited on the cold-send budget (fetch.sendfile.max.bytes.per.second, fetch.sendfile.writing.max.bytes.per.second).",
         |s| format!("{:.6}", s.cold_throttle_seconds),
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "tidelog_fetch_sendfile_limit_bytes_per_second",
+        "gauge",
+        "Cold-send limit of the whole broker in force now (0 = none): the writing limit while a shard flushed produced data in the last 100 ms, else fetch.sendfile.max.bytes.per.second.",
+        |s| s.cold_limit_bytes_per_second,
     );
 
     per_shard(

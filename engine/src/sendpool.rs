@@ -109,11 +109,23 @@ pub enum Piece {
 
 /// The broker-wide byte budget of the send threads (a token bucket that may
 /// go into debt: a send is never split to fit, the next one waits longer).
+///
+/// Two rates: `max` always applies, `writing` only while the log is being
+/// written (a shard flushed produced data within `WRITING_WINDOW`), so a
+/// catch-up read runs at the disk's speed when nothing else needs the disk
+/// and yields to the writes when something does.
 pub struct SendBudget {
-    bytes_per_second: f64,
-    burst_bytes: f64,
+    /// Bytes per second; infinite for no limit.
+    max: f64,
+    writing: f64,
+    epoch: Instant,
+    /// Nanoseconds after `epoch` of the last flush, plus one (0 = never).
+    last_write_ns: AtomicU64,
     state: Mutex<BudgetState>,
 }
+
+/// How long after a flush the log counts as being written.
+pub const WRITING_WINDOW: Duration = Duration::from_millis(100);
 
 struct BudgetState {
     tokens: f64,
@@ -123,34 +135,88 @@ struct BudgetState {
 /// Seconds of budget the bucket can hold: how far a burst may run ahead.
 const BUDGET_BURST_SECONDS: f64 = 0.01;
 
+fn rate_of(bytes_per_second: u64) -> f64 {
+    if bytes_per_second == 0 {
+        f64::INFINITY
+    } else {
+        bytes_per_second as f64
+    }
+}
+
 impl SendBudget {
-    /// `None` for 0 (no limit).
-    pub fn new(bytes_per_second: u64) -> Option<Arc<SendBudget>> {
-        if bytes_per_second == 0 {
+    /// `max_bytes_per_second` always, `writing_bytes_per_second` while the
+    /// log is being written; 0 = no limit. `None` when neither limits.
+    pub fn new(max_bytes_per_second: u64, writing_bytes_per_second: u64) -> Option<Arc<SendBudget>> {
+        if max_bytes_per_second == 0 && writing_bytes_per_second == 0 {
             return None;
         }
-        let rate = bytes_per_second as f64;
-        let burst = (rate * BUDGET_BURST_SECONDS).max(SENDFILE_CHUNK_BYTES as f64);
+        let max = rate_of(max_bytes_per_second);
+        let writing = rate_of(writing_bytes_per_second).min(max);
+        let epoch = Instant::now();
         Some(Arc::new(SendBudget {
-            bytes_per_second: rate,
-            burst_bytes: burst,
-            state: Mutex::new(BudgetState { tokens: burst, at: Instant::now() }),
+            max,
+            writing,
+            epoch,
+            last_write_ns: AtomicU64::new(0),
+            state: Mutex::new(BudgetState { tokens: burst_of(writing), at: epoch }),
         }))
+    }
+
+    /// A shard flushed produced data (called by the flushers, any thread).
+    pub fn note_write(&self) {
+        let ns = Instant::now().saturating_duration_since(self.epoch).as_nanos() as u64;
+        self.last_write_ns.store(ns.saturating_add(1), Ordering::Relaxed);
+    }
+
+    fn writing_at(&self, now: Instant) -> bool {
+        let last = self.last_write_ns.load(Ordering::Relaxed);
+        if last == 0 {
+            return false;
+        }
+        let at = self.epoch + Duration::from_nanos(last - 1);
+        now.saturating_duration_since(at) < WRITING_WINDOW
+    }
+
+    /// The rate in force at `now`, in bytes per second; infinite for none.
+    pub fn rate_at(&self, now: Instant) -> f64 {
+        if self.writing_at(now) {
+            self.writing
+        } else {
+            self.max
+        }
     }
 
     /// Pays for `bytes` sent at `now`; returns how long the payer must wait
     /// before it sends again.
     fn pay(&self, bytes: u64, now: Instant) -> Duration {
+        let rate = self.rate_at(now);
         // Poisoning only means a send thread panicked mid-update of two floats.
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let refill = now.saturating_duration_since(s.at).as_secs_f64() * self.bytes_per_second;
-        s.tokens = (s.tokens + refill).min(self.burst_bytes) - bytes as f64;
+        if rate.is_infinite() {
+            // No limit now: start the next limited stretch with a full bucket
+            // and no debt.
+            s.tokens = burst_of(self.writing);
+            s.at = now.max(s.at);
+            return Duration::ZERO;
+        }
+        let refill = now.saturating_duration_since(s.at).as_secs_f64() * rate;
+        s.tokens = (s.tokens + refill).min(burst_of(rate)) - bytes as f64;
         s.at = now.max(s.at);
         if s.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-s.tokens / self.bytes_per_second)
+            Duration::from_secs_f64(-s.tokens / rate)
         }
+    }
+}
+
+/// Bytes a bucket at `rate` may hold: `BUDGET_BURST_SECONDS` of it, at least
+/// one send.
+fn burst_of(rate: f64) -> f64 {
+    if rate.is_infinite() {
+        SENDFILE_CHUNK_BYTES as f64
+    } else {
+        (rate * BUDGET_BURST_SECONDS).max(SENDFILE_CHUNK_BYTES as f64)
     }
 }
 
@@ -230,9 +296,32 @@ impl SendPool {
         })
     }
 
-    /// Seconds this pool's threads have slept on `fetch.sendfile.max.bytes.per.second`.
+    /// Seconds this pool's threads have slept on the budget.
     pub fn throttled_seconds(&self) -> f64 {
         self.pacing.throttled_ns.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
+    /// Tells the broker-wide budget that this shard just flushed produced
+    /// data, so cold sends yield to the writes for `WRITING_WINDOW`.
+    pub fn note_write(&self) {
+        if let Some(b) = &self.pacing.budget {
+            b.note_write();
+        }
+    }
+
+    /// The cold-send limit in force now, bytes per second (0 = none).
+    pub fn limit_bytes_per_second(&self) -> u64 {
+        match &self.pacing.budget {
+            Some(b) => {
+                let r = b.rate_at(Instant::now());
+                if r.is_finite() {
+                    r as u64
+                } else {
+                    0
+                }
+            }
+            None => 0,
+        }
     }
 
     /// Responses handed to the send threads and not finished yet.
@@ -593,7 +682,7 @@ mod tests {
     #[test]
     fn the_budget_lets_a_burst_through_then_charges_each_byte_at_the_rate() {
         // 10 MB/s: the bucket holds max(100 KB, one 128 KiB chunk).
-        let b = SendBudget::new(10_000_000).unwrap();
+        let b = SendBudget::new(10_000_000, 0).unwrap();
         let t0 = Instant::now();
         assert_eq!(b.pay(SENDFILE_CHUNK_BYTES, t0), Duration::ZERO);
         // 1 MB more at the same instant: 1 MB of debt = 100 ms.
@@ -606,7 +695,32 @@ mod tests {
         let t1 = t0 + Duration::from_secs(2);
         assert_eq!(b.pay(SENDFILE_CHUNK_BYTES, t1), Duration::ZERO);
         assert!(b.pay(SENDFILE_CHUNK_BYTES, t1) > Duration::ZERO);
-        assert!(SendBudget::new(0).is_none());
+        assert!(SendBudget::new(0, 0).is_none());
+    }
+
+    #[test]
+    fn the_writing_rate_applies_only_just_after_a_flush() {
+        // No limit, except 10 MB/s while writing.
+        let b = SendBudget::new(0, 10_000_000).unwrap();
+        let t0 = Instant::now();
+        assert!(b.rate_at(t0).is_infinite());
+        assert_eq!(b.pay(50_000_000, t0), Duration::ZERO, "nothing written: no limit");
+        b.note_write();
+        let now = Instant::now();
+        assert_eq!(b.rate_at(now), 10e6);
+        // A full bucket first (no debt carried over from the unlimited
+        // stretch), then 1 MB more costs 100 ms.
+        assert_eq!(b.pay(SENDFILE_CHUNK_BYTES, now), Duration::ZERO);
+        let wait = b.pay(1_000_000, now);
+        assert!((wait.as_secs_f64() - 0.1).abs() < 1e-6, "{wait:?}");
+        // The window closes WRITING_WINDOW after the flush.
+        let later = now + WRITING_WINDOW + Duration::from_millis(1);
+        assert!(b.rate_at(later).is_infinite());
+        assert_eq!(b.pay(50_000_000, later), Duration::ZERO);
+        // The writing rate never exceeds the overall one.
+        let b = SendBudget::new(5_000_000, 10_000_000).unwrap();
+        b.note_write();
+        assert_eq!(b.rate_at(Instant::now()), 5e6);
     }
 
     #[test]
@@ -616,7 +730,7 @@ mod tests {
         let reader = read_to_end_in_background(rx);
         // 5 MB/s for 1.5 MB, of which at most one burst (128 KiB) is free:
         // at least (1.5 MB - 128 KiB - one last unslept chunk) / 5 MB/s.
-        let pacing = Pacing { budget: SendBudget::new(5_000_000), throttled_ns: AtomicU64::new(0) };
+        let pacing = Pacing { budget: SendBudget::new(5_000_000, 0), throttled_ns: AtomicU64::new(0) };
         let t = Instant::now();
         send_pieces(tx.as_raw_fd(), &[Piece::File { file, position: 0, len: 1_500_000 }], 1 << 20, &pacing).unwrap();
         let took = t.elapsed().as_secs_f64();

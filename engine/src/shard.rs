@@ -375,6 +375,7 @@ impl Shard {
                 if let Ok(bytes) = r {
                     if bytes > 0 {
                         me.metrics.flushed(bytes, started.elapsed());
+                        me.send_pool.note_write();
                     }
                 }
                 (log, r.map(|_| ()))
@@ -428,6 +429,7 @@ impl Shard {
         snap.fetch_located_bytes = self.fetch_stats.located_bytes.get();
         snap.cold_sends = self.send_pool.in_flight();
         snap.cold_throttle_seconds = self.send_pool.throttled_seconds();
+        snap.cold_limit_bytes_per_second = self.send_pool.limit_bytes_per_second();
         for (topic, partition, log) in self.all_logs() {
             let l = log.borrow();
             let stats = l.stats();

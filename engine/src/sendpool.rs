@@ -48,23 +48,32 @@
 //! At most `fetch.sendfile.threads` responses per shard are handed over at
 //! once; more wait on the shard (a semaphore), costing nothing while idle.
 //!
-//! `fetch.sendfile.max.bytes.per.second` caps the file bytes all send threads
-//! of the broker together send (one `SendBudget`, shared by every shard's
-//! pool, since the shards share the data directory's disk). Off by default;
-//! it is the knob for an operator who wants produce and tail latency to stay
-//! where they are while a consumer catches up, at the cost of catch-up
-//! speed. Threads pay for what they sent after each `sendfile` and sleep off
-//! any debt before the next one, so readahead (which stays one window ahead
-//! of the sends) is paced with them.
+//! One `SendBudget` paces the file bytes all send threads of the broker
+//! together send: it is shared by every shard's pool, since the shards share
+//! the data directory's disk. Threads pay for what they sent after each
+//! `sendfile` and sleep off any debt before the next one, so readahead (which
+//! stays one window ahead of the sends) is paced with them. It has two rates:
+//! - `fetch.sendfile.writing.max.bytes.per.second` (default 200 MB/s) applies
+//!   only while the log is being written, that is while some shard flushed
+//!   produced data within `WRITING_WINDOW`. The flushers stamp an atomic, so
+//!   this costs a shard one store per flush. A catch-up read then leaves the
+//!   disk to the writes. When nothing is written, it runs at the disk's speed.
+//! - `fetch.sendfile.max.bytes.per.second` (default 0, none) applies always.
 //!
-//! On the reference VM, a 20 MB/s tail (end-to-end p99 1.5-1.8 ms alone)
+//! On the reference VM, a 20 MB/s tail (end-to-end p99 1.5-1.8 ms alone) ran
 //! next to a cold catch-up reader at SCHED_IDLE (`bench/scripts/
-//! tail-vs-catch-up.sh`): no limit, 670-770 MB/s and p99 1.0-1.7x alone;
-//! 200 MB/s, p99 1.05-1.13x in 3 of 4 runs. Warm (page cache): no limit,
-//! 1.6-3.4 GB/s and 2.2-3.1x; 200 MB/s, 1.1-1.4x in 2 of 3 runs. The runs
-//! that miss had one or two 50-85 ms produce-path (flush) stalls, which the
-//! budget does not address. A 512 KiB readahead window instead of 128 KiB:
-//! 820-1050 MB/s cold but 4.2-4.8x.
+//! tail-vs-catch-up.sh --repeat 3`), with the tail's p99 given as a multiple
+//! of its value alone:
+//! - no limit: catch-up 660-950 MB/s, p99 1.44-1.51x;
+//! - 200 MB/s at all times: 1.00-1.09x;
+//! - the default writing limit: 0.96-1.23x (the 1.23x pair had an 88 ms
+//!   flush stall).
+//!
+//! A catch-up on a quiet broker with the default writing limit is not slowed
+//! at all (cold, 706-787 MB/s). Earlier single runs, warm (page cache): no
+//! limit, 1.6-3.4 GB/s and 2.2-3.1x; 200 MB/s, 1.1-1.4x in 2 of 3 runs. A
+//! 512 KiB readahead window instead of 128 KiB: 820-1050 MB/s cold, but
+//! 4.2-4.8x.
 //!
 //! Measured on the reference VM (2 vCPU, virtio disk reading 1.2 GB/s, 4 GB
 //! backlog, tidelog-bench catch-up consumers on the same cores): the old

@@ -228,7 +228,7 @@ pub fn parse_properties(text: &str) -> Result<Vec<(String, String)>, ConfigError
     Ok(out)
 }
 
-/// Parses the command line (without argv[0]) and the environment.
+/// Parses the command line (without `argv[0]`) and the environment.
 pub fn from_args(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Result<Command, ConfigError> {
     let mut values: BTreeMap<&'static str, (String, Source)> =
         SETTINGS.iter().map(|s| (s.name, (s.default.to_string(), Source::Default))).collect();

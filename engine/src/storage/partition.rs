@@ -335,6 +335,32 @@ impl PartitionLog {
     }
 }
 
+/// A flush that takes this long is logged, with where its time went.
+const SLOW_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
+/// At most one slow-flush line per shard this often; the others are counted.
+const SLOW_FLUSH_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+thread_local! {
+    /// This shard's last slow-flush line, and slow flushes not logged since.
+    static SLOW_FLUSH_LOGGED: std::cell::Cell<(Option<std::time::Instant>, u64)> =
+        const { std::cell::Cell::new((None, 0)) };
+}
+
+/// Whether to log a slow flush now; returns the slow flushes left unlogged
+/// since the last line.
+fn slow_flush_report(now: std::time::Instant) -> Option<u64> {
+    SLOW_FLUSH_LOGGED.with(|c| {
+        let (last, skipped) = c.get();
+        if last.is_some_and(|t| now.saturating_duration_since(t) < SLOW_FLUSH_LOG_EVERY) {
+            c.set((last, skipped + 1));
+            None
+        } else {
+            c.set((Some(now), 0));
+            Some(skipped)
+        }
+    })
+}
+
 /// Writes and syncs everything pending in `log`, segment by segment in
 /// order, and seals rolled segments. Moves the high watermark only after
 /// fdatasync returned.
@@ -365,12 +391,14 @@ pub async fn flush(log: &SharedLog) -> io::Result<u64> {
             l.segments.iter().find(|s| s.base_offset == base).and_then(|s| s.plan_flush(file.clone(), &settings))
         };
         if let Some(mut plan) = plan {
+            let started = std::time::Instant::now();
             if let Some(to) = plan.preallocate_to {
                 // Preallocation is an optimisation; a filesystem without it still works.
                 if let Err(e) = file.pre_allocate(to, false).await {
                     log::debug!("{}: fallocate to {to} failed: {e}", path.display());
                 }
             }
+            let preallocated = std::time::Instant::now();
             // At most `writes_inflight_max` writes of this segment are on the
             // device at once (the queue depth iotune found best); they are
             // disjoint, so their order does not matter.
@@ -397,7 +425,30 @@ pub async fn flush(log: &SharedLog) -> io::Result<u64> {
                     r?;
                 }
             }
+            let written = std::time::Instant::now();
             file.fdatasync().await.map_err(io::Error::from)?;
+            let synced = std::time::Instant::now();
+            if let Some(unlogged) = (synced - started >= SLOW_FLUSH).then(|| slow_flush_report(synced)).flatten() {
+                let l = log.borrow();
+                log::warn!(
+                    "{}-{}: slow flush of segment {} up to offset {} (position {}): {} ms (preallocate {} ms{}, writes {} ms, fdatasync {} ms); \
+                     acks=all produces waited as long; {unlogged} more slow flush(es) on this shard since the last such line \
+                     (check the disk: iostat -x, dmesg, other writers on the filesystem)",
+                    l.topic,
+                    l.partition.0,
+                    base.0,
+                    plan.next_offset.0,
+                    plan.end_bytes,
+                    (synced - started).as_millis(),
+                    (preallocated - started).as_millis(),
+                    match plan.preallocate_to {
+                        Some(to) => format!(" to {to}"),
+                        None => String::new(),
+                    },
+                    (written - preallocated).as_millis(),
+                    (synced - written).as_millis(),
+                );
+            }
             let mut l = log.borrow_mut();
             let Some(i) = l.segments.iter().position(|s| s.base_offset == base) else { return Ok(flushed_bytes) };
             let durable = l.segments[i].complete_flush(plan);

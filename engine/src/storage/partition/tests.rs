@@ -185,3 +185,14 @@ fn recovery_drops_a_batch_with_a_bad_crc() {
         std::fs::write(path, &data).unwrap();
     });
 }
+
+#[test]
+fn slow_flush_lines_are_rate_limited_per_shard_and_count_the_rest() {
+    let t0 = std::time::Instant::now();
+    assert_eq!(slow_flush_report(t0), Some(0));
+    assert_eq!(slow_flush_report(t0 + std::time::Duration::from_secs(1)), None);
+    assert_eq!(slow_flush_report(t0 + std::time::Duration::from_secs(2)), None);
+    // The next line says how many it left out.
+    assert_eq!(slow_flush_report(t0 + SLOW_FLUSH_LOG_EVERY), Some(2));
+    assert_eq!(slow_flush_report(t0 + SLOW_FLUSH_LOG_EVERY), None);
+}

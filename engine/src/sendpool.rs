@@ -66,11 +66,12 @@
 //! of its value alone:
 //! - no limit: catch-up 660-950 MB/s, p99 1.44-1.51x;
 //! - 200 MB/s at all times: 1.00-1.09x;
-//! - the default writing limit: 0.96-1.23x (the 1.23x pair had an 88 ms
-//!   flush stall).
+//! - the default writing limit: 0.96-1.32x over 8 pairs, median 1.07, 6 of
+//!   8 at most 1.2x. The pairs over 1.2x had a 20-88 ms flush stall with no
+//!   host hiccup beside it.
 //!
 //! A catch-up on a quiet broker with the default writing limit is not slowed
-//! at all (cold, 706-787 MB/s). Earlier single runs, warm (page cache): no
+//! at all (cold, 706-802 MB/s). Earlier single runs, warm (page cache): no
 //! limit, 1.6-3.4 GB/s and 2.2-3.1x; 200 MB/s, 1.1-1.4x in 2 of 3 runs. A
 //! 512 KiB readahead window instead of 128 KiB: 820-1050 MB/s cold, but
 //! 4.2-4.8x.

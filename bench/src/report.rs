@@ -381,19 +381,7 @@ pub fn render_table(s: &Summary) -> String {
         ("end-to-end", &l.end_to_end),
         ("fetch (with records)", &l.fetch),
     ] {
-        let _ = writeln!(
-            out,
-            "{:<26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
-            name,
-            fmt_ms(p.p50),
-            fmt_ms(p.p90),
-            fmt_ms(p.p99),
-            fmt_ms(p.p999),
-            fmt_ms(p.p9999),
-            fmt_ms(p.max),
-            fmt_ms(p.mean),
-            p.count
-        );
+        latency_row(&mut out, name, p);
     }
     if let Some(h) = &s.hiccups {
         render_hiccups(&mut out, h, r.started_at_unix_ms);
@@ -465,24 +453,28 @@ pub fn render_table(s: &Summary) -> String {
     out
 }
 
+/// One row of the latency table: percentiles of a µs histogram, in ms.
+fn latency_row(out: &mut String, name: &str, p: &Percentiles) {
+    let _ = writeln!(
+        out,
+        "{:<26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        name,
+        fmt_ms(p.p50),
+        fmt_ms(p.p90),
+        fmt_ms(p.p99),
+        fmt_ms(p.p999),
+        fmt_ms(p.p9999),
+        fmt_ms(p.max),
+        fmt_ms(p.mean),
+        p.count
+    );
+}
+
 /// The hiccup meter's rows under the latency table, in the same columns,
 /// then steal time and the longest hiccups with when they happened.
 fn render_hiccups(out: &mut String, h: &Hiccups, started_ms: u64) {
     for c in &h.per_cpu {
-        let p = &c.late_us;
-        let _ = writeln!(
-            out,
-            "{:<26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
-            format!("host hiccup (cpu {})", c.cpu),
-            fmt_ms(p.p50),
-            fmt_ms(p.p90),
-            fmt_ms(p.p99),
-            fmt_ms(p.p999),
-            fmt_ms(p.p9999),
-            fmt_ms(p.max),
-            fmt_ms(p.mean),
-            p.count
-        );
+        latency_row(out, &format!("host hiccup (cpu {})", c.cpu), &c.late_us);
     }
     let slowest: Vec<String> = h
         .slowest()

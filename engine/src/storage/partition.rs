@@ -431,7 +431,7 @@ pub async fn flush(log: &SharedLog) -> io::Result<u64> {
             if let Some(unlogged) = (synced - started >= SLOW_FLUSH).then(|| slow_flush_report(synced)).flatten() {
                 let l = log.borrow();
                 log::warn!(
-                    "{}-{}: slow flush of segment {} up to offset {} (position {}): {} ms (preallocate {} ms{}, writes {} ms, fdatasync {} ms); \
+                    "{}-{}: slow flush of segment {} (next offset {}, position {}): {} ms (preallocate {} ms{}, writes {} ms, fdatasync {} ms); \
                      acks=all produces waited as long; {unlogged} more slow flush(es) on this shard since the last such line \
                      (check the disk: iostat -x, dmesg, other writers on the filesystem)",
                     l.topic,

@@ -386,6 +386,13 @@ fn get_baseline(a: &RunArgs) -> anyhow::Result<Option<Baseline>> {
 }
 
 fn cmd_run(a: &RunArgs) -> anyhow::Result<bool> {
+    let hiccup_interval = match a.hiccup_interval_us {
+        0 => None,
+        us if us < 100 => anyhow::bail!(
+            "--hiccup-interval-us {us} would wake every core more than 10 000 times a second: use 0 (off) or at least 100"
+        ),
+        us => Some(Duration::from_micros(us)),
+    };
     let w = build_workload(a)?;
     let cores = match &a.cores {
         Some(s) => parse_cores(s)?,
@@ -406,9 +413,9 @@ fn cmd_run(a: &RunArgs) -> anyhow::Result<bool> {
     // Every core of the host, not only the bench's: the broker's cores matter most.
     let all_cores: Vec<usize> =
         core_affinity::get_core_ids().map(|v| v.into_iter().map(|c| c.id).collect()).unwrap_or_default();
-    let meter = match a.hiccup_interval_us {
-        0 => None,
-        us => Some(HiccupMeter::start(&all_cores, Duration::from_micros(us))?),
+    let meter = match hiccup_interval {
+        Some(interval) => Some(HiccupMeter::start(&all_cores, interval)?),
+        None => None,
     };
     let outcome = run::run(&opts);
     let hiccups = meter.map(HiccupMeter::finish);

@@ -77,3 +77,14 @@ fn readme_commands_use_real_flags() {
     }
     assert!(checked > 10, "expected the README to show commands with flags");
 }
+
+#[test]
+fn a_too_short_hiccup_interval_is_refused_before_anything_runs() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidelog-bench"))
+        .args(["run", "--bootstrap", "127.0.0.1:1", "--no-baseline", "--hiccup-interval-us", "10"])
+        .output()
+        .expect("run tidelog-bench");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--hiccup-interval-us 10") && err.contains("at least 100"), "{err}");
+}

@@ -113,8 +113,9 @@ impl HiccupMeter {
         let steal: Vec<(usize, u64)> = steal_ticks();
         let mut threads = Vec::new();
         for &cpu in cores {
-            let stop = stop.clone();
-            threads.push(std::thread::Builder::new().name(format!("hiccup-{cpu}")).spawn(move || {
+            let stop_flag = stop.clone();
+            let spawned = std::thread::Builder::new().name(format!("hiccup-{cpu}")).spawn(move || {
+                let stop = stop_flag;
                 let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
                 if !pinned {
                     eprintln!("warning: could not pin the hiccup meter to core {cpu}");
@@ -131,7 +132,18 @@ impl HiccupMeter {
                     }
                 }
                 CpuResult { cpu, late, slowest }
-            })?);
+            });
+            match spawned {
+                Ok(h) => threads.push(h),
+                Err(e) => {
+                    // Do not leave the sleepers already started running.
+                    stop.store(true, Ordering::Relaxed);
+                    for h in threads {
+                        let _ = h.join();
+                    }
+                    return Err(anyhow::anyhow!("starting the hiccup meter on core {cpu}: {e}"));
+                }
+            }
         }
         let steal_at_start =
             cores.iter().map(|c| steal.iter().find(|(cpu, _)| cpu == c).map(|s| s.1).unwrap_or(0)).collect();

@@ -394,9 +394,11 @@ fn cmd_run(a: &RunArgs) -> anyhow::Result<bool> {
         us => Some(Duration::from_micros(us)),
     };
     let w = build_workload(a)?;
+    let all_cores: Vec<usize> =
+        core_affinity::get_core_ids().map(|v| v.into_iter().map(|c| c.id).collect()).unwrap_or_default();
     let cores = match &a.cores {
         Some(s) => parse_cores(s)?,
-        None => core_affinity::get_core_ids().map(|v| v.into_iter().map(|c| c.id).collect()).unwrap_or_default(),
+        None => all_cores.clone(),
     };
     let base = get_baseline(a)?;
     let data_dir = a.data_dir.clone().or_else(|| a.baseline_dir.clone()).unwrap_or_else(|| PathBuf::from("/var/tmp"));
@@ -411,8 +413,6 @@ fn cmd_run(a: &RunArgs) -> anyhow::Result<bool> {
         seed: a.seed,
     };
     // Every core of the host, not only the bench's: the broker's cores matter most.
-    let all_cores: Vec<usize> =
-        core_affinity::get_core_ids().map(|v| v.into_iter().map(|c| c.id).collect()).unwrap_or_default();
     let meter = match hiccup_interval {
         Some(interval) => Some(HiccupMeter::start(&all_cores, interval)?),
         None => None,

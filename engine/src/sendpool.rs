@@ -321,16 +321,11 @@ impl SendPool {
 
     /// The cold-send limit in force now, bytes per second (0 = none).
     pub fn limit_bytes_per_second(&self) -> u64 {
-        match &self.pacing.budget {
-            Some(b) => {
-                let r = b.rate_at(Instant::now());
-                if r.is_finite() {
-                    r as u64
-                } else {
-                    0
-                }
-            }
-            None => 0,
+        let rate = self.pacing.budget.as_ref().map_or(f64::INFINITY, |b| b.rate_at(Instant::now()));
+        if rate.is_finite() {
+            rate as u64
+        } else {
+            0
         }
     }
 

@@ -13,10 +13,15 @@ use tidelog_protocol::ShardId;
 
 use crate::config::Config;
 use crate::metadata::MetadataImage;
-use crate::shard::{Controller, FromController, Shard, ToController};
+use crate::controller::Controller;
+use crate::shard::{FromController, Shard, ToController};
 use crate::storage::dirfs;
 
+/// Set by SIGTERM/SIGINT.
 static STOP: AtomicBool = AtomicBool::new(false);
+/// Tells the shards to drain and exit; set after a cluster node's controlled
+/// shutdown moved its leaderships away (at once on a single node).
+static SHARDS_STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
@@ -92,6 +97,14 @@ fn remove_deleted_dirs(config: &Config) {
     }
 }
 
+fn install_signal_handlers() {
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
 /// Runs the broker until SIGTERM/SIGINT. Returns a message on start-up failure.
 pub fn run(mut config: Config) -> Result<(), String> {
     let fs = dirfs::check_data_dir(&config.log_dir)?;
@@ -109,7 +122,44 @@ pub fn run(mut config: Config) -> Result<(), String> {
     dirfs::ensure_memlock(memlock_needed)?;
     apply_io_properties(&mut config);
     remove_deleted_dirs(&config);
-    let image = Arc::new(MetadataImage::load(&config.log_dir, num_shards)?);
+    let quorum = match &config.cluster {
+        Some(cluster) => Some(start_quorum(&config, cluster, num_shards)?),
+        None => None,
+    };
+    if config.cluster.as_ref().is_some_and(|c| !c.broker) {
+        install_signal_handlers();
+        log::info!(
+            "node {}: controller only (process.roles=controller): serving the quorum, no client listener",
+            config.node_id
+        );
+        while !STOP.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if let Some(q) = quorum {
+            q.stop();
+        }
+        drop(lock);
+        log::info!("tidelog stopped");
+        return Ok(());
+    }
+    let image = match &quorum {
+        // A cluster node learns its metadata from the quorum once it is up.
+        Some(_) => {
+            if config.log_dir.join(crate::metadata::METADATA_FILE).exists() {
+                log::warn!(
+                    "{} holds single-node metadata; in a cluster the metadata log is used and it is ignored",
+                    config.log_dir.join(crate::metadata::METADATA_FILE).display()
+                );
+            }
+            Arc::new(MetadataImage { local_node: Some(config.node_id), ..Default::default() })
+        }
+        None => Arc::new(MetadataImage::load(&config.log_dir, num_shards)?),
+    };
+    let cluster_link = quorum.as_ref().map(|q| crate::controller::cluster::ClusterLink {
+        handle: q.handle(),
+        node_id: config.node_id,
+        num_shards,
+    });
     log::info!(
         "tidelog {} starting: {num_shards} shard(s), log.dirs={} ({fs}), {} topic(s), lock {}",
         env!("CARGO_PKG_VERSION"),
@@ -117,11 +167,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
         image.topics.len(),
         lock.path.display()
     );
-    // SAFETY: installing a handler that only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-    }
+    install_signal_handlers();
     let config = Arc::new(config);
     // Channels: shard i -> controller (on shard 0), controller -> shard i.
     let mut to_ctrl_tx = Vec::new();
@@ -151,6 +197,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
         let to_ctrl = to_ctrl_tx[i].take();
         let from_ctrl = from_ctrl_rx[i].take();
         let ctrl = if i == 0 { controller_parts.take() } else { None };
+        let cluster_link = if i == 0 { cluster_link.clone() } else { None };
         let ready = ready_tx.clone();
         let listen = config.shard_listen_addr(i).map_err(|e| e.0)?;
         let builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
@@ -171,7 +218,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
                 futures::join!(to_ctrl.connect(), from_ctrl.connect(), controller_ends);
             log::debug!("shard {i}: controller channels connected");
             if let Some((receivers, senders)) = controller_ends {
-                let controller = Controller::new(config.clone(), image.clone(), senders);
+                let controller = Controller::new(config.clone(), image.clone(), senders, cluster_link);
                 glommio::spawn_local(controller.clone().run(receivers)).detach();
                 if let Some(addr) = config.metrics_addr {
                     match bind_exclusive(addr) {
@@ -236,10 +283,13 @@ pub fn run(mut config: Config) -> Result<(), String> {
                     return;
                 }
             };
-            log::info!("shard {i} on cpu {cpu}: listening on {listen}, advertised as broker {i}");
+            log::info!(
+                "shard {i} on cpu {cpu}: listening on {listen}, advertised as broker {}",
+                crate::metadata::broker_id(config.node_id, i as u32)
+            );
             let server = glommio::spawn_local(crate::server::serve(shard.clone(), listener));
             let _ = ready.send(Ok(i));
-            while !STOP.load(Ordering::Relaxed) {
+            while !SHARDS_STOP.load(Ordering::Relaxed) {
                 glommio::timer::sleep(Duration::from_millis(100)).await;
             }
             let _ = server.cancel().await;
@@ -289,9 +339,10 @@ pub fn run(mut config: Config) -> Result<(), String> {
             ),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
         };
-        // Shards that came up drain and exit on STOP; one stuck in start-up
-        // cannot be joined, and the process exit ends it.
+        // Shards that came up drain and exit on SHARDS_STOP; one stuck in
+        // start-up cannot be joined, and the process exit ends it.
         STOP.store(true, Ordering::Relaxed);
+        SHARDS_STOP.store(true, Ordering::Relaxed);
         for (i, h) in handles.into_iter().enumerate() {
             if ready[i] {
                 let _ = h.join();
@@ -305,14 +356,126 @@ pub fn run(mut config: Config) -> Result<(), String> {
         config.advertised_port,
         config.advertised_port
     );
+    if let Some(q) = &quorum {
+        if let Err(e) = register(&config, num_shards, &q.handle()) {
+            SHARDS_STOP.store(true, Ordering::Relaxed);
+            for h in handles {
+                let _ = h.join();
+            }
+            return Err(e);
+        }
+    }
+    while !STOP.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if let (Some(q), Some(cluster)) = (&quorum, &config.cluster) {
+        controlled_shutdown(&q.handle(), config.node_id, cluster.request_timeout_ms);
+    }
+    SHARDS_STOP.store(true, Ordering::Relaxed);
     for h in handles {
         if let Err(e) = h.join() {
             log::error!("shard exited with error: {e}");
         }
     }
+    if let Some(q) = quorum {
+        q.stop();
+    }
     drop(lock);
     log::info!("tidelog stopped");
     Ok(())
+}
+
+/// Starts this node's part of the controller quorum (see `tidelog_quorum`).
+fn start_quorum(
+    config: &Config,
+    cluster: &crate::config::ClusterConfig,
+    num_shards: usize,
+) -> Result<tidelog_quorum::Quorum, String> {
+    if num_shards >= tidelog_quorum::BROKER_IDS_PER_NODE as usize {
+        return Err(format!(
+            "num.shards={num_shards}: a cluster node has at most {} shards (broker id = node.id x {} + shard)",
+            tidelog_quorum::BROKER_IDS_PER_NODE - 1,
+            tidelog_quorum::BROKER_IDS_PER_NODE
+        ));
+    }
+    let quorum_config = tidelog_quorum::QuorumConfig {
+        node_id: config.node_id,
+        voters: cluster.voters.clone(),
+        controller_listen: cluster.controller_listen,
+        dir: config.log_dir.join("__cluster_metadata-0"),
+        election_timeout_ms: cluster.election_timeout_ms,
+        raft_heartbeat_interval_ms: (cluster.election_timeout_ms / 5).max(20),
+        request_timeout_ms: cluster.request_timeout_ms,
+        heartbeat_interval_ms: cluster.heartbeat_interval_ms,
+        session_timeout_ms: cluster.session_timeout_ms,
+    };
+    log::info!(
+        "node {}: roles {}{}, controller quorum voters {:?}",
+        config.node_id,
+        if cluster.broker { "broker" } else { "" },
+        if cluster.controller { if cluster.broker { ",controller" } else { "controller" } } else { "" },
+        cluster.voters
+    );
+    tidelog_quorum::Quorum::start(quorum_config).map_err(|e| format!("node {}: cannot start the controller quorum: {e}", config.node_id))
+}
+
+/// Registers this node with the quorum, waiting (with a log line every few
+/// seconds) while the quorum has no majority. A node id held by another live
+/// process is a start-up failure.
+fn register(config: &Config, num_shards: usize, handle: &tidelog_quorum::QuorumHandle) -> Result<(), String> {
+    let registration = tidelog_quorum::NodeRegistration {
+        node_id: config.node_id,
+        incarnation: uuid::Uuid::new_v4().simple().to_string(),
+        host: config.advertised_host.clone(),
+        port: config.advertised_port,
+        num_shards: num_shards as u32,
+        rack: config.cluster.as_ref().and_then(|c| c.rack.clone()),
+        fenced: false,
+    };
+    let started = std::time::Instant::now();
+    let mut last_note = std::time::Instant::now();
+    loop {
+        match futures::executor::block_on(handle.register(registration.clone())) {
+            Ok(()) => {
+                log::info!(
+                    "node {}: registered with the controller quorum as brokers {}..={} (incarnation {})",
+                    config.node_id,
+                    crate::metadata::broker_id(config.node_id, 0),
+                    crate::metadata::broker_id(config.node_id, num_shards as u32 - 1),
+                    registration.incarnation
+                );
+                return Ok(());
+            }
+            Err(tidelog_quorum::QuorumError::DuplicateNode(m)) => return Err(m),
+            Err(e) => {
+                if last_note.elapsed() >= Duration::from_secs(5) || started.elapsed() < Duration::from_secs(1) {
+                    log::warn!(
+                        "node {}: waiting for the controller quorum to register ({e}); start the other voters",
+                        config.node_id
+                    );
+                    last_note = std::time::Instant::now();
+                }
+            }
+        }
+        if STOP.load(Ordering::Relaxed) {
+            return Err("stopped by a signal while waiting for the controller quorum".into());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// SIGTERM in a cluster: fence this node through the metadata log so its
+/// leaderships move to other in-sync replicas before the shards stop.
+fn controlled_shutdown(handle: &tidelog_quorum::QuorumHandle, node_id: u32, timeout_ms: u64) {
+    log::info!("node {node_id}: controlled shutdown: moving leaderships away");
+    let result = futures::executor::block_on(handle.controlled_shutdown());
+    match result {
+        Ok(()) => log::info!("node {node_id}: controlled shutdown done"),
+        Err(e) => log::warn!(
+            "node {node_id}: controlled shutdown failed ({e}); stopping anyway, the controller fences this node after \
+             broker.session.timeout.ms (quorum request timeout {timeout_ms} ms)"
+        ),
+    }
 }
 
 /// Binds `addr` without SO_REUSEPORT. glommio's own `TcpListener::bind` sets

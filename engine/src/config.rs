@@ -21,11 +21,25 @@ pub struct Setting {
 /// Every setting tidelog reads.
 pub const SETTINGS: &[Setting] = &[
     Setting { name: "log.dirs", default: "./tidelog-data", doc: "Data directory. Must support O_DIRECT (XFS recommended, ext4 accepted; tmpfs is refused). Only one directory is supported." },
-    Setting { name: "listeners", default: "PLAINTEXT://127.0.0.1:9092", doc: "Bootstrap listener. Shard i listens on the same host at port + i." },
+    Setting { name: "listeners", default: "PLAINTEXT://127.0.0.1:9092", doc: "Client listener (PLAINTEXT://host:port): shard i listens on the same host at port + i. In a cluster, also the controller listener named by controller.listener.names, e.g. PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9192." },
     Setting { name: "advertised.listeners", default: "", doc: "Address advertised to clients in Metadata (shard i at port + i). Empty: same as listeners." },
     Setting { name: "num.shards", default: "0", doc: "Number of shards (pinned cores). 0 = one per CPU in the process affinity mask." },
     Setting { name: "num.partitions", default: "1", doc: "Partitions of an auto-created topic, and of CreateTopics with num_partitions = -1." },
-    Setting { name: "default.replication.factor", default: "1", doc: "Replication factor of new topics. Only 1 is supported on a single node." },
+    Setting { name: "default.replication.factor", default: "1", doc: "Replication factor of topics created without one (auto-created, or CreateTopics with -1). At most the number of nodes in the cluster; 1 on a single node." },
+    Setting { name: "node.id", default: "0", doc: "This node's id in a cluster (0..=999). Each shard is a Kafka broker to clients with broker id node.id x 1000 + shard, so a single node keeps broker ids 0..num.shards." },
+    Setting { name: "process.roles", default: "", doc: "Empty: a single node with embedded metadata, as without a cluster. Otherwise broker, controller or broker,controller (KRaft's roles): controllers form the Raft metadata quorum (controller.quorum.voters); brokers serve clients." },
+    Setting { name: "controller.quorum.voters", default: "", doc: "The controller quorum: id@host:port of every voter, comma separated (e.g. 1@127.0.0.1:9192,2@127.0.0.1:9193,3@127.0.0.1:9194). The same on every node. Required when process.roles is set." },
+    Setting { name: "controller.quorum.bootstrap.servers", default: "", doc: "Accepted for KRaft compatibility: host:port of controllers; tidelog takes the voters from controller.quorum.voters, which must be set too." },
+    Setting { name: "controller.listener.names", default: "CONTROLLER", doc: "Name of the listener in listeners that controllers serve the quorum on (Raft between voters, and registration, heartbeats and metadata for brokers)." },
+    Setting { name: "controller.quorum.election.timeout.ms", default: "1000", doc: "A voter that hears no leader for a random time between this and twice this starts an election." },
+    Setting { name: "controller.quorum.request.timeout.ms", default: "5000", doc: "How long a metadata change (CreateTopics, ...) waits for the quorum to commit it before failing with REQUEST_TIMED_OUT: a quorum that lost its majority refuses changes instead of splitting." },
+    Setting { name: "broker.heartbeat.interval.ms", default: "2000", doc: "How often a node heartbeats to the controller leader." },
+    Setting { name: "broker.session.timeout.ms", default: "9000", doc: "A node with no heartbeat for this long is fenced: it leaves Metadata and its partition leaderships move to in-sync replicas on other nodes." },
+    Setting { name: "broker.rack", default: "", doc: "Rack of this node, advertised in Metadata. Replicas of one partition are always placed on distinct nodes." },
+    Setting { name: "min.insync.replicas", default: "1", doc: "Default min.insync.replicas of topics: acks=all produce fails with NOT_ENOUGH_REPLICAS while the ISR is smaller." },
+    Setting { name: "replica.lag.time.max.ms", default: "30000", doc: "A follower that has not caught up with the leader's log end for this long leaves the ISR." },
+    Setting { name: "unclean.leader.election.enable", default: "false", doc: "Default unclean.leader.election.enable: let a replica outside the ISR lead when no in-sync replica is alive (may lose acknowledged records)." },
+    Setting { name: "offsets.topic.replication.factor", default: "3", doc: "Replication factor of __consumer_offsets in a cluster (capped at the nodes alive when it is created); 1 on a single node." },
     Setting { name: "auto.create.topics.enable", default: "true", doc: "Create a topic when Metadata or Produce names one that does not exist." },
     Setting { name: "log.segment.bytes", default: "1073741824", doc: "Roll the active segment when it would grow past this size." },
     Setting { name: "log.roll.ms", default: "604800000", doc: "Roll the active segment when its first record is older than this." },
@@ -116,6 +130,14 @@ pub struct Config {
     pub num_shards: usize,
     pub num_partitions: i32,
     pub default_replication_factor: i16,
+    /// `node.id`.
+    pub node_id: u32,
+    /// Set when `process.roles` is: this node is part of a multi-node cluster.
+    pub cluster: Option<ClusterConfig>,
+    pub min_insync_replicas: i32,
+    pub replica_lag_time_max_ms: u64,
+    pub unclean_leader_election: bool,
+    pub offsets_topic_replication_factor: i16,
     pub auto_create_topics: bool,
     pub segment_bytes: u64,
     pub roll_ms: u64,
@@ -148,6 +170,22 @@ pub struct Config {
     pub cleaner_min_cleanable_ratio: f64,
     /// Every setting's final value and where it came from, for DescribeConfigs.
     pub values: BTreeMap<&'static str, (String, Source)>,
+}
+
+/// A node's part in a cluster (`process.roles` set).
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub broker: bool,
+    pub controller: bool,
+    /// `controller.quorum.voters`: node id -> controller address.
+    pub voters: BTreeMap<u32, SocketAddr>,
+    /// This node's controller listener (a voter's).
+    pub controller_listen: Option<SocketAddr>,
+    pub election_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub session_timeout_ms: u64,
+    pub rack: Option<String>,
 }
 
 /// Where a setting's value came from (DescribeConfigs reports it).
@@ -328,25 +366,151 @@ fn boolean(values: &BTreeMap<&'static str, (String, Source)>, name: &str) -> Res
     }
 }
 
-/// Parses `PLAINTEXT://host:port` (or `host:port`).
-pub fn parse_listener(name: &str, raw: &str) -> Result<(String, u16), ConfigError> {
-    let first = raw.split(',').next().unwrap_or("").trim();
-    let addr = match first.split_once("://") {
-        Some((proto, rest)) => {
-            if !proto.eq_ignore_ascii_case("PLAINTEXT") {
-                return Err(ConfigError(format!("{name}: only PLAINTEXT listeners are supported, got {proto}")));
-            }
-            rest
+/// One `NAME://host:port` entry of `listeners` (a bare `host:port` is PLAINTEXT).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Parses a comma-separated `listeners` value. Every entry is PLAINTEXT or
+/// the controller listener (`controller_name`); at most one of each.
+pub fn parse_listeners(name: &str, raw: &str, controller_name: &str) -> Result<Vec<Listener>, ConfigError> {
+    let mut out: Vec<Listener> = Vec::new();
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (proto, addr) = match entry.split_once("://") {
+            Some((proto, rest)) => (proto.to_ascii_uppercase(), rest),
+            None => ("PLAINTEXT".to_string(), entry),
+        };
+        if proto != "PLAINTEXT" && !proto.eq_ignore_ascii_case(controller_name) {
+            return Err(ConfigError(format!(
+                "{name}: only PLAINTEXT listeners (and the controller listener {controller_name}) are supported, got {proto}"
+            )));
         }
-        None => first,
+        let Some((host, port)) = addr.rsplit_once(':') else {
+            return Err(ConfigError(format!("{name}={raw:?}: expected PLAINTEXT://host:port")));
+        };
+        let port: u16 = port.parse().map_err(|_| ConfigError(format!("{name}={raw:?}: bad port in {entry:?}")))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let host = if host.is_empty() { "0.0.0.0" } else { host };
+        if out.iter().any(|l| l.name == proto) {
+            return Err(ConfigError(format!("{name}={raw:?}: listener {proto} is given twice")));
+        }
+        out.push(Listener { name: proto, host: host.to_string(), port });
+    }
+    Ok(out)
+}
+
+/// Parses `PLAINTEXT://host:port` (or `host:port`): the client listener of a
+/// `listeners` value.
+pub fn parse_listener(name: &str, raw: &str) -> Result<(String, u16), ConfigError> {
+    let all = parse_listeners(name, raw, "CONTROLLER")?;
+    all.into_iter()
+        .find(|l| l.name == "PLAINTEXT")
+        .map(|l| (l.host, l.port))
+        .ok_or_else(|| ConfigError(format!("{name}={raw:?}: no PLAINTEXT://host:port listener for clients")))
+}
+
+fn resolve(name: &str, host: &str, port: u16) -> Result<SocketAddr, ConfigError> {
+    format!("{host}:{port}")
+        .parse()
+        .or_else(|_| {
+            std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).ok().and_then(|mut a| a.next()).ok_or(())
+        })
+        .map_err(|_| ConfigError(format!("{name}: cannot resolve host {host:?}")))
+}
+
+/// `controller.quorum.voters`: `id@host:port,...`.
+pub fn parse_voters(raw: &str) -> Result<BTreeMap<u32, SocketAddr>, ConfigError> {
+    let mut voters = BTreeMap::new();
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let bad = || {
+            ConfigError(format!(
+                "controller.quorum.voters: {entry:?} is not id@host:port (e.g. 1@127.0.0.1:9192,2@127.0.0.1:9193,3@127.0.0.1:9194)"
+            ))
+        };
+        let (id, addr) = entry.split_once('@').ok_or_else(bad)?;
+        let id: u32 = id.trim().parse().map_err(|_| bad())?;
+        if id > NODE_ID_MAX {
+            return Err(ConfigError(format!("controller.quorum.voters: node id {id} is above {NODE_ID_MAX}")));
+        }
+        let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let addr = resolve("controller.quorum.voters", host.trim_start_matches('[').trim_end_matches(']'), port)?;
+        if voters.insert(id, addr).is_some() {
+            return Err(ConfigError(format!("controller.quorum.voters: node id {id} is listed twice")));
+        }
+    }
+    Ok(voters)
+}
+
+/// Largest `node.id`: broker ids are node.id x 1000 + shard and must fit Kafka's int32.
+pub const NODE_ID_MAX: u32 = 999;
+
+fn cluster_config(
+    values: &BTreeMap<&'static str, (String, Source)>,
+    node_id: u32,
+    listeners: &[Listener],
+    controller_name: &str,
+) -> Result<Option<ClusterConfig>, ConfigError> {
+    let roles_raw = get(values, "process.roles").trim().to_ascii_lowercase();
+    let voters_raw = get(values, "controller.quorum.voters");
+    if roles_raw.is_empty() {
+        if !voters_raw.trim().is_empty() {
+            return Err(ConfigError(
+                "controller.quorum.voters is set but process.roles is not: set process.roles=broker,controller (or broker) to join a cluster, or drop the voters for a single node".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let (mut broker, mut controller) = (false, false);
+    for role in roles_raw.split(',').map(str::trim) {
+        match role {
+            "broker" => broker = true,
+            "controller" => controller = true,
+            other => {
+                return Err(ConfigError(format!(
+                    "process.roles: unknown role {other:?}; expected broker, controller or broker,controller"
+                )))
+            }
+        }
+    }
+    let voters = parse_voters(voters_raw)?;
+    if voters.is_empty() {
+        return Err(ConfigError(
+            "process.roles is set but controller.quorum.voters is empty: list every controller as id@host:port".into(),
+        ));
+    }
+    let controller_listen = match listeners.iter().find(|l| l.name.eq_ignore_ascii_case(controller_name)) {
+        Some(l) => Some(resolve("listeners", &l.host, l.port)?),
+        None => None,
     };
-    let Some((host, port)) = addr.rsplit_once(':') else {
-        return Err(ConfigError(format!("{name}={raw:?}: expected PLAINTEXT://host:port")));
-    };
-    let port: u16 = port.parse().map_err(|_| ConfigError(format!("{name}={raw:?}: bad port")))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let host = if host.is_empty() { "0.0.0.0" } else { host };
-    Ok((host.to_string(), port))
+    if controller {
+        if !voters.contains_key(&node_id) {
+            return Err(ConfigError(format!(
+                "node.id={node_id} has the controller role but is not in controller.quorum.voters ({}): add it, or drop controller from process.roles",
+                voters.keys().map(|k| k.to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        if controller_listen.is_none() {
+            return Err(ConfigError(format!(
+                "process.roles has controller but listeners has no {controller_name}://host:port entry (controller.listener.names={controller_name})"
+            )));
+        }
+    }
+    let rack = get(values, "broker.rack").trim();
+    Ok(Some(ClusterConfig {
+        broker,
+        controller,
+        voters,
+        controller_listen: if controller { controller_listen } else { None },
+        election_timeout_ms: num(values, "controller.quorum.election.timeout.ms", 100u64, 600_000)?,
+        request_timeout_ms: num(values, "controller.quorum.request.timeout.ms", 100u64, 600_000)?,
+        heartbeat_interval_ms: num(values, "broker.heartbeat.interval.ms", 10u64, 600_000)?,
+        session_timeout_ms: num(values, "broker.session.timeout.ms", 100u64, 3_600_000)?,
+        rack: if rack.is_empty() { None } else { Some(rack.to_string()) },
+    }))
 }
 
 /// `metrics.listeners`: empty disables; `host:port` or `http://host:port`.
@@ -365,23 +529,37 @@ fn parse_metrics_addr(raw: &str) -> Result<Option<SocketAddr>, ConfigError> {
 
 impl Config {
     fn from_values(values: BTreeMap<&'static str, (String, Source)>) -> Result<Config, ConfigError> {
-        let (host, port) = parse_listener("listeners", get(&values, "listeners"))?;
-        let listen_addr: SocketAddr = format!("{host}:{port}")
-            .parse()
-            .or_else(|_| {
-                std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .ok_or(())
-            })
-            .map_err(|_| ConfigError(format!("listeners: cannot resolve host {host:?}")))?;
+        let controller_name = get(&values, "controller.listener.names").trim().to_ascii_uppercase();
+        if controller_name.is_empty() || controller_name.contains(',') || controller_name == "PLAINTEXT" {
+            return Err(ConfigError(format!(
+                "controller.listener.names={controller_name:?}: give one listener name other than PLAINTEXT (e.g. CONTROLLER)"
+            )));
+        }
+        let listeners = parse_listeners("listeners", get(&values, "listeners"), &controller_name)?;
+        let (host, port) = listeners
+            .iter()
+            .find(|l| l.name == "PLAINTEXT")
+            .map(|l| (l.host.clone(), l.port))
+            .ok_or_else(|| ConfigError("listeners: no PLAINTEXT://host:port listener for clients".into()))?;
+        let listen_addr = resolve("listeners", &host, port)?;
         let advertised = get(&values, "advertised.listeners");
         let (advertised_host, advertised_port) = if advertised.trim().is_empty() {
             let h = if listen_addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { host.clone() };
             (h, port)
         } else {
-            parse_listener("advertised.listeners", advertised)?
+            let all = parse_listeners("advertised.listeners", advertised, &controller_name)?;
+            all.into_iter().find(|l| l.name == "PLAINTEXT").map(|l| (l.host, l.port)).ok_or_else(|| {
+                ConfigError(format!("advertised.listeners={advertised:?}: no PLAINTEXT://host:port entry"))
+            })?
         };
+        let node_id = num(&values, "node.id", 0u32, NODE_ID_MAX)?;
+        let cluster = cluster_config(&values, node_id, &listeners, &controller_name)?;
+        let default_replication_factor = num(&values, "default.replication.factor", 1i16, 32)?;
+        if cluster.is_none() && default_replication_factor != 1 {
+            return Err(ConfigError(format!(
+                "default.replication.factor={default_replication_factor} needs a cluster: a single node (no process.roles) has one replica of each partition"
+            )));
+        }
         let log_dirs = get(&values, "log.dirs");
         if log_dirs.contains(',') {
             return Err(ConfigError(format!("log.dirs={log_dirs:?}: only one data directory is supported")));
@@ -394,7 +572,13 @@ impl Config {
             advertised_port,
             num_shards: num(&values, "num.shards", 0usize, 1024)?,
             num_partitions: num(&values, "num.partitions", 1i32, 100_000)?,
-            default_replication_factor: num(&values, "default.replication.factor", 1i16, 1)?,
+            default_replication_factor,
+            node_id,
+            cluster,
+            min_insync_replicas: num(&values, "min.insync.replicas", 1i32, 32)?,
+            replica_lag_time_max_ms: num(&values, "replica.lag.time.max.ms", 100u64, 3_600_000)?,
+            unclean_leader_election: boolean(&values, "unclean.leader.election.enable")?,
+            offsets_topic_replication_factor: num(&values, "offsets.topic.replication.factor", 1i16, 32)?,
             auto_create_topics: boolean(&values, "auto.create.topics.enable")?,
             segment_bytes: num(&values, "log.segment.bytes", 14u64, 1 << 40)?,
             roll_ms: num(&values, "log.roll.ms", 1u64, u64::MAX / 2)?,

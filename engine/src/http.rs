@@ -19,7 +19,8 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::metrics::{self, ShardSnapshot};
-use crate::shard::{Controller, FromController};
+use crate::controller::Controller;
+use crate::shard::FromController;
 
 /// Longest a scrape waits for a shard.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -116,7 +117,10 @@ async fn handle(mut stream: TcpStream, controller: &Controller, started: Instant
                 resident_memory_bytes: metrics::resident_memory_bytes(),
                 uptime_s: started.elapsed().as_secs_f64(),
             };
-            let body = metrics::render(&snaps, process);
+            let mut body = metrics::render(&snaps, process);
+            if let Some(status) = controller.quorum_status() {
+                metrics::render_quorum(&mut body, &status, &controller.image());
+            }
             respond(&mut stream, 200, "text/plain; version=0.0.4; charset=utf-8", &body).await
         }
         "/health" => {

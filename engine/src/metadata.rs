@@ -13,16 +13,27 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tidelog_protocol::ShardId;
+pub use tidelog_quorum::{broker_id, split_broker_id, NodeRegistration, PartitionImage as PartitionState};
+
+use crate::config::Config;
 
 pub const METADATA_FILE: &str = "tidelog-metadata.json";
+
+/// `TopicMeta::owners` value of a partition with no replica on this node.
+pub const NO_SHARD: u32 = u32::MAX;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TopicMeta {
     pub name: String,
     /// Kafka topic id (UUID), as 32 hex digits.
     pub id: String,
-    /// Owning shard of each partition, by partition index.
+    /// Shard of this node holding each partition's replica, by partition
+    /// index (`NO_SHARD`: none here). On a single node, the owning shard.
     pub owners: Vec<u32>,
+    /// Replication state of each partition, from the metadata quorum; empty
+    /// on a single node, where each partition's one replica is its owner.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionState>,
     /// Topic-level config overrides (Kafka names).
     #[serde(default)]
     pub configs: BTreeMap<String, String>,
@@ -42,13 +53,101 @@ pub struct MetadataImage {
     /// Dynamic broker config defaults set with AlterConfigs (see `topic_config`).
     #[serde(default)]
     pub broker_configs: BTreeMap<String, String>,
+    /// Cluster mode: every registered node, from the metadata quorum.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<u32, NodeRegistration>,
+    /// Cluster mode: this node's id (`None` on a single node).
+    #[serde(skip)]
+    pub local_node: Option<u32>,
+    /// Cluster mode: broker id of the controller leader's shard 0 (-1 unknown).
+    #[serde(skip)]
+    pub controller_id: Option<i32>,
+}
+
+/// A broker (one shard of one node) as clients see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerEndpoint {
+    pub id: i32,
+    pub host: String,
+    pub port: i32,
+    pub rack: Option<String>,
 }
 
 impl MetadataImage {
+    /// The shard of this node that serves `partition` to clients: its owner
+    /// on a single node, in a cluster the shard holding the leader replica.
+    /// `Some(ShardId(NO_SHARD))` when the partition exists but is led elsewhere
+    /// (so handlers answer NOT_LEADER_OR_FOLLOWER), `None` when it does not exist.
     pub fn owner(&self, topic: &str, partition: i32) -> Option<ShardId> {
         let t = self.topics.get(topic)?;
         let p = usize::try_from(partition).ok()?;
-        t.owners.get(p).map(|s| ShardId(*s))
+        let owner = *t.owners.get(p)?;
+        match (self.local_node, t.partitions.get(p)) {
+            (Some(node), Some(state)) => {
+                let leads = state.leader >= 0 && split_broker_id(state.leader) == (node, owner);
+                Some(ShardId(if leads { owner } else { NO_SHARD }))
+            }
+            _ => Some(ShardId(owner)),
+        }
+    }
+
+    /// Replicas, ISR, leader and epochs of a partition (synthesised on a
+    /// single node: the owner shard's broker is the one replica, epoch 0).
+    pub fn partition_state(&self, t: &TopicMeta, partition: usize) -> Option<PartitionState> {
+        if let Some(state) = t.partitions.get(partition) {
+            return Some(state.clone());
+        }
+        let owner = *t.owners.get(partition)?;
+        let id = broker_id(self.local_node.unwrap_or(0), owner);
+        Some(PartitionState { replicas: vec![id], isr: vec![id], leader: id, leader_epoch: 0, partition_epoch: 0 })
+    }
+
+    /// Leader epoch of a partition this node serves (0 on a single node).
+    pub fn leader_epoch(&self, topic: &str, partition: i32) -> i32 {
+        let Some(t) = self.topics.get(topic) else { return -1 };
+        usize::try_from(partition).ok().and_then(|p| t.partitions.get(p)).map(|s| s.leader_epoch).unwrap_or(0)
+    }
+
+    /// Whether this is a node of a multi-node cluster.
+    pub fn clustered(&self) -> bool {
+        self.local_node.is_some()
+    }
+
+    /// Every broker clients may use: each shard of every unfenced node (a
+    /// single node: each of its shards, at `advertised port + shard`).
+    pub fn brokers(&self, config: &Config, num_shards: usize) -> Vec<BrokerEndpoint> {
+        if !self.clustered() {
+            return (0..num_shards)
+                .map(|i| BrokerEndpoint {
+                    id: i as i32,
+                    host: config.advertised_host.clone(),
+                    port: config.advertised_port as i32 + i as i32,
+                    rack: None,
+                })
+                .collect();
+        }
+        let mut out = Vec::new();
+        for n in self.nodes.values().filter(|n| !n.fenced) {
+            for shard in 0..n.num_shards {
+                out.push(BrokerEndpoint {
+                    id: broker_id(n.node_id, shard),
+                    host: n.host.clone(),
+                    port: n.port as i32 + shard as i32,
+                    rack: Some(n.rack.clone().unwrap_or_else(|| format!("node-{}", n.node_id))),
+                });
+            }
+        }
+        out
+    }
+
+    /// Host and port of broker `id`, if it is known and not fenced.
+    pub fn broker_endpoint(&self, config: &Config, num_shards: usize, id: i32) -> Option<BrokerEndpoint> {
+        self.brokers(config, num_shards).into_iter().find(|b| b.id == id)
+    }
+
+    /// The broker id clients are told is the controller.
+    pub fn controller_broker(&self) -> i32 {
+        self.controller_id.unwrap_or(0)
     }
 
     /// Loads the image, or a fresh one for a new data dir. Owners beyond
@@ -63,6 +162,7 @@ impl MetadataImage {
                 cluster_id: new_cluster_id(),
                 topics: BTreeMap::new(),
                 broker_configs: BTreeMap::new(),
+                ..Default::default()
             },
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
@@ -155,6 +255,7 @@ mod tests {
                 name: "a".into(),
                 id: uuid::Uuid::new_v4().simple().to_string(),
                 owners: vec![0, 1, 2, 3],
+                partitions: Vec::new(),
                 configs: BTreeMap::new(),
             }),
         );

@@ -330,6 +330,26 @@ pub struct ProcessInfo {
     pub uptime_s: f64,
 }
 
+/// Cluster mode: this node's view of the controller quorum and of the cluster.
+pub fn render_quorum(
+    out: &mut String,
+    status: &tidelog_quorum::QuorumStatus,
+    image: &crate::metadata::MetadataImage,
+) {
+    header(out, "tidelog_controller_leader", "gauge", "Node id of the controller quorum leader as this node knows it (-1: none).");
+    let _ = writeln!(out, "tidelog_controller_leader {}", status.leader.map(|l| l as i64).unwrap_or(-1));
+    header(out, "tidelog_controller_is_voter", "gauge", "1 when this node is a voter of the controller quorum.");
+    let _ = writeln!(out, "tidelog_controller_is_voter {}", status.is_voter as u8);
+    header(out, "tidelog_controller_term", "gauge", "Raft term of the controller quorum as this node knows it.");
+    let _ = writeln!(out, "tidelog_controller_term {}", status.term);
+    header(out, "tidelog_metadata_version", "gauge", "Metadata log index applied by every shard of this node.");
+    let _ = writeln!(out, "tidelog_metadata_version {}", image.version);
+    header(out, "tidelog_cluster_nodes", "gauge", "Registered nodes by state (unfenced or fenced).");
+    let fenced = image.nodes.values().filter(|n| n.fenced).count();
+    let _ = writeln!(out, "tidelog_cluster_nodes{{state=\"unfenced\"}} {}", image.nodes.len() - fenced);
+    let _ = writeln!(out, "tidelog_cluster_nodes{{state=\"fenced\"}} {fenced}");
+}
+
 /// Resident set size from /proc/self/statm (0 if unreadable).
 pub fn resident_memory_bytes() -> u64 {
     let Ok(s) = std::fs::read_to_string("/proc/self/statm") else { return 0 };

@@ -52,11 +52,80 @@ pub enum ErrorCode {
     InvalidRecord = 87,
     ProducerFenced = 90,
     UnknownTopicId = 100,
+    NotEnoughReplicasAfterAppend = 20,
+    NotController = 41,
+    FencedLeaderEpoch = 74,
+    UnknownLeaderEpoch = 75,
+    InvalidUpdateVersion = 96,
+    DuplicateBrokerRegistration = 101,
+    IneligibleReplica = 107,
 }
 
 impl ErrorCode {
     pub fn code(self) -> i16 {
         self as i16
+    }
+
+    /// The code numbered `code`; UNKNOWN_SERVER_ERROR for one tidelog does not name.
+    pub fn from_code(code: i16) -> ErrorCode {
+        match code {
+            -1 => ErrorCode::UnknownServerError,
+            0 => ErrorCode::None,
+            1 => ErrorCode::OffsetOutOfRange,
+            2 => ErrorCode::CorruptMessage,
+            3 => ErrorCode::UnknownTopicOrPartition,
+            4 => ErrorCode::InvalidFetchSize,
+            5 => ErrorCode::LeaderNotAvailable,
+            6 => ErrorCode::NotLeaderOrFollower,
+            7 => ErrorCode::RequestTimedOut,
+            10 => ErrorCode::MessageTooLarge,
+            17 => ErrorCode::InvalidTopicException,
+            18 => ErrorCode::RecordListTooLarge,
+            19 => ErrorCode::NotEnoughReplicas,
+            21 => ErrorCode::InvalidRequiredAcks,
+            32 => ErrorCode::InvalidTimestamp,
+            35 => ErrorCode::UnsupportedVersion,
+            36 => ErrorCode::TopicAlreadyExists,
+            37 => ErrorCode::InvalidPartitions,
+            38 => ErrorCode::InvalidReplicationFactor,
+            39 => ErrorCode::InvalidReplicaAssignment,
+            40 => ErrorCode::InvalidConfig,
+            42 => ErrorCode::InvalidRequest,
+            43 => ErrorCode::UnsupportedForMessageFormat,
+            44 => ErrorCode::PolicyViolation,
+            56 => ErrorCode::KafkaStorageError,
+            12 => ErrorCode::OffsetMetadataTooLarge,
+            14 => ErrorCode::CoordinatorLoadInProgress,
+            15 => ErrorCode::CoordinatorNotAvailable,
+            16 => ErrorCode::NotCoordinator,
+            22 => ErrorCode::IllegalGeneration,
+            23 => ErrorCode::InconsistentGroupProtocol,
+            24 => ErrorCode::InvalidGroupId,
+            25 => ErrorCode::UnknownMemberId,
+            26 => ErrorCode::InvalidSessionTimeout,
+            27 => ErrorCode::RebalanceInProgress,
+            45 => ErrorCode::OutOfOrderSequenceNumber,
+            46 => ErrorCode::DuplicateSequenceNumber,
+            47 => ErrorCode::InvalidProducerEpoch,
+            59 => ErrorCode::UnknownProducerId,
+            68 => ErrorCode::NonEmptyGroup,
+            69 => ErrorCode::GroupIdNotFound,
+            79 => ErrorCode::MemberIdRequired,
+            81 => ErrorCode::GroupMaxSizeReached,
+            82 => ErrorCode::FencedInstanceId,
+            86 => ErrorCode::GroupSubscribedToTopic,
+            87 => ErrorCode::InvalidRecord,
+            90 => ErrorCode::ProducerFenced,
+            100 => ErrorCode::UnknownTopicId,
+            20 => ErrorCode::NotEnoughReplicasAfterAppend,
+            41 => ErrorCode::NotController,
+            74 => ErrorCode::FencedLeaderEpoch,
+            75 => ErrorCode::UnknownLeaderEpoch,
+            96 => ErrorCode::InvalidUpdateVersion,
+            101 => ErrorCode::DuplicateBrokerRegistration,
+            107 => ErrorCode::IneligibleReplica,
+            _ => ErrorCode::UnknownServerError,
+        }
     }
 
     /// Kafka's upper-snake name, for logs and error messages.
@@ -110,6 +179,13 @@ impl ErrorCode {
             ErrorCode::InvalidRecord => "INVALID_RECORD",
             ErrorCode::ProducerFenced => "PRODUCER_FENCED",
             ErrorCode::UnknownTopicId => "UNKNOWN_TOPIC_ID",
+            ErrorCode::NotEnoughReplicasAfterAppend => "NOT_ENOUGH_REPLICAS_AFTER_APPEND",
+            ErrorCode::NotController => "NOT_CONTROLLER",
+            ErrorCode::FencedLeaderEpoch => "FENCED_LEADER_EPOCH",
+            ErrorCode::UnknownLeaderEpoch => "UNKNOWN_LEADER_EPOCH",
+            ErrorCode::InvalidUpdateVersion => "INVALID_UPDATE_VERSION",
+            ErrorCode::DuplicateBrokerRegistration => "DUPLICATE_BROKER_REGISTRATION",
+            ErrorCode::IneligibleReplica => "INELIGIBLE_REPLICA",
         }
     }
 }

@@ -101,27 +101,45 @@ pub struct CreateTopic {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub enum MetadataCommand {
     /// First command of a new cluster; ignored when the id is already set.
-    InitCluster { cluster_id: String },
+    InitCluster {
+        cluster_id: String,
+    },
     /// A node (re)starts: replaces its registration, unfenced.
     RegisterNode(NodeRegistration),
     /// The node missed heartbeats (or shut down): fence it and move every
     /// leadership it held to another in-sync replica on an unfenced node
     /// (leader -1 when there is none; it stays in the ISR so it can lead
     /// again when it comes back, as Kafka's last-replica-standing rule).
-    FenceNode { node_id: u32 },
+    FenceNode {
+        node_id: u32,
+    },
     /// Heartbeats resumed from the same incarnation.
-    UnfenceNode { node_id: u32 },
+    UnfenceNode {
+        node_id: u32,
+    },
     CreateTopics(Vec<CreateTopic>),
     DeleteTopics(Vec<String>),
     /// Grow a topic to `count` partitions (placed like CreateTopics).
-    CreatePartitions { topic: String, count: i32 },
+    CreatePartitions {
+        topic: String,
+        count: i32,
+    },
     /// Replace a topic's config overrides.
-    SetTopicConfigs { topic: String, configs: BTreeMap<String, String> },
+    SetTopicConfigs {
+        topic: String,
+        configs: BTreeMap<String, String>,
+    },
     /// Replace the dynamic broker config defaults.
     SetBrokerConfigs(BTreeMap<String, String>),
     /// A partition leader changes its ISR (Kafka's AlterPartition). Refused
     /// unless `leader_epoch` and `partition_epoch` match the image.
-    AlterPartition { topic: String, partition: i32, leader_epoch: i32, partition_epoch: i32, isr: Vec<i32> },
+    AlterPartition {
+        topic: String,
+        partition: i32,
+        leader_epoch: i32,
+        partition_epoch: i32,
+        isr: Vec<i32>,
+    },
 }
 
 /// Why a command (or one topic of it) was refused: a Kafka error code and a
@@ -135,3 +153,864 @@ pub struct Refusal {
 /// The outcome of applying one command: one entry per topic it names (in
 /// command order; the empty name for commands without topics).
 pub type ApplyResult = Vec<(String, Result<(), Refusal>)>;
+
+// ---------------------------------------------------------------------------
+// Applying commands
+// ---------------------------------------------------------------------------
+
+/// Kafka error codes a refusal carries.
+pub mod error_codes {
+    pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+    pub const TOPIC_ALREADY_EXISTS: i16 = 36;
+    pub const INVALID_PARTITIONS: i16 = 37;
+    pub const INVALID_REPLICATION_FACTOR: i16 = 38;
+    pub const INVALID_REPLICA_ASSIGNMENT: i16 = 39;
+    pub const INVALID_REQUEST: i16 = 42;
+    pub const FENCED_LEADER_EPOCH: i16 = 74;
+    pub const INVALID_UPDATE_VERSION: i16 = 96;
+    pub const INELIGIBLE_REPLICA: i16 = 107;
+}
+
+/// Most partitions one topic may have (CreateTopics, CreatePartitions).
+pub const PARTITIONS_PER_TOPIC_MAX: i32 = 100_000;
+
+/// Most shards a node may register: its broker ids must stay inside its
+/// `BROKER_IDS_PER_NODE` block.
+pub const SHARDS_PER_NODE_MAX: u32 = BROKER_IDS_PER_NODE as u32;
+
+/// Highest `node.id` (broker ids of node 999 end at 999_999).
+pub const NODE_ID_MAX: u32 = 999;
+
+use error_codes::*;
+
+impl Refusal {
+    pub fn new(code: i16, message: impl Into<String>) -> Refusal {
+        Refusal { code, message: message.into() }
+    }
+}
+
+/// The placement hash of a topic name: `h = h * 31 + byte`, wrapping u32.
+pub fn placement_hash(name: &str) -> u32 {
+    name.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+}
+
+impl PartitionImage {
+    fn leader_node(&self) -> Option<u32> {
+        (self.leader >= 0).then(|| split_broker_id(self.leader).0)
+    }
+}
+
+/// The node of a broker id, None for a negative id.
+fn node_of(broker: i32) -> Option<u32> {
+    (broker >= 0).then(|| split_broker_id(broker).0)
+}
+
+impl ClusterImage {
+    /// Applies one committed command at log `index`. Deterministic: the same
+    /// image and command give the same result and image on every node.
+    pub fn apply(&mut self, index: u64, cmd: &MetadataCommand) -> ApplyResult {
+        self.version = index;
+        match cmd {
+            MetadataCommand::InitCluster { cluster_id } => {
+                if self.cluster_id.is_empty() {
+                    self.cluster_id = cluster_id.clone();
+                }
+                vec![(String::new(), Ok(()))]
+            }
+            MetadataCommand::RegisterNode(registration) => vec![(String::new(), self.register_node(registration))],
+            MetadataCommand::FenceNode { node_id } => {
+                self.fence_node(*node_id);
+                vec![(String::new(), Ok(()))]
+            }
+            MetadataCommand::UnfenceNode { node_id } => {
+                self.unfence_node(*node_id);
+                vec![(String::new(), Ok(()))]
+            }
+            MetadataCommand::CreateTopics(topics) => {
+                topics.iter().map(|t| (t.name.clone(), self.create_topic(t))).collect()
+            }
+            MetadataCommand::DeleteTopics(names) => names
+                .iter()
+                .map(|name| {
+                    let result = match self.topics.remove(name) {
+                        Some(_) => Ok(()),
+                        None => Err(unknown_topic(name)),
+                    };
+                    (name.clone(), result)
+                })
+                .collect(),
+            MetadataCommand::CreatePartitions { topic, count } => {
+                vec![(topic.clone(), self.create_partitions(topic, *count))]
+            }
+            MetadataCommand::SetTopicConfigs { topic, configs } => {
+                let result = match self.topics.get_mut(topic) {
+                    Some(t) => {
+                        t.configs = configs.clone();
+                        Ok(())
+                    }
+                    None => Err(unknown_topic(topic)),
+                };
+                vec![(topic.clone(), result)]
+            }
+            MetadataCommand::SetBrokerConfigs(configs) => {
+                self.broker_configs = configs.clone();
+                vec![(String::new(), Ok(()))]
+            }
+            MetadataCommand::AlterPartition { topic, partition, leader_epoch, partition_epoch, isr } => {
+                let result = self.alter_partition(topic, *partition, *leader_epoch, *partition_epoch, isr);
+                vec![(topic.clone(), result)]
+            }
+        }
+    }
+
+    /// Whether `node` is registered and not fenced.
+    pub fn is_node_unfenced(&self, node: u32) -> bool {
+        self.nodes.get(&node).is_some_and(|n| !n.fenced)
+    }
+
+    fn register_node(&mut self, registration: &NodeRegistration) -> Result<(), Refusal> {
+        if registration.node_id > NODE_ID_MAX {
+            return Err(Refusal::new(
+                INVALID_REQUEST,
+                format!("node.id {} is out of range 0..={NODE_ID_MAX}", registration.node_id),
+            ));
+        }
+        if registration.num_shards == 0 || registration.num_shards > SHARDS_PER_NODE_MAX {
+            return Err(Refusal::new(
+                INVALID_REQUEST,
+                format!(
+                    "node {} registers {} shards; a node has 1..={SHARDS_PER_NODE_MAX}",
+                    registration.node_id, registration.num_shards
+                ),
+            ));
+        }
+        let mut registration = registration.clone();
+        registration.fenced = false;
+        self.nodes.insert(registration.node_id, registration);
+        Ok(())
+    }
+
+    fn fence_node(&mut self, node: u32) {
+        let Some(registration) = self.nodes.get_mut(&node) else { return };
+        registration.fenced = true;
+        let nodes = &self.nodes;
+        for topic in self.topics.values_mut() {
+            for p in &mut topic.partitions {
+                let mut changed = false;
+                if p.leader_node() == Some(node) {
+                    let new_leader = p
+                        .replicas
+                        .iter()
+                        .copied()
+                        .find(|&r| {
+                            p.isr.contains(&r)
+                                && node_of(r).is_some_and(|n| n != node && nodes.get(&n).is_some_and(|x| !x.fenced))
+                        })
+                        .unwrap_or(-1);
+                    p.leader = new_leader;
+                    p.leader_epoch += 1;
+                    changed = true;
+                }
+                let remaining: Vec<i32> = p.isr.iter().copied().filter(|&r| node_of(r) != Some(node)).collect();
+                if !remaining.is_empty() && remaining.len() != p.isr.len() {
+                    p.isr = remaining;
+                    changed = true;
+                }
+                if changed {
+                    p.partition_epoch += 1;
+                }
+            }
+        }
+    }
+
+    fn unfence_node(&mut self, node: u32) {
+        let Some(registration) = self.nodes.get_mut(&node) else { return };
+        registration.fenced = false;
+        for topic in self.topics.values_mut() {
+            for p in &mut topic.partitions {
+                if p.leader != -1 {
+                    continue;
+                }
+                let candidate = p.replicas.iter().copied().find(|&r| p.isr.contains(&r) && node_of(r) == Some(node));
+                if let Some(broker) = candidate {
+                    p.leader = broker;
+                    p.leader_epoch += 1;
+                    p.partition_epoch += 1;
+                }
+            }
+        }
+    }
+
+    /// Unfenced nodes able to host replicas, by node id.
+    fn placement_nodes(&self) -> Vec<&NodeRegistration> {
+        self.nodes.values().filter(|n| !n.fenced && n.num_shards > 0).collect()
+    }
+
+    /// Replicas of partitions `from..to` of topic `name` with `rf` replicas
+    /// each: partition p starts at node `(h(name) + p) % n` and takes the next
+    /// `rf` nodes, each on shard `(h(name) + p) % num_shards` of that node.
+    fn place(&self, name: &str, from: i32, to: i32, rf: i32) -> Result<Vec<Vec<i32>>, Refusal> {
+        let nodes = self.placement_nodes();
+        let n = nodes.len();
+        if rf < 1 {
+            return Err(Refusal::new(
+                INVALID_REPLICATION_FACTOR,
+                format!("replication factor {rf} must be at least 1"),
+            ));
+        }
+        if rf as usize > n {
+            let ids: Vec<u32> = nodes.iter().map(|x| x.node_id).collect();
+            return Err(Refusal::new(
+                INVALID_REPLICATION_FACTOR,
+                format!("replication factor {rf} is larger than the {n} available brokers (nodes {ids:?} unfenced)"),
+            ));
+        }
+        let start = u64::from(placement_hash(name)) % n as u64;
+        let mut placed = Vec::with_capacity((to - from).max(0) as usize);
+        for p in from..to {
+            let base = start + p as u64;
+            let replicas = (0..rf as u64)
+                .map(|k| {
+                    let node = nodes[((base + k) % n as u64) as usize];
+                    let shard = (base % u64::from(node.num_shards)) as u32;
+                    broker_id(node.node_id, shard)
+                })
+                .collect();
+            placed.push(replicas);
+        }
+        Ok(placed)
+    }
+
+    fn check_assignments(&self, assignments: &[Vec<i32>]) -> Result<(), Refusal> {
+        let bad = |message: String| Err(Refusal::new(INVALID_REPLICA_ASSIGNMENT, message));
+        if assignments.len() > PARTITIONS_PER_TOPIC_MAX as usize {
+            return Err(Refusal::new(
+                INVALID_PARTITIONS,
+                format!("{} partitions is more than the {PARTITIONS_PER_TOPIC_MAX} allowed", assignments.len()),
+            ));
+        }
+        let size = assignments.first().map_or(0, Vec::len);
+        for (p, replicas) in assignments.iter().enumerate() {
+            if replicas.is_empty() {
+                return bad(format!("partition {p} has no replicas"));
+            }
+            if replicas.len() != size {
+                return bad(format!(
+                    "partition {p} has {} replicas but partition 0 has {size}; all partitions need the same number",
+                    replicas.len()
+                ));
+            }
+            let mut seen_nodes = Vec::with_capacity(replicas.len());
+            for &broker in replicas {
+                let Some(node) = node_of(broker) else {
+                    return bad(format!("partition {p}: broker id {broker} is not valid"));
+                };
+                let shard = split_broker_id(broker).1;
+                match self.nodes.get(&node) {
+                    None => {
+                        return bad(format!(
+                            "partition {p}: broker {broker} is on node {node}, which is not registered"
+                        ))
+                    }
+                    Some(reg) if shard >= reg.num_shards => {
+                        return bad(format!(
+                            "partition {p}: broker {broker} is shard {shard} of node {node}, which has {} shards",
+                            reg.num_shards
+                        ))
+                    }
+                    Some(_) => {}
+                }
+                if seen_nodes.contains(&node) {
+                    return bad(format!(
+                        "partition {p} has two replicas on node {node}; replicas must be on distinct nodes"
+                    ));
+                }
+                seen_nodes.push(node);
+            }
+        }
+        Ok(())
+    }
+
+    fn create_topic(&mut self, topic: &CreateTopic) -> Result<(), Refusal> {
+        if self.topics.contains_key(&topic.name) {
+            return Err(Refusal::new(TOPIC_ALREADY_EXISTS, format!("topic '{}' already exists", topic.name)));
+        }
+        let partitions: Vec<PartitionImage> = if !topic.assignments.is_empty() {
+            self.check_assignments(&topic.assignments)?;
+            topic
+                .assignments
+                .iter()
+                .map(|replicas| {
+                    let leader = replicas
+                        .iter()
+                        .copied()
+                        .find(|&r| node_of(r).is_some_and(|n| self.is_node_unfenced(n)))
+                        .unwrap_or(-1);
+                    PartitionImage {
+                        replicas: replicas.clone(),
+                        isr: replicas.clone(),
+                        leader,
+                        leader_epoch: 0,
+                        partition_epoch: 0,
+                    }
+                })
+                .collect()
+        } else {
+            if topic.partitions < 1 || topic.partitions > PARTITIONS_PER_TOPIC_MAX {
+                return Err(Refusal::new(
+                    INVALID_PARTITIONS,
+                    format!("number of partitions {} is not in 1..={PARTITIONS_PER_TOPIC_MAX}", topic.partitions),
+                ));
+            }
+            self.place(&topic.name, 0, topic.partitions, i32::from(topic.replication_factor))?
+                .into_iter()
+                .map(new_partition)
+                .collect()
+        };
+        self.topics.insert(
+            topic.name.clone(),
+            TopicImage { name: topic.name.clone(), id: topic.id.clone(), partitions, configs: topic.configs.clone() },
+        );
+        Ok(())
+    }
+
+    fn create_partitions(&mut self, name: &str, count: i32) -> Result<(), Refusal> {
+        let Some(topic) = self.topics.get(name) else { return Err(unknown_topic(name)) };
+        let current = topic.partitions.len() as i32;
+        if count <= current || count > PARTITIONS_PER_TOPIC_MAX {
+            return Err(Refusal::new(
+                INVALID_PARTITIONS,
+                format!(
+                    "topic '{name}' has {current} partitions; the new count {count} must be in {}..={PARTITIONS_PER_TOPIC_MAX}",
+                    current + 1
+                ),
+            ));
+        }
+        let rf = topic.partitions.first().map_or(1, |p| p.replicas.len() as i32);
+        let placed = self.place(name, current, count, rf)?;
+        if let Some(topic) = self.topics.get_mut(name) {
+            topic.partitions.extend(placed.into_iter().map(new_partition));
+        }
+        Ok(())
+    }
+
+    fn alter_partition(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        leader_epoch: i32,
+        partition_epoch: i32,
+        isr: &[i32],
+    ) -> Result<(), Refusal> {
+        let nodes = &self.nodes;
+        let Some(t) = self.topics.get_mut(topic) else { return Err(unknown_topic(topic)) };
+        let Some(p) = usize::try_from(partition).ok().and_then(|i| t.partitions.get_mut(i)) else {
+            return Err(Refusal::new(
+                UNKNOWN_TOPIC_OR_PARTITION,
+                format!("topic '{topic}' has no partition {partition}"),
+            ));
+        };
+        if leader_epoch != p.leader_epoch {
+            return Err(Refusal::new(
+                FENCED_LEADER_EPOCH,
+                format!("{topic}-{partition}: leader epoch {leader_epoch} is not the current {}", p.leader_epoch),
+            ));
+        }
+        if partition_epoch != p.partition_epoch {
+            return Err(Refusal::new(
+                INVALID_UPDATE_VERSION,
+                format!(
+                    "{topic}-{partition}: partition epoch {partition_epoch} is not the current {}",
+                    p.partition_epoch
+                ),
+            ));
+        }
+        let invalid = |why: String| Err(Refusal::new(INVALID_REQUEST, format!("{topic}-{partition}: {why}")));
+        if isr.is_empty() {
+            return invalid("the ISR may not be empty".to_string());
+        }
+        for (i, r) in isr.iter().enumerate() {
+            if !p.replicas.contains(r) {
+                return invalid(format!("ISR member {r} is not a replica ({:?})", p.replicas));
+            }
+            if isr[..i].contains(r) {
+                return invalid(format!("ISR member {r} is listed twice"));
+            }
+        }
+        if !isr.contains(&p.leader) {
+            return invalid(format!("the ISR {isr:?} does not contain the leader {}", p.leader));
+        }
+        for &r in isr {
+            if !p.isr.contains(&r) {
+                let eligible = node_of(r).is_some_and(|n| nodes.get(&n).is_some_and(|x| !x.fenced));
+                if !eligible {
+                    return Err(Refusal::new(
+                        INELIGIBLE_REPLICA,
+                        format!("{topic}-{partition}: replica {r} is on a fenced node and cannot join the ISR"),
+                    ));
+                }
+            }
+        }
+        p.isr = isr.to_vec();
+        p.partition_epoch += 1;
+        Ok(())
+    }
+}
+
+fn new_partition(replicas: Vec<i32>) -> PartitionImage {
+    let leader = replicas.first().copied().unwrap_or(-1);
+    PartitionImage { leader, isr: replicas.clone(), replicas, leader_epoch: 0, partition_epoch: 0 }
+}
+
+fn unknown_topic(name: &str) -> Refusal {
+    Refusal::new(UNKNOWN_TOPIC_OR_PARTITION, format!("topic '{name}' does not exist"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(node: u32, shards: u32) -> NodeRegistration {
+        NodeRegistration {
+            node_id: node,
+            incarnation: format!("inc-{node}"),
+            host: "127.0.0.1".to_string(),
+            port: 9092 + node as u16 * 10,
+            num_shards: shards,
+            rack: None,
+            fenced: false,
+        }
+    }
+
+    fn topic(name: &str, partitions: i32, rf: i16) -> CreateTopic {
+        CreateTopic {
+            name: name.to_string(),
+            id: format!("{:032x}", placement_hash(name)),
+            partitions,
+            replication_factor: rf,
+            assignments: Vec::new(),
+            configs: BTreeMap::new(),
+        }
+    }
+
+    fn assigned(name: &str, assignments: Vec<Vec<i32>>) -> CreateTopic {
+        CreateTopic { assignments, ..topic(name, 0, 0) }
+    }
+
+    /// Nodes 1, 2, 3 with 2, 3 and 4 shards.
+    fn three_nodes() -> (ClusterImage, u64) {
+        let mut image = ClusterImage::default();
+        let mut index = 0;
+        for (node, shards) in [(1, 2), (2, 3), (3, 4)] {
+            index += 1;
+            assert_eq!(image.apply(index, &MetadataCommand::RegisterNode(reg(node, shards))), ok(""));
+        }
+        (image, index)
+    }
+
+    fn ok(name: &str) -> ApplyResult {
+        vec![(name.to_string(), Ok(()))]
+    }
+
+    fn refused(result: &ApplyResult) -> &Refusal {
+        match &result[0].1 {
+            Err(r) => r,
+            Ok(()) => panic!("expected a refusal, got {result:?}"),
+        }
+    }
+
+    fn partition<'a>(image: &'a ClusterImage, name: &str, p: usize) -> &'a PartitionImage {
+        &image.topics[name].partitions[p]
+    }
+
+    #[test]
+    fn placement_hash_folds_bytes_times_31() {
+        assert_eq!(placement_hash(""), 0);
+        assert_eq!(placement_hash("a"), 97);
+        assert_eq!(placement_hash("ab"), 97 * 31 + 98);
+        // Wraps instead of overflowing.
+        let long = "z".repeat(100);
+        let expected = long.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
+        assert_eq!(placement_hash(&long), expected);
+    }
+
+    #[test]
+    fn create_topics_places_replicas_on_distinct_nodes_round_robin() {
+        let (mut image, index) = three_nodes();
+        let result = image.apply(index + 1, &MetadataCommand::CreateTopics(vec![topic("orders", 6, 3)]));
+        assert_eq!(result, ok("orders"));
+        assert_eq!(image.version, index + 1);
+        let t = &image.topics["orders"];
+        assert_eq!(t.partitions.len(), 6);
+        assert_eq!(t.id, format!("{:032x}", placement_hash("orders")));
+        let nodes = [(1u32, 2u32), (2, 3), (3, 4)];
+        let start = placement_hash("orders") as usize % 3;
+        let mut leaders_per_node = BTreeMap::new();
+        for (p, part) in t.partitions.iter().enumerate() {
+            let expected: Vec<i32> = (0..3)
+                .map(|k| {
+                    let (node, shards) = nodes[(start + p + k) % 3];
+                    broker_id(node, ((start + p) % shards as usize) as u32)
+                })
+                .collect();
+            assert_eq!(part.replicas, expected, "partition {p}");
+            let mut replica_nodes: Vec<u32> = part.replicas.iter().map(|&r| split_broker_id(r).0).collect();
+            replica_nodes.sort_unstable();
+            assert_eq!(replica_nodes, vec![1, 2, 3], "partition {p} must have one replica per node");
+            assert_eq!(part.leader, part.replicas[0]);
+            assert_eq!(part.isr, part.replicas);
+            assert_eq!((part.leader_epoch, part.partition_epoch), (0, 0));
+            *leaders_per_node.entry(split_broker_id(part.leader).0).or_insert(0) += 1;
+        }
+        assert_eq!(leaders_per_node, BTreeMap::from([(1, 2), (2, 2), (3, 2)]), "leaders spread evenly");
+    }
+
+    #[test]
+    fn create_topics_with_rf_one_uses_every_node_and_shards() {
+        let (mut image, index) = three_nodes();
+        image.apply(index + 1, &MetadataCommand::CreateTopics(vec![topic("t", 12, 1)]));
+        let brokers: std::collections::BTreeSet<i32> =
+            image.topics["t"].partitions.iter().map(|p| p.replicas[0]).collect();
+        let nodes: std::collections::BTreeSet<u32> = brokers.iter().map(|&b| split_broker_id(b).0).collect();
+        assert_eq!(nodes.len(), 3);
+        for b in brokers {
+            let (node, shard) = split_broker_id(b);
+            assert!(shard < image.nodes[&node].num_shards, "broker {b} beyond node {node}'s shards");
+        }
+    }
+
+    #[test]
+    fn create_topics_refusals() {
+        let (mut image, mut index) = three_nodes();
+        index += 1;
+        image.apply(index, &MetadataCommand::CreateTopics(vec![topic("a", 1, 1)]));
+        index += 1;
+        let result = image.apply(
+            index,
+            &MetadataCommand::CreateTopics(vec![
+                topic("a", 1, 1),
+                topic("b", 0, 1),
+                topic("c", 100_001, 1),
+                topic("d", 1, 4),
+                topic("e", 1, 0),
+                topic("f", 2, 2),
+            ]),
+        );
+        assert_eq!(image.version, index);
+        let codes: Vec<(String, Option<i16>)> =
+            result.iter().map(|(n, r)| (n.clone(), r.as_ref().err().map(|e| e.code))).collect();
+        assert_eq!(
+            codes,
+            vec![
+                ("a".to_string(), Some(TOPIC_ALREADY_EXISTS)),
+                ("b".to_string(), Some(INVALID_PARTITIONS)),
+                ("c".to_string(), Some(INVALID_PARTITIONS)),
+                ("d".to_string(), Some(INVALID_REPLICATION_FACTOR)),
+                ("e".to_string(), Some(INVALID_REPLICATION_FACTOR)),
+                ("f".to_string(), None),
+            ]
+        );
+        let rf_message = &result[3].1.as_ref().unwrap_err().message;
+        assert_eq!(
+            rf_message,
+            "replication factor 4 is larger than the 3 available brokers (nodes [1, 2, 3] unfenced)"
+        );
+        assert_eq!(image.topics.keys().collect::<Vec<_>>(), vec!["a", "f"]);
+        assert_eq!(image.topics["a"].partitions.len(), 1, "the refused duplicate left the topic alone");
+    }
+
+    #[test]
+    fn placement_skips_fenced_nodes() {
+        let (mut image, index) = three_nodes();
+        image.apply(index + 1, &MetadataCommand::FenceNode { node_id: 2 });
+        let result = image.apply(index + 2, &MetadataCommand::CreateTopics(vec![topic("t", 4, 3)]));
+        let r = refused(&result);
+        assert_eq!(r.code, INVALID_REPLICATION_FACTOR);
+        assert!(r.message.contains("2 available brokers (nodes [1, 3] unfenced)"), "{}", r.message);
+        image.apply(index + 3, &MetadataCommand::CreateTopics(vec![topic("t", 4, 2)]));
+        for p in &image.topics["t"].partitions {
+            assert!(p.replicas.iter().all(|&r| split_broker_id(r).0 != 2), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn create_topics_with_assignments() {
+        let (mut image, index) = three_nodes();
+        let good = assigned("good", vec![vec![1001, 2002], vec![3003, 1000]]);
+        let cases = vec![
+            assigned("unregistered", vec![vec![1000, 4000]]),
+            assigned("shard", vec![vec![1002, 2000]]),
+            assigned("same-node", vec![vec![1000, 1001]]),
+            assigned("sizes", vec![vec![1000, 2000], vec![3000]]),
+            assigned("negative", vec![vec![-1, 2000]]),
+            assigned("empty", vec![vec![]]),
+        ];
+        let mut all = vec![good];
+        all.extend(cases);
+        let result = image.apply(index + 1, &MetadataCommand::CreateTopics(all));
+        assert_eq!(result[0], ("good".to_string(), Ok(())));
+        for (name, r) in &result[1..] {
+            let r = r.as_ref().unwrap_err();
+            assert_eq!(r.code, INVALID_REPLICA_ASSIGNMENT, "{name}: {}", r.message);
+            assert!(!r.message.is_empty());
+        }
+        let t = &image.topics["good"];
+        assert_eq!(t.partitions[0].replicas, vec![1001, 2002]);
+        assert_eq!(t.partitions[0].leader, 1001);
+        assert_eq!(t.partitions[1].isr, vec![3003, 1000]);
+        assert_eq!(image.topics.len(), 1);
+    }
+
+    #[test]
+    fn assignment_leader_skips_fenced_nodes() {
+        let (mut image, index) = three_nodes();
+        image.apply(index + 1, &MetadataCommand::FenceNode { node_id: 1 });
+        image.apply(index + 2, &MetadataCommand::CreateTopics(vec![assigned("t", vec![vec![1000, 2000]])]));
+        assert_eq!(partition(&image, "t", 0).leader, 2000);
+    }
+
+    #[test]
+    fn delete_topics() {
+        let (mut image, index) = three_nodes();
+        image.apply(index + 1, &MetadataCommand::CreateTopics(vec![topic("a", 1, 1), topic("b", 1, 1)]));
+        let result = image.apply(index + 2, &MetadataCommand::DeleteTopics(vec!["a".into(), "zz".into()]));
+        assert_eq!(result[0], ("a".to_string(), Ok(())));
+        assert_eq!(result[1].0, "zz");
+        assert_eq!(result[1].1.as_ref().unwrap_err().code, UNKNOWN_TOPIC_OR_PARTITION);
+        assert_eq!(image.topics.keys().collect::<Vec<_>>(), vec!["b"]);
+    }
+
+    #[test]
+    fn create_partitions_places_like_create_topics() {
+        let (mut image, index) = three_nodes();
+        image.apply(index + 1, &MetadataCommand::CreateTopics(vec![topic("t", 2, 2)]));
+        let mut reference = image.clone();
+        reference.topics.clear();
+        reference.apply(index + 1, &MetadataCommand::CreateTopics(vec![topic("t", 5, 2)]));
+
+        let result = image.apply(index + 2, &MetadataCommand::CreatePartitions { topic: "t".into(), count: 5 });
+        assert_eq!(result, ok("t"));
+        assert_eq!(image.topics["t"].partitions, reference.topics["t"].partitions);
+
+        for count in [5, 3, 100_001] {
+            let result = image.apply(index + 3, &MetadataCommand::CreatePartitions { topic: "t".into(), count });
+            assert_eq!(refused(&result).code, INVALID_PARTITIONS, "count {count}");
+        }
+        let result = image.apply(index + 4, &MetadataCommand::CreatePartitions { topic: "nope".into(), count: 9 });
+        assert_eq!(refused(&result).code, UNKNOWN_TOPIC_OR_PARTITION);
+
+        image.apply(index + 5, &MetadataCommand::FenceNode { node_id: 1 });
+        image.apply(index + 6, &MetadataCommand::FenceNode { node_id: 2 });
+        let result = image.apply(index + 7, &MetadataCommand::CreatePartitions { topic: "t".into(), count: 6 });
+        assert_eq!(refused(&result).code, INVALID_REPLICATION_FACTOR);
+        assert_eq!(image.topics["t"].partitions.len(), 5);
+    }
+
+    #[test]
+    fn configs() {
+        let (mut image, index) = three_nodes();
+        image.apply(index + 1, &MetadataCommand::CreateTopics(vec![topic("t", 1, 1)]));
+        let configs = BTreeMap::from([("retention.ms".to_string(), "1000".to_string())]);
+        let result =
+            image.apply(index + 2, &MetadataCommand::SetTopicConfigs { topic: "t".into(), configs: configs.clone() });
+        assert_eq!(result, ok("t"));
+        assert_eq!(image.topics["t"].configs, configs);
+        let result =
+            image.apply(index + 3, &MetadataCommand::SetTopicConfigs { topic: "x".into(), configs: configs.clone() });
+        assert_eq!(refused(&result).code, UNKNOWN_TOPIC_OR_PARTITION);
+        assert_eq!(image.apply(index + 4, &MetadataCommand::SetBrokerConfigs(configs.clone())), ok(""));
+        assert_eq!(image.broker_configs, configs);
+        assert_eq!(image.version, index + 4);
+    }
+
+    #[test]
+    fn init_cluster_sets_the_id_once() {
+        let mut image = ClusterImage::default();
+        image.apply(1, &MetadataCommand::InitCluster { cluster_id: "first".into() });
+        image.apply(2, &MetadataCommand::InitCluster { cluster_id: "second".into() });
+        assert_eq!(image.cluster_id, "first");
+        assert_eq!(image.version, 2);
+    }
+
+    #[test]
+    fn register_node_replaces_and_unfences() {
+        let (mut image, index) = three_nodes();
+        image.apply(index + 1, &MetadataCommand::FenceNode { node_id: 2 });
+        assert!(image.nodes[&2].fenced);
+        let mut again = reg(2, 3);
+        again.incarnation = "new".into();
+        again.fenced = true; // ignored: registering unfences
+        assert_eq!(image.apply(index + 2, &MetadataCommand::RegisterNode(again)), ok(""));
+        assert!(!image.nodes[&2].fenced);
+        assert_eq!(image.nodes[&2].incarnation, "new");
+
+        for bad in [reg(5, 0), reg(5, 1001), reg(1000, 1)] {
+            let result = image.apply(index + 3, &MetadataCommand::RegisterNode(bad));
+            assert_eq!(refused(&result).code, INVALID_REQUEST);
+        }
+        assert!(!image.nodes.contains_key(&5));
+    }
+
+    #[test]
+    fn fence_moves_leaderships_to_isr_members_and_shrinks_isr() {
+        let (mut image, index) = three_nodes();
+        image.apply(
+            index + 1,
+            &MetadataCommand::CreateTopics(vec![assigned(
+                "t",
+                vec![
+                    vec![1000, 2000, 3000], // led by node 1
+                    vec![2001, 1001, 3001], // node 1 follows
+                    vec![1000, 2002, 3002], // led by node 1, the only ISR member
+                ],
+            )]),
+        );
+        assert_eq!(image.topics["t"].partitions.len(), 3);
+        // Partition 2: node 1 is its last ISR member.
+        image.apply(
+            index + 2,
+            &MetadataCommand::AlterPartition {
+                topic: "t".into(),
+                partition: 2,
+                leader_epoch: 0,
+                partition_epoch: 0,
+                isr: vec![1000],
+            },
+        );
+        image.apply(index + 3, &MetadataCommand::FenceNode { node_id: 1 });
+        assert!(image.nodes[&1].fenced);
+
+        let p0 = partition(&image, "t", 0);
+        assert_eq!((p0.leader, p0.leader_epoch, p0.partition_epoch), (2000, 1, 1));
+        assert_eq!(p0.isr, vec![2000, 3000]);
+
+        let p1 = partition(&image, "t", 1);
+        assert_eq!((p1.leader, p1.leader_epoch, p1.partition_epoch), (2001, 0, 1), "only the ISR changed");
+        assert_eq!(p1.isr, vec![2001, 3001]);
+
+        let p2 = partition(&image, "t", 2);
+        assert_eq!((p2.leader, p2.leader_epoch, p2.partition_epoch), (-1, 1, 2), "no other ISR member: leaderless");
+        assert_eq!(p2.isr, vec![1000], "the ISR never shrinks to empty");
+
+        // Unfencing node 1 gives it back the leaderless partition only.
+        image.apply(index + 4, &MetadataCommand::UnfenceNode { node_id: 1 });
+        assert!(!image.nodes[&1].fenced);
+        let p2 = partition(&image, "t", 2);
+        assert_eq!((p2.leader, p2.leader_epoch, p2.partition_epoch), (1000, 2, 3));
+        let p0 = partition(&image, "t", 0);
+        assert_eq!((p0.leader, p0.leader_epoch, p0.partition_epoch), (2000, 1, 1), "led elsewhere: unchanged");
+    }
+
+    #[test]
+    fn fence_skips_isr_members_on_other_fenced_nodes() {
+        let (mut image, index) = three_nodes();
+        image.apply(index + 1, &MetadataCommand::CreateTopics(vec![assigned("t", vec![vec![1000, 2000, 3000]])]));
+        image.apply(index + 2, &MetadataCommand::FenceNode { node_id: 2 });
+        // Node 2 was a follower: dropped from the ISR.
+        assert_eq!(partition(&image, "t", 0).isr, vec![1000, 3000]);
+        image.apply(index + 3, &MetadataCommand::FenceNode { node_id: 1 });
+        let p = partition(&image, "t", 0);
+        assert_eq!((p.leader, p.leader_epoch), (3000, 1));
+        assert_eq!(p.isr, vec![3000]);
+        image.apply(index + 4, &MetadataCommand::FenceNode { node_id: 3 });
+        let p = partition(&image, "t", 0);
+        assert_eq!((p.leader, p.leader_epoch, p.isr.clone()), (-1, 2, vec![3000]));
+        // Node 1 comes back but is not in the ISR: it may not lead.
+        image.apply(index + 5, &MetadataCommand::UnfenceNode { node_id: 1 });
+        assert_eq!(partition(&image, "t", 0).leader, -1);
+        image.apply(index + 6, &MetadataCommand::UnfenceNode { node_id: 3 });
+        let p = partition(&image, "t", 0);
+        assert_eq!((p.leader, p.leader_epoch), (3000, 3));
+    }
+
+    #[test]
+    fn fence_and_unfence_of_unknown_nodes_change_nothing() {
+        let (mut image, index) = three_nodes();
+        image.apply(index + 1, &MetadataCommand::CreateTopics(vec![topic("t", 3, 3)]));
+        let before = image.clone();
+        image.apply(index + 2, &MetadataCommand::FenceNode { node_id: 0 });
+        image.apply(index + 3, &MetadataCommand::UnfenceNode { node_id: 0 });
+        assert_eq!(image.topics, before.topics);
+        assert_eq!(image.nodes, before.nodes);
+    }
+
+    #[test]
+    fn alter_partition_refusals_and_success() {
+        let (mut image, index) = three_nodes();
+        image.apply(index + 1, &MetadataCommand::CreateTopics(vec![assigned("t", vec![vec![1000, 2000, 3000]])]));
+        let alter = |leader_epoch, partition_epoch, isr: Vec<i32>| MetadataCommand::AlterPartition {
+            topic: "t".into(),
+            partition: 0,
+            leader_epoch,
+            partition_epoch,
+            isr,
+        };
+        let code = |image: &mut ClusterImage, cmd: MetadataCommand| {
+            let result = image.apply(index + 2, &cmd);
+            result[0].1.as_ref().err().map(|r| r.code)
+        };
+        let unknown_topic = MetadataCommand::AlterPartition {
+            topic: "x".into(),
+            partition: 0,
+            leader_epoch: 0,
+            partition_epoch: 0,
+            isr: vec![1000],
+        };
+        assert_eq!(code(&mut image, unknown_topic), Some(UNKNOWN_TOPIC_OR_PARTITION));
+        let unknown_partition = MetadataCommand::AlterPartition {
+            topic: "t".into(),
+            partition: 1,
+            leader_epoch: 0,
+            partition_epoch: 0,
+            isr: vec![1000],
+        };
+        assert_eq!(code(&mut image, unknown_partition), Some(UNKNOWN_TOPIC_OR_PARTITION));
+        assert_eq!(code(&mut image, alter(1, 0, vec![1000])), Some(FENCED_LEADER_EPOCH));
+        assert_eq!(code(&mut image, alter(0, 7, vec![1000])), Some(INVALID_UPDATE_VERSION));
+        assert_eq!(code(&mut image, alter(0, 0, vec![])), Some(INVALID_REQUEST));
+        assert_eq!(code(&mut image, alter(0, 0, vec![1000, 4000])), Some(INVALID_REQUEST));
+        assert_eq!(code(&mut image, alter(0, 0, vec![2000, 3000])), Some(INVALID_REQUEST), "leader missing");
+        assert_eq!(code(&mut image, alter(0, 0, vec![1000, 1000])), Some(INVALID_REQUEST));
+        assert_eq!(partition(&image, "t", 0).partition_epoch, 0, "refusals change nothing");
+
+        assert_eq!(code(&mut image, alter(0, 0, vec![1000])), None);
+        let p = partition(&image, "t", 0);
+        assert_eq!((p.isr.clone(), p.leader_epoch, p.partition_epoch), (vec![1000], 0, 1));
+
+        // Node 3 is fenced: its replica may not rejoin; node 2's may.
+        image.apply(index + 3, &MetadataCommand::FenceNode { node_id: 3 });
+        assert_eq!(partition(&image, "t", 0).partition_epoch, 1, "node 3 was not in the ISR");
+        assert_eq!(code(&mut image, alter(0, 1, vec![1000, 3000])), Some(INELIGIBLE_REPLICA));
+        assert_eq!(code(&mut image, alter(0, 1, vec![1000, 2000])), None);
+        let p = partition(&image, "t", 0);
+        assert_eq!((p.isr.clone(), p.partition_epoch), (vec![1000, 2000], 2));
+    }
+
+    #[test]
+    fn apply_is_deterministic() {
+        let commands = vec![
+            MetadataCommand::InitCluster { cluster_id: "abc".into() },
+            MetadataCommand::RegisterNode(reg(1, 2)),
+            MetadataCommand::RegisterNode(reg(2, 2)),
+            MetadataCommand::RegisterNode(reg(3, 2)),
+            MetadataCommand::CreateTopics(vec![topic("x", 7, 2), topic("y", 3, 3)]),
+            MetadataCommand::FenceNode { node_id: 2 },
+            MetadataCommand::CreatePartitions { topic: "x".into(), count: 9 },
+            MetadataCommand::UnfenceNode { node_id: 2 },
+            MetadataCommand::DeleteTopics(vec!["y".into()]),
+        ];
+        let run = || {
+            let mut image = ClusterImage::default();
+            let results: Vec<ApplyResult> =
+                commands.iter().enumerate().map(|(i, c)| image.apply(i as u64 + 1, c)).collect();
+            (image, results)
+        };
+        let (a, ra) = run();
+        let (b, rb) = run();
+        assert_eq!(a, b);
+        assert_eq!(ra, rb);
+        assert_eq!(a.version, commands.len() as u64);
+        let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(serde_json::from_str::<ClusterImage>(&json).unwrap(), a);
+    }
+}

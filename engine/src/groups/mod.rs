@@ -122,12 +122,23 @@ impl Coordinator {
         self.loaded.get()
     }
 
-    /// The `__consumer_offsets` partition of `group_id`, if that topic exists.
+    /// The `__consumer_offsets` partition of `group_id` and the shard of this
+    /// node that leads it (`NO_SHARD` when another node does), if that topic exists.
     pub fn partition_of(shard: &Shard, group_id: &str) -> Option<(i32, u32)> {
         let image = shard.image();
         let t = image.topics.get(OFFSETS_TOPIC)?;
         let p = partition_for(group_id, t.owners.len());
-        Some((p, *t.owners.get(p as usize)?))
+        Some((p, image.owner(OFFSETS_TOPIC, p)?.0))
+    }
+
+    /// The broker id leading `group_id`'s `__consumer_offsets` partition
+    /// (its coordinator), if that topic exists and the partition has a leader.
+    pub fn coordinator_broker(shard: &Shard, group_id: &str) -> Option<i32> {
+        let image = shard.image();
+        let t = image.topics.get(OFFSETS_TOPIC)?;
+        let p = partition_for(group_id, t.owners.len());
+        let leader = image.partition_state(t, p as usize)?.leader;
+        (leader >= 0).then_some(leader)
     }
 
     /// Whether this shard may serve `group_id` now: NOT_COORDINATOR when
@@ -275,19 +286,42 @@ pub async fn append_and_wait(
     }
 }
 
-/// Shard 0 at start-up: creates `__consumer_offsets` (one partition per
-/// shard, compacted) if it does not exist yet.
+/// Shard 0 at start-up: creates `__consumer_offsets` (compacted) if it does
+/// not exist yet: on a single node one partition per shard; in a cluster one
+/// per broker (shard) of the nodes alive once the quorum has as many as
+/// `offsets.topic.replication.factor` asks for (or every voter has
+/// registered), replicated on that many nodes.
 pub async fn ensure_offsets_topic(shard: Rc<Shard>) {
-    if shard.image().topics.contains_key(OFFSETS_TOPIC) {
-        return;
-    }
+    let (partitions, replication_factor) = loop {
+        let image = shard.image();
+        if image.topics.contains_key(OFFSETS_TOPIC) || shard.stopping.get() {
+            return;
+        }
+        if !image.clustered() {
+            break (shard.num_shards as i32, 1);
+        }
+        let alive: Vec<_> = image.nodes.values().filter(|n| !n.fenced).collect();
+        let voters = shard.config.cluster.as_ref().map(|c| c.voters.len()).unwrap_or(1);
+        let wanted = (shard.config.offsets_topic_replication_factor.max(1) as usize).min(voters.max(1));
+        if alive.len() >= wanted {
+            let brokers: u32 = alive.iter().map(|n| n.num_shards).sum();
+            break (brokers.max(1) as i32, wanted as i16);
+        }
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+    };
     let mut configs = BTreeMap::new();
     configs.insert("cleanup.policy".to_string(), "compact".to_string());
     configs.insert("segment.bytes".to_string(), "104857600".to_string());
-    let topic = NewTopic { name: OFFSETS_TOPIC.to_string(), partitions: shard.num_shards as i32, configs };
+    let topic = NewTopic {
+        name: OFFSETS_TOPIC.to_string(),
+        partitions,
+        replication_factor,
+        assignments: Vec::new(),
+        configs,
+    };
     for (name, r) in shard.create_topics(vec![topic]).await {
         match r {
-            Ok(meta) => log::info!("created {name} with {} partition(s), partition p on shard p", meta.owners.len()),
+            Ok(meta) => log::info!("created {name} with {} partition(s), replication factor {replication_factor}", meta.owners.len()),
             Err((ErrorCode::TopicAlreadyExists, _)) => {}
             Err((code, msg)) => log::error!(
                 "cannot create {name}: {} ({msg}); consumer groups are unavailable until it exists",
@@ -305,8 +339,10 @@ pub async fn run(shard: Rc<Shard>) {
         }
         let image = shard.image();
         if let Some(t) = image.topics.get(OFFSETS_TOPIC) {
-            let owned: Vec<i32> =
-                t.owners.iter().enumerate().filter(|(_, o)| **o == shard.id.0).map(|(p, _)| p as i32).collect();
+            // Partitions this shard leads (on a single node: owns).
+            let owned: Vec<i32> = (0..t.owners.len() as i32)
+                .filter(|p| image.owner(OFFSETS_TOPIC, *p) == Some(shard.id))
+                .collect();
             if owned.iter().all(|p| shard.log(OFFSETS_TOPIC, *p).is_some()) {
                 break owned;
             }

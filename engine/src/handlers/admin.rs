@@ -21,34 +21,38 @@ use tidelog_protocol::messages::{
 use tidelog_protocol::{ErrorCode, Offset};
 
 use super::{encode, str_bytes, Response};
-use crate::metadata::{validate_topic_name, TopicMeta};
+use crate::metadata::{validate_topic_name, MetadataImage, TopicMeta};
 use crate::shard::{NewTopic, Shard};
 use crate::storage::partition;
 
-fn brokers(shard: &Shard) -> Vec<MetadataResponseBroker> {
-    (0..shard.num_shards)
-        .map(|i| {
+fn brokers(shard: &Shard, image: &MetadataImage) -> Vec<MetadataResponseBroker> {
+    image
+        .brokers(&shard.config, shard.num_shards)
+        .into_iter()
+        .map(|b| {
             MetadataResponseBroker::default()
-                .with_node_id(BrokerId(i as i32))
-                .with_host(str_bytes(&shard.config.advertised_host))
-                .with_port(shard.config.advertised_port as i32 + i as i32)
+                .with_node_id(BrokerId(b.id))
+                .with_host(str_bytes(&b.host))
+                .with_port(b.port)
+                .with_rack(b.rack.as_deref().map(str_bytes))
         })
         .collect()
 }
 
-fn topic_entry(t: &TopicMeta, version: i16) -> MetadataResponseTopic {
-    let partitions = t
-        .owners
-        .iter()
-        .enumerate()
-        .map(|(p, owner)| {
-            let leader = BrokerId(*owner as i32);
+fn topic_entry(image: &MetadataImage, t: &TopicMeta, version: i16) -> MetadataResponseTopic {
+    let partitions = (0..t.owners.len())
+        .filter_map(|p| image.partition_state(t, p).map(|s| (p, s)))
+        .map(|(p, s)| {
+            let ids = |v: &[i32]| v.iter().map(|b| BrokerId(*b)).collect::<Vec<_>>();
+            // Kafka: LEADER_NOT_AVAILABLE while no replica may lead.
+            let code = if s.leader < 0 { ErrorCode::LeaderNotAvailable } else { ErrorCode::None };
             MetadataResponsePartition::default()
+                .with_error_code(code.code())
                 .with_partition_index(p as i32)
-                .with_leader_id(leader)
-                .with_leader_epoch(if version >= 7 { 0 } else { -1 })
-                .with_replica_nodes(vec![leader])
-                .with_isr_nodes(vec![leader])
+                .with_leader_id(BrokerId(s.leader))
+                .with_leader_epoch(if version >= 7 { s.leader_epoch } else { -1 })
+                .with_replica_nodes(ids(&s.replicas))
+                .with_isr_nodes(ids(&s.isr))
         })
         .collect();
     MetadataResponseTopic::default()
@@ -76,7 +80,13 @@ pub async fn metadata(shard: Rc<Shard>, version: i16, cid: i32, req: MetadataReq
         let to_create: Vec<NewTopic> = names
             .iter()
             .filter(|n| !image.topics.contains_key(n.as_str()) && validate_topic_name(n).is_ok())
-            .map(|n| NewTopic { name: n.clone(), partitions: shard.config.num_partitions, configs: BTreeMap::new() })
+            .map(|n| NewTopic {
+                name: n.clone(),
+                partitions: shard.config.num_partitions,
+                replication_factor: shard.config.default_replication_factor,
+                assignments: Vec::new(),
+                configs: BTreeMap::new(),
+            })
             .collect();
         if !to_create.is_empty() {
             for (name, r) in shard.create_topics(to_create).await {
@@ -92,11 +102,11 @@ pub async fn metadata(shard: Rc<Shard>, version: i16, cid: i32, req: MetadataReq
         }
     }
     let topics = match &wanted {
-        None => image.topics.values().map(|t| topic_entry(t, version)).collect(),
+        None => image.topics.values().map(|t| topic_entry(&image, t, version)).collect(),
         Some(names) => names
             .iter()
             .map(|n| match image.topics.get(n.as_str()) {
-                Some(t) => topic_entry(t, version),
+                Some(t) => topic_entry(&image, t, version),
                 None if validate_topic_name(n).is_err() => {
                     log::warn!("metadata: invalid topic name {n:?}");
                     topic_error(n, ErrorCode::InvalidTopicException)
@@ -106,9 +116,9 @@ pub async fn metadata(shard: Rc<Shard>, version: i16, cid: i32, req: MetadataReq
             .collect(),
     };
     let resp = MetadataResponse::default()
-        .with_brokers(brokers(&shard))
+        .with_brokers(brokers(&shard, &image))
         .with_cluster_id(if version >= 2 { Some(str_bytes(&image.cluster_id)) } else { None })
-        .with_controller_id(BrokerId(if version >= 1 { 0 } else { -1 }))
+        .with_controller_id(BrokerId(if version >= 1 { image.controller_broker() } else { -1 }))
         .with_topics(topics);
     encode(ApiKey::Metadata, version, cid, &resp)
 }
@@ -153,7 +163,8 @@ pub async fn list_offsets(shard: Rc<Shard>, version: i16, cid: i32, req: ListOff
             };
             parts.push(match found {
                 Ok(Some((offset, ts))) => {
-                    out.with_offset(offset.0).with_timestamp(ts).with_leader_epoch(if version >= 4 { 0 } else { -1 })
+                    let epoch = image.leader_epoch(name, p.partition_index).max(0);
+                    out.with_offset(offset.0).with_timestamp(ts).with_leader_epoch(if version >= 4 { epoch } else { -1 })
                 }
                 Ok(None) => out.with_offset(-1).with_timestamp(-1),
                 Err(e) => {
@@ -199,18 +210,26 @@ pub async fn create_topics(shard: Rc<Shard>, version: i16, cid: i32, req: Create
             Some((ErrorCode::InvalidTopicException, e))
         } else if image.topics.contains_key(&name) {
             Some((ErrorCode::TopicAlreadyExists, format!("topic '{name}' already exists")))
-        } else if !t.assignments.is_empty() {
+        } else if !t.assignments.is_empty() && !image.clustered() {
             Some((
                 ErrorCode::InvalidReplicaAssignment,
-                "manual replica assignment is not supported; give num_partitions".into(),
+                "manual replica assignment needs a cluster; on a single node give num_partitions".into(),
             ))
-        } else if partitions <= 0 || partitions > 100_000 {
+        } else if !t.assignments.is_empty() && (t.num_partitions != -1 || t.replication_factor != -1) {
+            // Kafka: assignments exclude num_partitions and replication_factor.
+            Some((
+                ErrorCode::InvalidRequest,
+                "give either assignments or num_partitions and replication_factor, not both (set them to -1)".into(),
+            ))
+        } else if t.assignments.is_empty() && (partitions <= 0 || partitions > 100_000) {
             Some((ErrorCode::InvalidPartitions, format!("num_partitions {partitions} must be between 1 and 100000")))
-        } else if rf != 1 {
+        } else if t.assignments.is_empty() && rf != 1 && !image.clustered() {
             Some((
                 ErrorCode::InvalidReplicationFactor,
-                format!("replication factor {rf} is larger than the 1 broker available: tidelog runs as a single node for now, use replication factor 1"),
+                format!("replication factor {rf} is larger than the 1 broker available: this broker runs as a single node (no process.roles), use replication factor 1 or start a cluster (see README)"),
             ))
+        } else if t.assignments.is_empty() && rf < 1 {
+            Some((ErrorCode::InvalidReplicationFactor, format!("replication factor {rf} must be at least 1")))
         } else {
             config_error.map(|e| (ErrorCode::InvalidConfig, e))
         };
@@ -219,13 +238,28 @@ pub async fn create_topics(shard: Rc<Shard>, version: i16, cid: i32, req: Create
             results.push(r.with_error_code(code.code()).with_error_message(Some(str_bytes(&msg))));
             continue;
         }
+        let assignments: Vec<Vec<i32>> = {
+            let mut a: Vec<_> = t.assignments.iter().map(|a| (a.partition_index, a.broker_ids.iter().map(|b| b.0).collect::<Vec<i32>>())).collect();
+            a.sort_by_key(|(p, _)| *p);
+            if a.iter().enumerate().any(|(i, (p, _))| *p != i as i32) {
+                let msg = "assignments must name partitions 0..n-1 once each".to_string();
+                log::warn!("create topic {name:?}: {msg}");
+                results.push(r.with_error_code(ErrorCode::InvalidReplicaAssignment.code()).with_error_message(Some(str_bytes(&msg))));
+                continue;
+            }
+            a.into_iter().map(|(_, b)| b).collect()
+        };
+        let (partitions, rf) = match assignments.first() {
+            Some(first) => (assignments.len() as i32, first.len() as i16),
+            None => (partitions, rf),
+        };
         if version >= 5 {
-            r = r.with_num_partitions(partitions).with_replication_factor(1);
+            r = r.with_num_partitions(partitions).with_replication_factor(rf);
         }
         if req.validate_only {
             results.push(r);
         } else {
-            to_create.push(NewTopic { name, partitions, configs });
+            to_create.push(NewTopic { name, partitions, replication_factor: rf, assignments, configs });
             results.push(r);
         }
     }

@@ -105,8 +105,14 @@ fn describe_broker(shard: &Shard, image: &MetadataImage, want: Want) -> Vec<Desc
         .collect()
 }
 
+/// A broker resource names this node's brokers: "" (the cluster default) or
+/// the id of one of this node's shards (node.id x 1000 + shard).
 fn broker_id_ok(shard: &Shard, name: &str) -> bool {
-    name.is_empty() || name.parse::<usize>().is_ok_and(|n| n < shard.num_shards)
+    name.is_empty()
+        || name.parse::<i32>().is_ok_and(|id| {
+            let (node, s) = crate::metadata::split_broker_id(id);
+            id >= 0 && node == shard.config.node_id && (s as usize) < shard.num_shards
+        })
 }
 
 pub fn describe_configs(shard: &Rc<Shard>, version: i16, cid: i32, req: DescribeConfigsRequest) -> Response {

@@ -56,11 +56,18 @@ pub fn find_coordinator(shard: &Rc<Shard>, version: i16, cid: i32, req: FindCoor
     } else {
         vec![req.key.to_string()]
     };
-    let lookup = |key: &str| -> Result<u32, (ErrorCode, String)> {
+    let image = shard.image();
+    let lookup = |key: &str| -> Result<(i32, String, i32), (ErrorCode, String)> {
         match req.key_type {
-            KEY_TYPE_GROUP => Coordinator::partition_of(shard, key).map(|(_, owner)| owner).ok_or_else(|| {
-                (ErrorCode::CoordinatorNotAvailable, "__consumer_offsets is not created yet; retry".to_string())
-            }),
+            KEY_TYPE_GROUP => Coordinator::coordinator_broker(shard, key)
+                .and_then(|id| image.broker_endpoint(&shard.config, shard.num_shards, id))
+                .map(|b| (b.id, b.host, b.port))
+                .ok_or_else(|| {
+                    (
+                        ErrorCode::CoordinatorNotAvailable,
+                        "__consumer_offsets is not created yet, or its partition has no live leader; retry".to_string(),
+                    )
+                }),
             KEY_TYPE_TRANSACTION => Err((
                 ErrorCode::CoordinatorNotAvailable,
                 "transactions are not supported by this broker yet".to_string(),
@@ -68,19 +75,17 @@ pub fn find_coordinator(shard: &Rc<Shard>, version: i16, cid: i32, req: FindCoor
             other => Err((ErrorCode::InvalidRequest, format!("unknown coordinator key type {other}"))),
         }
     };
-    let host = shard.config.advertised_host.clone();
-    let base_port = shard.config.advertised_port as i32;
     let mut resp = FindCoordinatorResponse::default();
     let mut coordinators = Vec::with_capacity(keys.len());
     for key in &keys {
-        let (code, msg, node) = match lookup(key) {
-            Ok(node) => (ErrorCode::None, None, node as i32),
+        let (code, msg, node, host, port) = match lookup(key) {
+            Ok((node, host, port)) => (ErrorCode::None, None, node, host, port),
             Err((code, msg)) => {
                 log::debug!("FindCoordinator {key:?} (type {}): {} ({msg})", req.key_type, code.name());
-                (code, Some(msg), -1)
+                (code, Some(msg), -1, String::new(), -1)
             }
         };
-        let (h, port) = if node >= 0 { (host.as_str(), base_port + node) } else { ("", -1) };
+        let h = host.as_str();
         if version >= 4 {
             coordinators.push(
                 CoordinatorEntry::default()

@@ -151,14 +151,17 @@ pub fn describe_cluster(shard: &Rc<Shard>, version: i16, cid: i32, req: Describe
     let image = shard.image();
     let mut resp = DescribeClusterResponse::default()
         .with_cluster_id(str_bytes(&image.cluster_id))
-        .with_controller_id(BrokerId(0))
+        .with_controller_id(BrokerId(image.controller_broker()))
         .with_brokers(
-            (0..shard.num_shards)
-                .map(|i| {
+            image
+                .brokers(&shard.config, shard.num_shards)
+                .into_iter()
+                .map(|b| {
                     DescribeClusterBroker::default()
-                        .with_broker_id(BrokerId(i as i32))
-                        .with_host(str_bytes(&shard.config.advertised_host))
-                        .with_port(shard.config.advertised_port as i32 + i as i32)
+                        .with_broker_id(BrokerId(b.id))
+                        .with_host(str_bytes(&b.host))
+                        .with_port(b.port)
+                        .with_rack(b.rack.as_deref().map(str_bytes))
                 })
                 .collect(),
         );

@@ -158,7 +158,7 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
             }
             let (first, last) = {
                 let mut l = log.borrow_mut();
-                let (first, last) = l.append(&records, &infos, Epoch(0));
+                let (first, last) = l.append(&records, &infos, Epoch(image.leader_epoch(name, p.index).max(0)));
                 if let Some(b) = &producer {
                     let meta = BatchMeta {
                         first_seq: b.first_seq,

@@ -12,8 +12,8 @@ use glommio::{LocalExecutorBuilder, Placement, PoolPlacement};
 use tidelog_protocol::ShardId;
 
 use crate::config::Config;
-use crate::metadata::MetadataImage;
 use crate::controller::Controller;
+use crate::metadata::MetadataImage;
 use crate::shard::{FromController, Shard, ToController};
 use crate::storage::dirfs;
 
@@ -413,10 +413,19 @@ fn start_quorum(
         "node {}: roles {}{}, controller quorum voters {:?}",
         config.node_id,
         if cluster.broker { "broker" } else { "" },
-        if cluster.controller { if cluster.broker { ",controller" } else { "controller" } } else { "" },
+        if cluster.controller {
+            if cluster.broker {
+                ",controller"
+            } else {
+                "controller"
+            }
+        } else {
+            ""
+        },
         cluster.voters
     );
-    tidelog_quorum::Quorum::start(quorum_config).map_err(|e| format!("node {}: cannot start the controller quorum: {e}", config.node_id))
+    tidelog_quorum::Quorum::start(quorum_config)
+        .map_err(|e| format!("node {}: cannot start the controller quorum: {e}", config.node_id))
 }
 
 /// Registers this node with the quorum, waiting (with a log line every few

@@ -415,9 +415,7 @@ pub fn parse_listener(name: &str, raw: &str) -> Result<(String, u16), ConfigErro
 fn resolve(name: &str, host: &str, port: u16) -> Result<SocketAddr, ConfigError> {
     format!("{host}:{port}")
         .parse()
-        .or_else(|_| {
-            std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).ok().and_then(|mut a| a.next()).ok_or(())
-        })
+        .or_else(|_| std::net::ToSocketAddrs::to_socket_addrs(&(host, port)).ok().and_then(|mut a| a.next()).ok_or(()))
         .map_err(|_| ConfigError(format!("{name}: cannot resolve host {host:?}")))
 }
 
@@ -696,7 +694,58 @@ mod tests {
         assert!(run(&["--num.partitions=x"], &[]).unwrap_err().0.contains("num.partitions"));
         assert!(run(&["--num.partitions"], &[]).unwrap_err().0.contains("needs a value"));
         assert!(run(&["--listeners=SSL://a:1"], &[]).unwrap_err().0.contains("PLAINTEXT"));
-        assert!(run(&["--default.replication.factor=3"], &[]).is_err());
+        assert!(run(&["--default.replication.factor=3"], &[]).unwrap_err().0.contains("needs a cluster"));
+    }
+
+    const VOTERS: &str = "--controller.quorum.voters=1@127.0.0.1:9192,2@127.0.0.1:9193,3@127.0.0.1:9194";
+
+    #[test]
+    fn cluster_roles_voters_and_listeners() {
+        // No process.roles: a single node, as always.
+        let c = run(&[], &[]).unwrap();
+        assert!(c.cluster.is_none());
+        assert_eq!(c.node_id, 0);
+        let c = run(
+            &[
+                "--process.roles=broker,controller",
+                "--node.id=2",
+                VOTERS,
+                "--listeners=PLAINTEXT://127.0.0.1:9093,CONTROLLER://127.0.0.1:9193",
+                "--default.replication.factor=3",
+            ],
+            &[],
+        )
+        .unwrap();
+        let cluster = c.cluster.as_ref().unwrap();
+        assert!(cluster.broker && cluster.controller);
+        assert_eq!(cluster.voters.len(), 3);
+        assert_eq!(cluster.voters[&3].to_string(), "127.0.0.1:9194");
+        assert_eq!(cluster.controller_listen.unwrap().to_string(), "127.0.0.1:9193");
+        assert_eq!(c.listen_addr.to_string(), "127.0.0.1:9093");
+        assert_eq!(c.default_replication_factor, 3);
+        // A broker-only node needs no controller listener.
+        let c = run(&["--process.roles=broker", "--node.id=7", VOTERS], &[]).unwrap();
+        assert!(c.cluster.as_ref().is_some_and(|c| c.broker && !c.controller && c.controller_listen.is_none()));
+    }
+
+    #[test]
+    fn cluster_config_errors_say_what_to_do() {
+        let err = |args: &[&str]| run(args, &[]).unwrap_err().0;
+        assert!(err(&[
+            "--process.roles=broker,controller",
+            "--node.id=4",
+            VOTERS,
+            "--listeners=PLAINTEXT://127.0.0.1:1,CONTROLLER://127.0.0.1:2"
+        ])
+        .contains("not in controller.quorum.voters"));
+        assert!(err(&["--process.roles=controller", "--node.id=1", VOTERS]).contains("no CONTROLLER://"));
+        assert!(err(&["--process.roles=broker"]).contains("controller.quorum.voters is empty"));
+        assert!(err(&["--process.roles=leader", VOTERS]).contains("unknown role"));
+        assert!(err(&[VOTERS]).contains("process.roles is not"));
+        assert!(err(&["--process.roles=broker", "--controller.quorum.voters=1@x"]).contains("id@host:port"));
+        assert!(err(&["--process.roles=broker", "--controller.quorum.voters=1@127.0.0.1:1,1@127.0.0.1:2"])
+            .contains("listed twice"));
+        assert!(err(&["--node.id=1000"]).contains("node.id"));
     }
 
     #[test]

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
-use crate::metrics::{self, ShardSnapshot};
 use crate::controller::Controller;
+use crate::metrics::{self, ShardSnapshot};
 use crate::shard::FromController;
 
 /// Longest a scrape waits for a shard.

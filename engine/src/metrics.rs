@@ -331,12 +331,13 @@ pub struct ProcessInfo {
 }
 
 /// Cluster mode: this node's view of the controller quorum and of the cluster.
-pub fn render_quorum(
-    out: &mut String,
-    status: &tidelog_quorum::QuorumStatus,
-    image: &crate::metadata::MetadataImage,
-) {
-    header(out, "tidelog_controller_leader", "gauge", "Node id of the controller quorum leader as this node knows it (-1: none).");
+pub fn render_quorum(out: &mut String, status: &tidelog_quorum::QuorumStatus, image: &crate::metadata::MetadataImage) {
+    header(
+        out,
+        "tidelog_controller_leader",
+        "gauge",
+        "Node id of the controller quorum leader as this node knows it (-1: none).",
+    );
     let _ = writeln!(out, "tidelog_controller_leader {}", status.leader.map(|l| l as i64).unwrap_or(-1));
     header(out, "tidelog_controller_is_voter", "gauge", "1 when this node is a voter of the controller quorum.");
     let _ = writeln!(out, "tidelog_controller_is_voter {}", status.is_voter as u8);

@@ -474,7 +474,13 @@ mod tests {
             _ => panic!("config"),
         };
         let mut image = MetadataImage::default();
-        let mut topic = TopicMeta { name: "t".into(), id: String::new(), owners: vec![0], configs: BTreeMap::new() };
+        let mut topic = TopicMeta {
+            name: "t".into(),
+            id: String::new(),
+            owners: vec![0],
+            partitions: Vec::new(),
+            configs: BTreeMap::new(),
+        };
         let def = topic_def("segment.bytes").unwrap();
         let chain = topic_synonyms(&config, &image, &topic, def);
         assert_eq!(chain.iter().map(|r| r.source).collect::<Vec<_>>(), vec![SOURCE_STATIC_BROKER, SOURCE_DEFAULT]);

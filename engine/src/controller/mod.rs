@@ -322,4 +322,3 @@ impl Controller {
         self.published_notify.notify_all();
     }
 }
-

@@ -312,16 +312,14 @@ pub async fn ensure_offsets_topic(shard: Rc<Shard>) {
     let mut configs = BTreeMap::new();
     configs.insert("cleanup.policy".to_string(), "compact".to_string());
     configs.insert("segment.bytes".to_string(), "104857600".to_string());
-    let topic = NewTopic {
-        name: OFFSETS_TOPIC.to_string(),
-        partitions,
-        replication_factor,
-        assignments: Vec::new(),
-        configs,
-    };
+    let topic =
+        NewTopic { name: OFFSETS_TOPIC.to_string(), partitions, replication_factor, assignments: Vec::new(), configs };
     for (name, r) in shard.create_topics(vec![topic]).await {
         match r {
-            Ok(meta) => log::info!("created {name} with {} partition(s), replication factor {replication_factor}", meta.owners.len()),
+            Ok(meta) => log::info!(
+                "created {name} with {} partition(s), replication factor {replication_factor}",
+                meta.owners.len()
+            ),
             Err((ErrorCode::TopicAlreadyExists, _)) => {}
             Err((code, msg)) => log::error!(
                 "cannot create {name}: {} ({msg}); consumer groups are unavailable until it exists",
@@ -340,9 +338,8 @@ pub async fn run(shard: Rc<Shard>) {
         let image = shard.image();
         if let Some(t) = image.topics.get(OFFSETS_TOPIC) {
             // Partitions this shard leads (on a single node: owns).
-            let owned: Vec<i32> = (0..t.owners.len() as i32)
-                .filter(|p| image.owner(OFFSETS_TOPIC, *p) == Some(shard.id))
-                .collect();
+            let owned: Vec<i32> =
+                (0..t.owners.len() as i32).filter(|p| image.owner(OFFSETS_TOPIC, *p) == Some(shard.id)).collect();
             if owned.iter().all(|p| shard.log(OFFSETS_TOPIC, *p).is_some()) {
                 break owned;
             }

@@ -164,7 +164,11 @@ pub async fn list_offsets(shard: Rc<Shard>, version: i16, cid: i32, req: ListOff
             parts.push(match found {
                 Ok(Some((offset, ts))) => {
                     let epoch = image.leader_epoch(name, p.partition_index).max(0);
-                    out.with_offset(offset.0).with_timestamp(ts).with_leader_epoch(if version >= 4 { epoch } else { -1 })
+                    out.with_offset(offset.0).with_timestamp(ts).with_leader_epoch(if version >= 4 {
+                        epoch
+                    } else {
+                        -1
+                    })
                 }
                 Ok(None) => out.with_offset(-1).with_timestamp(-1),
                 Err(e) => {
@@ -239,12 +243,19 @@ pub async fn create_topics(shard: Rc<Shard>, version: i16, cid: i32, req: Create
             continue;
         }
         let assignments: Vec<Vec<i32>> = {
-            let mut a: Vec<_> = t.assignments.iter().map(|a| (a.partition_index, a.broker_ids.iter().map(|b| b.0).collect::<Vec<i32>>())).collect();
+            let mut a: Vec<_> = t
+                .assignments
+                .iter()
+                .map(|a| (a.partition_index, a.broker_ids.iter().map(|b| b.0).collect::<Vec<i32>>()))
+                .collect();
             a.sort_by_key(|(p, _)| *p);
             if a.iter().enumerate().any(|(i, (p, _))| *p != i as i32) {
                 let msg = "assignments must name partitions 0..n-1 once each".to_string();
                 log::warn!("create topic {name:?}: {msg}");
-                results.push(r.with_error_code(ErrorCode::InvalidReplicaAssignment.code()).with_error_message(Some(str_bytes(&msg))));
+                results.push(
+                    r.with_error_code(ErrorCode::InvalidReplicaAssignment.code())
+                        .with_error_message(Some(str_bytes(&msg))),
+                );
                 continue;
             }
             a.into_iter().map(|(_, b)| b).collect()

@@ -198,6 +198,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
         let from_ctrl = from_ctrl_rx[i].take();
         let ctrl = if i == 0 { controller_parts.take() } else { None };
         let cluster_link = if i == 0 { cluster_link.clone() } else { None };
+        let quorum_handle = quorum.as_ref().map(|q| q.handle());
         let ready = ready_tx.clone();
         let listen = config.shard_listen_addr(i).map_err(|e| e.0)?;
         let builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
@@ -262,6 +263,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
                 Arc::new(MetadataImage::default()),
                 to_ctrl,
                 send_pool,
+                quorum_handle,
             );
             shard.apply_image(image).await;
             log::debug!("shard {i}: owned partitions opened");
@@ -274,6 +276,9 @@ pub fn run(mut config: Config) -> Result<(), String> {
             glommio::spawn_local(shard.clone().run_follower(from_ctrl)).detach();
             glommio::spawn_local(crate::storage::retention::run(shard.clone())).detach();
             glommio::spawn_local(crate::storage::compaction::run(shard.clone())).detach();
+            if config.cluster.is_some() {
+                glommio::spawn_local(crate::replication::Replication::run_isr_checks(shard.clone())).detach();
+            }
             let listener = match bind_exclusive(listen) {
                 Ok(l) => l,
                 Err(e) => {

@@ -419,6 +419,11 @@ fn resolve(name: &str, host: &str, port: u16) -> Result<SocketAddr, ConfigError>
         .map_err(|_| ConfigError(format!("{name}: cannot resolve host {host:?}")))
 }
 
+/// Resolves a broker's advertised `host:port` (replica fetchers, at run time).
+pub fn resolve_addr(host: &str, port: u16) -> std::io::Result<SocketAddr> {
+    resolve("broker endpoint", host, port).map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e.0))
+}
+
 /// `controller.quorum.voters`: `id@host:port,...`.
 pub fn parse_voters(raw: &str) -> Result<BTreeMap<u32, SocketAddr>, ConfigError> {
     let mut voters = BTreeMap::new();

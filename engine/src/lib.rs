@@ -16,6 +16,7 @@ pub mod http;
 pub mod metadata;
 pub mod metrics;
 pub mod notify;
+pub mod replication;
 pub mod sendpool;
 pub mod server;
 pub mod shard;

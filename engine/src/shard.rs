@@ -134,6 +134,8 @@ pub struct Shard {
     pub groups: crate::groups::Coordinator,
     /// This shard's producer id range (see `storage::producer_state`).
     pub producer_ids: crate::storage::producer_state::PidAllocator,
+    /// Leader and follower state of this shard's replicas (see `replication`).
+    pub replication: crate::replication::Replication,
 }
 
 impl Shard {
@@ -144,9 +146,18 @@ impl Shard {
         image: Arc<MetadataImage>,
         to_controller: ConnectedSender<ToController>,
         send_pool: crate::sendpool::SendPool,
+        quorum: Option<tidelog_quorum::QuorumHandle>,
     ) -> Rc<Shard> {
+        let replication = crate::replication::Replication::new(
+            crate::metadata::broker_id(config.node_id, id.0),
+            quorum,
+            Duration::from_millis(config.replica_lag_time_max_ms),
+        );
         let groups = crate::groups::Coordinator::new(&config);
-        let producer_ids = crate::storage::producer_state::PidAllocator::new(id, &config.log_dir);
+        // Producer ids carry the broker id (node.id x 1000 + shard) in their
+        // top bits, so no two shards of a cluster ever hand out the same one.
+        let pid_space = ShardId(crate::metadata::broker_id(config.node_id, id.0) as u32);
+        let producer_ids = crate::storage::producer_state::PidAllocator::new(pid_space, &config.log_dir);
         Rc::new(Shard {
             id,
             fetch_stats: FetchStats::default(),
@@ -169,6 +180,7 @@ impl Shard {
             stopping: Cell::new(false),
             groups,
             producer_ids,
+            replication,
         })
     }
 
@@ -276,6 +288,7 @@ impl Shard {
                 log.borrow_mut().settings = settings;
             }
         }
+        crate::replication::Replication::reconcile(self, &image);
     }
 
     async fn delete_partition_dir(&self, t: &TopicMeta, p: i32) {

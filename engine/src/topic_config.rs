@@ -155,10 +155,10 @@ pub const TOPIC_CONFIGS: &[TopicConfigDef] = &[
     },
     TopicConfigDef {
         name: "min.insync.replicas",
-        broker: "",
+        broker: "min.insync.replicas",
         default: "1",
         kind: Kind::Int { min: 1 },
-        doc: "Single node: always 1 replica.",
+        doc: "acks=all produce fails with NOT_ENOUGH_REPLICAS while fewer replicas than this are in sync (a single node has one).",
     },
 ];
 

@@ -86,6 +86,13 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
                 parts.push(fail(r, ErrorCode::LeaderNotAvailable, "partition is not open yet".into()));
                 continue;
             };
+            if acks == -1 {
+                if let Err(msg) = crate::replication::Replication::check_min_isr(shard, &image, name, p.index) {
+                    log::debug!("produce {msg}: NOT_ENOUGH_REPLICAS");
+                    parts.push(fail(r, ErrorCode::NotEnoughReplicas, msg));
+                    continue;
+                }
+            }
             let records = p.records.unwrap_or_default();
             let mut infos = match batch::validate_record_set(&records, max_bytes) {
                 Ok(infos) => infos,
@@ -205,6 +212,20 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
         loop {
             let notified = shard.hw_notify.notified();
             if waiting.iter().all(|w| w.log.borrow().high_watermark > w.last) {
+                // Kafka: replicated to the ISR, but the ISR shrank below
+                // min.insync.replicas meanwhile.
+                let image = shard.image();
+                for w in &waiting {
+                    let name = resp.responses[w.topic].name.0.to_string();
+                    let index = resp.responses[w.topic].partition_responses[w.partition].index;
+                    if let Err(msg) = crate::replication::Replication::check_min_isr(&shard, &image, &name, index) {
+                        let p = &mut resp.responses[w.topic].partition_responses[w.partition];
+                        p.error_code = ErrorCode::NotEnoughReplicasAfterAppend.code();
+                        if version >= 8 {
+                            p.error_message = Some(str_bytes(&msg));
+                        }
+                    }
+                }
                 break;
             }
             let now = Instant::now();

@@ -1,0 +1,315 @@
+//! The replica fetcher: one task per (shard, leader broker), on the shard
+//! that owns the follower replicas, fetching every partition it follows from
+//! that leader over one connection to the leader shard's own port.
+//!
+//! A round: (after a leader change) check the tail against the leader with
+//! OffsetForLeaderEpoch and truncate what diverged; Fetch (replica id = our
+//! broker id) from each log's end; append what came with the leader's
+//! offsets and epochs unchanged; wait until it is on disk; take the leader's
+//! high watermark as the cap of ours. The next Fetch's offsets are therefore
+//! durable, which is what the leader counts as replicated.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tidelog_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use tidelog_protocol::messages::offset_for_leader_epoch_request::{OffsetForLeaderPartition, OffsetForLeaderTopic};
+use tidelog_protocol::messages::{
+    ApiKey, BrokerId, FetchRequest, FetchResponse, OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, TopicName,
+};
+use tidelog_protocol::{batch, ErrorCode, Offset, StrBytes};
+
+use super::wire::Conn;
+use super::{Following, PartitionKey};
+use crate::notify::Notify;
+use crate::shard::Shard;
+use crate::storage::partition;
+
+/// Fetch v12: the newest version the broker answers (replica id in the body).
+const FETCH_VERSION: i16 = 12;
+const OFFSET_FOR_LEADER_EPOCH_VERSION: i16 = 3;
+const FETCH_MAX_WAIT_MS: i32 = 500;
+const PARTITION_MAX_BYTES: i32 = 1 << 20;
+const FETCH_MAX_BYTES: i32 = 16 << 20;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after an error before trying again (connection, leader moved).
+const BACKOFF: Duration = Duration::from_millis(200);
+
+pub(super) async fn run(shard: Rc<Shard>, leader: i32, wake: Rc<Notify>) {
+    let me = shard.replication.my_broker();
+    let client_id = format!("tidelog-replica-{me}");
+    let mut conn: Option<Conn> = None;
+    let mut last_error_log: Option<Instant> = None;
+    log::info!("shard {}: replica fetcher for leader broker {leader} started", shard.id.0);
+    while !shard.stopping.get() {
+        let parts = shard.replication.following_from(leader);
+        if parts.is_empty() {
+            break;
+        }
+        let image = shard.image();
+        let Some(endpoint) = image.broker_endpoint(&shard.config, shard.num_shards, leader) else {
+            // The leader is fenced or unknown: wait for the next image.
+            wait(&wake, BACKOFF * 5).await;
+            continue;
+        };
+        let result = async {
+            if conn.is_none() {
+                let addr = crate::config::resolve_addr(&endpoint.host, endpoint.port as u16)?;
+                conn = Some(Conn::connect(addr, &client_id, CONNECT_TIMEOUT).await?);
+            }
+            let Some(c) = conn.as_mut() else { return Ok(()) };
+            truncate_diverged(&shard, c, &parts).await?;
+            fetch_round(&shard, c, leader, &parts).await
+        }
+        .await;
+        if let Err(e) = result {
+            conn = None;
+            if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                log::warn!(
+                    "shard {}: replica fetcher for leader broker {leader} at {}:{}: {e}; retrying",
+                    shard.id.0,
+                    endpoint.host,
+                    endpoint.port
+                );
+                last_error_log = Some(Instant::now());
+            }
+            wait(&wake, BACKOFF).await;
+        }
+    }
+    shard.replication.fetcher_stopped(leader);
+    log::info!("shard {}: replica fetcher for leader broker {leader} stopped", shard.id.0);
+}
+
+async fn wait(wake: &Notify, at_most: Duration) {
+    let notified = wake.notified();
+    let _ = glommio::timer::timeout(at_most, async {
+        notified.await;
+        Ok(())
+    })
+    .await;
+}
+
+/// After a leader change, cuts the tail of each log that the new leader does
+/// not have (KIP-101/279): ask the leader where our latest epoch ends on its
+/// log and truncate there (or to our own end of the epoch it answers with).
+async fn truncate_diverged(
+    shard: &Rc<Shard>,
+    conn: &mut Conn,
+    parts: &[(PartitionKey, Following)],
+) -> std::io::Result<()> {
+    let unchecked: Vec<&(PartitionKey, Following)> =
+        parts.iter().filter(|(_, f)| !f.truncation_checked.get()).collect();
+    if unchecked.is_empty() {
+        return Ok(());
+    }
+    let mut topics: Vec<OffsetForLeaderTopic> = Vec::new();
+    for ((topic, p), f) in &unchecked {
+        let latest = super::log_api::latest_epoch(&f.log);
+        let Some(latest) = latest else {
+            // An empty log (or no epoch yet) has nothing to diverge.
+            f.truncation_checked.set(true);
+            continue;
+        };
+        let entry = OffsetForLeaderPartition::default()
+            .with_partition(*p)
+            .with_current_leader_epoch(f.leader_epoch)
+            .with_leader_epoch(latest);
+        match topics.iter_mut().find(|t| *t.topic.0 == **topic) {
+            Some(t) => t.partitions.push(entry),
+            None => topics.push(
+                OffsetForLeaderTopic::default()
+                    .with_topic(TopicName(StrBytes::from_string(topic.clone())))
+                    .with_partitions(vec![entry]),
+            ),
+        }
+    }
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let request = OffsetForLeaderEpochRequest::default()
+        .with_replica_id(BrokerId(shard.replication.my_broker()))
+        .with_topics(topics);
+    let response: OffsetForLeaderEpochResponse = conn
+        .call(ApiKey::OffsetForLeaderEpoch, OFFSET_FOR_LEADER_EPOCH_VERSION, &request, 1 << 20, REQUEST_TIMEOUT)
+        .await?;
+    for t in response.topics {
+        for r in t.partitions {
+            let key: PartitionKey = (t.topic.0.to_string(), r.partition);
+            let Some((_, f)) = unchecked.iter().find(|(k, _)| *k == key) else { continue };
+            if r.error_code != 0 {
+                log::debug!(
+                    "{}-{}: OffsetForLeaderEpoch from the leader: {}",
+                    key.0,
+                    key.1,
+                    ErrorCode::from_code(r.error_code).name()
+                );
+                continue;
+            }
+            let leo = f.log.borrow().log_end_offset();
+            let own_end = if r.leader_epoch >= 0 { super::log_api::epoch_end(&f.log, r.leader_epoch) } else { None };
+            // The leader knows no epoch of ours (-1): keep what both have
+            // for sure, our high watermark.
+            let target = if r.leader_epoch < 0 || r.end_offset < 0 {
+                f.log.borrow().high_watermark
+            } else {
+                Offset(r.end_offset.min(own_end.map(|o| o.0).unwrap_or(r.end_offset)))
+            };
+            if target < leo {
+                log::warn!(
+                    "shard {}: {}-{}: truncating diverged tail {} -> {} (leader's epoch {} ends at {})",
+                    shard.id.0,
+                    key.0,
+                    key.1,
+                    leo.0,
+                    target.0,
+                    r.leader_epoch,
+                    r.end_offset
+                );
+                super::log_api::truncate_to(&f.log, target).await?;
+            }
+            f.truncation_checked.set(true);
+        }
+    }
+    Ok(())
+}
+
+async fn fetch_round(
+    shard: &Rc<Shard>,
+    conn: &mut Conn,
+    leader: i32,
+    parts: &[(PartitionKey, Following)],
+) -> std::io::Result<()> {
+    let mut topics: Vec<FetchTopic> = Vec::new();
+    for ((topic, p), f) in parts {
+        if !f.truncation_checked.get() {
+            continue;
+        }
+        let (leo, start) = {
+            let l = f.log.borrow();
+            (l.log_end_offset(), l.log_start_offset)
+        };
+        let entry = FetchPartition::default()
+            .with_partition(*p)
+            .with_current_leader_epoch(f.leader_epoch)
+            .with_fetch_offset(leo.0)
+            .with_last_fetched_epoch(-1)
+            .with_log_start_offset(start.0)
+            .with_partition_max_bytes(PARTITION_MAX_BYTES);
+        match topics.iter_mut().find(|t| *t.topic.0 == **topic) {
+            Some(t) => t.partitions.push(entry),
+            None => topics.push(
+                FetchTopic::default()
+                    .with_topic(TopicName(StrBytes::from_string(topic.clone())))
+                    .with_partitions(vec![entry]),
+            ),
+        }
+    }
+    if topics.is_empty() {
+        return Ok(());
+    }
+    let request = FetchRequest::default()
+        .with_replica_id(BrokerId(shard.replication.my_broker()))
+        .with_max_wait_ms(FETCH_MAX_WAIT_MS)
+        .with_min_bytes(1)
+        .with_max_bytes(FETCH_MAX_BYTES)
+        .with_isolation_level(0)
+        .with_session_id(0)
+        .with_session_epoch(-1)
+        .with_topics(topics);
+    let response: FetchResponse = conn
+        .call(ApiKey::Fetch, FETCH_VERSION, &request, FETCH_MAX_BYTES as usize + (1 << 20), REQUEST_TIMEOUT)
+        .await?;
+    let mut appended: Vec<(partition::SharedLog, Offset)> = Vec::new();
+    let mut backoff = false;
+    for t in response.responses {
+        for r in t.partitions {
+            let key: PartitionKey = (t.topic.0.to_string(), r.partition_index);
+            let Some((_, f)) = parts.iter().find(|(k, _)| *k == key) else { continue };
+            match ErrorCode::from_code(r.error_code) {
+                ErrorCode::None => {}
+                ErrorCode::OffsetOutOfRange => {
+                    // Our end is past the leader's: the leader lost records we
+                    // have (an unclean election) or truncated; start over from
+                    // what both have for sure.
+                    let hw = Offset(r.high_watermark.max(0));
+                    log::warn!(
+                        "shard {}: {}-{}: offset out of range on leader broker {leader} (its high watermark {}); truncating to it",
+                        shard.id.0,
+                        key.0,
+                        key.1,
+                        hw.0
+                    );
+                    let to = hw.min(f.log.borrow().log_end_offset());
+                    super::log_api::truncate_to(&f.log, to).await?;
+                    continue;
+                }
+                code => {
+                    log::debug!("{}-{}: fetch from leader broker {leader}: {}", key.0, key.1, code.name());
+                    backoff = true;
+                    continue;
+                }
+            }
+            if let Some(records) = r.records.filter(|b| !b.is_empty()) {
+                match append(shard, &key, &f.log, records) {
+                    Ok(Some(last)) => appended.push((f.log.clone(), last)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        log::error!("shard {}: {}-{}: replicated batches refused: {e}", shard.id.0, key.0, key.1);
+                        backoff = true;
+                    }
+                }
+            }
+            let bound = Offset(r.high_watermark.max(0));
+            super::log_api::set_bound(&f.log, Some(bound));
+        }
+    }
+    // The next fetch offset must be on disk: wait for the flusher.
+    loop {
+        let notified = shard.hw_notify.notified();
+        if appended.iter().all(|(log, last)| super::log_api::durable_end(log) > *last) || shard.stopping.get() {
+            break;
+        }
+        let _ = glommio::timer::timeout(Duration::from_secs(1), async {
+            notified.await;
+            Ok(())
+        })
+        .await;
+    }
+    shard.hw_notify.notify_all();
+    if backoff {
+        glommio::timer::sleep(BACKOFF).await;
+    }
+    Ok(())
+}
+
+/// Appends the whole batches of `records` (a cut-off last batch is left for
+/// the next fetch) with the leader's offsets. Returns the last offset appended.
+fn append(
+    shard: &Rc<Shard>,
+    key: &PartitionKey,
+    log: &partition::SharedLog,
+    records: Bytes,
+) -> Result<Option<Offset>, String> {
+    let mut infos = Vec::new();
+    let mut at = 0;
+    while at < records.len() {
+        match batch::validate(&records[at..], usize::MAX) {
+            Ok(info) => {
+                at += info.size_bytes;
+                infos.push(info);
+            }
+            Err(batch::BatchError::Truncated { .. }) => break,
+            Err(e) => return Err(format!("batch at byte {at}: {e}")),
+        }
+    }
+    if infos.is_empty() {
+        return Ok(None);
+    }
+    let whole = records.slice(..at);
+    let (first, last) = super::log_api::append_replicated(log, &whole, &infos)?;
+    log::trace!("{}-{}: replicated offsets {}..={}", key.0, key.1, first.0, last.0);
+    shard.mark_dirty(log);
+    Ok(Some(last))
+}

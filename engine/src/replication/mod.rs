@@ -1,0 +1,398 @@
+//! Partition replication, Kafka's way: followers fetch from the leader, the
+//! leader tracks how far each follower has durably got, keeps the ISR and
+//! moves the high watermark only over records every ISR member has on disk.
+//!
+//! ```text
+//!  node A, shard i (leader of t-p)              node B, shard j (follower of t-p)
+//!  ┌──────────────────────────────┐   Fetch    ┌──────────────────────────────┐
+//!  │ PartitionLog (storage)       │◀─replica──│ fetcher task for leader A/i   │
+//!  │ Leading: follower progress,  │   id=B/j   │  append_replicated, flush,    │
+//!  │  ISR, HW bound               │──records──▶│  then fetch from the durable  │
+//!  │ AlterPartition ──▶ quorum    │  + leader  │  end (that offset is what the │
+//!  └──────────────────────────────┘     HW     │  leader counts as replicated) │
+//!                                               └──────────────────────────────┘
+//! ```
+//!
+//! Ownership: everything here is shard-local. A partition's leader state
+//! lives on the shard that owns its leader replica; a follower's fetcher runs
+//! on the shard that owns the follower replica and connects straight to the
+//! leader shard's port, so replication never crosses cores. The only other
+//! party is the controller quorum: ISR changes go to it as AlterPartition
+//! commands, and leadership arrives from it as metadata images (`reconcile`).
+//!
+//! Durability: a follower fetches from its fdatasync'd end offset, so the
+//! leader's view of a follower is always what that follower has on disk;
+//! the high watermark, acks=all and what consumers may read all wait for
+//! every ISR member's disk, not its page cache (stronger than Kafka).
+//!
+//! The partition log knows nothing of this beyond `replication_bound` (the
+//! cap this module puts on its high watermark), `append_replicated` and
+//! `truncate_to`.
+
+mod fetcher;
+mod log_api;
+pub mod wire;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use tidelog_protocol::{ErrorCode, Offset};
+use tidelog_quorum::{MetadataCommand, QuorumHandle};
+
+use crate::metadata::{broker_id, MetadataImage};
+use crate::shard::Shard;
+use crate::storage::partition::SharedLog;
+
+/// A partition by topic name and index.
+pub type PartitionKey = (String, i32);
+
+/// How far one follower has got, as its fetches tell the leader.
+#[derive(Clone, Debug)]
+struct Progress {
+    /// The follower's durable log end (its last fetch offset); -1 unknown.
+    end: Offset,
+    /// When its fetch offset last reached the leader's log end as it was at
+    /// the follower's previous fetch (Kafka's definition of caught up).
+    last_caught_up: Instant,
+    /// The leader's log end when this follower last fetched.
+    leader_end_at_last_fetch: Offset,
+}
+
+/// A partition this shard leads.
+struct Leading {
+    log: SharedLog,
+    leader_epoch: i32,
+    partition_epoch: i32,
+    replicas: Vec<i32>,
+    isr: Vec<i32>,
+    followers: HashMap<i32, Progress>,
+    /// An AlterPartition is on its way to the quorum.
+    alter_in_flight: Rc<Cell<bool>>,
+}
+
+/// A partition this shard follows.
+#[derive(Clone)]
+pub(crate) struct Following {
+    pub log: SharedLog,
+    pub leader: i32,
+    pub leader_epoch: i32,
+    /// Cleared once the fetcher has checked our tail against the leader
+    /// (OffsetForLeaderEpoch) after this epoch began.
+    pub truncation_checked: Rc<Cell<bool>>,
+}
+
+/// The replication state of one shard.
+pub struct Replication {
+    my_broker: i32,
+    quorum: Option<QuorumHandle>,
+    leading: RefCell<HashMap<PartitionKey, Leading>>,
+    following: RefCell<HashMap<PartitionKey, Following>>,
+    /// Leader broker ids with a running fetcher task.
+    fetchers: RefCell<HashMap<i32, Rc<crate::notify::Notify>>>,
+    lag_max: Duration,
+}
+
+impl Replication {
+    pub fn new(my_broker: i32, quorum: Option<QuorumHandle>, lag_max: Duration) -> Replication {
+        Replication {
+            my_broker,
+            quorum,
+            leading: RefCell::new(HashMap::new()),
+            following: RefCell::new(HashMap::new()),
+            fetchers: RefCell::new(HashMap::new()),
+            lag_max,
+        }
+    }
+
+    pub fn my_broker(&self) -> i32 {
+        self.my_broker
+    }
+
+    /// Partitions this shard follows from `leader`.
+    pub(crate) fn following_from(&self, leader: i32) -> Vec<(PartitionKey, Following)> {
+        self.following
+            .borrow()
+            .iter()
+            .filter(|(_, f)| f.leader == leader)
+            .map(|(k, f)| (k.clone(), f.clone()))
+            .collect()
+    }
+
+    /// Takes the roles `image` gives this shard's replicas: becomes leader
+    /// or follower of each, starts fetchers for new leaders, forgets
+    /// partitions that left. Called after the shard applied the image.
+    pub fn reconcile(shard: &Rc<Shard>, image: &MetadataImage) {
+        if !image.clustered() {
+            return;
+        }
+        let me = &shard.replication;
+        let mut seen: Vec<PartitionKey> = Vec::new();
+        for t in image.topics.values() {
+            for (p, owner) in t.owners.iter().enumerate() {
+                if *owner != shard.id.0 {
+                    continue;
+                }
+                let (Some(state), Some(log)) = (t.partitions.get(p), shard.log(&t.name, p as i32)) else { continue };
+                let key: PartitionKey = (t.name.clone(), p as i32);
+                seen.push(key.clone());
+                if state.leader == me.my_broker {
+                    me.following.borrow_mut().remove(&key);
+                    me.lead(shard, &key, log, state);
+                } else {
+                    me.leading.borrow_mut().remove(&key);
+                    me.follow(shard, &key, log, state.leader, state.leader_epoch);
+                }
+            }
+        }
+        me.leading.borrow_mut().retain(|k, _| seen.contains(k));
+        me.following.borrow_mut().retain(|k, _| seen.contains(k));
+        for notify in me.fetchers.borrow().values() {
+            notify.notify_all();
+        }
+    }
+
+    fn lead(&self, shard: &Rc<Shard>, key: &PartitionKey, log: SharedLog, state: &crate::metadata::PartitionState) {
+        let mut leading = self.leading.borrow_mut();
+        let now = Instant::now();
+        let fresh = leading.get(key).is_none_or(|l| l.leader_epoch != state.leader_epoch);
+        if fresh {
+            let leo = log.borrow().log_end_offset();
+            log::info!(
+                "shard {}: {}-{}: leader at epoch {} (log end {}, replicas {:?}, isr {:?})",
+                shard.id.0,
+                key.0,
+                key.1,
+                state.leader_epoch,
+                leo.0,
+                state.replicas,
+                state.isr
+            );
+            let followers = state
+                .replicas
+                .iter()
+                .filter(|r| **r != self.my_broker)
+                .map(|r| (*r, Progress { end: Offset(-1), last_caught_up: now, leader_end_at_last_fetch: leo }))
+                .collect();
+            leading.insert(
+                key.clone(),
+                Leading {
+                    log,
+                    leader_epoch: state.leader_epoch,
+                    partition_epoch: state.partition_epoch,
+                    replicas: state.replicas.clone(),
+                    isr: state.isr.clone(),
+                    followers,
+                    alter_in_flight: Rc::new(Cell::new(false)),
+                },
+            );
+        } else if let Some(l) = leading.get_mut(key) {
+            for r in state.replicas.iter().filter(|r| **r != self.my_broker) {
+                l.followers.entry(*r).or_insert(Progress {
+                    end: Offset(-1),
+                    last_caught_up: now,
+                    leader_end_at_last_fetch: l.log.borrow().log_end_offset(),
+                });
+            }
+            l.followers.retain(|r, _| state.replicas.contains(r));
+            l.partition_epoch = state.partition_epoch;
+            l.replicas = state.replicas.clone();
+            l.isr = state.isr.clone();
+        }
+        if let Some(l) = leading.get(key) {
+            update_high_watermark(shard, l);
+        }
+    }
+
+    fn follow(&self, shard: &Rc<Shard>, key: &PartitionKey, log: SharedLog, leader: i32, leader_epoch: i32) {
+        let fresh = {
+            let mut following = self.following.borrow_mut();
+            let fresh = following.get(key).is_none_or(|f| f.leader != leader || f.leader_epoch != leader_epoch);
+            if fresh {
+                log::info!(
+                    "shard {}: {}-{}: follower of broker {leader} at epoch {leader_epoch} (log end {})",
+                    shard.id.0,
+                    key.0,
+                    key.1,
+                    log.borrow().log_end_offset().0
+                );
+                // A follower's high watermark only moves with the leader's.
+                let hw = log.borrow().high_watermark;
+                log_api::set_bound(&log, Some(hw));
+                following.insert(
+                    key.clone(),
+                    Following { log, leader, leader_epoch, truncation_checked: Rc::new(Cell::new(false)) },
+                );
+            }
+            fresh
+        };
+        if fresh && leader >= 0 && !self.fetchers.borrow().contains_key(&leader) {
+            let notify = Rc::new(crate::notify::Notify::default());
+            self.fetchers.borrow_mut().insert(leader, notify.clone());
+            glommio::spawn_local(fetcher::run(shard.clone(), leader, notify)).detach();
+        }
+    }
+
+    /// The fetcher for `leader` found nothing left to fetch and stops.
+    pub(crate) fn fetcher_stopped(&self, leader: i32) {
+        self.fetchers.borrow_mut().remove(&leader);
+    }
+
+    /// A follower fetched `key` from `fetch_offset` (its durable log end)
+    /// at `epoch`: records its progress, moves the high watermark, and asks
+    /// the quorum to take it back into the ISR once it has caught up.
+    pub fn on_replica_fetch(
+        shard: &Rc<Shard>,
+        key: &PartitionKey,
+        replica: i32,
+        fetch_offset: Offset,
+        epoch: i32,
+    ) -> Result<(), ErrorCode> {
+        let me = &shard.replication;
+        let mut leading = me.leading.borrow_mut();
+        let Some(l) = leading.get_mut(key) else { return Err(ErrorCode::NotLeaderOrFollower) };
+        if epoch >= 0 && epoch < l.leader_epoch {
+            return Err(ErrorCode::FencedLeaderEpoch);
+        }
+        if epoch > l.leader_epoch {
+            return Err(ErrorCode::UnknownLeaderEpoch);
+        }
+        let (leo, hw) = {
+            let log = l.log.borrow();
+            (log.log_end_offset(), log.high_watermark)
+        };
+        let Some(progress) = l.followers.get_mut(&replica) else {
+            log::warn!("{}-{}: fetch from broker {replica}, which is not a replica {:?}", key.0, key.1, l.replicas);
+            return Err(ErrorCode::NotLeaderOrFollower);
+        };
+        let now = Instant::now();
+        if fetch_offset >= progress.leader_end_at_last_fetch || fetch_offset >= leo {
+            progress.last_caught_up = now;
+        }
+        progress.end = fetch_offset;
+        progress.leader_end_at_last_fetch = leo;
+        let rejoin = !l.isr.contains(&replica) && fetch_offset >= hw;
+        update_high_watermark(shard, l);
+        if rejoin {
+            let mut isr = l.isr.clone();
+            isr.push(replica);
+            let reason = format!("broker {replica} caught up to offset {} (high watermark {})", fetch_offset.0, hw.0);
+            alter_isr(shard, key, l, isr, reason);
+        }
+        Ok(())
+    }
+
+    /// The ISR and min.insync.replicas check before an acks=all append:
+    /// NOT_ENOUGH_REPLICAS when fewer replicas than required are in sync.
+    pub fn check_min_isr(shard: &Shard, image: &MetadataImage, topic: &str, partition: i32) -> Result<(), String> {
+        let Some(t) = image.topics.get(topic) else { return Ok(()) };
+        let Some(state) = usize::try_from(partition).ok().and_then(|p| image.partition_state(t, p)) else {
+            return Ok(());
+        };
+        let min = crate::topic_config::topic_i64(&shard.config, image, t, "min.insync.replicas").max(1) as usize;
+        if state.isr.len() < min {
+            return Err(format!(
+                "{topic}-{partition}: {} in-sync replica(s) {:?}, min.insync.replicas is {min}",
+                state.isr.len(),
+                state.isr
+            ));
+        }
+        Ok(())
+    }
+
+    /// Shrinks the ISR of every partition this shard leads whose followers
+    /// have not caught up for `replica.lag.time.max.ms`. Runs on every shard.
+    pub async fn run_isr_checks(shard: Rc<Shard>) {
+        let period = (shard.replication.lag_max / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        while !shard.stopping.get() {
+            glommio::timer::sleep(period).await;
+            let now = Instant::now();
+            let mut leading = shard.replication.leading.borrow_mut();
+            for (key, l) in leading.iter_mut() {
+                let lagging: Vec<i32> = l
+                    .isr
+                    .iter()
+                    .filter(|r| **r != shard.replication.my_broker)
+                    .filter(|r| {
+                        l.followers
+                            .get(r)
+                            .is_some_and(|p| now.duration_since(p.last_caught_up) > shard.replication.lag_max)
+                    })
+                    .copied()
+                    .collect();
+                if lagging.is_empty() {
+                    continue;
+                }
+                let isr: Vec<i32> = l.isr.iter().filter(|r| !lagging.contains(r)).copied().collect();
+                let reason = format!(
+                    "broker(s) {lagging:?} not caught up for replica.lag.time.max.ms={}",
+                    shard.replication.lag_max.as_millis()
+                );
+                alter_isr(&shard, key, l, isr, reason);
+            }
+        }
+    }
+}
+
+/// Caps the leader's high watermark at the lowest durable end among the
+/// other ISR members (no cap when the leader is the only one).
+fn update_high_watermark(shard: &Shard, l: &Leading) {
+    let others: Vec<Offset> = l
+        .isr
+        .iter()
+        .filter(|r| **r != shard.replication.my_broker)
+        .map(|r| l.followers.get(r).map(|p| p.end).unwrap_or(Offset(-1)))
+        .collect();
+    let bound = others.iter().min().copied();
+    let before = l.log.borrow().high_watermark;
+    // An unknown follower end (-1) holds the watermark where it is.
+    let bound = bound.map(|b| if b.0 < 0 { before } else { b });
+    log_api::set_bound(&l.log, bound);
+    if l.log.borrow().high_watermark != before {
+        shard.hw_notify.notify_all();
+    }
+}
+
+/// Sends an ISR change to the quorum (one at a time per partition); the
+/// committed result comes back as a metadata image.
+fn alter_isr(shard: &Rc<Shard>, key: &PartitionKey, l: &Leading, isr: Vec<i32>, reason: String) {
+    let Some(quorum) = shard.replication.quorum.clone() else { return };
+    if l.alter_in_flight.get() || isr.is_empty() {
+        return;
+    }
+    l.alter_in_flight.set(true);
+    let in_flight = l.alter_in_flight.clone();
+    let command = MetadataCommand::AlterPartition {
+        topic: key.0.clone(),
+        partition: key.1,
+        leader_epoch: l.leader_epoch,
+        partition_epoch: l.partition_epoch,
+        isr: isr.clone(),
+    };
+    let (old, key, shard_id) = (l.isr.clone(), key.clone(), shard.id.0);
+    glommio::spawn_local(async move {
+        match quorum.submit(command).await {
+            Ok((_, results)) => match results.into_iter().find_map(|(_, r)| r.err()) {
+                None => log::info!("shard {shard_id}: {}-{}: ISR {old:?} -> {isr:?} ({reason})", key.0, key.1),
+                Some(refused) => log::info!(
+                    "shard {shard_id}: {}-{}: ISR change {old:?} -> {isr:?} refused: {} ({})",
+                    key.0,
+                    key.1,
+                    ErrorCode::from_code(refused.code).name(),
+                    refused.message
+                ),
+            },
+            Err(e) => {
+                log::warn!("shard {shard_id}: {}-{}: ISR change {old:?} -> {isr:?} not committed: {e}", key.0, key.1)
+            }
+        }
+        in_flight.set(false);
+    })
+    .detach();
+}
+
+/// Broker id of `shard` on this node.
+pub fn my_broker_id(config: &crate::config::Config, shard: u32) -> i32 {
+    broker_id(config.node_id, shard)
+}

@@ -1,0 +1,94 @@
+//! A minimal Kafka client connection for the replica fetcher: one request
+//! at a time over a glommio `TcpStream`, on the shard that owns it.
+//!
+//! Every length read from the peer is checked before anything is allocated
+//! (a leader answering garbage costs a closed connection and a log line).
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use tidelog_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
+use tidelog_protocol::{Decodable, Encodable, StrBytes};
+
+/// One connection to a leader broker.
+pub struct Conn {
+    stream: TcpStream,
+    next_correlation_id: i32,
+    client_id: StrBytes,
+    pub peer: SocketAddr,
+}
+
+fn timed_out(what: &str, peer: SocketAddr, after: Duration) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, format!("{what} {peer}: no answer within {} ms", after.as_millis()))
+}
+
+impl Conn {
+    pub async fn connect(peer: SocketAddr, client_id: &str, timeout: Duration) -> io::Result<Conn> {
+        let connect = async { TcpStream::connect(peer).await.map_err(io::Error::from) };
+        let stream = match glommio::timer::timeout(timeout, async { Ok(connect.await) }).await {
+            Ok(r) => r?,
+            Err(_) => return Err(timed_out("connect to", peer, timeout)),
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(Conn { stream, next_correlation_id: 1, client_id: StrBytes::from_string(client_id.to_string()), peer })
+    }
+
+    /// Sends `body` as `key` v`version` and returns the decoded response.
+    pub async fn call<Req: Encodable, Resp: Decodable>(
+        &mut self,
+        key: ApiKey,
+        version: i16,
+        body: &Req,
+        frame_bytes_max: usize,
+        timeout: Duration,
+    ) -> io::Result<Resp> {
+        let correlation_id = self.next_correlation_id;
+        self.next_correlation_id = self.next_correlation_id.wrapping_add(1);
+        let header = RequestHeader::default()
+            .with_request_api_key(key as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(correlation_id)
+            .with_client_id(Some(self.client_id.clone()));
+        let mut buf = BytesMut::with_capacity(256);
+        buf.put_i32(0);
+        header.encode(&mut buf, key.request_header_version(version)).map_err(io::Error::other)?;
+        body.encode(&mut buf, version).map_err(io::Error::other)?;
+        let len = (buf.len() - 4) as i32;
+        buf[..4].copy_from_slice(&len.to_be_bytes());
+        let peer = self.peer;
+        let exchange = async {
+            self.stream.write_all(&buf).await?;
+            let mut prefix = [0u8; 4];
+            self.stream.read_exact(&mut prefix).await?;
+            let len = i32::from_be_bytes(prefix);
+            if len < 4 || len as usize > frame_bytes_max {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{peer}: response frame of {len} bytes (limit {frame_bytes_max})"),
+                ));
+            }
+            let mut frame = vec![0u8; len as usize];
+            self.stream.read_exact(&mut frame).await?;
+            Ok(Bytes::from(frame))
+        };
+        let mut frame = match glommio::timer::timeout(timeout, async { Ok(exchange.await) }).await {
+            Ok(r) => r?,
+            Err(_) => return Err(timed_out(&format!("{key:?} to"), peer, timeout)),
+        };
+        let header = ResponseHeader::decode(&mut frame, key.response_header_version(version))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{peer}: bad response header: {e}")))?;
+        if header.correlation_id != correlation_id {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{peer}: correlation id {} answers request {correlation_id}", header.correlation_id),
+            ));
+        }
+        Resp::decode(&mut frame, version).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("{peer}: bad {key:?} v{version} response: {e}"))
+        })
+    }
+}

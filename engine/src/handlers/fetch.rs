@@ -83,6 +83,25 @@ fn frame(shard: &Shard, version: i16, cid: i32, c: Collected) -> Outgoing {
     Outgoing::Parts(parts)
 }
 
+/// Who is fetching: a consumer, or a follower replica (broker id), whose
+/// fetch offsets tell the leader how far it has durably got.
+fn fetching_replica(req: &FetchRequest) -> Option<i32> {
+    (req.replica_id.0 >= 0).then_some(req.replica_id.0)
+}
+
+/// Kafka's leader epoch fencing of a fetch (KIP-320): an older epoch than
+/// the leader's is FENCED_LEADER_EPOCH, a newer one UNKNOWN_LEADER_EPOCH
+/// (the client's metadata is ahead of ours). -1: not checked.
+fn epoch_error(current: i32, requested: i32) -> Option<ErrorCode> {
+    if requested < 0 || requested == current {
+        None
+    } else if requested < current {
+        Some(ErrorCode::FencedLeaderEpoch)
+    } else {
+        Some(ErrorCode::UnknownLeaderEpoch)
+    }
+}
+
 /// A requested partition after the checks that need no I/O: an error to
 /// answer, or a log to read from `offset`.
 enum Slot {
@@ -96,6 +115,7 @@ enum Slot {
 /// limits are applied in request order without waiting.
 async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Collected {
     let image = shard.image();
+    let replica = fetching_replica(req);
     let mut c =
         Collected { topics: Vec::with_capacity(req.topics.len()), records: Vec::new(), bytes: 0, any_error: false };
     let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(req.topics.len());
@@ -113,6 +133,9 @@ async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Col
             let code = match image.owner(name, p.partition) {
                 None => Some(ErrorCode::UnknownTopicOrPartition),
                 Some(owner) if owner != shard.id => Some(ErrorCode::NotLeaderOrFollower),
+                Some(_) if image.clustered() => {
+                    epoch_error(image.leader_epoch(name, p.partition), p.current_leader_epoch)
+                }
                 Some(_) => None,
             };
             let log = if code.is_none() { shard.log(name, p.partition) } else { None };
@@ -126,6 +149,21 @@ async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Col
                 (l.high_watermark, l.log_end_offset(), l.log_start_offset)
             };
             let offset = Offset(p.fetch_offset);
+            if let Some(broker) = replica.filter(|_| offset >= start && offset <= leo) {
+                let key = (name.to_string(), p.partition);
+                let seen = crate::replication::Replication::on_replica_fetch(
+                    shard,
+                    &key,
+                    broker,
+                    offset,
+                    p.current_leader_epoch,
+                );
+                if let Err(code) = seen {
+                    header.error_code = code.code();
+                    topic_slots.push(Slot::Failed(header));
+                    continue;
+                }
+            }
             if offset < start || offset > leo {
                 log::info!("fetch {name}-{}: offset {} out of range [{}, {}]", p.partition, offset.0, start.0, leo.0);
                 header.high_watermark = hw.0;
@@ -141,7 +179,10 @@ async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Col
     }
     let located = futures::future::join_all(slots.iter().flatten().map(|slot| async move {
         match slot {
-            Slot::Read { log, offset, .. } => Some(partition::locate(log, *offset).await),
+            Slot::Read { log, offset, .. } => Some(match replica {
+                Some(_) => crate::replication::locate_for_replica(log, *offset).await,
+                None => partition::locate(log, *offset).await,
+            }),
             Slot::Failed(_) => None,
         }
     }))
@@ -178,6 +219,9 @@ async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Col
                     Some(Ok(l)) => match partition::plan(&log, offset, l, budget, at_least_one) {
                         Some(r) => Ok(r),
                         // The cache moved on since locating: this partition alone, again.
+                        None if replica.is_some() => {
+                            crate::replication::read_for_replica(&log, offset, budget, at_least_one).await
+                        }
                         None => partition::read_for_fetch(&log, offset, budget, at_least_one).await,
                     },
                     Some(Err(e)) => Err(e),

@@ -28,10 +28,6 @@ use crate::shard::Shard;
 use crate::storage::checkpoint;
 use crate::storage::partition::SharedLog;
 
-/// Kafka's UNKNOWN_LEADER_EPOCH: the client knows a newer epoch than ours.
-const UNKNOWN_LEADER_EPOCH: i16 = 75;
-/// tidelog is single-node: every partition's leader epoch is 0.
-const LEADER_EPOCH: i32 = 0;
 
 /// The owned, open log of `topic`-`partition`, or the error code to answer.
 fn owned_log(shard: &Shard, topic: &str, partition: i32) -> Result<SharedLog, ErrorCode> {
@@ -238,9 +234,14 @@ pub fn offset_for_leader_epoch(
                 .iter()
                 .map(|p| {
                     let out = EpochEndOffset::default().with_partition(p.partition);
+                    // Single node: every partition is at epoch 0.
+                    let current = shard.image().leader_epoch(&t.topic.0, p.partition).max(0);
                     let code = match owned_log(shard, &t.topic.0, p.partition) {
                         Err(code) => Err(code.code()),
-                        Ok(_) if p.current_leader_epoch > LEADER_EPOCH => Err(UNKNOWN_LEADER_EPOCH),
+                        Ok(_) if p.current_leader_epoch > current => Err(ErrorCode::UnknownLeaderEpoch.code()),
+                        Ok(_) if p.current_leader_epoch >= 0 && p.current_leader_epoch < current => {
+                            Err(ErrorCode::FencedLeaderEpoch.code())
+                        }
                         Ok(log) => Ok(log),
                     };
                     match code {
@@ -249,11 +250,18 @@ pub fn offset_for_leader_epoch(
                             out.with_error_code(c).with_leader_epoch(-1).with_end_offset(-1)
                         }
                         // Asking for an epoch newer than ours: undefined (-1, -1), as Kafka answers.
-                        Ok(_) if p.leader_epoch > LEADER_EPOCH => out.with_leader_epoch(-1).with_end_offset(-1),
-                        Ok(log) => {
+                        Ok(_) if p.leader_epoch > current => out.with_leader_epoch(-1).with_end_offset(-1),
+                        Ok(log) if p.leader_epoch == current => {
                             let end = log.borrow().log_end_offset().0;
-                            out.with_leader_epoch(LEADER_EPOCH).with_end_offset(end)
+                            out.with_leader_epoch(current).with_end_offset(end)
                         }
+                        // An older epoch: where it ended on this log (the
+                        // largest epoch at or below it, up to the next one's
+                        // start), which is where a follower must truncate.
+                        Ok(log) => match crate::replication::epoch_end_offset(&log, p.leader_epoch) {
+                            Some((epoch, end)) => out.with_leader_epoch(epoch).with_end_offset(end.0),
+                            None => out.with_leader_epoch(-1).with_end_offset(-1),
+                        },
                     }
                 })
                 .collect();

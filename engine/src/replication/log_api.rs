@@ -33,3 +33,11 @@ pub fn latest_epoch(_log: &SharedLog) -> Option<i32> {
 pub fn epoch_end(_log: &SharedLog, _epoch: i32) -> Option<Offset> {
     None
 }
+
+pub async fn locate_for_replica(log: &SharedLog, offset: Offset) -> io::Result<crate::storage::partition::Located> {
+    crate::storage::partition::locate(log, offset).await
+}
+
+pub fn epoch_end_for(_log: &SharedLog, _epoch: i32) -> Option<(i32, Offset)> {
+    None
+}

@@ -392,6 +392,37 @@ fn alter_isr(shard: &Rc<Shard>, key: &PartitionKey, l: &Leading, isr: Vec<i32>, 
     .detach();
 }
 
+/// Where a follower's fetch from `offset` starts: like a consumer's, but
+/// over the leader's whole durable log, not only up to the high watermark
+/// (which cannot pass what the followers have).
+pub async fn locate_for_replica(
+    log: &SharedLog,
+    offset: Offset,
+) -> std::io::Result<crate::storage::partition::Located> {
+    log_api::locate_for_replica(log, offset).await
+}
+
+/// `locate_for_replica` then `plan`, for one partition on its own.
+pub async fn read_for_replica(
+    log: &SharedLog,
+    offset: Offset,
+    max_bytes: usize,
+    at_least_one: bool,
+) -> std::io::Result<crate::storage::partition::FetchRead> {
+    loop {
+        let located = locate_for_replica(log, offset).await?;
+        if let Some(r) = crate::storage::partition::plan(log, offset, located, max_bytes, at_least_one) {
+            return Ok(r);
+        }
+    }
+}
+
+/// Kafka's OffsetForLeaderEpoch on a leader: the largest epoch at or below
+/// `epoch` in this log's epoch cache and where it ends.
+pub fn epoch_end_offset(log: &SharedLog, epoch: i32) -> Option<(i32, Offset)> {
+    log_api::epoch_end_for(log, epoch)
+}
+
 /// Broker id of `shard` on this node.
 pub fn my_broker_id(config: &crate::config::Config, shard: u32) -> i32 {
     broker_id(config.node_id, shard)

@@ -41,9 +41,11 @@
 //! | `lib.rs`     | `Quorum` (the thread) and `QuorumHandle` (channels to it) |
 
 pub mod image;
-pub mod network;
+mod network;
 mod node;
-pub mod store;
+mod store;
+
+pub use network::FRAME_BYTES_MAX;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -346,6 +348,30 @@ mod tests {
         assert!(image.version >= last);
         assert_eq!(image.broker_configs, expected.broker_configs);
         assert_eq!(image.cluster_id, expected.cluster_id);
+    }
+
+    #[test]
+    fn handles_and_their_futures_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        fn send<T: Send>(_: &T) {}
+        send_sync::<QuorumHandle>();
+        send_sync::<Quorum>();
+        let (commands, _) = mpsc::unbounded_channel();
+        let (_, images) = watch::channel(Arc::new(ClusterImage::default()));
+        let handle = QuorumHandle { inner: Arc::new(HandleInner { commands, images, status: Arc::default() }) };
+        send(&handle.submit(MetadataCommand::DeleteTopics(Vec::new())));
+        send(&handle.register(crate::NodeRegistration {
+            node_id: 0,
+            incarnation: String::new(),
+            host: String::new(),
+            port: 0,
+            num_shards: 1,
+            rack: None,
+            fenced: false,
+        }));
+        send(&handle.controlled_shutdown());
+        // The controller is gone: every call says so instead of hanging.
+        assert!(matches!(block_on(handle.controlled_shutdown()), Err(QuorumError::Stopped)));
     }
 
     #[test]

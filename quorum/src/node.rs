@@ -640,6 +640,8 @@ async fn follow_image(ctx: Arc<Ctx>) {
     let voters: Vec<u32> = ctx.config.voters.keys().copied().collect();
     let mut next = 0usize;
     let mut failing = false;
+    // The long polls reuse one connection while the same voter answers.
+    let mut connection: Option<(u32, TcpStream)> = None;
     let poll_timeout = Duration::from_millis(FETCH_WAIT_MS * 3);
     loop {
         let have_version = ctx.image().version;
@@ -647,8 +649,26 @@ async fn follow_image(ctx: Arc<Ctx>) {
             next += 1;
             voters[next % voters.len()]
         });
-        match call_voter(&ctx, target, &ClientRequest::FetchImage { have_version }, poll_timeout).await {
-            Ok(ClientReply::Image(image)) => {
+        let request = Request::Client(ClientRequest::FetchImage { have_version });
+        let reply = match connection.take().filter(|(voter, _)| *voter == target) {
+            Some((_, stream)) => Ok(stream),
+            None => match ctx.addr_of(target) {
+                Some(addr) => connect(addr).await.map_err(|e| e.to_string()),
+                None => Err(format!("voter {target} has no address")),
+            },
+        };
+        let reply = match reply {
+            Ok(mut stream) => match exchange(&mut stream, &request, poll_timeout).await {
+                Ok(reply) => {
+                    connection = Some((target, stream));
+                    Ok(reply)
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e),
+        };
+        match reply {
+            Ok(Reply::Client(ClientReply::Image(image))) => {
                 if failing {
                     log::info!("controller: node {}: following the metadata of voter {target} again", ctx.me());
                     failing = false;
@@ -661,12 +681,13 @@ async fn follow_image(ctx: Arc<Ctx>) {
             other => {
                 if !failing {
                     let why = match other {
-                        Ok(reply) => format!("{reply:?}"),
-                        Err(CallFailure::NotSent(w) | CallFailure::MaybeSent(w)) => w,
+                        Ok(_) => "reply does not match the request".to_string(),
+                        Err(why) => why,
                     };
                     log::warn!("controller: node {}: cannot fetch metadata from voter {target}: {why}", ctx.me());
                     failing = true;
                 }
+                connection = None;
                 ctx.set_leader_hint(None);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }

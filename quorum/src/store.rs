@@ -18,8 +18,12 @@
 //!                 purge (prefix covered by the snapshot) rewrites the file
 //!                 atomically (raft.log.tmp, fsync, rename, fsync dir).
 //! vote.json       the last vote            } each written atomically:
-//! committed.json  the last committed log id} tmp file, fsync, rename,
-//! purged.json     the last purged log id   } fsync dir
+//! purged.json     the last purged log id   } tmp file, fsync, rename,
+//!                                            fsync dir
+//! committed.json  the last committed log id: tmp file and rename, no fsync
+//!                 (written on every commit; it is only a lower bound that
+//!                 lets a restart re-apply without a leader, so a stale or
+//!                 unreadable one after a crash is ignored)
 //! snapshot.json   {meta, image}: the ClusterImage at meta.last_log_id
 //! ```
 //!
@@ -90,6 +94,14 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     }
     fs::rename(&tmp, dir.join(name))?;
     sync_dir(dir)
+}
+
+/// Replaces `dir/name` by rename, without fsync: after a crash the file may
+/// hold the old content, the new, or nothing readable.
+fn write_replace(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    fs::write(&tmp, bytes)?;
+    fs::rename(&tmp, dir.join(name))
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -210,7 +222,10 @@ impl LogStore {
         })?;
         let last_purged: Option<LogId<NodeId>> = read_json(&dir.join(PURGED_FILE))?;
         let vote: Option<Vote<NodeId>> = read_json(&dir.join(VOTE_FILE))?;
-        let committed: Option<LogId<NodeId>> = read_json(&dir.join(COMMITTED_FILE))?;
+        let committed: Option<LogId<NodeId>> = read_json(&dir.join(COMMITTED_FILE)).unwrap_or_else(|e| {
+            log::warn!("controller: node {node_id}: ignoring the committed pointer: {e}");
+            None
+        });
         let bytes = fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
 
         let mut entries = BTreeMap::new();
@@ -323,11 +338,6 @@ impl LogStore {
         // the data below does not already describe; keep going.
         self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-
-    /// The committed log id read at open or saved since.
-    pub fn committed(&self) -> Option<LogId<NodeId>> {
-        self.lock().committed
-    }
 }
 
 fn corrupt(path: &Path, pos: usize, why: &str) -> String {
@@ -352,6 +362,18 @@ impl LogInner {
         }
         let (Some(first), Some(last)) = (staged.first(), staged.last()) else { return Ok(()) };
         let (first, last) = (first.0.log_id.index, last.0.log_id.index);
+        let expected = self.entries.keys().next_back().copied().or(self.last_purged.map(|p| p.index)).map(|i| i + 1);
+        if expected.is_some_and(|e| e != first) || last + 1 - first != staged.len() as u64 {
+            // A hole would make the file unreadable at the next start.
+            log::error!(
+                "controller: node {}: refusing to append entries {first}..={last} ({} of them) after entry {:?}",
+                self.node_id,
+                staged.len(),
+                expected.map(|e| e - 1)
+            );
+            let e = io::Error::other(format!("append of {first}..={last} would leave a hole after {expected:?}"));
+            return Err(StorageIOError::write_logs(&e).into());
+        }
         let written = self.file.write_all(&buf).and_then(|()| self.file.sync_data());
         if let Err(e) = written {
             log::error!(
@@ -457,7 +479,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Ok(());
         }
         let bytes = serde_json::to_vec(&committed).map_err(|e| StorageIOError::write(&e))?;
-        write_atomic(&inner.dir, COMMITTED_FILE, &bytes).map_err(|e| {
+        write_replace(&inner.dir, COMMITTED_FILE, &bytes).map_err(|e| {
             log::error!("controller: node {}: cannot save the committed log id: {e}", inner.node_id);
             StorageIOError::write(&e)
         })?;

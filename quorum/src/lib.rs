@@ -374,6 +374,101 @@ mod tests {
         assert!(matches!(block_on(handle.controlled_shutdown()), Err(QuorumError::Stopped)));
     }
 
+    /// A client speaking the wire protocol directly, as another node would.
+    fn raw(addr: SocketAddr, request: network::ClientRequest) -> network::ClientReply {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let mut stream = network::connect(addr).await.unwrap();
+            let reply = network::exchange(&mut stream, &network::Request::Client(request), Duration::from_secs(20))
+                .await
+                .unwrap();
+            match reply {
+                network::Reply::Client(reply) => reply,
+                _ => panic!("not a client reply"),
+            }
+        })
+    }
+
+    fn single_voter(name: &str, session_timeout_ms: u64) -> (Quorum, SocketAddr) {
+        let _ = env_logger::builder().is_test(true).filter_level(log::LevelFilter::Info).try_init();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let voters = BTreeMap::from([(1, addr)]);
+        let config = QuorumConfig { session_timeout_ms, ..config(1, &voters, &test_dir(name)) };
+        let quorum = Quorum::start(config).unwrap();
+        let handle = quorum.handle();
+        wait_until("the single voter to lead", || handle.status().leader == Some(1));
+        (quorum, addr)
+    }
+
+    #[test]
+    fn heartbeats_fence_unfence_and_controlled_shutdown() {
+        use network::{ClientReply, ClientRequest};
+        let (quorum, addr) = single_voter("heartbeats", 1_000);
+        let handle = quorum.handle();
+        let registration = crate::NodeRegistration {
+            node_id: 9,
+            incarnation: "nine".to_string(),
+            host: "127.0.0.1".to_string(),
+            port: 9092,
+            num_shards: 2,
+            rack: None,
+            fenced: false,
+        };
+        let reply = raw(addr, ClientRequest::Register(registration.clone()));
+        assert!(matches!(reply, ClientReply::Applied { .. }), "{reply:?}");
+        let beat = |incarnation: &str| {
+            raw(addr, ClientRequest::Heartbeat { node_id: 9, incarnation: incarnation.to_string() })
+        };
+
+        // Silent past the session timeout: fenced.
+        wait_until("node 9 to be fenced", || handle.image().nodes[&9].fenced);
+        // Heartbeats of the same incarnation resume: unfenced.
+        assert!(matches!(beat("nine"), ClientReply::HeartbeatOk));
+        wait_until("node 9 to be unfenced", || !handle.image().nodes[&9].fenced);
+        // Another incarnation must register first.
+        assert!(matches!(beat("ten"), ClientReply::UnknownIncarnation));
+        assert!(matches!(
+            raw(addr, ClientRequest::Heartbeat { node_id: 77, incarnation: "x".into() }),
+            ClientReply::UnknownIncarnation
+        ));
+
+        // Controlled shutdown fences at once; a late heartbeat does not unfence.
+        let reply = raw(addr, ClientRequest::ControlledShutdown { node_id: 9, incarnation: "nine".into() });
+        assert!(matches!(reply, ClientReply::Applied { .. }), "{reply:?}");
+        assert!(handle.image().nodes[&9].fenced);
+        assert!(matches!(beat("nine"), ClientReply::HeartbeatOk));
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(handle.image().nodes[&9].fenced, "a shut-down incarnation stays fenced");
+
+        // A fenced node id may be taken by a new incarnation at once.
+        let reply =
+            raw(addr, ClientRequest::Register(crate::NodeRegistration { incarnation: "new".into(), ..registration }));
+        assert!(matches!(reply, ClientReply::Applied { .. }), "{reply:?}");
+        assert!(!handle.image().nodes[&9].fenced);
+    }
+
+    #[test]
+    fn malformed_frames_close_the_connection_and_nothing_else() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (quorum, addr) = single_voter("malformed", 30_000);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let too_long = ((network::FRAME_BYTES_MAX as u32) + 1).to_be_bytes().to_vec();
+            let mut garbage = 7u32.to_be_bytes().to_vec();
+            garbage.extend_from_slice(b"garbage");
+            for bytes in [too_long, garbage, u32::MAX.to_be_bytes().to_vec()] {
+                let mut stream = network::connect(addr).await.unwrap();
+                stream.write_all(&bytes).await.unwrap();
+                let mut buf = [0u8; 16];
+                let read = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf)).await.unwrap();
+                assert!(matches!(read, Ok(0) | Err(_)), "the voter closes the connection: {read:?}");
+            }
+        });
+        let (_, result) = block_on(quorum.handle().submit(MetadataCommand::SetBrokerConfigs(BTreeMap::new()))).unwrap();
+        assert_eq!(result, vec![(String::new(), Ok(()))]);
+    }
+
     #[test]
     fn ids_have_the_kafka_shapes() {
         let id = new_cluster_id();

@@ -464,49 +464,50 @@ async fn controlled_shutdown(ctx: &Arc<Ctx>) -> Result<(), QuorumError> {
 async fn heartbeat(ctx: Arc<Ctx>, generation: u64) {
     let interval = Duration::from_millis(ctx.config.heartbeat_interval_ms);
     let timeout = ctx.request_timeout().min(ctx.session_timeout() / 2).max(interval);
-    let mut failing = false;
+    // The kind of trouble last logged: a problem is logged when it starts or
+    // changes, not on every beat.
+    let mut trouble: Option<&'static str> = None;
     loop {
         tokio::time::sleep(interval).await;
         if ctx.heartbeat_generation.load(Ordering::SeqCst) != generation {
             return;
         }
         let Some(registration) = lock(&ctx.me).clone() else { return };
-        let request =
-            ClientRequest::Heartbeat { node_id: registration.node_id, incarnation: registration.incarnation.clone() };
-        match call_leader(&ctx, request, timeout).await {
+        let me = registration.node_id;
+        let request = ClientRequest::Heartbeat { node_id: me, incarnation: registration.incarnation.clone() };
+        let (kind, message) = match call_leader(&ctx, request, timeout).await {
             Ok(ClientReply::HeartbeatOk) => {
-                if failing {
-                    log::info!("controller: node {}: heartbeats reach the leader again", ctx.me());
-                    failing = false;
+                if trouble.take().is_some() {
+                    log::info!("controller: node {me}: heartbeats reach the leader again");
                 }
+                continue;
             }
             Ok(ClientReply::UnknownIncarnation) => {
                 log::warn!(
-                    "controller: node {}: the leader does not know incarnation {}; registering again",
-                    ctx.me(),
+                    "controller: node {me}: the leader does not know incarnation {}; registering again",
                     registration.incarnation
                 );
                 match call_leader(&ctx, ClientRequest::Register(registration), timeout).await {
                     Ok(ClientReply::Applied { index, .. }) => {
-                        log::info!("controller: node {} registered again at index {index}", ctx.me())
+                        log::info!("controller: node {me} registered again at index {index}");
+                        trouble = None;
+                        continue;
                     }
-                    Ok(ClientReply::DuplicateNode(message)) => log::error!("controller: {message}"),
-                    Ok(other) => log::warn!("controller: node {}: registering again: {other:?}", ctx.me()),
-                    Err(e) => log::warn!("controller: node {}: registering again: {e}", ctx.me()),
+                    Ok(ClientReply::DuplicateNode(message)) => ("duplicate", message),
+                    Ok(other) => ("register", format!("node {me}: registering again: {other:?}")),
+                    Err(e) => ("register", format!("node {me}: registering again: {e}")),
                 }
             }
-            Ok(other) => {
-                if !failing {
-                    log::warn!("controller: node {}: heartbeat answered {other:?}", ctx.me());
-                    failing = true;
-                }
+            Ok(other) => ("answer", format!("node {me}: heartbeat answered {other:?}")),
+            Err(e) => ("unreachable", format!("node {me} cannot heartbeat to the controller leader: {e}")),
+        };
+        if trouble != Some(kind) {
+            if kind == "duplicate" {
+                log::error!("controller: {message}");
+            } else {
+                log::warn!("controller: {message}");
             }
-            Err(e) => {
-                if !failing {
-                    log::warn!("controller: node {} cannot heartbeat to the controller leader: {e}", ctx.me());
-                    failing = true;
-                }
-            }
+            trouble = Some(kind);
         }
     }
 }

@@ -104,7 +104,11 @@ pub enum MetadataCommand {
     InitCluster {
         cluster_id: String,
     },
-    /// A node (re)starts: replaces its registration, unfenced.
+    /// A node (re)starts: replaces its registration, unfenced. A new
+    /// incarnation replacing an unfenced one is a restart the session did
+    /// not notice: the old incarnation is fenced first (its leaderships move,
+    /// epochs bump), exactly as if its session had expired. Like
+    /// UnfenceNode, it then leads the leaderless partitions in whose ISR it is.
     RegisterNode(NodeRegistration),
     /// The node missed heartbeats (or shut down): fence it and move every
     /// leadership it held to another in-sync replica on an unfenced node
@@ -284,9 +288,16 @@ impl ClusterImage {
                 ),
             ));
         }
+        let node = registration.node_id;
+        let restarted_unnoticed =
+            self.nodes.get(&node).is_some_and(|old| !old.fenced && old.incarnation != registration.incarnation);
+        if restarted_unnoticed {
+            self.fence_node(node);
+        }
         let mut registration = registration.clone();
-        registration.fenced = false;
-        self.nodes.insert(registration.node_id, registration);
+        registration.fenced = true;
+        self.nodes.insert(node, registration);
+        self.unfence_node(node);
         Ok(())
     }
 
@@ -845,10 +856,49 @@ mod tests {
         assert_eq!(image.nodes[&2].incarnation, "new");
 
         for bad in [reg(5, 0), reg(5, 1001), reg(1000, 1)] {
+            let before = image.clone();
             let result = image.apply(index + 3, &MetadataCommand::RegisterNode(bad));
             assert_eq!(refused(&result).code, INVALID_REQUEST);
+            assert_eq!(image.nodes, before.nodes);
         }
         assert!(!image.nodes.contains_key(&5));
+    }
+
+    #[test]
+    fn a_new_incarnation_of_a_live_node_fences_the_old_one_first() {
+        let (mut image, index) = three_nodes();
+        image.apply(
+            index + 1,
+            &MetadataCommand::CreateTopics(vec![assigned("t", vec![vec![1000, 2000], vec![2001, 1001]])]),
+        );
+        // Same incarnation again: nothing moves.
+        image.apply(index + 2, &MetadataCommand::RegisterNode(reg(1, 2)));
+        assert_eq!(partition(&image, "t", 0).leader_epoch, 0);
+
+        let mut restarted = reg(1, 2);
+        restarted.incarnation = "restarted".into();
+        assert_eq!(image.apply(index + 3, &MetadataCommand::RegisterNode(restarted)), ok(""));
+        assert!(!image.nodes[&1].fenced);
+        assert_eq!(image.nodes[&1].incarnation, "restarted");
+        let p0 = partition(&image, "t", 0);
+        assert_eq!((p0.leader, p0.leader_epoch, p0.partition_epoch, p0.isr.clone()), (2000, 1, 1, vec![2000]));
+        let p1 = partition(&image, "t", 1);
+        assert_eq!((p1.leader, p1.leader_epoch, p1.partition_epoch, p1.isr.clone()), (2001, 0, 1, vec![2001]));
+    }
+
+    #[test]
+    fn registering_again_after_a_fence_takes_back_leaderless_partitions() {
+        let (mut image, index) = three_nodes();
+        image.apply(index + 1, &MetadataCommand::CreateTopics(vec![assigned("t", vec![vec![1000, 2000]])]));
+        image.apply(index + 2, &MetadataCommand::FenceNode { node_id: 2 });
+        image.apply(index + 3, &MetadataCommand::FenceNode { node_id: 1 });
+        let p = partition(&image, "t", 0);
+        assert_eq!((p.leader, p.isr.clone()), (-1, vec![1000]));
+        let mut restarted = reg(1, 2);
+        restarted.incarnation = "restarted".into();
+        image.apply(index + 4, &MetadataCommand::RegisterNode(restarted));
+        let p = partition(&image, "t", 0);
+        assert_eq!((p.leader, p.leader_epoch), (1000, 2), "the last ISR member leads again, in a new epoch");
     }
 
     #[test]

@@ -420,7 +420,27 @@ async fn register(ctx: &Arc<Ctx>, registration: NodeRegistration) -> Result<(), 
             registration.node_id
         )));
     }
-    match call_leader(ctx, ClientRequest::Register(registration.clone()), ctx.request_timeout()).await? {
+    // A node.id held by a process that just died stays "live" until its
+    // session times out (as in Kafka): retry until then; a live duplicate
+    // keeps heartbeating and is still refused after it.
+    let started = Instant::now();
+    let patience = ctx.session_timeout() + Duration::from_millis(ctx.config.heartbeat_interval_ms);
+    let retry = Duration::from_millis(ctx.config.heartbeat_interval_ms.max(500));
+    let reply = loop {
+        match call_leader(ctx, ClientRequest::Register(registration.clone()), ctx.request_timeout()).await? {
+            ClientReply::DuplicateNode(message) if started.elapsed() < patience => {
+                if started.elapsed() < retry {
+                    log::warn!(
+                        "controller: {message}; retrying for up to {} ms in case that process is gone",
+                        patience.as_millis()
+                    );
+                }
+                tokio::time::sleep(retry).await;
+            }
+            reply => break reply,
+        }
+    };
+    match reply {
         ClientReply::Applied { index, result } => {
             if let Some(refusal) = result.into_iter().find_map(|(_, r)| r.err()) {
                 return Err(QuorumError::Other(format!("registration refused: {}", refusal.message)));

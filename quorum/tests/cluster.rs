@@ -321,15 +321,17 @@ fn restarted_voters_rebuild_the_same_image_from_their_logs() {
     cluster.wait_all_images("the restarted follower to catch up", |image| image.version >= later);
 
     // Everyone down; each voter's own disk gives back the image it had.
-    let images: BTreeMap<u32, Arc<ClusterImage>> =
-        cluster.running.iter().map(|(&id, q)| (id, q.handle().image())).collect();
+    cluster.wait_all_images("a quiet cluster", |image| image.version >= later && !image.cluster_id.is_empty());
+    let handles: BTreeMap<u32, QuorumHandle> = (1..=3).map(|id| (id, cluster.handle(id))).collect();
     for id in 1..=3 {
         cluster.stop(id);
     }
+    // Read after the stop: the last image each node applied.
+    let images: BTreeMap<u32, Arc<ClusterImage>> = handles.iter().map(|(&id, h)| (id, h.image())).collect();
     for id in 1..=3 {
         // Alone, with no leader to learn from: the image comes from the log on disk.
         let restarted = cluster.start(id).image();
-        assert!(restarted.version >= later, "node {id} restarted at version {}", restarted.version);
+        assert!(restarted.version >= images[&id].version, "node {id} restarted at version {}", restarted.version);
         assert_eq!(restarted.topics, images[&id].topics, "node {id}");
         assert_eq!(restarted.nodes, images[&id].nodes, "node {id}");
         assert_eq!(restarted.cluster_id, images[&id].cluster_id, "node {id}");
@@ -344,7 +346,8 @@ fn restarted_voters_rebuild_the_same_image_from_their_logs() {
 
 #[test]
 fn a_second_live_registration_of_a_node_id_is_refused() {
-    let mut cluster = Cluster::new("duplicate", 10_000, 30_000);
+    // register() keeps trying for a session timeout before it gives up.
+    let mut cluster = Cluster::new("duplicate", 10_000, 3_000);
     cluster.start_voters();
     cluster.register_voters_as_brokers();
     let first = cluster.start(8);
@@ -353,7 +356,9 @@ fn a_second_live_registration_of_a_node_id_is_refused() {
     // A second process with the same node.id (here: another broker-only node 8).
     let config = cluster.config(8);
     let second = Quorum::start(config).unwrap();
+    let started = Instant::now();
     let err = block_on(second.handle().register(registration(8, 2, "second"))).unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(3_000), "refused only after a whole session timeout");
     let QuorumError::DuplicateNode(message) = &err else { panic!("expected DuplicateNode, got {err:?}") };
     assert!(message.starts_with("node.id 8 is already registered by a running broker (incarnation first"), "{message}");
     assert!(message.contains("stop it or give this broker another node.id"), "{message}");
@@ -427,6 +432,15 @@ fn a_silent_node_is_fenced_and_its_leaderships_move() {
     let broker = cluster.start(9);
     block_on(broker.register(registration(9, 2, "nine"))).unwrap();
     assert!(!broker.image().nodes[&9].fenced);
+
+    // Killed and restarted at once: the new incarnation waits out the old
+    // session instead of failing as a duplicate.
+    cluster.stop(9);
+    let broker = cluster.start(9);
+    block_on(broker.register(registration(9, 2, "nine-restarted"))).unwrap();
+    let image = broker.image();
+    assert_eq!(image.nodes[&9].incarnation, "nine-restarted");
+    assert!(!image.nodes[&9].fenced);
 }
 
 #[test]

@@ -74,6 +74,8 @@ pub async fn truncate_prefix(log: &SharedLog, offset: Offset, why: &str) -> io::
     if after > before {
         let d = dir.clone();
         glommio::executor().spawn_blocking(move || write(&d, after)).await?;
+        // The leader epoch cache moved its first entry up with the start.
+        super::partition::persist_epochs(log).await?;
     }
     let removed = log.borrow_mut().remove_segments_below(after);
     let mut out = Truncated { log_start_offset: after, ..Default::default() };

@@ -632,7 +632,7 @@ pub async fn clean_log(
     p: &CleanParams,
     stopping: &dyn Fn() -> bool,
 ) -> io::Result<Option<CleanStats>> {
-    let (name, dir, index_interval_bytes, inactive, active) = {
+    let (name, dir, index_interval_bytes, inactive, active, high_watermark, truncations) = {
         let l = log.borrow();
         (
             format!("{}-{}", l.topic, l.partition.0),
@@ -640,9 +640,14 @@ pub async fn clean_log(
             l.settings.segment.index_interval_bytes,
             l.inactive_segments(),
             l.active_segment_info(),
+            l.high_watermark,
+            l.truncations,
         )
     };
-    let segments = cleanable(&inactive, &active, p.now_ms, p.min_compaction_lag_ms);
+    // As Kafka: nothing at or above the high watermark is cleaned (a
+    // replicated log's tail may still be truncated).
+    let mut segments = cleanable(&inactive, &active, p.now_ms, p.min_compaction_lag_ms);
+    segments.retain(|s| s.next_offset <= high_watermark);
     if segments.is_empty() {
         return Ok(None);
     }
@@ -689,7 +694,7 @@ pub async fn clean_log(
         stats.bytes_read += r.bytes_before;
         pace(r.bytes_before + if r.changed { r.bytes_after } else { 0 }, p.io_max_bytes_per_second).await;
         if r.changed {
-            if !install(log, &path, base, &r).await? {
+            if !install(log, &path, base, &r, truncations).await? {
                 continue;
             }
             stats.segments_cleaned += 1;
@@ -719,14 +724,19 @@ pub async fn clean_log(
 }
 
 /// Swaps the segment at `base` for its written `.log.cleaned`, on disk then
-/// in memory. `false` (and nothing left behind) when the segment went away.
-async fn install(log: &SharedLog, path: &Path, base: Offset, r: &Rewritten) -> io::Result<bool> {
+/// in memory. `false` (and nothing left behind) when the segment went away,
+/// or when the log was truncated since the pass started (`truncations` was
+/// its count then): the key map may hold records the truncation removed.
+/// Holds the log's cleaner lock, so no truncation runs meanwhile.
+async fn install(log: &SharedLog, path: &Path, base: Offset, r: &Rewritten, truncations: u64) -> io::Result<bool> {
     let cleaned = cleaned_path(path);
+    let lock = log.borrow().cleaner_lock.clone();
+    let _cleaner = lock.lock().await;
     // Fetches must keep reading the old inode: pin a read fd to it first.
     let p = path.to_path_buf();
     let old = glommio::executor().spawn_blocking(move || super::segment::open_reader(&p)).await?;
     log.borrow_mut().set_reader_if_none(base, Arc::new(old));
-    if !segment_present(log, base) {
+    if !segment_present(log, base) || log.borrow().truncations != truncations {
         glommio::executor().spawn_blocking(move || remove_if_exists(&cleaned)).await?;
         return Ok(false);
     }

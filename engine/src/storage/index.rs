@@ -54,6 +54,15 @@ impl SegmentIndex {
         }
     }
 
+    /// Forgets the batches at or after `relative_offset`, which start at
+    /// file position `position` (a truncation of the segment there).
+    pub fn truncate(&mut self, relative_offset: u32, position: u64) {
+        let keep = self.offsets.partition_point(|e| (e.position as u64) < position);
+        self.offsets.truncate(keep);
+        let keep = self.times.partition_point(|e| e.relative_offset < relative_offset);
+        self.times.truncate(keep);
+    }
+
     pub fn encode_offsets(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.offsets.len() * 8);
         for e in &self.offsets {
@@ -130,5 +139,24 @@ mod tests {
         assert_eq!(back.times, idx.times);
         assert!(SegmentIndex::decode(&idx.encode_offsets(), &[], 5000).is_none(), "position past the log");
         assert!(SegmentIndex::decode(&[0u8; 7], &[], 5000).is_none());
+    }
+
+    #[test]
+    fn truncate_drops_entries_at_and_after_the_cut() {
+        let mut idx = SegmentIndex::default();
+        idx.offsets.push(IndexEntry { relative_offset: 0, position: 0 });
+        idx.offsets.push(IndexEntry { relative_offset: 10, position: 4096 });
+        idx.offsets.push(IndexEntry { relative_offset: 25, position: 9000 });
+        idx.times.push(TimeEntry { timestamp_ms: 100, relative_offset: 0 });
+        idx.times.push(TimeEntry { timestamp_ms: 200, relative_offset: 10 });
+        idx.times.push(TimeEntry { timestamp_ms: 300, relative_offset: 25 });
+        idx.truncate(25, 9000);
+        assert_eq!(idx.offsets.len(), 2);
+        assert_eq!(idx.times.last(), Some(&TimeEntry { timestamp_ms: 200, relative_offset: 10 }));
+        idx.truncate(5, 2000);
+        assert_eq!(idx.offsets, vec![IndexEntry { relative_offset: 0, position: 0 }]);
+        assert_eq!(idx.times, vec![TimeEntry { timestamp_ms: 100, relative_offset: 0 }]);
+        idx.truncate(0, 0);
+        assert!(idx.offsets.is_empty() && idx.times.is_empty());
     }
 }

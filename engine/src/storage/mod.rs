@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod compaction;
 pub mod dirfs;
+pub mod epochs;
 pub mod index;
 pub mod partition;
 pub mod producer_state;

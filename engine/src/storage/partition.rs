@@ -7,8 +7,25 @@
 //!
 //! Offsets:
 //! ```text
-//!   log_start_offset <= ... <= high_watermark (durable, visible) <= log_end_offset (appended)
+//!   log_start_offset <= high_watermark <= durable_end <= log_end_offset
+//!                       (visible)         (fdatasync'd)   (appended)
 //! ```
+//! Without replication the high watermark is the durable end. A replicated
+//! log's high watermark is also capped by `replication_bound` (what the
+//! replicas in sync have made durable, set by the replication layer); it
+//! never moves backwards except by `truncate_to`. Consumers read below the
+//! high watermark; follower replicas are served up to the durable end
+//! (`ReadLimit`).
+//!
+//! Replication primitives: `append_replicated` (a follower appends the
+//! leader's batches as they are), `truncate_to` (a follower drops its
+//! diverged tail), and the leader epoch cache (`epochs`).
+//!
+//! Locks (async, never contended on the hot path): `io_lock` is held by
+//! `flush` and `truncate_to`, so a truncation never races the writes of a
+//! flush; `cleaner_lock` is held by `truncate_to` and by compaction while it
+//! swaps a segment, so a rewrite made from data a truncation removed is
+//! never installed.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -25,6 +42,7 @@ use tidelog_protocol::batch::{
 };
 use tidelog_protocol::{Epoch, Offset, PartitionId};
 
+use super::epochs::LeaderEpochCache;
 use super::segment::{PendingBatch, Segment, SegmentSettings};
 
 /// Per-log settings resolved from broker defaults and topic overrides.
@@ -49,7 +67,24 @@ pub struct PartitionLog {
     pub settings: LogSettings,
     segments: Vec<Segment>,
     pub log_start_offset: Offset,
+    /// Records below it are visible to consumers: min(durable_end,
+    /// replication_bound), never moving backwards except by `truncate_to`.
     pub high_watermark: Offset,
+    /// End of the fdatasync'd log.
+    pub durable_end: Offset,
+    /// What the in-sync replicas have made durable (set by the replication
+    /// layer); `None` when the log is not replicated.
+    pub replication_bound: Option<Offset>,
+    /// Leader epochs and their start offsets (`leader-epoch-checkpoint`).
+    pub epochs: LeaderEpochCache,
+    /// Durable batches not yet under the high watermark, oldest first, with
+    /// their file positions: where consumers' reads stop. Empty when the
+    /// high watermark is the durable end.
+    above_hw: VecDeque<DurableBatch>,
+    /// Bumped by every `truncate_to` (compaction checks it before a swap).
+    pub truncations: u64,
+    pub(crate) io_lock: Rc<futures::lock::Mutex<()>>,
+    pub(crate) cleaner_lock: Rc<futures::lock::Mutex<()>>,
     cache: VecDeque<CachedBatch>,
     cache_bytes: usize,
     /// The shard-wide bound on cached batches, shared by every log of a shard.
@@ -58,6 +93,58 @@ pub struct PartitionLog {
     pub producers: super::producer_state::ProducerStateTable,
     /// Most O_DIRECT writes of one segment in flight at once (`flush.writes.inflight.max`).
     pub writes_inflight_max: usize,
+}
+
+/// A durable batch at or above the high watermark: its segment and position.
+#[derive(Clone, Copy, Debug)]
+struct DurableBatch {
+    base_offset: Offset,
+    next_offset: Offset,
+    segment_base: Offset,
+    position: u64,
+}
+
+/// How far a read may go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadLimit {
+    /// Below the high watermark: what consumers and the broker's own
+    /// readers see.
+    HighWatermark,
+    /// Below the durable end: what a follower replica is served.
+    DurableEnd,
+}
+
+/// Why `append_replicated` refused a record set (nothing was appended).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaAppendError {
+    #[error("no batches to append")]
+    Empty,
+    #[error("batch {index} starts at offset {found}, expected {expected} (the log end offset or the previous batch's last offset + 1)")]
+    NotContiguous { index: usize, expected: Offset, found: Offset },
+    #[error("batch {index} does not match its validation info: {why}")]
+    Mismatch { index: usize, why: String },
+}
+
+/// A follower's check of the records a leader sent: the whole batches at
+/// the start of `records`, each validated (lengths, magic, CRC-32C, at most
+/// `limit_bytes`), with a last offset delta allowed beyond the record count
+/// (batches compacted on the leader). A partial batch at the end (a fetch
+/// response cut at its byte limit, which clients discard) is left out.
+/// Returns those batches and their infos, for `append_replicated`.
+pub fn replica_record_set(records: &Bytes, limit_bytes: usize) -> Result<(Bytes, Vec<BatchInfo>), batch::BatchError> {
+    let mut infos = Vec::new();
+    let mut at = 0;
+    while records.len() - at >= BATCH_LOG_OVERHEAD_BYTES {
+        let rest = &records[at..];
+        let batch_length = i32::from_be_bytes([rest[8], rest[9], rest[10], rest[11]]);
+        if batch_length >= 0 && batch_length as usize + BATCH_LOG_OVERHEAD_BYTES > rest.len() {
+            break;
+        }
+        let info = batch::validate(rest, limit_bytes)?;
+        at += info.size_bytes;
+        infos.push(info);
+    }
+    Ok((records.slice(..at), infos))
 }
 
 /// `flush.writes.inflight.max` when a log is opened outside a shard (tests).
@@ -182,6 +269,8 @@ impl PartitionLog {
         }
         let log_start_offset = segments.first().map(|s| s.base_offset).unwrap_or(Offset(0));
         let high_watermark = segments.last().map(|s| s.durable_next_offset).unwrap_or(Offset(0));
+        let d = dir.clone();
+        let saved_epochs = glommio::executor().spawn_blocking(move || super::epochs::read(&d)).await?;
         // A log whose last segment is sealed (crash right after a roll) continues in a new one.
         if segments.last().is_some_and(|s| s.seal_requested) {
             segments.push(Segment::new(&dir, high_watermark, now));
@@ -201,14 +290,71 @@ impl PartitionLog {
             segments,
             log_start_offset,
             high_watermark,
+            durable_end: high_watermark,
+            replication_bound: None,
+            epochs: LeaderEpochCache::default(),
+            above_hw: VecDeque::new(),
+            truncations: 0,
+            io_lock: Rc::new(futures::lock::Mutex::new(())),
+            cleaner_lock: Rc::new(futures::lock::Mutex::new(())),
             cache: VecDeque::new(),
             cache_bytes: 0,
             cache_budget: None,
             writes_inflight_max: WRITES_INFLIGHT_DEFAULT,
             producers: Default::default(),
         }));
+        load_epochs(&log, saved_epochs).await?;
         super::producer_state::rebuild(&log).await?;
         Ok(log)
+    }
+
+    /// Caps the high watermark at `bound` (what the in-sync replicas have
+    /// made durable), or lifts the cap with `None`. The high watermark never
+    /// moves backwards: a bound below it only stops it moving.
+    pub fn set_replication_bound(&mut self, bound: Option<Offset>) {
+        self.replication_bound = bound;
+        self.update_high_watermark();
+    }
+
+    /// HW = min(durable_end, replication_bound), never backwards.
+    fn update_high_watermark(&mut self) {
+        let target = match self.replication_bound {
+            Some(bound) => bound.min(self.durable_end),
+            None => self.durable_end,
+        };
+        if target > self.high_watermark {
+            self.high_watermark = target;
+        }
+        while self.above_hw.front().is_some_and(|b| b.next_offset <= self.high_watermark) {
+            self.above_hw.pop_front();
+        }
+    }
+
+    /// Where reads with `limit` stop (exclusive).
+    pub fn read_upper(&self, limit: ReadLimit) -> Offset {
+        match limit {
+            ReadLimit::HighWatermark => self.high_watermark,
+            ReadLimit::DurableEnd => self.durable_end,
+        }
+    }
+
+    /// Bytes of segment `i` that reads with `limit` may return: its durable
+    /// size, or for consumers, up to the first durable batch not wholly
+    /// under the high watermark.
+    fn readable_bytes(&self, i: usize, limit: ReadLimit) -> u64 {
+        let seg = &self.segments[i];
+        match (limit, self.above_hw.front()) {
+            (ReadLimit::DurableEnd, _) | (ReadLimit::HighWatermark, None) => seg.durable_bytes,
+            (ReadLimit::HighWatermark, Some(b)) if seg.base_offset < b.segment_base => seg.durable_bytes,
+            (ReadLimit::HighWatermark, Some(b)) if seg.base_offset == b.segment_base => b.position,
+            (ReadLimit::HighWatermark, Some(_)) => 0,
+        }
+    }
+
+    /// OffsetForLeaderEpoch on this log: the largest epoch <= `epoch` and
+    /// where it ends (the next epoch's start, or the log end offset).
+    pub fn end_offset_for_epoch(&self, epoch: Epoch) -> Option<(Epoch, Offset)> {
+        self.epochs.end_offset_for(epoch, self.log_end_offset())
     }
 
     pub fn log_end_offset(&self) -> Offset {
@@ -243,6 +389,9 @@ impl PartitionLog {
     /// last offsets assigned.
     pub fn append(&mut self, records: &Bytes, infos: &[BatchInfo], leader_epoch: Epoch) -> (Offset, Offset) {
         let first = self.log_end_offset();
+        if !infos.is_empty() && self.epochs.is_newer(leader_epoch) {
+            self.epochs.assign(leader_epoch, first);
+        }
         let mut at = 0;
         let now = now_ms();
         for info in infos {
@@ -255,6 +404,71 @@ impl PartitionLog {
             at += info.size_bytes;
         }
         (first, Offset(self.log_end_offset().0 - 1))
+    }
+
+    /// A follower's append: batches fetched from the leader, stored as they
+    /// are (the leader's base offsets and leader epochs, no offset
+    /// assignment). The first must start at the log end offset and each next
+    /// one right after the previous; otherwise nothing is appended. A new
+    /// leader epoch in a batch is recorded in the epoch cache, and producer
+    /// state follows each batch as it did on the leader. `infos` describe
+    /// `records` batch by batch (`replica_record_set`). Returns the first
+    /// and last offsets appended.
+    pub fn append_replicated(
+        &mut self,
+        records: &Bytes,
+        infos: &[BatchInfo],
+    ) -> Result<(Offset, Offset), ReplicaAppendError> {
+        if infos.is_empty() {
+            return Err(ReplicaAppendError::Empty);
+        }
+        let first = self.log_end_offset();
+        let mut expected = first;
+        let mut at = 0;
+        for (index, info) in infos.iter().enumerate() {
+            let mismatch = |why: String| ReplicaAppendError::Mismatch { index, why };
+            let Some(bytes) = records.get(at..at + info.size_bytes) else {
+                return Err(mismatch(format!(
+                    "{} bytes at position {at} run past the {} bytes of the record set",
+                    info.size_bytes,
+                    records.len()
+                )));
+            };
+            let h = BatchHeader::parse(bytes).map_err(|e| mismatch(e.to_string()))?;
+            if h.size_bytes() != info.size_bytes || h.last_offset_delta() != info.last_offset_delta {
+                return Err(mismatch(format!(
+                    "header says {} bytes and last offset delta {}, info {} and {}",
+                    h.size_bytes(),
+                    h.last_offset_delta(),
+                    info.size_bytes,
+                    info.last_offset_delta
+                )));
+            }
+            if h.base_offset() != expected {
+                return Err(ReplicaAppendError::NotContiguous { index, expected, found: h.base_offset() });
+            }
+            expected = h.last_offset().next();
+            at += info.size_bytes;
+        }
+        let now = now_ms();
+        let mut at = 0;
+        for info in infos {
+            self.maybe_roll(info.size_bytes, now);
+            // Copied, as `append` does: the fetch response buffer is not kept alive.
+            let bytes = Bytes::copy_from_slice(&records[at..at + info.size_bytes]);
+            if let Ok(h) = BatchHeader::parse(&bytes) {
+                let epoch = h.leader_epoch();
+                if self.epochs.is_newer(epoch) {
+                    self.epochs.assign(epoch, h.base_offset());
+                }
+                self.producers.replay(&h);
+            }
+            let settings = self.settings.segment;
+            self.active_mut().append(bytes, info, &settings);
+            at += info.size_bytes;
+        }
+        debug_assert_eq!(self.log_end_offset(), expected);
+        Ok((first, Offset(expected.0 - 1)))
     }
 
     fn maybe_roll(&mut self, size_bytes: usize, now: i64) {
@@ -308,21 +522,29 @@ impl PartitionLog {
         }
     }
 
-    /// Serves `offset..` from the recent-batch cache if it starts there.
     /// Whether the recent-batch cache holds `offset` (what `read_cached` serves).
     fn cache_holds(&self, offset: Offset) -> bool {
         self.cache.front().is_some_and(|b| offset >= b.base_offset)
     }
 
-    fn read_cached(&self, offset: Offset, max_bytes: usize, at_least_one: bool) -> Option<ReadResult> {
+    /// Serves `offset..` from the recent-batch cache if it starts there:
+    /// whole batches, each wholly below the `limit`.
+    fn read_cached(
+        &self,
+        offset: Offset,
+        max_bytes: usize,
+        at_least_one: bool,
+        limit: ReadLimit,
+    ) -> Option<ReadResult> {
         let front = self.cache.front()?;
         if offset < front.base_offset {
             return None;
         }
+        let upper = self.read_upper(limit);
         let start = self.cache.partition_point(|b| b.last_offset < offset);
         let mut out = ReadResult::default();
         for b in self.cache.iter().skip(start) {
-            if b.base_offset >= self.high_watermark {
+            if b.last_offset >= upper {
                 break;
             }
             if out.bytes + b.bytes.len() > max_bytes && !(at_least_one && out.chunks.is_empty()) {
@@ -365,10 +587,19 @@ fn slow_flush_report(now: std::time::Instant) -> Option<u64> {
 /// order, and seals rolled segments. Moves the high watermark only after
 /// fdatasync returned.
 /// Returns the bytes of batches it made durable, including batches appended
-/// while it ran (it keeps going until nothing is pending).
+/// while it ran (it keeps going until nothing is pending). A changed leader
+/// epoch cache is checkpointed before each segment's writes, so a visible
+/// batch's epoch is always on disk.
 pub async fn flush(log: &SharedLog) -> io::Result<u64> {
+    let lock = log.borrow().io_lock.clone();
+    let _io = lock.lock().await;
+    flush_segments(log).await
+}
+
+async fn flush_segments(log: &SharedLog) -> io::Result<u64> {
     let mut flushed_bytes = 0u64;
     loop {
+        persist_epochs_locked(log).await?;
         let work = {
             let l = log.borrow();
             l.segments
@@ -451,13 +682,29 @@ pub async fn flush(log: &SharedLog) -> io::Result<u64> {
             }
             let mut l = log.borrow_mut();
             let Some(i) = l.segments.iter().position(|s| s.base_offset == base) else { return Ok(flushed_bytes) };
+            let mut position = l.segments[i].durable_bytes;
             let durable = l.segments[i].complete_flush(plan);
             flushed_bytes += durable.iter().map(|b| b.bytes.len() as u64).sum::<u64>();
-            let hw = l.segments[i].durable_next_offset;
-            // Segments flush in order, so every earlier segment is durable.
-            if hw > l.high_watermark {
-                l.high_watermark = hw;
+            if l.replication_bound.is_some() {
+                for b in &durable {
+                    let next_offset = b.last_offset.next();
+                    if next_offset > l.high_watermark {
+                        l.above_hw.push_back(DurableBatch {
+                            base_offset: b.base_offset,
+                            next_offset,
+                            segment_base: base,
+                            position,
+                        });
+                    }
+                    position += b.bytes.len() as u64;
+                }
             }
+            // Segments flush in order, so every earlier segment is durable.
+            let end = l.segments[i].durable_next_offset;
+            if end > l.durable_end {
+                l.durable_end = end;
+            }
+            l.update_high_watermark();
             let admitted = l.cache_durable(durable);
             let budget = l.cache_budget.clone();
             drop(l);
@@ -481,6 +728,109 @@ pub async fn flush(log: &SharedLog) -> io::Result<u64> {
     }
 }
 
+/// Writes the leader epoch checkpoint if the cache changed since the last
+/// write. Waits for a running flush or truncation (they write it too).
+pub async fn persist_epochs(log: &SharedLog) -> io::Result<()> {
+    let lock = log.borrow().io_lock.clone();
+    let _io = lock.lock().await;
+    persist_epochs_locked(log).await
+}
+
+/// `persist_epochs` for a caller holding `io_lock`, which keeps two writes
+/// of the checkpoint from racing.
+async fn persist_epochs_locked(log: &SharedLog) -> io::Result<()> {
+    let (dir, entries) = {
+        let mut l = log.borrow_mut();
+        if !l.epochs.dirty {
+            return Ok(());
+        }
+        l.epochs.dirty = false;
+        (l.dir.clone(), l.epochs.entries().to_vec())
+    };
+    let written = glommio::executor().spawn_blocking(move || super::epochs::write(&dir, &entries)).await;
+    if written.is_err() {
+        log.borrow_mut().epochs.dirty = true;
+    }
+    written
+}
+
+/// On open: the leader epoch cache from its checkpoint, without the entries
+/// at or after the recovered log end (their batches did not survive). A
+/// malformed checkpoint is rebuilt from the leader epochs of the batches.
+async fn load_epochs(log: &SharedLog, saved: Option<Result<Vec<super::epochs::EpochEntry>, String>>) -> io::Result<()> {
+    let entries = match saved {
+        None => return Ok(()),
+        Some(Ok(entries)) => entries,
+        Some(Err(why)) => {
+            let (name, start) = {
+                let l = log.borrow();
+                (format!("{}-{}", l.topic, l.partition.0), l.log_start_offset)
+            };
+            log::warn!("{name}: {} is malformed ({why}); rebuilding it from the log", super::epochs::CHECKPOINT_FILE);
+            let mut cache = LeaderEpochCache::default();
+            let batches = for_each_durable_batch(log, start, |h| {
+                if cache.is_newer(h.leader_epoch()) {
+                    cache.assign(h.leader_epoch(), h.base_offset());
+                }
+            })
+            .await?;
+            log::info!("{name}: leader epochs rebuilt from {batches} batch header(s): {:?}", cache.entries());
+            cache.dirty = true;
+            log.borrow_mut().epochs = cache;
+            return Ok(());
+        }
+    };
+    let mut l = log.borrow_mut();
+    let mut cache = LeaderEpochCache::from_entries(entries);
+    let end = l.log_end_offset();
+    if cache.truncate_from_end(end) {
+        log::info!(
+            "{}-{}: leader epochs starting at or after the log end offset {} dropped; now {:?}",
+            l.topic,
+            l.partition.0,
+            end.0,
+            cache.entries()
+        );
+    }
+    l.epochs = cache;
+    Ok(())
+}
+
+/// Calls `f` with the header of every durable batch from `from` on, in
+/// order (a recovery scan: whole batches are read into memory). Returns how
+/// many it saw.
+pub async fn for_each_durable_batch(
+    log: &SharedLog,
+    from: Offset,
+    mut f: impl FnMut(&BatchHeader<'_>),
+) -> io::Result<usize> {
+    let mut offset = from;
+    let mut batches = 0;
+    loop {
+        let r = read_with(log, offset, 4 << 20, true, ReadLimit::DurableEnd).await?;
+        if r.bytes == 0 {
+            return Ok(batches);
+        }
+        let mut next = offset;
+        for chunk in &r.chunks {
+            let mut at = 0;
+            while at + BATCH_HEADER_BYTES <= chunk.len() {
+                let Ok(h) = BatchHeader::parse(&chunk[at..]) else { break };
+                if h.last_offset() >= offset {
+                    f(&h);
+                    batches += 1;
+                }
+                next = next.max(h.last_offset().next());
+                at += h.size_bytes();
+            }
+        }
+        if next <= offset {
+            return Ok(batches);
+        }
+        offset = next;
+    }
+}
+
 fn with_segment(log: &SharedLog, base: Offset, f: impl FnOnce(&mut Segment)) {
     let mut l = log.borrow_mut();
     if let Some(s) = l.segments.iter_mut().find(|s| s.base_offset == base) {
@@ -494,12 +844,23 @@ fn with_segment(log: &SharedLog, base: Offset, f: impl FnOnce(&mut Segment)) {
 /// For the broker's own readers (group and producer-state recovery, ListOffsets
 /// by time); client fetches use `read_for_fetch`, which never copies data.
 pub async fn read(log: &SharedLog, offset: Offset, max_bytes: usize, at_least_one: bool) -> io::Result<ReadResult> {
+    read_with(log, offset, max_bytes, at_least_one, ReadLimit::HighWatermark).await
+}
+
+/// `read` up to `limit` (the durable end, for recovery of a follower's own state).
+pub async fn read_with(
+    log: &SharedLog,
+    offset: Offset,
+    max_bytes: usize,
+    at_least_one: bool,
+    read_limit: ReadLimit,
+) -> io::Result<ReadResult> {
     let (file, mut pos, limit, next_segment_base) = {
         let l = log.borrow();
-        if offset >= l.high_watermark || offset < l.log_start_offset {
+        if offset >= l.read_upper(read_limit) || offset < l.log_start_offset {
             return Ok(ReadResult::default());
         }
-        if let Some(r) = l.read_cached(offset, max_bytes, at_least_one) {
+        if let Some(r) = l.read_cached(offset, max_bytes, at_least_one, read_limit) {
             return Ok(r);
         }
         let i = l.segments.partition_point(|s| s.base_offset <= offset).saturating_sub(1);
@@ -508,7 +869,7 @@ pub async fn read(log: &SharedLog, offset: Offset, max_bytes: usize, at_least_on
         (
             file,
             seg.index.position_for(seg.base_offset, offset),
-            seg.durable_bytes,
+            l.readable_bytes(i, read_limit),
             l.segments.get(i + 1).map(|s| s.base_offset),
         )
     };
@@ -563,7 +924,7 @@ pub async fn read(log: &SharedLog, offset: Offset, max_bytes: usize, at_least_on
         // next batch lives in the following segment).
         if let Some(next) = next_segment_base {
             if next > offset {
-                return Box::pin(read(log, next, max_bytes, at_least_one)).await;
+                return Box::pin(read_with(log, next, max_bytes, at_least_one, read_limit)).await;
             }
         }
         return Ok(ReadResult::default());
@@ -600,26 +961,71 @@ pub enum Located {
     /// Nothing durable at or after the offset.
     Empty,
     /// The recent-batch cache held the offset when it was located.
-    Cached,
+    Cached { limit: ReadLimit },
     /// The batch holding the offset starts at `start` in `file` and is
     /// `first_size` bytes long; `limit` is the segment's durable size.
     File { file: Arc<std::fs::File>, start: u64, first_size: usize, limit: u64, located_bytes: usize },
 }
 
+/// The first batch of a segment file whose last offset reaches some offset.
+#[derive(Clone, Copy, Debug)]
+struct FoundBatch {
+    position: u64,
+    size_bytes: usize,
+    base_offset: Offset,
+}
+
+/// Reads batch headers of `file` from `pos` (a batch boundary) up to `limit`
+/// and returns the first batch whose last offset is >= `offset`, with the
+/// bytes read to find it.
+async fn find_batch(
+    file: &glommio::io::DmaFile,
+    mut pos: u64,
+    limit: u64,
+    offset: Offset,
+) -> io::Result<(Option<FoundBatch>, usize)> {
+    let mut read_bytes = 0usize;
+    while pos + BATCH_HEADER_BYTES as u64 <= limit {
+        let want = LOCATE_WINDOW_BYTES.min((limit - pos) as usize);
+        let window = file.read_at(pos, want).await.map_err(io::Error::from)?;
+        read_bytes += window.len();
+        let mut at = 0usize;
+        while at + BATCH_HEADER_BYTES <= window.len() {
+            let Ok(h) = BatchHeader::parse(&window[at..]) else { return Ok((None, read_bytes)) };
+            if h.last_offset() >= offset {
+                let found =
+                    FoundBatch { position: pos + at as u64, size_bytes: h.size_bytes(), base_offset: h.base_offset() };
+                return Ok((Some(found), read_bytes));
+            }
+            at += h.size_bytes();
+        }
+        if at == 0 {
+            break;
+        }
+        pos += at as u64;
+    }
+    Ok((None, read_bytes))
+}
+
 /// Finds where a Fetch from `offset` starts: in the recent-batch cache, or at
 /// the batch containing `offset` in a segment file. Only batch headers near
 /// the index position are read (through O_DIRECT); the record data never
-/// enters user space.
+/// enters user space. Consumers' view: below the high watermark.
 pub async fn locate(log: &SharedLog, offset: Offset) -> io::Result<Located> {
+    locate_with(log, offset, ReadLimit::HighWatermark).await
+}
+
+/// `locate` for reads up to `read_limit` (`DurableEnd` for a follower's fetch).
+pub async fn locate_with(log: &SharedLog, offset: Offset, read_limit: ReadLimit) -> io::Result<Located> {
     let mut offset = offset;
     loop {
-        let (dma, reader, path, base, mut pos, limit, next_base) = {
+        let (dma, reader, path, base, pos, limit, next_base) = {
             let l = log.borrow();
-            if offset >= l.high_watermark || offset < l.log_start_offset {
+            if offset >= l.read_upper(read_limit) || offset < l.log_start_offset {
                 return Ok(Located::Empty);
             }
             if l.cache_holds(offset) {
-                return Ok(Located::Cached);
+                return Ok(Located::Cached { limit: read_limit });
             }
             let i = l.segments.partition_point(|s| s.base_offset <= offset).saturating_sub(1);
             let seg = &l.segments[i];
@@ -630,32 +1036,13 @@ pub async fn locate(log: &SharedLog, offset: Offset) -> io::Result<Located> {
                 seg.path.clone(),
                 seg.base_offset,
                 seg.index.position_for(seg.base_offset, offset),
-                seg.durable_bytes,
+                l.readable_bytes(i, read_limit),
                 l.segments.get(i + 1).map(|s| s.base_offset),
             )
         };
         // Find the first batch whose last offset reaches `offset`.
-        let mut found: Option<(u64, usize)> = None;
-        let mut located_bytes = 0usize;
-        'scan: while pos + BATCH_HEADER_BYTES as u64 <= limit {
-            let want = LOCATE_WINDOW_BYTES.min((limit - pos) as usize);
-            let window = dma.read_at(pos, want).await.map_err(io::Error::from)?;
-            located_bytes += window.len();
-            let mut at = 0usize;
-            while at + BATCH_HEADER_BYTES <= window.len() {
-                let Ok(h) = BatchHeader::parse(&window[at..]) else { break 'scan };
-                if h.last_offset() >= offset {
-                    found = Some((pos + at as u64, h.size_bytes()));
-                    break 'scan;
-                }
-                at += h.size_bytes();
-            }
-            if at == 0 {
-                break;
-            }
-            pos += at as u64;
-        }
-        let Some((start, first_size)) = found else {
+        let (found, located_bytes) = find_batch(&dma, pos, limit, offset).await?;
+        let Some(FoundBatch { position: start, size_bytes: first_size, .. }) = found else {
             // Nothing at or after `offset` in this segment: the next one has it.
             match next_base {
                 Some(next) if next > offset => {
@@ -707,8 +1094,8 @@ pub fn plan(
 ) -> Option<FetchRead> {
     match located {
         Located::Empty => Some(FetchRead::default()),
-        Located::Cached => {
-            let r = log.borrow().read_cached(offset, max_bytes, at_least_one)?;
+        Located::Cached { limit } => {
+            let r = log.borrow().read_cached(offset, max_bytes, at_least_one, limit)?;
             Some(FetchRead {
                 bytes: r.bytes,
                 parts: r.chunks.into_iter().map(RecordsPart::Memory).collect(),
@@ -737,8 +1124,30 @@ pub async fn read_for_fetch(
     max_bytes: usize,
     at_least_one: bool,
 ) -> io::Result<FetchRead> {
+    read_for_fetch_with(log, offset, max_bytes, at_least_one, ReadLimit::HighWatermark).await
+}
+
+/// A follower replica's fetch: like `read_for_fetch`, up to the durable end
+/// instead of the high watermark.
+pub async fn read_for_replica(
+    log: &SharedLog,
+    offset: Offset,
+    max_bytes: usize,
+    at_least_one: bool,
+) -> io::Result<FetchRead> {
+    read_for_fetch_with(log, offset, max_bytes, at_least_one, ReadLimit::DurableEnd).await
+}
+
+/// `locate_with` then `plan`, for one partition on its own.
+pub async fn read_for_fetch_with(
+    log: &SharedLog,
+    offset: Offset,
+    max_bytes: usize,
+    at_least_one: bool,
+    limit: ReadLimit,
+) -> io::Result<FetchRead> {
     loop {
-        let located = locate(log, offset).await?;
+        let located = locate_with(log, offset, limit).await?;
         if let Some(r) = plan(log, offset, located, max_bytes, at_least_one) {
             return Ok(r);
         }
@@ -834,6 +1243,15 @@ impl PartitionLog {
         }
     }
 
+    /// Calls `f` with the header of every appended batch not yet durable, in order.
+    pub fn for_each_pending(&self, mut f: impl FnMut(&BatchHeader<'_>)) {
+        for p in self.segments.iter().flat_map(|s| s.pending.iter()) {
+            if let Ok(h) = BatchHeader::parse(&p.bytes) {
+                f(&h);
+            }
+        }
+    }
+
     /// Bytes appended and not yet handed to the flusher's writes.
     pub fn pending_bytes(&self) -> u64 {
         self.segments.iter().flat_map(|s| s.pending.iter()).map(|p| p.bytes.len() as u64).sum()
@@ -916,6 +1334,7 @@ impl PartitionLog {
         let to = offset.min(self.high_watermark);
         if to > self.log_start_offset {
             self.log_start_offset = to;
+            self.epochs.truncate_from_start(to);
             while self.cache.front().is_some_and(|b| b.last_offset < to) {
                 if let Some(old) = self.cache.pop_front() {
                     self.cache_bytes -= old.bytes.len();
@@ -960,6 +1379,9 @@ pub struct SegmentInfo {
     pub max_timestamp_ms: i64,
     pub sealed: bool,
 }
+
+mod truncate;
+pub use truncate::truncate_to;
 
 #[cfg(test)]
 mod tests;

@@ -295,12 +295,13 @@ pub fn idempotent_batch(records: &[u8], infos: &[BatchInfo]) -> Result<Option<Id
     }))
 }
 
-/// Rebuilds a log's producer state at open: the snapshot if it is usable,
-/// then every batch header from there to the high watermark.
+/// Rebuilds a log's producer state (at open, and after a truncation): the
+/// snapshot if it is usable, then every batch header from there to the
+/// durable end, then the batches still pending.
 pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
     let (path, start, hw) = {
         let l = log.borrow();
-        (l.dir.join(SNAPSHOT_FILE), l.log_start_offset, l.high_watermark)
+        (l.dir.join(SNAPSHOT_FILE), l.log_start_offset, l.durable_end)
     };
     let snapshot = glommio::executor()
         .spawn_blocking(move || match std::fs::read(&path) {
@@ -323,7 +324,7 @@ pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
     let from = offset;
     let mut batches = 0usize;
     while offset < hw {
-        let r = partition::read(log, offset, 4 << 20, true).await?;
+        let r = partition::read_with(log, offset, 4 << 20, true, partition::ReadLimit::DurableEnd).await?;
         if r.bytes == 0 {
             break;
         }
@@ -347,6 +348,10 @@ pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
     }
     table.dirty = batches > 0;
     let mut l = log.borrow_mut();
+    l.for_each_pending(|h| {
+        table.replay(h);
+        table.dirty = true;
+    });
     if !table.is_empty() {
         log::info!(
             "{}-{}: producer state of {} producer(s) rebuilt ({batches} batch header(s) from offset {})",
@@ -365,10 +370,10 @@ pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
 pub async fn snapshot(log: &SharedLog) -> io::Result<bool> {
     let (bytes, dir) = {
         let l = log.borrow();
-        if !l.producers.dirty || l.needs_flush() || l.log_end_offset() != l.high_watermark {
+        if !l.producers.dirty || l.needs_flush() || l.log_end_offset() != l.durable_end {
             return Ok(false);
         }
-        (l.producers.encode_snapshot(l.high_watermark), l.dir.clone())
+        (l.producers.encode_snapshot(l.durable_end), l.dir.clone())
     };
     log.borrow_mut().producers.dirty = false;
     let written = glommio::executor().spawn_blocking(move || write_durably(&dir, SNAPSHOT_FILE, &bytes)).await;
@@ -376,6 +381,26 @@ pub async fn snapshot(log: &SharedLog) -> io::Result<bool> {
         log.borrow_mut().producers.dirty = true;
     }
     written.map(|_| true)
+}
+
+/// After a truncation to `end`: deletes the snapshot if it describes data
+/// past `end` (blocking), so it is never applied to a log that grew back
+/// with other batches. Returns whether it deleted it.
+pub fn discard_snapshot_past(dir: &std::path::Path, end: Offset) -> io::Result<bool> {
+    let path = dir.join(SNAPSHOT_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match ProducerStateTable::decode_snapshot(&bytes) {
+        Some((_, covered_to)) if covered_to <= end => Ok(false),
+        _ => {
+            std::fs::remove_file(&path)?;
+            std::fs::File::open(dir)?.sync_all()?;
+            Ok(true)
+        }
+    }
 }
 
 /// temp file, fdatasync, rename, directory fsync. Blocking.

@@ -50,6 +50,13 @@ fn time_index_path(log: &Path) -> PathBuf {
     log.with_extension("timeindex")
 }
 
+/// The index files of the segment whose log is `log`, in the order to
+/// delete them: before the log, so a log file is never left with a stale
+/// index that says "sealed".
+pub fn index_files(log: &Path) -> [PathBuf; 2] {
+    [index_path(log), time_index_path(log)]
+}
+
 /// A batch appended but not yet durable.
 pub struct PendingBatch {
     pub base_offset: Offset,
@@ -270,6 +277,57 @@ impl Segment {
             self.preallocated_bytes = self.preallocated_bytes.max(p);
         }
         self.pending.drain(..plan.batches).collect()
+    }
+
+    /// Truncation, in memory: forgets everything from byte `position` on (a
+    /// batch boundary, or the end), after which the log ends at
+    /// `next_offset`; the segment becomes active and unsealed again. When
+    /// the cut is inside the durable part, `tail_page` holds the file's bytes
+    /// `[align_down(position), position)`; otherwise it is ignored. The
+    /// caller then cuts the file at the new `durable_bytes`, which also
+    /// drops anything a failed flush wrote past it.
+    pub fn cut(&mut self, position: u64, next_offset: Offset, tail_page: Vec<u8>) {
+        assert!(
+            position <= self.end_bytes && next_offset >= self.base_offset,
+            "{}: cut at position {position} offset {} outside {} bytes from offset {}",
+            self.path.display(),
+            next_offset.0,
+            self.end_bytes,
+            self.base_offset.0
+        );
+        if position < self.durable_bytes {
+            assert_eq!(
+                tail_page.len() as u64,
+                position - align_down(position),
+                "{}: tail page for a cut at {position}",
+                self.path.display()
+            );
+            self.pending.clear();
+            self.durable_bytes = position;
+            self.tail_page = tail_page;
+        } else {
+            let mut at = self.durable_bytes;
+            let keep = self
+                .pending
+                .iter()
+                .take_while(|p| {
+                    at += p.bytes.len() as u64;
+                    at <= position
+                })
+                .count();
+            self.pending.truncate(keep);
+        }
+        self.end_bytes = position;
+        self.next_offset = next_offset;
+        self.durable_next_offset = self.durable_next_offset.min(next_offset);
+        self.preallocated_bytes = self.durable_bytes;
+        let relative = (next_offset.0 - self.base_offset.0).clamp(0, u32::MAX as i64) as u32;
+        self.index.truncate(relative, position);
+        self.max_timestamp_ms = self.index.times.last().map(|t| t.timestamp_ms).unwrap_or(-1);
+        // The next append starts a new index entry, at `position`.
+        self.bytes_since_index = u64::MAX;
+        self.seal_requested = false;
+        self.sealed = false;
     }
 
     /// Truncates away preallocation, syncs, then writes the index files.

@@ -3,11 +3,12 @@
 
 use std::rc::Rc;
 
-use bytes::Bytes;
-use tidelog_protocol::batch::{self, BatchHeader, ProducerFields, RecordRef};
-use tidelog_protocol::{Epoch, Offset, PartitionId};
+use bytes::{Bytes, BytesMut};
+use tidelog_protocol::batch::{self, BatchHeader, BatchInfo, ProducerFields, RecordRef};
+use tidelog_protocol::{Epoch, Offset, PartitionId, ProducerId};
 
 use super::*;
+use crate::storage::producer_state::{BatchMeta, Check};
 use crate::storage::segment::SegmentSettings;
 
 fn settings(segment_bytes: u64) -> LogSettings {
@@ -195,4 +196,555 @@ fn slow_flush_lines_are_rate_limited_per_shard_and_count_the_rest() {
     // The next line says how many it left out.
     assert_eq!(slow_flush_report(t0 + SLOW_FLUSH_LOG_EVERY), Some(2));
     assert_eq!(slow_flush_report(t0 + SLOW_FLUSH_LOG_EVERY), None);
+}
+
+// ---------------------------------------------------------------------------
+// Replication primitives: high watermark bound, follower append, truncation,
+// leader epochs.
+
+async fn append_at(log: &SharedLog, b: &Bytes, epoch: i32) -> (Offset, Offset) {
+    let infos = batch::validate_record_set(b, usize::MAX).unwrap();
+    let r = log.borrow_mut().append(b, &infos, Epoch(epoch));
+    r
+}
+
+/// The bytes a fetch plan would send.
+fn materialize(r: FetchRead) -> Vec<u8> {
+    let mut out = Vec::new();
+    for part in r.parts {
+        match part {
+            RecordsPart::Memory(b) => out.extend_from_slice(&b),
+            RecordsPart::File { file, position, len } => {
+                let mut buf = vec![0u8; len as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, position).unwrap();
+                out.extend_from_slice(&buf);
+            }
+        }
+    }
+    assert_eq!(out.len(), r.bytes);
+    out
+}
+
+/// (base offset, last offset, leader epoch) of each whole batch in `b`.
+fn batches_of(b: &[u8]) -> Vec<(i64, i64, i32)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + batch::BATCH_HEADER_BYTES <= b.len() {
+        let h = BatchHeader::parse(&b[at..]).unwrap();
+        if at + h.size_bytes() > b.len() {
+            break;
+        }
+        out.push((h.base_offset().0, h.last_offset().0, h.leader_epoch().0));
+        at += h.size_bytes();
+    }
+    out
+}
+
+/// Everything fetches from `offset` on return with `limit`, fetch after
+/// fetch (one fetch reads from one segment), as raw batches.
+async fn fetch_all(log: &SharedLog, mut offset: Offset, limit: ReadLimit) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let got = materialize(read_for_fetch_with(log, offset, 64 << 20, true, limit).await.unwrap());
+        let Some(&(_, last, _)) = batches_of(&got).last() else { return out };
+        out.extend_from_slice(&got);
+        offset = Offset(last + 1);
+    }
+}
+
+/// Everything a follower would be served from `offset`.
+async fn replica_bytes(log: &SharedLog, offset: Offset) -> Vec<u8> {
+    fetch_all(log, offset, ReadLimit::DurableEnd).await
+}
+
+/// Everything a consumer would be served from `offset`.
+async fn consumer_bytes(log: &SharedLog, offset: Offset) -> Vec<u8> {
+    fetch_all(log, offset, ReadLimit::HighWatermark).await
+}
+
+fn cached(mut s: LogSettings) -> LogSettings {
+    s.cache_bytes_max = 1 << 20;
+    s
+}
+
+fn open_log(dir: &std::path::Path, s: LogSettings) -> impl std::future::Future<Output = SharedLog> {
+    let dir = dir.to_path_buf();
+    async move { PartitionLog::open(Rc::from("t"), PartitionId(0), dir, s).await.unwrap() }
+}
+
+fn high_watermark_capped_by_replication(s: LogSettings, name: &str) {
+    let dir = crate::test_dir(name);
+    run(move || async move {
+        let log = open_log(&dir, s).await;
+        log.borrow_mut().set_replication_bound(Some(Offset(0)));
+        for i in 0..3 {
+            append(&log, &make_batch(i * 5, 5, 1000)).await;
+        }
+        flush(&log).await.unwrap();
+        {
+            let l = log.borrow();
+            assert_eq!((l.durable_end, l.high_watermark, l.log_end_offset()), (Offset(15), Offset(0), Offset(15)));
+        }
+        // Consumers see nothing yet; a follower is served the durable log.
+        assert!(consumer_bytes(&log, Offset(0)).await.is_empty());
+        assert!(read_all(&log).await.is_empty());
+        assert_eq!(batches_of(&replica_bytes(&log, Offset(0)).await), vec![(0, 4, 0), (5, 9, 0), (10, 14, 0)]);
+        assert_eq!(batches_of(&replica_bytes(&log, Offset(7)).await), vec![(5, 9, 0), (10, 14, 0)]);
+
+        // The followers made 0..5 durable.
+        log.borrow_mut().set_replication_bound(Some(Offset(5)));
+        assert_eq!(log.borrow().high_watermark, Offset(5));
+        assert_eq!(batches_of(&consumer_bytes(&log, Offset(0)).await), vec![(0, 4, 0)]);
+        assert!(consumer_bytes(&log, Offset(5)).await.is_empty());
+        assert_eq!(read_all(&log).await, expected(5));
+
+        // A bound inside a batch shows only the whole batches below it.
+        log.borrow_mut().set_replication_bound(Some(Offset(7)));
+        assert_eq!(log.borrow().high_watermark, Offset(7));
+        assert_eq!(batches_of(&consumer_bytes(&log, Offset(0)).await), vec![(0, 4, 0)]);
+
+        // Never backwards.
+        log.borrow_mut().set_replication_bound(Some(Offset(3)));
+        assert_eq!(log.borrow().high_watermark, Offset(7));
+
+        // More appends: durable, served to followers, not visible.
+        append(&log, &make_batch(15, 5, 1000)).await;
+        flush(&log).await.unwrap();
+        assert_eq!(log.borrow().durable_end, Offset(20));
+        assert_eq!(log.borrow().high_watermark, Offset(7));
+        assert_eq!(batches_of(&replica_bytes(&log, Offset(15)).await), vec![(15, 19, 0)]);
+        assert!(consumer_bytes(&log, Offset(15)).await.is_empty());
+
+        log.borrow_mut().set_replication_bound(Some(Offset(15)));
+        assert_eq!(batches_of(&consumer_bytes(&log, Offset(0)).await), vec![(0, 4, 0), (5, 9, 0), (10, 14, 0)]);
+        assert_eq!(read_all(&log).await, expected(15));
+
+        // A bound past the durable end: the durable end.
+        log.borrow_mut().set_replication_bound(Some(Offset(100)));
+        assert_eq!(log.borrow().high_watermark, Offset(20));
+        assert_eq!(read_all(&log).await, expected(20));
+
+        // Not replicated any more: the durable end, as before replication.
+        log.borrow_mut().set_replication_bound(Some(Offset(20)));
+        append(&log, &make_batch(20, 5, 1000)).await;
+        flush(&log).await.unwrap();
+        assert_eq!(log.borrow().high_watermark, Offset(20));
+        log.borrow_mut().set_replication_bound(None);
+        assert_eq!(log.borrow().high_watermark, Offset(25));
+        assert_eq!(read_all(&log).await, expected(25));
+        append(&log, &make_batch(25, 5, 1000)).await;
+        flush(&log).await.unwrap();
+        assert_eq!(log.borrow().high_watermark, Offset(30));
+        assert_eq!(read_all(&log).await, expected(30));
+    });
+}
+
+#[test]
+fn high_watermark_is_capped_by_the_replication_bound_file_reads() {
+    high_watermark_capped_by_replication(settings(1 << 30), "hw-bound-file");
+}
+
+#[test]
+fn high_watermark_is_capped_by_the_replication_bound_cached_reads() {
+    high_watermark_capped_by_replication(cached(settings(1 << 30)), "hw-bound-cache");
+}
+
+#[test]
+fn high_watermark_bound_across_segments() {
+    let dir = crate::test_dir("hw-bound-segments");
+    run(move || async move {
+        let log = open_log(&dir, settings(4096)).await;
+        log.borrow_mut().set_replication_bound(Some(Offset(0)));
+        let mut n = 0;
+        for _ in 0..40 {
+            append(&log, &make_batch(n, 7, 1000)).await;
+            n += 7;
+        }
+        flush(&log).await.unwrap();
+        assert!(log.borrow().segment_count() >= 3);
+        assert!(read_all(&log).await.is_empty());
+        // A bound in a later segment: everything below it and nothing more.
+        for bound in [7, 70, 140, 203, n as i64] {
+            log.borrow_mut().set_replication_bound(Some(Offset(bound)));
+            assert_eq!(read_all(&log).await, expected(bound as usize), "bound {bound}");
+            let batches = batches_of(&consumer_bytes(&log, Offset(0)).await);
+            assert_eq!(batches.last().map(|b| b.1), Some(bound - 1), "bound {bound}");
+            assert_eq!(batches.len() as i64, bound / 7);
+        }
+    });
+}
+
+/// The leader's batches as a follower receives them: fetched with
+/// `read_for_replica`, cut at `max_bytes` (a partial last batch).
+async fn fetch_as_follower(leader: &SharedLog, offset: Offset, max_bytes: usize) -> (Bytes, Vec<BatchInfo>) {
+    let raw = Bytes::from(materialize(read_for_replica(leader, offset, max_bytes, true).await.unwrap()));
+    replica_record_set(&raw, usize::MAX).unwrap()
+}
+
+#[test]
+fn follower_appends_leader_batches_unchanged() {
+    let dir = crate::test_dir("replica-append");
+    run(move || async move {
+        let leader = open_log(&dir.join("leader"), settings(4096)).await;
+        let follower = open_log(&dir.join("follower"), settings(4096)).await;
+        let mut n = 0;
+        for epoch in [1, 1, 1, 3, 3, 4] {
+            for _ in 0..5 {
+                append_at(&leader, &make_batch(n, 5, 1000 + n as i64), epoch).await;
+                n += 5;
+            }
+        }
+        // An idempotent producer's batch, recorded as the produce path does.
+        let idem = batch::build_batch(
+            &[RecordRef { key: Some(b"k"), value: Some(b"idem"), headers: &[], timestamp_delta_ms: 0 }],
+            5000,
+            ProducerFields { producer_id: 77, producer_epoch: 2, base_sequence: 0 },
+        );
+        let (first, last) = append_at(&leader, &idem, 4).await;
+        leader.borrow_mut().producers.record(
+            ProducerId(77),
+            2,
+            BatchMeta { first_seq: 0, last_seq: 0, base_offset: first, last_offset: last },
+            5000,
+        );
+        flush(&leader).await.unwrap();
+        let leo = leader.borrow().log_end_offset();
+        assert_eq!(leo, Offset(n as i64 + 1));
+
+        // Fetch in small pieces, as a follower with a small max bytes would.
+        let mut fetches = 0;
+        while follower.borrow().log_end_offset() < leo {
+            let at = follower.borrow().log_end_offset();
+            let (records, infos) = fetch_as_follower(&leader, at, 700).await;
+            assert!(!infos.is_empty());
+            let (f, l) = follower.borrow_mut().append_replicated(&records, &infos).unwrap();
+            assert_eq!(f, at);
+            assert_eq!(l, Offset(follower.borrow().log_end_offset().0 - 1));
+            flush(&follower).await.unwrap();
+            fetches += 1;
+        }
+        assert!(fetches > 3, "fetches cut at 700 bytes");
+        assert!(follower.borrow().segment_count() > 1, "the follower rolls its own segments");
+        // Byte for byte the leader's log: offsets, epochs, producer fields, CRCs.
+        assert_eq!(replica_bytes(&follower, Offset(0)).await, replica_bytes(&leader, Offset(0)).await);
+        assert_eq!(read_all(&follower).await, read_all(&leader).await);
+        let expect_epochs = vec![(Epoch(1), Offset(0)), (Epoch(3), Offset(75)), (Epoch(4), Offset(125))];
+        let entries =
+            |l: &SharedLog| l.borrow().epochs.entries().iter().map(|e| (e.epoch, e.start_offset)).collect::<Vec<_>>();
+        assert_eq!(entries(&leader), expect_epochs);
+        assert_eq!(entries(&follower), expect_epochs);
+        // Producer state as on the leader: a retry would be a duplicate.
+        assert_eq!(
+            follower.borrow().producers.check(ProducerId(77), 2, 0, 1),
+            Check::Duplicate { base_offset: first, last_offset: last }
+        );
+        assert_eq!(follower.borrow().producers.check(ProducerId(77), 2, 1, 1), Check::Append);
+
+        // Refused, and nothing appended: a gap, a repeat, an empty set.
+        let end = follower.borrow().log_end_offset();
+        append_at(&leader, &make_batch(n + 1, 5, 1000), 4).await;
+        append_at(&leader, &make_batch(n + 6, 5, 1000), 4).await;
+        flush(&leader).await.unwrap();
+        let (records, infos) = fetch_as_follower(&leader, end, 1 << 20).await;
+        assert_eq!(infos.len(), 2);
+        let second = records.slice(infos[0].size_bytes..);
+        let err = follower.borrow_mut().append_replicated(&second, &infos[1..]).unwrap_err();
+        assert_eq!(err, ReplicaAppendError::NotContiguous { index: 0, expected: end, found: Offset(end.0 + 5) });
+        let (old, old_infos) = fetch_as_follower(&leader, Offset(0), 1).await;
+        let err = follower.borrow_mut().append_replicated(&old, &old_infos).unwrap_err();
+        assert_eq!(err, ReplicaAppendError::NotContiguous { index: 0, expected: end, found: Offset(0) });
+        // Batches 1 and 3 of a set: the second is out of place.
+        let mut skipping = BytesMut::from(&records[..infos[0].size_bytes]);
+        skipping.extend_from_slice(&old);
+        let skipping = skipping.freeze();
+        let skip_infos = vec![infos[0], old_infos[0]];
+        let err = follower.borrow_mut().append_replicated(&skipping, &skip_infos).unwrap_err();
+        assert_eq!(err, ReplicaAppendError::NotContiguous { index: 1, expected: Offset(end.0 + 5), found: Offset(0) });
+        assert!(err.to_string().contains("expected"), "{err}");
+        assert_eq!(follower.borrow_mut().append_replicated(&records, &[]).unwrap_err(), ReplicaAppendError::Empty);
+        assert_eq!(follower.borrow().log_end_offset(), end);
+        assert_eq!(follower.borrow().pending_bytes(), 0);
+        // The right ones go in.
+        follower.borrow_mut().append_replicated(&records, &infos).unwrap();
+        flush(&follower).await.unwrap();
+        assert_eq!(replica_bytes(&follower, Offset(0)).await, replica_bytes(&leader, Offset(0)).await);
+
+        // Reopened, the follower has the same log and epochs.
+        drop(follower);
+        let follower = open_log(&dir.join("follower"), settings(4096)).await;
+        assert_eq!(replica_bytes(&follower, Offset(0)).await, replica_bytes(&leader, Offset(0)).await);
+        assert_eq!(entries(&follower), expect_epochs);
+    });
+}
+
+#[test]
+fn replica_record_set_drops_a_partial_last_batch_and_refuses_corruption() {
+    let a = make_batch(0, 5, 1000);
+    let b = make_batch(5, 5, 1000);
+    let mut both = BytesMut::from(&a[..]);
+    both.extend_from_slice(&b);
+    let both = both.freeze();
+    let (whole, infos) = replica_record_set(&both, usize::MAX).unwrap();
+    assert_eq!((whole.len(), infos.len()), (both.len(), 2));
+    for cut in [a.len() + 1, a.len() + 11, a.len() + 12, a.len() + 70, both.len() - 1] {
+        let (prefix, infos) = replica_record_set(&both.slice(..cut), usize::MAX).unwrap();
+        assert_eq!((prefix.len(), infos.len()), (a.len(), 1), "cut at {cut}");
+    }
+    let (none, infos) = replica_record_set(&Bytes::new(), usize::MAX).unwrap();
+    assert!(none.is_empty() && infos.is_empty());
+    let mut bad = BytesMut::from(&both[..]);
+    bad[a.len() + 70] ^= 0x55;
+    assert!(replica_record_set(&bad.freeze(), usize::MAX).is_err(), "a whole batch with a bad CRC");
+}
+
+/// Appends `batches` batches of 5 records at the given epochs, flushing
+/// after each; returns nothing, the layout is read back from the log.
+async fn fill(log: &SharedLog, from: usize, batches: usize, epoch: impl Fn(usize) -> i32) {
+    for i in 0..batches {
+        let first = from + i * 5;
+        append_at(log, &make_batch(first, 5, 1000 + first as i64), epoch(i)).await;
+        flush(log).await.unwrap();
+    }
+}
+
+fn segment_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.retain(|n| n.ends_with(".log") || n.ends_with(".index") || n.ends_with(".timeindex"));
+    names.sort();
+    names
+}
+
+#[test]
+fn truncate_into_a_sealed_segment_then_append_and_reopen() {
+    let dir = crate::test_dir("truncate-sealed");
+    run(move || async move {
+        let log = open_log(&dir, settings(4096)).await;
+        // 60 batches of 5 over several 4 KiB segments; epochs 1, then 2 from batch 30.
+        fill(&log, 0, 60, |i| if i < 30 { 1 } else { 2 }).await;
+        let bases: Vec<Offset> = {
+            let l = log.borrow();
+            assert!(l.segment_count() >= 4, "{} segments", l.segment_count());
+            l.inactive_segments().iter().map(|s| s.base_offset).collect()
+        };
+        assert_eq!(log.borrow().epochs.entries().len(), 2);
+        let epoch2 = Offset(150);
+        // Inside a batch in the middle of the second segment: the cut is at that batch's base.
+        let (second, third) = (bases[1], bases[2]);
+        let batch_base = Offset(second.0 + ((third.0 - second.0) / 10) * 5);
+        let target = Offset(batch_base.0 + 2);
+        assert!(target < third);
+        truncate_to(&log, target).await.unwrap();
+        let cut = batch_base;
+        {
+            let l = log.borrow();
+            assert_eq!(l.log_end_offset(), cut);
+            assert_eq!(l.high_watermark, cut);
+            assert_eq!(l.durable_end, cut);
+            assert_eq!(l.segment_count(), 2);
+            assert!(l.inactive_segments().iter().all(|s| s.base_offset < second));
+            assert!(l.epochs.entries().iter().all(|e| e.start_offset < cut));
+            assert_eq!(l.end_offset_for_epoch(Epoch(2)), if cut > epoch2 { Some((Epoch(2), cut)) } else { None });
+        }
+        let files = segment_files(&dir);
+        assert!(!files.iter().any(|f| f.starts_with(&format!("{:020}", third.0))), "{files:?}");
+        assert!(files.contains(&format!("{:020}.log", second.0)), "{files:?}");
+        assert!(!files.contains(&format!("{:020}.index", second.0)), "the cut segment is active again: {files:?}");
+        assert_eq!(read_all(&log).await, expected(cut.0 as usize));
+        assert_eq!(batches_of(&replica_bytes(&log, Offset(0)).await).last().map(|b| b.1), Some(cut.0 - 1));
+        assert!(consumer_bytes(&log, cut).await.is_empty());
+
+        // Appends continue at the cut, in a new epoch.
+        let (first, _) = append_at(&log, &make_batch(cut.0 as usize, 5, 9000), 7).await;
+        assert_eq!(first, cut);
+        fill(&log, cut.0 as usize + 5, 30, |_| 7).await;
+        let end = cut.0 as usize + 5 + 150;
+        assert_eq!(log.borrow().log_end_offset(), Offset(end as i64));
+        assert_eq!(read_all(&log).await, expected(end));
+        let epochs_before = log.borrow().epochs.entries().to_vec();
+        assert_eq!(epochs_before.last().map(|e| (e.epoch, e.start_offset)), Some((Epoch(7), cut)));
+
+        // Recovery from disk yields the same log.
+        let bytes_before = replica_bytes(&log, Offset(0)).await;
+        drop(log);
+        let log = open_log(&dir, settings(4096)).await;
+        assert_eq!(log.borrow().log_end_offset(), Offset(end as i64));
+        assert_eq!(log.borrow().high_watermark, Offset(end as i64));
+        assert_eq!(replica_bytes(&log, Offset(0)).await, bytes_before);
+        assert_eq!(read_all(&log).await, expected(end));
+        assert_eq!(log.borrow().epochs.entries(), &epochs_before[..]);
+    });
+}
+
+#[test]
+fn truncate_then_reopen_without_appending_keeps_the_prefix() {
+    let dir = crate::test_dir("truncate-reopen");
+    run(move || async move {
+        let log = open_log(&dir, cached(settings(4096))).await;
+        fill(&log, 0, 60, |_| 1).await;
+        let third = log.borrow().inactive_segments()[2].base_offset;
+        // At a segment's base: that segment stays, empty, as the active one.
+        truncate_to(&log, third).await.unwrap();
+        assert_eq!(log.borrow().log_end_offset(), third);
+        assert_eq!(log.borrow().segment_count(), 3);
+        assert_eq!(read_all(&log).await, expected(third.0 as usize));
+        drop(log);
+        let log = open_log(&dir, cached(settings(4096))).await;
+        assert_eq!(log.borrow().log_end_offset(), third);
+        assert_eq!(read_all(&log).await, expected(third.0 as usize));
+        // To zero: an empty log that starts again at 0.
+        truncate_to(&log, Offset(0)).await.unwrap();
+        assert_eq!(log.borrow().log_end_offset(), Offset(0));
+        assert_eq!(log.borrow().segment_count(), 1);
+        assert!(log.borrow().epochs.entries().is_empty());
+        assert!(read_all(&log).await.is_empty());
+        // Past the end: nothing happens.
+        truncate_to(&log, Offset(10)).await.unwrap();
+        fill(&log, 0, 3, |_| 2).await;
+        assert_eq!(read_all(&log).await, expected(15));
+        drop(log);
+        let log = open_log(&dir, cached(settings(4096))).await;
+        assert_eq!(read_all(&log).await, expected(15));
+    });
+}
+
+#[test]
+fn truncate_into_pending_and_unreplicated_data() {
+    let dir = crate::test_dir("truncate-pending");
+    run(move || async move {
+        let log = open_log(&dir, cached(settings(1 << 30))).await;
+        log.borrow_mut().set_replication_bound(Some(Offset(0)));
+        fill(&log, 0, 4, |_| 1).await;
+        log.borrow_mut().set_replication_bound(Some(Offset(10)));
+        // Not yet flushed: 20..35.
+        for i in 4..7 {
+            append(&log, &make_batch(i * 5, 5, 1000)).await;
+        }
+        assert!(log.borrow().pending_bytes() > 0);
+        // Inside the pending part: the durable part stays.
+        truncate_to(&log, Offset(27)).await.unwrap();
+        {
+            let l = log.borrow();
+            assert_eq!((l.log_end_offset(), l.durable_end, l.high_watermark), (Offset(25), Offset(20), Offset(10)));
+        }
+        flush(&log).await.unwrap();
+        assert_eq!(batches_of(&replica_bytes(&log, Offset(0)).await).len(), 5);
+        // Into the durable but not yet visible part, with a consumer's view below it.
+        truncate_to(&log, Offset(15)).await.unwrap();
+        {
+            let l = log.borrow();
+            assert_eq!((l.log_end_offset(), l.durable_end, l.high_watermark), (Offset(15), Offset(15), Offset(10)));
+        }
+        assert_eq!(read_all(&log).await, expected(10));
+        assert_eq!(batches_of(&replica_bytes(&log, Offset(0)).await), vec![(0, 4, 1), (5, 9, 1), (10, 14, 1)]);
+        // Below the high watermark: it comes down too.
+        truncate_to(&log, Offset(5)).await.unwrap();
+        assert_eq!(log.borrow().high_watermark, Offset(5));
+        assert_eq!(read_all(&log).await, expected(5));
+        log.borrow_mut().set_replication_bound(None);
+        fill(&log, 5, 2, |_| 1).await;
+        assert_eq!(read_all(&log).await, expected(15));
+        drop(log);
+        let log = open_log(&dir, cached(settings(1 << 30))).await;
+        assert_eq!(read_all(&log).await, expected(15));
+    });
+}
+
+#[test]
+fn truncation_rebuilds_producer_state() {
+    let dir = crate::test_dir("truncate-producers");
+    run(move || async move {
+        let log = open_log(&dir, settings(1 << 30)).await;
+        let idem = |seq: i32, first: usize| {
+            let v = format!("value-{first:06}-{}", "x".repeat(first % 50));
+            batch::build_batch(
+                &[RecordRef { key: Some(b"k"), value: Some(v.as_bytes()), headers: &[], timestamp_delta_ms: 0 }],
+                1000,
+                ProducerFields { producer_id: 9, producer_epoch: 0, base_sequence: seq },
+            )
+        };
+        for seq in 0..4 {
+            let b = idem(seq, seq as usize);
+            let infos = batch::validate_record_set(&b, usize::MAX).unwrap();
+            // As a follower: the producer state follows the batches.
+            let (first, _) = log.borrow_mut().append(&b, &infos, Epoch(0));
+            assert_eq!(first, Offset(seq as i64));
+            log.borrow_mut().producers.replay(&BatchHeader::parse(&b).unwrap());
+            flush(&log).await.unwrap();
+        }
+        assert!(crate::storage::producer_state::snapshot(&log).await.unwrap());
+        assert_eq!(log.borrow().producers.get(ProducerId(9)).map(|e| e.last_seq), Some(3));
+        truncate_to(&log, Offset(2)).await.unwrap();
+        assert_eq!(log.borrow().producers.get(ProducerId(9)).map(|e| e.last_seq), Some(1));
+        assert_eq!(log.borrow().producers.check(ProducerId(9), 0, 2, 1), Check::Append);
+        assert!(!dir.join(crate::storage::producer_state::SNAPSHOT_FILE).exists(), "the snapshot covered offset 4");
+        drop(log);
+        let log = open_log(&dir, settings(1 << 30)).await;
+        assert_eq!(log.borrow().producers.get(ProducerId(9)).map(|e| e.last_seq), Some(1));
+    });
+}
+
+#[test]
+fn leader_epoch_checkpoint_is_written_loaded_and_rebuilt() {
+    let dir = crate::test_dir("epoch-checkpoint");
+    run(move || async move {
+        let path = dir.join(crate::storage::epochs::CHECKPOINT_FILE);
+        let log = open_log(&dir, settings(4096)).await;
+        assert!(log.borrow().epochs.entries().is_empty());
+        fill(&log, 0, 4, |_| 2).await;
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "0\n1\n2 0\n");
+        fill(&log, 20, 4, |i| if i == 0 { 5 } else { 6 }).await;
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "0\n3\n2 0\n5 20\n6 25\n");
+        // A lower epoch than the latest is not a new epoch.
+        fill(&log, 40, 1, |_| 3).await;
+        assert_eq!(log.borrow().epochs.entries().len(), 3);
+        {
+            let l = log.borrow();
+            assert_eq!(l.end_offset_for_epoch(Epoch(2)), Some((Epoch(2), Offset(20))));
+            assert_eq!(l.end_offset_for_epoch(Epoch(4)), Some((Epoch(2), Offset(20))));
+            assert_eq!(l.end_offset_for_epoch(Epoch(6)), Some((Epoch(6), Offset(45))));
+            assert_eq!(l.end_offset_for_epoch(Epoch(7)), None);
+        }
+        drop(log);
+        let log = open_log(&dir, settings(4096)).await;
+        let entries = log.borrow().epochs.entries().to_vec();
+        assert_eq!(crate::storage::epochs::encode(&entries), "0\n3\n2 0\n5 20\n6 25\n");
+        drop(log);
+
+        // An entry past the recovered log end (its batch did not survive) is dropped on open.
+        std::fs::write(&path, "0\n4\n2 0\n5 20\n6 25\n8 45\n").unwrap();
+        let log = open_log(&dir, settings(4096)).await;
+        assert_eq!(log.borrow().epochs.entries(), &entries[..]);
+        drop(log);
+
+        // Malformed: rebuilt from the batches' leader epochs (and written back at the next flush).
+        std::fs::write(&path, "0\n3\n2 0\n").unwrap();
+        let log = open_log(&dir, settings(4096)).await;
+        assert_eq!(log.borrow().epochs.entries(), &entries[..]);
+        flush(&log).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "0\n3\n2 0\n5 20\n6 25\n");
+        drop(log);
+
+        // Missing: empty, the next epoch starts it again.
+        std::fs::remove_file(&path).unwrap();
+        let log = open_log(&dir, settings(4096)).await;
+        assert!(log.borrow().epochs.entries().is_empty());
+        fill(&log, 45, 1, |_| 9).await;
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "0\n1\n9 45\n");
+        assert_eq!(read_all(&log).await, expected(50));
+    });
+}
+
+#[test]
+fn log_start_moves_the_first_epoch_up() {
+    let dir = crate::test_dir("epoch-log-start");
+    run(move || async move {
+        let path = dir.join(crate::storage::epochs::CHECKPOINT_FILE);
+        let log = open_log(&dir, settings(4096)).await;
+        fill(&log, 0, 40, |i| if i < 20 { 1 } else { 4 }).await;
+        crate::storage::checkpoint::truncate_prefix(&log, Offset(30), "test").await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "0\n2\n1 30\n4 100\n");
+        crate::storage::checkpoint::truncate_prefix(&log, Offset(120), "test").await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "0\n1\n4 120\n");
+    });
 }

@@ -812,14 +812,16 @@ async fn fetch_image(ctx: &Ctx, have_version: u64) -> ClientReply {
 
 /// Proposes `command` on this (leader) node and waits for it to apply.
 async fn leader_write(ctx: &Ctx, raft: &Raft<TypeConfig>, command: MetadataCommand) -> ClientReply {
-    match tokio::time::timeout(ctx.request_timeout(), raft.client_write(command)).await {
+    // A little under the client's own timeout, so that the client hears why.
+    let commit_timeout = ctx.request_timeout() * 9 / 10;
+    match tokio::time::timeout(commit_timeout, raft.client_write(command)).await {
         Ok(Ok(response)) => ClientReply::Applied { index: response.log_id.index, result: response.data },
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => ctx.leader_answer(f.leader_id),
         Ok(Err(e)) => ClientReply::Error(format!("controller node {}: {e}", ctx.me())),
         Err(_) => ClientReply::NotCommitted(format!(
             "controller leader {} could not commit within {} ms: a majority of the voters is not reachable",
             ctx.me(),
-            ctx.config.request_timeout_ms
+            commit_timeout.as_millis()
         )),
     }
 }

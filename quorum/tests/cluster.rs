@@ -299,6 +299,29 @@ fn a_minority_commits_nothing_and_says_which_voters_are_missing() {
 }
 
 #[test]
+fn a_leader_left_alone_commits_nothing() {
+    let request_timeout_ms = 3_000;
+    let mut cluster = Cluster::new("alone", request_timeout_ms, 30_000);
+    cluster.start_voters();
+    cluster.register_voters_as_brokers();
+    let leader = cluster.leader();
+    for id in cluster.running_voters() {
+        if id != leader {
+            cluster.stop(id);
+        }
+    }
+    let handle = cluster.handle(leader);
+    let before = handle.image();
+    let err = block_on(handle.submit(MetadataCommand::CreateTopics(vec![topic("orphan", 1, 1)]))).unwrap_err();
+    let QuorumError::NoQuorum(message) = &err else { panic!("expected NoQuorum, got {err:?}") };
+    assert!(message.contains("could not commit"), "{message}");
+    assert!(message.contains("voters: "), "{message}");
+    let after = handle.image();
+    assert!(!after.topics.contains_key("orphan"));
+    assert_eq!(after.topics, before.topics);
+}
+
+#[test]
 fn restarted_voters_rebuild_the_same_image_from_their_logs() {
     let mut cluster = Cluster::new("restart", 10_000, 30_000);
     cluster.start_voters();

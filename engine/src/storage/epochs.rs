@@ -160,6 +160,16 @@ impl LeaderEpochCache {
         true
     }
 
+    /// Forgets every entry (the log was emptied). Returns whether it changed.
+    pub fn clear(&mut self) -> bool {
+        if self.entries.is_empty() {
+            return false;
+        }
+        self.entries.clear();
+        self.dirty = true;
+        true
+    }
+
     /// The checkpoint file's contents.
     pub fn encode(&self) -> String {
         encode(&self.entries)
@@ -317,6 +327,10 @@ mod tests {
         assert_eq!(c.entries(), &[e(1, 0)]);
         assert!(c.truncate_from_end(Offset(0)));
         assert!(c.entries().is_empty());
+        let mut c = cache(&[(1, 0), (3, 10)]);
+        c.dirty = false;
+        assert!(c.clear() && c.dirty && c.entries().is_empty());
+        assert!(!c.clear());
     }
 
     #[test]

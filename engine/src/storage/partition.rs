@@ -1381,7 +1381,7 @@ pub struct SegmentInfo {
 }
 
 mod truncate;
-pub use truncate::truncate_to;
+pub use truncate::{truncate_fully, truncate_to};
 
 #[cfg(test)]
 mod tests;

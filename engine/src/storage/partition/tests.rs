@@ -748,3 +748,41 @@ fn log_start_moves_the_first_epoch_up() {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "0\n1\n4 120\n");
     });
 }
+
+#[test]
+fn truncate_fully_restarts_the_log_at_an_offset() {
+    let dir = crate::test_dir("truncate-fully");
+    run(move || async move {
+        let log = open_log(&dir, cached(settings(4096))).await;
+        fill(&log, 0, 40, |_| 3).await;
+        assert!(log.borrow().segment_count() > 2);
+        truncate_fully(&log, Offset(1000)).await.unwrap();
+        {
+            let l = log.borrow();
+            assert_eq!(
+                (l.log_start_offset, l.high_watermark, l.durable_end),
+                (Offset(1000), Offset(1000), Offset(1000))
+            );
+            assert_eq!((l.log_end_offset(), l.segment_count()), (Offset(1000), 1));
+            assert!(l.epochs.entries().is_empty());
+            assert!(l.producers.is_empty());
+        }
+        assert_eq!(segment_files(&dir), vec![format!("{:020}.log", 1000)]);
+        assert!(read(&log, Offset(0), 1 << 20, true).await.unwrap().chunks.is_empty());
+        // Reopened before any append: still an empty log at 1000.
+        drop(log);
+        let log = open_log(&dir, cached(settings(4096))).await;
+        crate::storage::checkpoint::restore(&log).await.unwrap();
+        assert_eq!((log.borrow().log_start_offset, log.borrow().log_end_offset()), (Offset(1000), Offset(1000)));
+        let (first, _) = append_at(&log, &make_batch(0, 5, 1000), 8).await;
+        assert_eq!(first, Offset(1000));
+        flush(&log).await.unwrap();
+        assert_eq!(batches_of(&replica_bytes(&log, Offset(1000)).await), vec![(1000, 1004, 8)]);
+        drop(log);
+        let log = open_log(&dir, cached(settings(4096))).await;
+        crate::storage::checkpoint::restore(&log).await.unwrap();
+        assert_eq!((log.borrow().log_start_offset, log.borrow().log_end_offset()), (Offset(1000), Offset(1005)));
+        assert_eq!(batches_of(&replica_bytes(&log, Offset(1000)).await), vec![(1000, 1004, 8)]);
+        assert_eq!(log.borrow().end_offset_for_epoch(Epoch(8)), Some((Epoch(8), Offset(1005))));
+    });
+}

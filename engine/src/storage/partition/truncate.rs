@@ -15,14 +15,22 @@
 //! 3. the cut segment's file is truncated and fdatasynced (it is now the
 //!    last segment, which recovery always rescans);
 //! 4. the leader epoch checkpoint and producer state follow.
+//!
+//! `truncate_fully` empties the log and restarts it at a given offset
+//! (Kafka's `truncateFullyAndStartAt`, for a follower whose log ends below
+//! the leader's log start). Order: the log start checkpoint, then every
+//! segment (newest first, indexes before logs), then an empty
+//! `<start>.log`, each step synced. A crash before the end leaves a prefix
+//! of the old log, or an empty one starting at 0: either way the follower's
+//! next fetch is out of range and it truncates again.
 
 use std::io;
 use std::path::PathBuf;
 
 use tidelog_protocol::Offset;
 
-use super::{find_batch, persist_epochs_locked, SharedLog};
-use crate::storage::{align_down, segment};
+use super::{find_batch, now_ms, persist_epochs_locked, Segment, SharedLog};
+use crate::storage::{align_down, checkpoint, producer_state, segment};
 
 /// Removes every record at or above `offset` from the log. The log is cut at
 /// a batch boundary: the batch containing `offset` goes whole, so the new
@@ -168,11 +176,9 @@ pub async fn truncate_to(log: &SharedLog, offset: Offset) -> io::Result<()> {
 
     // 4. Leader epochs, producer state.
     persist_epochs_locked(log).await?;
-    crate::storage::producer_state::rebuild(log).await?;
+    producer_state::rebuild(log).await?;
     let dir = log.borrow().dir.clone();
-    glommio::executor()
-        .spawn_blocking(move || crate::storage::producer_state::discard_snapshot_past(&dir, new_end))
-        .await?;
+    glommio::executor().spawn_blocking(move || producer_state::discard_snapshot_past(&dir, new_end)).await?;
 
     log::info!(
         "{name}: truncated to offset {} (asked {}): log end offset {} -> {}, {} segment(s) deleted, {} cut, high watermark {}",
@@ -192,4 +198,64 @@ fn remove_if_exists(path: &std::path::Path) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
+}
+
+/// Empties the log and restarts it at `start`: every segment is deleted and
+/// the log start offset, log end offset, durable end and high watermark all
+/// become `start`; the cache, leader epochs and producer state are cleared.
+/// Durable when it returns. Callers must not append until it returns.
+pub async fn truncate_fully(log: &SharedLog, start: Offset) -> io::Result<()> {
+    let (cleaner_lock, io_lock) = {
+        let l = log.borrow();
+        (l.cleaner_lock.clone(), l.io_lock.clone())
+    };
+    let _cleaner = cleaner_lock.lock().await;
+    let _io = io_lock.lock().await;
+
+    let (name, dir, old_start, old_end, removed) = {
+        let mut l = log.borrow_mut();
+        let name = format!("{}-{}", l.topic, l.partition.0);
+        let (old_start, old_end) = (l.log_start_offset, l.log_end_offset());
+        let removed: Vec<PathBuf> = l.segments.drain(..).map(|s| s.path).collect();
+        let dir = l.dir.clone();
+        l.segments.push(Segment::new(&dir, start, now_ms()));
+        l.log_start_offset = start;
+        l.high_watermark = start;
+        l.durable_end = start;
+        l.above_hw.clear();
+        l.cache.clear();
+        l.cache_bytes = 0;
+        l.epochs.clear();
+        l.producers = Default::default();
+        l.truncations += 1;
+        (name, dir, old_start, old_end, removed)
+    };
+    let paths = removed.clone();
+    let d = dir.clone();
+    let fresh = segment::log_path(&dir, start);
+    glommio::executor()
+        .spawn_blocking(move || -> io::Result<()> {
+            checkpoint::write(&d, start)?;
+            for p in paths.iter().rev() {
+                for f in segment::index_files(p) {
+                    remove_if_exists(&f)?;
+                }
+                remove_if_exists(p)?;
+            }
+            remove_if_exists(&d.join(producer_state::SNAPSHOT_FILE))?;
+            std::fs::File::open(&d)?.sync_all()?;
+            // The empty segment says where the log starts, for the next open.
+            std::fs::File::create(&fresh)?.sync_all()?;
+            std::fs::File::open(&d)?.sync_all()
+        })
+        .await?;
+    persist_epochs_locked(log).await?;
+    log::info!(
+        "{name}: truncated fully and restarted at offset {}: was offsets {}..{}, {} segment(s) deleted",
+        start.0,
+        old_start.0,
+        old_end.0,
+        removed.len()
+    );
+    Ok(())
 }

@@ -88,8 +88,15 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
             };
             if acks == -1 {
                 if let Err(msg) = crate::replication::Replication::check_min_isr(shard, &image, name, p.index) {
+                    // Not `fail`: a producer retries this for as long as the
+                    // ISR is short, so one warning per request would flood the log.
                     log::debug!("produce {msg}: NOT_ENOUGH_REPLICAS");
-                    parts.push(fail(r, ErrorCode::NotEnoughReplicas, msg));
+                    shard.metrics.error(ApiKey::Produce, ErrorCode::NotEnoughReplicas.code());
+                    r = r.with_error_code(ErrorCode::NotEnoughReplicas.code()).with_base_offset(-1);
+                    if version >= 8 {
+                        r = r.with_error_message(Some(str_bytes(&msg)));
+                    }
+                    parts.push(r);
                     continue;
                 }
             }

@@ -18,7 +18,7 @@ use tidelog_protocol::messages::offset_for_leader_epoch_request::{OffsetForLeade
 use tidelog_protocol::messages::{
     ApiKey, BrokerId, FetchRequest, FetchResponse, OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, TopicName,
 };
-use tidelog_protocol::{batch, ErrorCode, Offset, StrBytes};
+use tidelog_protocol::{ErrorCode, Offset, StrBytes};
 
 use super::wire::Conn;
 use super::{Following, PartitionKey};
@@ -230,19 +230,26 @@ async fn fetch_round(
             match ErrorCode::from_code(r.error_code) {
                 ErrorCode::None => {}
                 ErrorCode::OffsetOutOfRange => {
-                    // Our end is past the leader's: the leader lost records we
-                    // have (an unclean election) or truncated; start over from
-                    // what both have for sure.
-                    let hw = Offset(r.high_watermark.max(0));
-                    log::warn!(
-                        "shard {}: {}-{}: offset out of range on leader broker {leader} (its high watermark {}); truncating to it",
-                        shard.id.0,
-                        key.0,
-                        key.1,
-                        hw.0
-                    );
-                    let to = hw.min(f.log.borrow().log_end_offset());
-                    super::log_api::truncate_to(&f.log, to).await?;
+                    let leo = f.log.borrow().log_end_offset();
+                    let (leader_start, leader_hw) =
+                        (Offset(r.log_start_offset.max(0)), Offset(r.high_watermark.max(0)));
+                    if leo < leader_start {
+                        // Everything we have is below the leader's log start
+                        // (retention or DeleteRecords there): start over at it.
+                        log::warn!(
+                            "shard {}: {}-{}: log end {} is below leader broker {leader}'s log start {}; restarting the replica there",
+                            shard.id.0, key.0, key.1, leo.0, leader_start.0
+                        );
+                        super::log_api::restart_at(&f.log, leader_start).await?;
+                    } else {
+                        // Our end is past the leader's (it lost records we
+                        // have, or truncated): keep what both have for sure.
+                        log::warn!(
+                            "shard {}: {}-{}: log end {} is past leader broker {leader}'s log; truncating to its high watermark {}",
+                            shard.id.0, key.0, key.1, leo.0, leader_hw.0
+                        );
+                        super::log_api::truncate_to(&f.log, leader_hw.min(leo)).await?;
+                    }
                     continue;
                 }
                 code => {
@@ -292,22 +299,10 @@ fn append(
     log: &partition::SharedLog,
     records: Bytes,
 ) -> Result<Option<Offset>, String> {
-    let mut infos = Vec::new();
-    let mut at = 0;
-    while at < records.len() {
-        match batch::validate(&records[at..], usize::MAX) {
-            Ok(info) => {
-                at += info.size_bytes;
-                infos.push(info);
-            }
-            Err(batch::BatchError::Truncated { .. }) => break,
-            Err(e) => return Err(format!("batch at byte {at}: {e}")),
-        }
-    }
+    let (whole, infos) = super::log_api::replica_batches(&records)?;
     if infos.is_empty() {
         return Ok(None);
     }
-    let whole = records.slice(..at);
     let (first, last) = super::log_api::append_replicated(log, &whole, &infos)?;
     log::trace!("{}-{}: replicated offsets {}..={}", key.0, key.1, first.0, last.0);
     shard.mark_dirty(log);

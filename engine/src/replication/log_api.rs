@@ -1,43 +1,56 @@
-//! The partition-log operations replication uses, in one place.
-//!
-//! TEMPORARY: the storage primitives (follower append, truncation, epoch
-//! cache, replication bound) are being added to `storage::partition`; until
-//! they land these answer "unsupported" so the rest of the tree builds.
+//! The partition-log operations replication uses, in one place, so the
+//! rest of this module reads in replication's terms.
 
 use std::io;
 
 use bytes::Bytes;
 use tidelog_protocol::batch::BatchInfo;
-use tidelog_protocol::Offset;
+use tidelog_protocol::{Epoch, Offset};
 
-use crate::storage::partition::SharedLog;
+use crate::storage::partition::{self, Located, ReadLimit, SharedLog};
 
+/// End of the fdatasync'd log: what a follower reports as replicated.
 pub fn durable_end(log: &SharedLog) -> Offset {
-    log.borrow().high_watermark
+    log.borrow().durable_end
 }
 
-pub fn set_bound(_log: &SharedLog, _bound: Option<Offset>) {}
-
-pub fn append_replicated(_log: &SharedLog, _records: &Bytes, _infos: &[BatchInfo]) -> Result<(Offset, Offset), String> {
-    Err("follower append is not available yet".into())
+pub fn set_bound(log: &SharedLog, bound: Option<Offset>) {
+    log.borrow_mut().set_replication_bound(bound);
 }
 
-pub async fn truncate_to(_log: &SharedLog, _offset: Offset) -> io::Result<()> {
-    Err(io::Error::other("truncation is not available yet"))
+pub fn append_replicated(log: &SharedLog, records: &Bytes, infos: &[BatchInfo]) -> Result<(Offset, Offset), String> {
+    log.borrow_mut().append_replicated(records, infos).map_err(|e| e.to_string())
 }
 
-pub fn latest_epoch(_log: &SharedLog) -> Option<i32> {
-    None
+pub async fn truncate_to(log: &SharedLog, offset: Offset) -> io::Result<()> {
+    partition::truncate_to(log, offset).await
 }
 
-pub fn epoch_end(_log: &SharedLog, _epoch: i32) -> Option<Offset> {
-    None
+/// Empties the log and restarts it at `start` (the leader's log start is
+/// past everything this follower has).
+pub async fn restart_at(log: &SharedLog, start: Offset) -> io::Result<()> {
+    partition::truncate_fully(log, start).await
 }
 
-pub async fn locate_for_replica(log: &SharedLog, offset: Offset) -> io::Result<crate::storage::partition::Located> {
-    crate::storage::partition::locate(log, offset).await
+pub fn latest_epoch(log: &SharedLog) -> Option<i32> {
+    log.borrow().epochs.latest_epoch().map(|e| e.0)
 }
 
-pub fn epoch_end_for(_log: &SharedLog, _epoch: i32) -> Option<(i32, Offset)> {
-    None
+/// Where `epoch` (or the largest epoch below it) ends on this log.
+pub fn epoch_end_for(log: &SharedLog, epoch: i32) -> Option<(i32, Offset)> {
+    log.borrow().end_offset_for_epoch(Epoch(epoch)).map(|(e, o)| (e.0, o))
+}
+
+pub fn epoch_end(log: &SharedLog, epoch: i32) -> Option<Offset> {
+    epoch_end_for(log, epoch).map(|(_, o)| o)
+}
+
+pub async fn locate_for_replica(log: &SharedLog, offset: Offset) -> io::Result<Located> {
+    partition::locate_with(log, offset, ReadLimit::DurableEnd).await
+}
+
+/// Validated whole batches of a fetched record set (a cut-off last batch
+/// is left for the next fetch; compacted batches are accepted).
+pub fn replica_batches(records: &Bytes) -> Result<(Bytes, Vec<BatchInfo>), String> {
+    partition::replica_record_set(records, usize::MAX).map_err(|e| e.to_string())
 }

@@ -409,12 +409,7 @@ pub async fn read_for_replica(
     max_bytes: usize,
     at_least_one: bool,
 ) -> std::io::Result<crate::storage::partition::FetchRead> {
-    loop {
-        let located = locate_for_replica(log, offset).await?;
-        if let Some(r) = crate::storage::partition::plan(log, offset, located, max_bytes, at_least_one) {
-            return Ok(r);
-        }
-    }
+    crate::storage::partition::read_for_replica(log, offset, max_bytes, at_least_one).await
 }
 
 /// Kafka's OffsetForLeaderEpoch on a leader: the largest epoch at or below

@@ -50,6 +50,10 @@ TEST_ARGS = (
     "--broker.heartbeat.interval.ms=%d" % HEARTBEAT_INTERVAL_MS,
 )
 
+# What a node logs once its registration is committed (scripts/cluster waits
+# for the same line).
+REGISTERED_LINE = r"node \d+: registered with the controller quorum"
+
 # Kafka error codes the cluster tests look for.
 REQUEST_TIMED_OUT = 7
 TOPIC_ALREADY_EXISTS = 36
@@ -260,13 +264,21 @@ class Node(Broker):
             raise BrokerError("node %d exited with %s %s\n%s" % (self.node_id, self.proc.returncode, what, self.log_tail()))
 
     def wait_ready(self, timeout=START_TIMEOUT_S):
-        """Every shard port accepts and this node's own Metadata lists its
-        brokers (it is registered and unfenced)."""
+        """Every shard port accepts, this run of the node logged that it
+        registered with the controller quorum, and its own Metadata lists its
+        brokers. (Its Metadata alone is not enough: a restarted node lists
+        itself from its stored image before it registers, and one restarted
+        right after a crash waits out the old process's session first.)"""
         deadline = time.monotonic() + timeout
         while not all(port_accepts(p) for p in self.ports):
             self.check_running("during startup")
             if time.monotonic() > deadline:
                 raise BrokerError("node %d ports %r not accepting after %ss\n%s" % (self.node_id, self.ports, timeout, self.log_tail()))
+            time.sleep(0.1)
+        while self.wait_log(REGISTERED_LINE, since=self.start_mark, timeout=0) is None:
+            self.check_running("during startup")
+            if time.monotonic() > deadline:
+                raise BrokerError("node %d: no %r log line after %ss\n%s" % (self.node_id, REGISTERED_LINE, timeout, self.log_tail()))
             time.sleep(0.1)
         last = None
         while True:
@@ -475,6 +487,17 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise AssertionError("nodes do not agree on a running controller after %ss: %r" % (timeout, seen))
             time.sleep(0.2)
+
+    def cluster_id(self, via=None, timeout=30):
+        """The non-empty cluster id every node in `via` (default: the running
+        ones) reports, once they agree."""
+        via = list(via or self.live)
+
+        def agreed():
+            ids = {self.metadata(n, topics=[], timeout=5)["cluster_id"] for n in via}
+            return next(iter(ids)) if len(ids) == 1 else None  # "" (no id yet) is false too
+
+        return wait_until("nodes %r agree on a non-empty cluster id" % via, agreed, timeout=timeout)
 
     def wait_topic(self, name, partitions, via=None, timeout=30, led_by=None):
         """Until every node in `via` (default: the running ones) shows topic

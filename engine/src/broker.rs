@@ -142,6 +142,13 @@ pub fn run(mut config: Config) -> Result<(), String> {
         log::info!("tidelog stopped");
         return Ok(());
     }
+    install_signal_handlers();
+    // A cluster node registers before its shards start: a process whose
+    // node.id is held by a live node never serves a partition, and the
+    // shards take their roles from metadata that already counts this node.
+    if let Some(q) = &quorum {
+        register(&config, num_shards, &q.handle())?;
+    }
     let image = match &quorum {
         // A cluster node learns its metadata from the quorum once it is up.
         Some(_) => {
@@ -361,15 +368,6 @@ pub fn run(mut config: Config) -> Result<(), String> {
         config.advertised_port,
         config.advertised_port
     );
-    if let Some(q) = &quorum {
-        if let Err(e) = register(&config, num_shards, &q.handle()) {
-            SHARDS_STOP.store(true, Ordering::Relaxed);
-            for h in handles {
-                let _ = h.join();
-            }
-            return Err(e);
-        }
-    }
     while !STOP.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -97,6 +97,10 @@ struct Liveness {
     /// Term in which this node last took over as leader.
     term: Option<u64>,
     last_heartbeat: HashMap<u32, Instant>,
+    /// Nodes this leader has really heard from (a heartbeat or a
+    /// registration) in its term; the others' clocks only started at the
+    /// term's start, so they cannot prove a duplicate node.id is alive.
+    heard: HashSet<u32>,
     /// Nodes that asked for a controlled shutdown, with that incarnation:
     /// a late heartbeat from it must not unfence it.
     shut_down: HashMap<u32, String>,
@@ -832,12 +836,35 @@ async fn register_on_leader(ctx: &Ctx, mut registration: NodeRegistration) -> Cl
         Err(reply) => return reply,
     };
     let node = registration.node_id;
+    if ctx.image().cluster_id.is_empty() {
+        // A new cluster: commit its id before the first node, so no broker
+        // ever advertises the cluster without one (a second InitCluster is ignored).
+        let cluster_id = crate::new_cluster_id();
+        log::info!("controller: node {}: new cluster, id {cluster_id}", ctx.me());
+        match leader_write(ctx, raft, MetadataCommand::InitCluster { cluster_id }).await {
+            ClientReply::Applied { .. } => {}
+            other => return other,
+        }
+    }
     let image = ctx.image();
     if let Some(existing) = image.nodes.get(&node) {
         if !existing.fenced && existing.incarnation != registration.incarnation {
             let now = Instant::now();
-            let last = lock(&ctx.liveness).last_heartbeat.get(&node).copied().unwrap_or(now);
+            let (last, heard) = {
+                let liveness = lock(&ctx.liveness);
+                (liveness.last_heartbeat.get(&node).copied().unwrap_or(now), liveness.heard.contains(&node))
+            };
             let silent = now.saturating_duration_since(last);
+            if silent < ctx.session_timeout() && !heard {
+                // A new leader that has not heard from the old incarnation
+                // yet: it may be alive (its next heartbeat tells) or gone
+                // (its session runs out and it is fenced). Ask again later.
+                return ClientReply::NotCommitted(format!(
+                    "node.id {node} is registered by incarnation {}, not heard from since this controller took over; \
+                     waiting for it to heartbeat or time out",
+                    existing.incarnation
+                ));
+            }
             if silent < ctx.session_timeout() {
                 log::warn!(
                     "controller: refusing the registration of node {node} (incarnation {}): incarnation {} is alive",
@@ -860,6 +887,7 @@ async fn register_on_leader(ctx: &Ctx, mut registration: NodeRegistration) -> Cl
         log::info!("controller: registered node {node} (incarnation {incarnation}) at index {index}");
         let mut liveness = lock(&ctx.liveness);
         liveness.last_heartbeat.insert(node, Instant::now());
+        liveness.heard.insert(node);
         liveness.shut_down.remove(&node);
     }
     reply
@@ -875,6 +903,7 @@ fn heartbeat_on_leader(ctx: &Arc<Ctx>, node: u32, incarnation: &str) -> ClientRe
     };
     let mut liveness = lock(&ctx.liveness);
     liveness.last_heartbeat.insert(node, Instant::now());
+    liveness.heard.insert(node);
     let shut_down = liveness.shut_down.get(&node).is_some_and(|i| i == incarnation);
     if registration.fenced && !shut_down && liveness.pending.insert(Pending::Unfence(node)) {
         log::info!("controller: unfencing node {node}: heartbeats resumed (incarnation {incarnation})");
@@ -938,6 +967,7 @@ async fn leader_duties(ctx: Arc<Ctx>) {
             );
             liveness.term = Some(term);
             liveness.last_heartbeat.clear();
+            liveness.heard.clear();
         }
         if image.cluster_id.is_empty() && liveness.pending.insert(Pending::InitCluster) {
             let cluster_id = crate::new_cluster_id();

@@ -71,7 +71,17 @@ pub fn translate(cluster: &ClusterImage, node_id: u32, num_shards: usize, contro
 
 fn refusal(e: QuorumError) -> (ErrorCode, String) {
     match e {
-        QuorumError::NoQuorum(m) => (ErrorCode::RequestTimedOut, format!("metadata change not committed: {m}")),
+        QuorumError::NoQuorum(m) => {
+            // As in Kafka, a timed-out change is in doubt: a leader that took
+            // it into its log commits it once a majority is back.
+            (
+                ErrorCode::RequestTimedOut,
+                format!(
+                    "metadata change not committed by the controller quorum in time ({m}); it may still be applied \
+                     once a majority of the voters is back: check before retrying"
+                ),
+            )
+        }
         QuorumError::Stopped => (ErrorCode::NotController, "the controller is stopping; retry".to_string()),
         other => (ErrorCode::UnknownServerError, other.to_string()),
     }

@@ -28,7 +28,6 @@ use crate::shard::Shard;
 use crate::storage::checkpoint;
 use crate::storage::partition::SharedLog;
 
-
 /// The owned, open log of `topic`-`partition`, or the error code to answer.
 fn owned_log(shard: &Shard, topic: &str, partition: i32) -> Result<SharedLog, ErrorCode> {
     match shard.image().owner(topic, partition) {

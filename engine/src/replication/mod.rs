@@ -45,6 +45,9 @@ use crate::metadata::{broker_id, MetadataImage};
 use crate::shard::Shard;
 use crate::storage::partition::SharedLog;
 
+/// Pause after a refused or failed AlterPartition before the next one.
+const ALTER_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+
 /// A partition by topic name and index.
 pub type PartitionKey = (String, i32);
 
@@ -70,6 +73,8 @@ struct Leading {
     followers: HashMap<i32, Progress>,
     /// An AlterPartition is on its way to the quorum.
     alter_in_flight: Rc<Cell<bool>>,
+    /// No new AlterPartition before this (after a refusal or a failure).
+    alter_not_before: Rc<Cell<Option<Instant>>>,
 }
 
 /// A partition this shard follows.
@@ -185,6 +190,7 @@ impl Replication {
                     isr: state.isr.clone(),
                     followers,
                     alter_in_flight: Rc::new(Cell::new(false)),
+                    alter_not_before: Rc::new(Cell::new(None)),
                 },
             );
         } else if let Some(l) = leading.get_mut(key) {
@@ -358,11 +364,13 @@ fn update_high_watermark(shard: &Shard, l: &Leading) {
 /// committed result comes back as a metadata image.
 fn alter_isr(shard: &Rc<Shard>, key: &PartitionKey, l: &Leading, isr: Vec<i32>, reason: String) {
     let Some(quorum) = shard.replication.quorum.clone() else { return };
-    if l.alter_in_flight.get() || isr.is_empty() {
+    let now = Instant::now();
+    if l.alter_in_flight.get() || isr.is_empty() || l.alter_not_before.get().is_some_and(|t| now < t) {
         return;
     }
     l.alter_in_flight.set(true);
     let in_flight = l.alter_in_flight.clone();
+    let not_before = l.alter_not_before.clone();
     let command = MetadataCommand::AlterPartition {
         topic: key.0.clone(),
         partition: key.1,
@@ -372,9 +380,14 @@ fn alter_isr(shard: &Rc<Shard>, key: &PartitionKey, l: &Leading, isr: Vec<i32>, 
     };
     let (old, key, shard_id) = (l.isr.clone(), key.clone(), shard.id.0);
     glommio::spawn_local(async move {
+        // A refused or failed change is not retried for a second.
+        not_before.set(Some(Instant::now() + ALTER_RETRY_BACKOFF));
         match quorum.submit(command).await {
             Ok((_, results)) => match results.into_iter().find_map(|(_, r)| r.err()) {
-                None => log::info!("shard {shard_id}: {}-{}: ISR {old:?} -> {isr:?} ({reason})", key.0, key.1),
+                None => {
+                    not_before.set(None);
+                    log::info!("shard {shard_id}: {}-{}: ISR {old:?} -> {isr:?} ({reason})", key.0, key.1)
+                }
                 Some(refused) => log::info!(
                     "shard {shard_id}: {}-{}: ISR change {old:?} -> {isr:?} refused: {} ({})",
                     key.0,

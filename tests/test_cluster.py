@@ -2,11 +2,11 @@
 scripts/cluster from config/cluster/node-N.properties), driven by real
 clients and by raw requests sent to one chosen node.
 
-Stage 1 of cluster mode: the metadata quorum, registration and fencing,
-topic placement (replicas on distinct nodes, leaders on every node), the
-RF 1 data path across nodes, restart, and refused starts. The replication
-tests at the end (acks=all over RF 3, ISR, leader kill) are xfail until
-replication lands.
+The metadata quorum, registration and fencing, topic placement (replicas on
+distinct nodes, leaders on every node), the RF 1 data path across nodes,
+restart, refused starts, and at the end replication (acks=all over RF 3 with
+a leader kill, the ISR shrinking and growing back). Replication under
+repeated faults: test_replication_faults.py.
 
 Without a cluster-capable binary (its --help lists no
 controller.quorum.voters) the broker tests skip; the config-file and
@@ -671,7 +671,6 @@ def produce_in_background(target, topic, n, **extra):
     return t, acked, errors, records
 
 
-@pytest.mark.xfail(reason="replication stage 2", strict=False)
 def test_acks_all_rf3_leader_kill_loses_no_acked_record(cluster):
     c = cluster
     topic = unique_topic("repl")
@@ -707,7 +706,6 @@ def test_acks_all_rf3_leader_kill_loses_no_acked_record(cluster):
     c.wait_topic(topic, 3)
 
 
-@pytest.mark.xfail(reason="replication stage 2", strict=False)
 def test_isr_shrinks_and_grows_back(cluster):
     c = cluster
     topic = unique_topic("isr")

@@ -105,6 +105,9 @@ struct RunArgs {
     /// Partitions of the topic (when created).
     #[arg(long)]
     partitions: Option<i32>,
+    /// Replication factor of the topic (when created); more than 1 needs a cluster (scripts/cluster).
+    #[arg(long)]
+    replication_factor: Option<i16>,
     /// Do not create the topic; fail if it does not exist.
     #[arg(long)]
     no_create_topic: bool,
@@ -272,6 +275,9 @@ fn build_workload(a: &RunArgs) -> anyhow::Result<Workload> {
     }
     if let Some(v) = a.partitions {
         w.topic.partitions = v;
+    }
+    if let Some(v) = a.replication_factor {
+        w.topic.replication_factor = v;
     }
     if a.no_create_topic {
         w.topic.create = false;

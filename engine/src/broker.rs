@@ -147,7 +147,17 @@ pub fn run(mut config: Config) -> Result<(), String> {
     // node.id is held by a live node never serves a partition, and the
     // shards take their roles from metadata that already counts this node.
     if let Some(q) = &quorum {
-        register(&config, num_shards, &q.handle())?;
+        match register(&config, num_shards, &q.handle()) {
+            Ok(true) => {}
+            // SIGTERM while waiting for a quorum: a clean stop, nothing served yet.
+            Ok(false) => {
+                drop(quorum);
+                drop(lock);
+                log::info!("tidelog stopped before it registered");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
     }
     let image = match &quorum {
         // A cluster node learns its metadata from the quorum once it is up.
@@ -433,8 +443,8 @@ fn start_quorum(
 
 /// Registers this node with the quorum, waiting (with a log line every few
 /// seconds) while the quorum has no majority. A node id held by another live
-/// process is a start-up failure.
-fn register(config: &Config, num_shards: usize, handle: &tidelog_quorum::QuorumHandle) -> Result<(), String> {
+/// process is a start-up failure. `Ok(false)`: stopped by a signal first.
+fn register(config: &Config, num_shards: usize, handle: &tidelog_quorum::QuorumHandle) -> Result<bool, String> {
     let registration = tidelog_quorum::NodeRegistration {
         node_id: config.node_id,
         incarnation: uuid::Uuid::new_v4().simple().to_string(),
@@ -456,7 +466,7 @@ fn register(config: &Config, num_shards: usize, handle: &tidelog_quorum::QuorumH
                     crate::metadata::broker_id(config.node_id, num_shards as u32 - 1),
                     registration.incarnation
                 );
-                return Ok(());
+                return Ok(true);
             }
             Err(tidelog_quorum::QuorumError::DuplicateNode(m)) => return Err(m),
             Err(e) => {
@@ -470,7 +480,8 @@ fn register(config: &Config, num_shards: usize, handle: &tidelog_quorum::QuorumH
             }
         }
         if STOP.load(Ordering::Relaxed) {
-            return Err("stopped by a signal while waiting for the controller quorum".into());
+            log::info!("node {}: stopped by a signal while waiting for the controller quorum", config.node_id);
+            return Ok(false);
         }
         std::thread::sleep(Duration::from_millis(500));
     }

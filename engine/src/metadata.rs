@@ -145,9 +145,14 @@ impl MetadataImage {
         self.brokers(config, num_shards).into_iter().find(|b| b.id == id)
     }
 
-    /// The broker id clients are told is the controller.
+    /// The broker id clients are told is the controller: shard 0 on a single
+    /// node; in a cluster the quorum leader's shard 0, -1 while none is known.
     pub fn controller_broker(&self) -> i32 {
-        self.controller_id.unwrap_or(0)
+        match (self.controller_id, self.clustered()) {
+            (Some(id), _) => id,
+            (None, false) => 0,
+            (None, true) => -1,
+        }
     }
 
     /// Loads the image, or a fresh one for a new data dir. Owners beyond

@@ -103,6 +103,9 @@ pub struct Coordinator {
     /// Committed offsets: group -> (topic, partition) -> offset.
     pub offsets: RefCell<HashMap<String, GroupOffsets>>,
     loaded: Cell<bool>,
+    /// `__consumer_offsets` partitions whose groups this shard serves (it
+    /// leads them and has loaded them).
+    serving: RefCell<std::collections::BTreeSet<i32>>,
 }
 
 /// What a change to a group looked like before, to tell whether it must be persisted.
@@ -115,6 +118,7 @@ impl Coordinator {
             groups: RefCell::new(HashMap::new()),
             offsets: RefCell::new(HashMap::new()),
             loaded: Cell::new(false),
+            serving: RefCell::new(Default::default()),
         }
     }
 
@@ -153,7 +157,12 @@ impl Coordinator {
         if owner != shard.id.0 {
             return Err(ErrorCode::NotCoordinator);
         }
-        if !self.loaded.get() {
+        let Some((p, _)) = Self::partition_of(shard, group_id) else {
+            return Err(ErrorCode::CoordinatorNotAvailable);
+        };
+        // Led here but not loaded yet (start-up, or a leadership that just
+        // moved here): the client retries.
+        if !self.loaded.get() || !self.serving.borrow().contains(&p) {
             return Err(ErrorCode::CoordinatorLoadInProgress);
         }
         Ok(())
@@ -351,6 +360,7 @@ pub async fn run(shard: Rc<Shard>) {
     for p in &owned {
         let Some(log) = shard.log(OFFSETS_TOPIC, *p) else { continue };
         records += load_partition(&shard, &log).await;
+        shard.groups.serving.borrow_mut().insert(*p);
     }
     shard.groups.loaded.set(true);
     log::info!(
@@ -362,6 +372,7 @@ pub async fn run(shard: Rc<Shard>) {
     let mut last_retention_check = Instant::now();
     while !shard.stopping.get() {
         glommio::timer::sleep(TICK).await;
+        follow_leadership(&shard).await;
         tick(&shard);
         if last_retention_check.elapsed() >= Duration::from_secs(60) {
             last_retention_check = Instant::now();
@@ -414,6 +425,50 @@ async fn load_partition(shard: &Rc<Shard>, log: &partition::SharedLog) -> usize 
         offset = next;
     }
     count
+}
+
+/// In a cluster the `__consumer_offsets` leaders move (failover, controlled
+/// shutdown): takes over the groups of partitions this shard now leads by
+/// loading them from the log (their records were replicated here), and drops
+/// the groups of partitions another broker now leads.
+async fn follow_leadership(shard: &Rc<Shard>) {
+    let image = shard.image();
+    let Some(t) = image.topics.get(OFFSETS_TOPIC) else { return };
+    let partitions = t.owners.len();
+    let led: std::collections::BTreeSet<i32> =
+        (0..partitions as i32).filter(|p| image.owner(OFFSETS_TOPIC, *p) == Some(shard.id)).collect();
+    let serving = shard.groups.serving.borrow().clone();
+    if led == serving {
+        return;
+    }
+    let coord = &shard.groups;
+    let in_partition =
+        |gone: &std::collections::BTreeSet<i32>, group: &str| gone.contains(&partition_for(group, partitions));
+    let lost: std::collections::BTreeSet<i32> = serving.difference(&led).copied().collect();
+    let gained: Vec<i32> = led.difference(&serving).copied().collect();
+    // A partition being taken over starts from what its log says, so groups
+    // of a partition this shard served before are dropped first too.
+    let reset: std::collections::BTreeSet<i32> = lost.iter().chain(gained.iter()).copied().collect();
+    coord.groups.borrow_mut().retain(|g, _| !in_partition(&reset, g));
+    coord.offsets.borrow_mut().retain(|g, _| !in_partition(&reset, g));
+    for p in &lost {
+        coord.serving.borrow_mut().remove(p);
+        log::info!("shard {}: no longer the group coordinator of {OFFSETS_TOPIC}-{p} (led elsewhere now)", shard.id.0);
+    }
+    for p in gained {
+        let Some(log) = shard.log(OFFSETS_TOPIC, p) else { continue };
+        let started = Instant::now();
+        let records = load_partition(shard, &log).await;
+        // Leadership may have moved on while loading.
+        if shard.image().owner(OFFSETS_TOPIC, p) == Some(shard.id) {
+            coord.serving.borrow_mut().insert(p);
+            log::info!(
+                "shard {}: group coordinator of {OFFSETS_TOPIC}-{p} now: loaded {records} record(s) in {:?}",
+                shard.id.0,
+                started.elapsed()
+            );
+        }
+    }
 }
 
 fn tick(shard: &Rc<Shard>) {

@@ -1,0 +1,342 @@
+"""Replication under faults, on the 3-node cluster of tests/cluster.py, with
+real clients (confluent-kafka / librdkafka), checked the way Jepsen's Kafka
+workload checks a log:
+
+- lost write: every acknowledged record is read back, at the offset its ack
+  named, with its value;
+- duplicate: no value is in the log twice (idempotent producer);
+- inconsistent offsets: one offset holds one value, on every replica (the
+  three nodes' segment files hold the same batches once healed);
+- nonmonotonic poll: a consumer's offsets only go up, per partition.
+
+The leader-kill test runs TIDELOG_FAULT_ROUNDS rounds (3 in CI; the issue's
+long form is 20: `TIDELOG_FAULT_ROUNDS=20 python3 -m pytest tests/test_replication_faults.py -k leader_kill`).
+"""
+
+import collections
+import os
+import signal
+import threading
+import time
+
+import pytest
+from confluent_kafka import KafkaError, Producer
+
+import kafka_wire as kw
+from clients import consume_confluent
+from cluster import (  # noqa: F401 - fixtures
+    NODE_IDS,
+    cluster,
+    cluster_factory,
+    create_topic,
+    node_of,
+    topic_partitions,
+    wait_until,
+)
+from conftest import unique_topic
+
+ROUNDS = int(os.environ.get("TIDELOG_FAULT_ROUNDS", "3"))
+PARTITIONS = 3
+
+
+class BackgroundProducer:
+    """An idempotent acks=all producer writing unique values ("v<n>", keyed
+    over 50 keys) until stopped; keeps every ack and every error."""
+
+    def __init__(self, cluster, topic, **extra):
+        config = cluster.producer_config(
+            **{
+                "acks": "all",
+                "enable.idempotence": True,
+                "linger.ms": 2,
+                "message.timeout.ms": 120000,
+                **extra,
+            }
+        )
+        self.producer = Producer(config)
+        self.topic = topic
+        self.acked = []  # (partition, offset, value)
+        self.errors = []
+        self.sent = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _on_delivery(self, err, msg):
+        if err is not None:
+            self.errors.append(str(err))
+        else:
+            self.acked.append((msg.partition(), msg.offset(), msg.value()))
+
+    def _run(self):
+        while not self._stop.is_set():
+            value = b"v%d" % self.sent
+            try:
+                self.producer.produce(self.topic, key=b"k%d" % (self.sent % 50), value=value, on_delivery=self._on_delivery)
+                self.sent += 1
+            except BufferError:
+                pass
+            self.producer.poll(0.002 if self.sent % 20 == 0 else 0)
+            if self.sent % 20 == 0:
+                time.sleep(0.002)
+
+    def stop(self, flush_timeout=180):
+        self._stop.set()
+        self.thread.join(30)
+        left = self.producer.flush(flush_timeout)
+        assert left == 0, "%d records still unacknowledged after %d s" % (left, flush_timeout)
+
+
+def leaders(cluster, topic, via):
+    parts = topic_partitions(cluster.metadata(via, topics=[topic]), topic)
+    return parts
+
+
+def wait_full_isr(cluster, topic, via, timeout=90):
+    def full():
+        parts = leaders(cluster, topic, via)
+        return parts and all(p.leader >= 0 and sorted(p.isr) == sorted(p.replicas) for p in parts.values())
+
+    wait_until("every partition of %s back to 3 in-sync replicas" % topic, full, timeout=timeout)
+
+
+def check_log(acked, consumed):
+    """Jepsen's checks over what was acked and what a consumer read."""
+    problems = []
+    at = {}
+    for p, recs in consumed.items():
+        last = -1
+        for offset, _key, value in recs:
+            if offset <= last:
+                problems.append("nonmonotonic poll on partition %d: %d after %d" % (p, offset, last))
+            last = offset
+            at[(p, offset)] = value
+    values = collections.Counter(at.values())
+    dups = [v for v, n in values.items() if n > 1]
+    if dups:
+        problems.append("%d value(s) in the log more than once, e.g. %r" % (len(dups), dups[:3]))
+    lost = [(p, o, v) for p, o, v in acked if at.get((p, o)) != v]
+    if lost:
+        problems.append("%d acknowledged record(s) lost or at another offset, e.g. %r (found %r)" % (
+            len(lost), lost[:3], [at.get((p, o)) for p, o, _ in lost[:3]]))
+    return problems
+
+
+def replica_batches(cluster, topic, partition, node, upto):
+    """(base offset, CRC-checked raw bytes) of node's copy of the partition, below `upto`."""
+    pdir = os.path.join(cluster.node(node).log_dirs, "%s-%d" % (topic, partition))
+    out = []
+    for _, path in kw.segment_files(pdir):
+        batches, _ = kw.parse_segment(path)
+        for b in batches:
+            if b.base_offset < upto:
+                out.append((b.base_offset, b.raw[12:]))  # without the base offset/length prefix
+    return out
+
+
+def check_replicas_identical(cluster, topic, ends):
+    """Once healed, the three replicas hold the same batches below the high watermark."""
+    problems = []
+    for p, end in ends.items():
+        copies = {n: replica_batches(cluster, topic, p, n, end) for n in NODE_IDS}
+        first = copies[NODE_IDS[0]]
+        for n, c in copies.items():
+            if c != first:
+                problems.append("partition %d: node %d's replica differs from node %d's (%d vs %d batches)" % (
+                    p, n, NODE_IDS[0], len(c), len(first)))
+    return problems
+
+
+def ends_via(cluster, topic, via):
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer(cluster.consumer_config(**{"group.id": "ends-" + topic}))
+    try:
+        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in range(PARTITIONS)}
+    finally:
+        c.close()
+
+
+def test_leader_kill_loop_loses_no_acked_record(cluster):
+    """Continuous acks=all idempotent produce to an RF 3 topic with
+    min.insync.replicas=2 while, ROUNDS times, the leader of one partition is
+    SIGKILLed and restarted."""
+    c = cluster
+    topic = unique_topic("kill")
+    create_topic(c, topic, PARTITIONS, 3, config={"min.insync.replicas": "2"})
+    c.wait_topic(topic, PARTITIONS)
+    wait_full_isr(c, topic, 1)
+    prod = BackgroundProducer(c, topic)
+    wait_until("first acks", lambda: len(prod.acked) >= 500 or prod.errors, timeout=60)
+    epochs = []
+    for r in range(ROUNDS):
+        live = sorted(c.live)
+        parts = leaders(c, topic, live[0])
+        victim = node_of(parts[r % PARTITIONS].leader)
+        before = len(prod.acked)
+        c.kill9(victim)
+        survivors = [n for n in NODE_IDS if n != victim]
+        # Writes go on once the partition has a new leader on a survivor.
+        wait_until("acks after killing node %d" % victim, lambda: len(prod.acked) > before + 200 or prod.errors,
+                   timeout=60)
+        c.start(victim)
+        wait_full_isr(c, topic, survivors[0])
+        epochs.append(leaders(c, topic, survivors[0])[r % PARTITIONS].leader_epoch)
+        print("round %d: killed node %d, %d acks so far, leader epoch now %d" % (r, victim, len(prod.acked), epochs[-1]))
+    prod.stop()
+    assert not prod.errors, "%d delivery errors, first %r" % (len(prod.errors), prod.errors[:3])
+    assert len(prod.acked) == prod.sent, (len(prod.acked), prod.sent)
+    ends = ends_via(c, topic, 1)
+    assert sum(ends.values()) == len(prod.acked), ("high watermarks %r vs %d acked" % (ends, len(prod.acked)))
+    consumed = consume_confluent(c.node(1), topic, ends, timeout=120)
+    problems = check_log(prod.acked, consumed)
+    wait_full_isr(c, topic, 1)
+    # Followers fetch until they reach the leader's end; give them a moment.
+    wait_until("replicas identical", lambda: not check_replicas_identical(c, topic, ends), timeout=30)
+    assert not problems, "\n".join(problems)
+    assert epochs == sorted(epochs), "leader epochs went backwards: %r" % epochs
+
+
+def produce_one(cluster, node, topic, partition, acks, timeout_ms, retries=2147483647):
+    """One record to `partition` through `node` alone; the delivery error or None.
+    With retries=0 librdkafka reports the broker's error itself instead of
+    retrying a retriable one until the message times out."""
+    out = []
+    p = Producer(cluster.node(node).producer_config(**{
+        "acks": acks, "message.timeout.ms": timeout_ms, "request.timeout.ms": min(timeout_ms, 5000),
+        "retries": retries}))
+    p.produce(topic, value=b"acks-%s-%d" % (str(acks).encode(), time.time_ns()), partition=partition,
+              on_delivery=lambda e, m: out.append(e))
+    p.flush(timeout_ms / 1000 + 30)
+    assert len(out) == 1, out
+    return out[0]
+
+
+def test_losing_replicas_refuses_acks_all_but_not_acks_1(cluster):
+    """One node lost (the quorum keeps a majority): it is fenced and leaves
+    the ISR, so with min.insync.replicas=3 acks=all gets NOT_ENOUGH_REPLICAS
+    while acks=1 succeeds. A second node lost (the quorum too, as the
+    controllers run on the same nodes): nothing can change the ISR any more,
+    so acks=all is never acknowledged, and acks=1 still succeeds on the
+    survivor for the partitions it leads. Nothing acked before is lost."""
+    c = cluster
+    topic = unique_topic("minisr")
+    create_topic(c, topic, PARTITIONS, 3, config={"min.insync.replicas": "3"})
+    c.wait_topic(topic, PARTITIONS)
+    wait_full_isr(c, topic, 1)
+    before = BackgroundProducer(c, topic)
+    wait_until("acks", lambda: len(before.acked) >= 300, timeout=60)
+    before.stop()
+    assert not before.errors, before.errors[:3]
+
+    first, second, survivor = 3, 2, 1
+    c.kill9(first)
+
+    def shrunk():
+        parts = leaders(c, topic, survivor)
+        return parts and all(p.leader >= 0 and node_of(p.leader) != first and len(p.isr) == 2 for p in parts.values())
+
+    wait_until("node %d fenced and out of every ISR" % first, shrunk, timeout=90)
+    err = produce_one(c, survivor, topic, 0, "all", 15000, retries=0)
+    assert err is not None and err.code() == KafkaError.NOT_ENOUGH_REPLICAS, err
+    assert produce_one(c, survivor, topic, 0, "1", 15000) is None
+
+    c.kill9(second)
+    led = [i for i, p in leaders(c, topic, survivor).items() if node_of(p.leader) == survivor]
+    assert led, "node %d leads none of %s" % (survivor, topic)
+    err = produce_one(c, survivor, topic, led[0], "all", 8000)
+    assert err is not None, "acks=all acknowledged with two of three nodes down"
+    assert produce_one(c, survivor, topic, led[0], "1", 15000) is None
+
+    c.start()
+    wait_full_isr(c, topic, survivor)
+    ends = ends_via(c, topic, survivor)
+    consumed = consume_confluent(c.node(survivor), topic, ends, timeout=60)
+    problems = check_log(before.acked, consumed)
+    assert not problems, "\n".join(problems)
+
+
+def test_paused_leader_loses_no_acked_record(cluster):
+    """A network partition of the leader, by SIGSTOP: it stops answering, is
+    fenced, another ISR member leads; after SIGCONT it learns it was deposed,
+    truncates what only it had, catches up, and no acknowledged record is lost
+    or duplicated."""
+    c = cluster
+    topic = unique_topic("pause")
+    create_topic(c, topic, PARTITIONS, 3, config={"min.insync.replicas": "2"})
+    c.wait_topic(topic, PARTITIONS)
+    wait_full_isr(c, topic, 1)
+    prod = BackgroundProducer(c, topic)
+    wait_until("first acks", lambda: len(prod.acked) >= 500, timeout=60)
+    victim = node_of(leaders(c, topic, 1)[0].leader)
+    survivors = [n for n in NODE_IDS if n != victim]
+    os.kill(c.node(victim).proc.pid, signal.SIGSTOP)
+    try:
+        def moved():
+            parts = leaders(c, topic, survivors[0])
+            return parts and node_of(parts[0].leader) != victim
+
+        wait_until("partition 0 led by a survivor", moved, timeout=90)
+        before = len(prod.acked)
+        wait_until("acks while node %d is paused" % victim, lambda: len(prod.acked) > before + 300, timeout=60)
+    finally:
+        os.kill(c.node(victim).proc.pid, signal.SIGCONT)
+    wait_full_isr(c, topic, survivors[0])
+    prod.stop()
+    assert not prod.errors, prod.errors[:3]
+    ends = ends_via(c, topic, survivors[0])
+    consumed = consume_confluent(c.node(survivors[0]), topic, ends, timeout=120)
+    problems = check_log(prod.acked, consumed)
+    wait_until("replicas identical", lambda: not check_replicas_identical(c, topic, ends), timeout=30)
+    assert not problems, "\n".join(problems)
+
+
+def test_group_offsets_survive_losing_a_broker(cluster):
+    """A consumer group's committed offsets live in __consumer_offsets (RF 3):
+    after its coordinator's node is killed, the group's new coordinator on
+    another node has them, and a new member resumes exactly there."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = cluster
+    topic = unique_topic("grp")
+    create_topic(c, topic, PARTITIONS, 3)
+    c.wait_topic(topic, PARTITIONS)
+    prod = BackgroundProducer(c, topic)
+    wait_until("acks", lambda: len(prod.acked) >= 600, timeout=60)
+    prod.stop()
+    group = "g-" + topic
+    consumer = Consumer(c.consumer_config(**{"group.id": group, "auto.offset.reset": "earliest",
+                                             "enable.auto.commit": False, "enable.auto.offset.store": True,
+                                             "enable.partition.eof": False}))
+    consumer.subscribe([topic])
+    seen = 0
+    deadline = time.monotonic() + 60
+    while seen < 300 and time.monotonic() < deadline:
+        m = consumer.poll(1.0)
+        if m is not None and not m.error():
+            seen += 1
+    assert seen >= 300
+    committed = {tp.partition: tp.offset for tp in consumer.commit(asynchronous=False) if tp.offset >= 0}
+    consumer.close()
+    assert committed and sum(committed.values()) >= seen, (committed, seen)
+    # Find the coordinator and kill its node.
+    admin = c.admin()
+    desc = admin.describe_consumer_groups([group])[group].result(30)
+    victim = node_of(desc.coordinator.id)
+    c.kill9(victim)
+    survivors = [n for n in NODE_IDS if n != victim]
+
+    def fetched():
+        cons = Consumer(c.node(survivors[0]).consumer_config(**{"group.id": group}))
+        try:
+            got = cons.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
+            return {tp.partition: tp.offset for tp in got if tp.offset >= 0 and tp.partition in committed}
+        finally:
+            cons.close()
+
+    got = wait_until("committed offsets from the new coordinator", lambda: fetched() == committed and fetched(),
+                     timeout=90)
+    # The killed node cannot answer, so these came from a coordinator on a
+    # survivor that loaded the group from its replica of __consumer_offsets.
+    assert got == committed
+    c.start(victim)

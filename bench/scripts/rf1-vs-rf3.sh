@@ -18,7 +18,9 @@ usage: bench/scripts/rf1-vs-rf3.sh [options]
   --duration-s S      length of each run (default 20, after the workload's warm-up)
   --repeat N          N interleaved RF 1 / RF 3 pairs (default 1)
   --dir DIR           cluster data and logs (default /var/tmp/tidelog-rf-bench; wiped first);
-                      must be on a disk file system (O_DIRECT), not tmpfs
+                      must be on a disk file system (O_DIRECT), not tmpfs. Each run's topic is
+                      deleted after it (python3 confluent-kafka), but one unpaced run needs room
+                      for duration x throughput x 3 (about 20 GB for 20 s here)
   --keep-cluster      leave the cluster running afterwards (scripts/cluster stop --dir DIR)
   --baseline FILE     hardware baseline JSON for the reports (tidelog-bench baseline)
   --out DIR           where the run directories go (default results/rf1-vs-rf3)
@@ -64,6 +66,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
+delete_topic() {
+  python3 - "$1" <<'PY' || echo "warning: could not delete topic $1 (pip install confluent-kafka); delete $dir when done" >&2
+import sys
+from confluent_kafka.admin import AdminClient
+admin = AdminClient({"bootstrap.servers": "127.0.0.1:9092"})
+admin.delete_topics([sys.argv[1]])[sys.argv[1]].result(60)
+PY
+}
+
 stamp=$(date +%s)
 runs=()
 for i in $(seq 1 "$repeat"); do
@@ -76,6 +87,8 @@ for i in $(seq 1 "$repeat"); do
     [ -n "$baseline" ] && args+=(--baseline "$baseline")
     "$bench" "${args[@]}"
     runs+=("$out/$name")
+    # An unpaced run writes tens of GB (three times over at RF 3): free the disk.
+    delete_topic "rf$rf-$stamp-$i"
   done
 done
 
@@ -99,4 +112,4 @@ for i in range(1, repeat + 1):
 print("\nmedian RF 3 / RF 1 over %d pair(s): throughput %.2fx, ack p50 %.2fx, p99 %.2fx, p99.9 %.2fx"
       % (repeat, *(statistics.median(v) for v in ratios.values())))
 PY
-"$bench" compare "${runs[@]}" > "$out/compare.txt" && echo "side by side: $out/compare.txt"
+"$bench" compare --svg "$out/compare.svg" "${runs[@]}" > "$out/compare.txt" && echo "side by side: $out/compare.txt"

@@ -31,7 +31,7 @@ use std::io;
 use std::path::PathBuf;
 
 use bytes::{Buf, BufMut, BytesMut};
-use tidelog_protocol::batch::{BatchHeader, BatchInfo, BATCH_HEADER_BYTES};
+use tidelog_protocol::batch::{BatchHeader, BatchInfo};
 use tidelog_protocol::{ErrorCode, Offset, ProducerId, ShardId};
 
 use super::partition::{self, SharedLog};
@@ -310,7 +310,7 @@ pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
             Err(e) => Err(e),
         })
         .await?;
-    let (mut table, mut offset) = match snapshot.as_deref().map(ProducerStateTable::decode_snapshot) {
+    let (mut table, offset) = match snapshot.as_deref().map(ProducerStateTable::decode_snapshot) {
         Some(Some((t, covered))) if covered <= hw && covered >= start => (t, covered),
         Some(_) => {
             log::warn!(
@@ -322,30 +322,8 @@ pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
         None => (ProducerStateTable::default(), start),
     };
     let from = offset;
-    let mut batches = 0usize;
-    while offset < hw {
-        let r = partition::read_with(log, offset, 4 << 20, true, partition::ReadLimit::DurableEnd).await?;
-        if r.bytes == 0 {
-            break;
-        }
-        let mut next = offset;
-        for chunk in &r.chunks {
-            let mut at = 0;
-            while at + BATCH_HEADER_BYTES <= chunk.len() {
-                let Ok(h) = BatchHeader::parse(&chunk[at..]) else { break };
-                if h.last_offset() >= offset {
-                    table.replay(&h);
-                    batches += 1;
-                }
-                next = next.max(h.last_offset().next());
-                at += h.size_bytes();
-            }
-        }
-        if next <= offset {
-            break;
-        }
-        offset = next;
-    }
+    let batches =
+        if offset < hw { partition::for_each_durable_batch(log, offset, |h| table.replay(h)).await? } else { 0 };
     table.dirty = batches > 0;
     let mut l = log.borrow_mut();
     l.for_each_pending(|h| {

@@ -430,9 +430,10 @@ def metadata(conn, version, topics, allow_auto_topic_creation=True):
 # Fetch v4 (non-flexible, no sessions)
 
 
-def fetch_body_v4(topics, max_wait_ms=500, min_bytes=1, max_bytes=52428800, isolation_level=0):
+def fetch_body_v4(topics, max_wait_ms=500, min_bytes=1, max_bytes=52428800, isolation_level=0, replica_id=-1):
     """Fetch v4 request body; `topics` is [(name, [(partition, fetch_offset,
-    partition_max_bytes)])]. replica_id is -1 (a consumer)."""
+    partition_max_bytes)])]. replica_id -1 is a consumer; a broker id makes
+    it a follower's fetch."""
 
     def part(p):
         partition, fetch_offset, partition_max_bytes = p
@@ -442,7 +443,7 @@ def fetch_body_v4(topics, max_wait_ms=500, min_bytes=1, max_bytes=52428800, isol
         name, parts = t
         return string(name) + array(parts, part)
 
-    return i32(-1) + i32(max_wait_ms) + i32(min_bytes) + i32(max_bytes) + i8(isolation_level) + array(topics, topic)
+    return i32(replica_id) + i32(max_wait_ms) + i32(min_bytes) + i32(max_bytes) + i8(isolation_level) + array(topics, topic)
 
 
 # --------------------------------------------------------------------------

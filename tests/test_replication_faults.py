@@ -340,3 +340,52 @@ def test_group_offsets_survive_losing_a_broker(cluster):
     # survivor that loaded the group from its replica of __consumer_offsets.
     assert got == committed
     c.start(victim)
+
+
+def replica_fetch(port, topic, partition, offset, replica_id):
+    """A follower's Fetch v4 (replica id set, no leader epoch in v4) to one
+    broker port: (error code, high watermark, records bytes)."""
+    with kw.Conn(port) as conn:
+        body = kw.fetch_body_v4([(topic, [(partition, offset, 1 << 20)])], max_wait_ms=0, min_bytes=0,
+                                replica_id=replica_id)
+        corr = conn.send_request(1, 4, body)
+        r = conn.recv_response(corr)
+        r.i32()  # throttle_time_ms
+        assert r.i32() == 1
+        assert r.string() == topic
+        assert r.i32() == 1
+        assert r.i32() == partition
+        error, hw = r.i16(), r.i64()
+        r.i64()  # last_stable_offset
+        aborted = r.i32()
+        assert aborted <= 0
+        records = r.kbytes()
+        return error, hw, len(records or b"")
+
+
+def test_replica_fetch_bad_input(cluster):
+    """A follower asking for an offset past the leader's log end gets
+    OFFSET_OUT_OF_RANGE (and a real follower then truncates: see the fetcher);
+    a broker that is not a replica, or a replica fetch sent to a follower,
+    gets NOT_LEADER_OR_FOLLOWER; a good replica fetch is served."""
+    c = cluster
+    topic = unique_topic("rawrepl")
+    create_topic(c, topic, 1, 2)  # 2 replicas of 3 nodes: one node holds none
+    parts = c.wait_topic(topic, 1)
+    leader = parts[0].leader
+    follower = next(r for r in parts[0].replicas if r != leader)
+    outsider_node = next(n for n in NODE_IDS if all(node_of(r) != n for r in parts[0].replicas))
+    p = Producer(c.producer_config(**{"acks": "all"}))
+    for i in range(10):
+        p.produce(topic, value=b"r%d" % i, partition=0)
+    assert p.flush(30) == 0
+    port = c.node(node_of(leader)).port
+    wait_until("high watermark 10", lambda: replica_fetch(port, topic, 0, 0, follower)[1] == 10, timeout=30)
+    error, hw, n = replica_fetch(port, topic, 0, 1000, follower)
+    assert error == 1, "fetch past the log end: error %d (want OFFSET_OUT_OF_RANGE)" % error
+    error, _, _ = replica_fetch(port, topic, 0, 0, outsider_node * 1000)
+    assert error == 6, "fetch from a broker that is not a replica: error %d (want NOT_LEADER_OR_FOLLOWER)" % error
+    error, _, _ = replica_fetch(c.node(node_of(follower)).port, topic, 0, 0, leader)
+    assert error == 6, "replica fetch sent to a follower: error %d (want NOT_LEADER_OR_FOLLOWER)" % error
+    error, hw, n = replica_fetch(port, topic, 0, 0, follower)
+    assert error == 0 and hw == 10 and n > 0, (error, hw, n)

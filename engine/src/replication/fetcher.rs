@@ -61,7 +61,12 @@ pub(super) async fn run(shard: Rc<Shard>, leader: i32, wake: Rc<Notify>) {
             }
             let Some(c) = conn.as_mut() else { return Ok(()) };
             truncate_diverged(&shard, c, &parts).await?;
-            fetch_round(&shard, c, leader, &parts).await
+            if !fetch_round(&shard, c, leader, &parts).await? {
+                // Every partition still waits for its truncation check (the
+                // leader did not answer it yet): do not spin.
+                wait(&wake, BACKOFF).await;
+            }
+            Ok::<(), std::io::Error>(())
         }
         .await;
         if let Err(e) = result {
@@ -180,7 +185,7 @@ async fn fetch_round(
     conn: &mut Conn,
     leader: i32,
     parts: &[(PartitionKey, Following)],
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     let mut topics: Vec<FetchTopic> = Vec::new();
     for ((topic, p), f) in parts {
         if !f.truncation_checked.get() {
@@ -207,7 +212,7 @@ async fn fetch_round(
         }
     }
     if topics.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let request = FetchRequest::default()
         .with_replica_id(BrokerId(shard.replication.my_broker()))
@@ -288,7 +293,7 @@ async fn fetch_round(
     if backoff {
         glommio::timer::sleep(BACKOFF).await;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Appends the whole batches of `records` (a cut-off last batch is left for

@@ -19,7 +19,6 @@ import signal
 import threading
 import time
 
-import pytest
 from confluent_kafka import KafkaError, Producer
 
 import kafka_wire as kw
@@ -100,6 +99,15 @@ def wait_full_isr(cluster, topic, via, timeout=90):
     wait_until("every partition of %s back to 3 in-sync replicas" % topic, full, timeout=timeout)
 
 
+def rf3_topic(cluster, prefix, min_insync):
+    """A new RF 3 topic of PARTITIONS partitions, every ISR full."""
+    topic = unique_topic(prefix)
+    create_topic(cluster, topic, PARTITIONS, 3, config={"min.insync.replicas": str(min_insync)})
+    cluster.wait_topic(topic, PARTITIONS)
+    wait_full_isr(cluster, topic, 1)
+    return topic
+
+
 def check_log(acked, consumed):
     """Jepsen's checks over what was acked and what a consumer read."""
     problems = []
@@ -162,10 +170,7 @@ def test_leader_kill_loop_loses_no_acked_record(cluster):
     min.insync.replicas=2 while, ROUNDS times, the leader of one partition is
     SIGKILLed and restarted."""
     c = cluster
-    topic = unique_topic("kill")
-    create_topic(c, topic, PARTITIONS, 3, config={"min.insync.replicas": "2"})
-    c.wait_topic(topic, PARTITIONS)
-    wait_full_isr(c, topic, 1)
+    topic = rf3_topic(c, "kill", min_insync=2)
     prod = BackgroundProducer(c, topic)
     wait_until("first acks", lambda: len(prod.acked) >= 500 or prod.errors, timeout=60)
     epochs = []
@@ -220,10 +225,7 @@ def test_losing_replicas_refuses_acks_all_but_not_acks_1(cluster):
     so acks=all is never acknowledged, and acks=1 still succeeds on the
     survivor for the partitions it leads. Nothing acked before is lost."""
     c = cluster
-    topic = unique_topic("minisr")
-    create_topic(c, topic, PARTITIONS, 3, config={"min.insync.replicas": "3"})
-    c.wait_topic(topic, PARTITIONS)
-    wait_full_isr(c, topic, 1)
+    topic = rf3_topic(c, "minisr", min_insync=3)
     before = BackgroundProducer(c, topic)
     wait_until("acks", lambda: len(before.acked) >= 300, timeout=60)
     before.stop()
@@ -262,10 +264,7 @@ def test_paused_leader_loses_no_acked_record(cluster):
     truncates what only it had, catches up, and no acknowledged record is lost
     or duplicated."""
     c = cluster
-    topic = unique_topic("pause")
-    create_topic(c, topic, PARTITIONS, 3, config={"min.insync.replicas": "2"})
-    c.wait_topic(topic, PARTITIONS)
-    wait_full_isr(c, topic, 1)
+    topic = rf3_topic(c, "pause", min_insync=2)
     prod = BackgroundProducer(c, topic)
     wait_until("first acks", lambda: len(prod.acked) >= 500, timeout=60)
     victim = node_of(leaders(c, topic, 1)[0].leader)

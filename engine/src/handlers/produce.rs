@@ -223,9 +223,12 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
                 // min.insync.replicas meanwhile.
                 let image = shard.image();
                 for w in &waiting {
-                    let name = resp.responses[w.topic].name.0.to_string();
-                    let index = resp.responses[w.topic].partition_responses[w.partition].index;
-                    if let Err(msg) = crate::replication::Replication::check_min_isr(&shard, &image, &name, index) {
+                    let short = {
+                        let t = &resp.responses[w.topic];
+                        let index = t.partition_responses[w.partition].index;
+                        crate::replication::Replication::check_min_isr(&shard, &image, &t.name.0, index).err()
+                    };
+                    if let Some(msg) = short {
                         let p = &mut resp.responses[w.topic].partition_responses[w.partition];
                         p.error_code = ErrorCode::NotEnoughReplicasAfterAppend.code();
                         if version >= 8 {

@@ -421,6 +421,7 @@ fn start_quorum(
         request_timeout_ms: cluster.request_timeout_ms,
         heartbeat_interval_ms: cluster.heartbeat_interval_ms,
         session_timeout_ms: cluster.session_timeout_ms,
+        unclean_leader_election_enable: config.unclean_leader_election,
     };
     log::info!(
         "node {}: roles {}{}, controller quorum voters {:?}",

@@ -99,7 +99,15 @@ impl MetadataImage {
         }
         let owner = *t.owners.get(partition)?;
         let id = broker_id(self.local_node.unwrap_or(0), owner);
-        Some(PartitionState { replicas: vec![id], isr: vec![id], leader: id, leader_epoch: 0, partition_epoch: 0 })
+        Some(PartitionState {
+            replicas: vec![id],
+            isr: vec![id],
+            leader: id,
+            leader_epoch: 0,
+            partition_epoch: 0,
+            adding_replicas: Vec::new(),
+            removing_replicas: Vec::new(),
+        })
     }
 
     /// Leader epoch of a partition this node serves (0 on a single node).

@@ -59,6 +59,14 @@ pub struct PartitionImage {
     pub leader_epoch: i32,
     /// Bumped on every change to this partition (ISR, replicas, leader).
     pub partition_epoch: i32,
+    /// A reassignment in progress (KRaft's addingReplicas): replicas joining
+    /// `replicas`; they enter the ISR through AlterPartition once caught up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adding_replicas: Vec<i32>,
+    /// A reassignment in progress (KRaft's removingReplicas): replicas that
+    /// leave `replicas` (and the ISR) once every target replica is in sync.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removing_replicas: Vec<i32>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -144,6 +152,37 @@ pub enum MetadataCommand {
         partition_epoch: i32,
         isr: Vec<i32>,
     },
+    /// ElectLeaders, from a client or from the controller itself (unclean
+    /// elections when `unclean.leader.election.enable` is true). One result
+    /// per partition, in command order, named by its topic.
+    ElectLeaders {
+        election: Election,
+        partitions: Vec<(String, i32)>,
+    },
+    /// AlterPartitionReassignments: start, replace or (target None) cancel a
+    /// reassignment per partition. One result per entry, in command order,
+    /// named by its topic.
+    AlterReassignments(Vec<Reassignment>),
+}
+
+/// The kind of leader election (ElectLeaders' election_type).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Election {
+    /// Move leadership to the first replica when it is alive and in sync.
+    Preferred,
+    /// Only for a partition without a leader: a live in-sync replica if there
+    /// is one, else any live replica, whose log becomes the truth (the ISR
+    /// shrinks to it; records only the old ISR had are lost).
+    Unclean,
+}
+
+/// One partition's reassignment: the replica set it should end with
+/// (preferred leader first), or None to cancel a reassignment in progress.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reassignment {
+    pub topic: String,
+    pub partition: i32,
+    pub target: Option<Vec<i32>>,
 }
 
 /// Why a command (or one topic of it) was refused: a Kafka error code and a
@@ -172,8 +211,16 @@ pub mod error_codes {
     pub const INVALID_REQUEST: i16 = 42;
     pub const FENCED_LEADER_EPOCH: i16 = 74;
     pub const INVALID_UPDATE_VERSION: i16 = 96;
+    pub const PREFERRED_LEADER_NOT_AVAILABLE: i16 = 80;
+    pub const ELIGIBLE_LEADERS_NOT_AVAILABLE: i16 = 83;
+    pub const ELECTION_NOT_NEEDED: i16 = 84;
+    pub const NO_REASSIGNMENT_IN_PROGRESS: i16 = 85;
     pub const INELIGIBLE_REPLICA: i16 = 107;
 }
+
+/// The topic / broker config that lets the controller elect a replica from
+/// outside the ISR when no in-sync replica is alive.
+pub const UNCLEAN_LEADER_ELECTION_ENABLE: &str = "unclean.leader.election.enable";
 
 /// Most partitions one topic may have (CreateTopics, CreatePartitions).
 pub const PARTITIONS_PER_TOPIC_MAX: i32 = 100_000;
@@ -263,6 +310,13 @@ impl ClusterImage {
             MetadataCommand::AlterPartition { topic, partition, leader_epoch, partition_epoch, isr } => {
                 let result = self.alter_partition(topic, *partition, *leader_epoch, *partition_epoch, isr);
                 vec![(topic.clone(), result)]
+            }
+            MetadataCommand::ElectLeaders { election, partitions } => partitions
+                .iter()
+                .map(|(topic, partition)| (topic.clone(), self.elect_leader(topic, *partition, *election)))
+                .collect(),
+            MetadataCommand::AlterReassignments(entries) => {
+                entries.iter().map(|r| (r.topic.clone(), self.reassign(r))).collect()
             }
         }
     }
@@ -457,13 +511,7 @@ impl ClusterImage {
                         .copied()
                         .find(|&r| node_of(r).is_some_and(|n| self.is_node_unfenced(n)))
                         .unwrap_or(-1);
-                    PartitionImage {
-                        replicas: replicas.clone(),
-                        isr: replicas.clone(),
-                        leader,
-                        leader_epoch: 0,
-                        partition_epoch: 0,
-                    }
+                    PartitionImage { leader, ..new_partition(replicas.clone()) }
                 })
                 .collect()
         } else {
@@ -497,7 +545,7 @@ impl ClusterImage {
                 ),
             ));
         }
-        let rf = topic.partitions.first().map_or(1, |p| p.replicas.len() as i32);
+        let rf = topic.partitions.first().map_or(1, |p| p.target_replicas().count() as i32);
         let placed = self.place(name, current, count, rf)?;
         if let Some(topic) = self.topics.get_mut(name) {
             topic.partitions.extend(placed.into_iter().map(new_partition));
@@ -564,13 +612,283 @@ impl ClusterImage {
         }
         p.isr = isr.to_vec();
         p.partition_epoch += 1;
+        let live = |r: i32| node_of(r).is_some_and(|n| nodes.get(&n).is_some_and(|x| !x.fenced));
+        p.complete_reassignment(live);
         Ok(())
+    }
+
+    /// ElectLeaders for one partition (see `Election`).
+    fn elect_leader(&mut self, topic: &str, partition: i32, election: Election) -> Result<(), Refusal> {
+        let nodes = &self.nodes;
+        let live = |r: i32| node_of(r).is_some_and(|n| nodes.get(&n).is_some_and(|x| !x.fenced));
+        let p = partition_mut(&mut self.topics, topic, partition)?;
+        let new_leader = match election {
+            Election::Preferred => {
+                let preferred = p.replicas.first().copied().unwrap_or(-1);
+                if p.leader == preferred {
+                    return Err(Refusal::new(
+                        ELECTION_NOT_NEEDED,
+                        format!("{topic}-{partition}: the preferred replica {preferred} already leads"),
+                    ));
+                }
+                if !live(preferred) {
+                    return Err(Refusal::new(
+                        PREFERRED_LEADER_NOT_AVAILABLE,
+                        format!("{topic}-{partition}: the preferred replica {preferred} is on a fenced or unregistered node"),
+                    ));
+                }
+                if !p.isr.contains(&preferred) {
+                    return Err(Refusal::new(
+                        PREFERRED_LEADER_NOT_AVAILABLE,
+                        format!("{topic}-{partition}: the preferred replica {preferred} is not in the ISR {:?}", p.isr),
+                    ));
+                }
+                preferred
+            }
+            Election::Unclean => {
+                if p.leader >= 0 {
+                    return Err(Refusal::new(
+                        ELECTION_NOT_NEEDED,
+                        format!(
+                            "{topic}-{partition}: broker {} leads; an unclean election needs a leaderless partition",
+                            p.leader
+                        ),
+                    ));
+                }
+                // A live in-sync replica first (then nothing is lost), else any
+                // live replica that is not still being added (it may have nothing).
+                let clean = p.replicas.iter().copied().find(|&r| p.isr.contains(&r) && live(r));
+                let unclean = || p.replicas.iter().copied().find(|&r| live(r) && !p.adding_replicas.contains(&r));
+                match clean {
+                    Some(r) => r,
+                    None => match unclean() {
+                        Some(r) => {
+                            p.isr = vec![r];
+                            r
+                        }
+                        None => {
+                            return Err(Refusal::new(
+                                ELIGIBLE_LEADERS_NOT_AVAILABLE,
+                                format!("{topic}-{partition}: no replica of {:?} is on a live node", p.replicas),
+                            ))
+                        }
+                    },
+                }
+            }
+        };
+        p.leader = new_leader;
+        p.leader_epoch += 1;
+        p.partition_epoch += 1;
+        Ok(())
+    }
+
+    /// AlterPartitionReassignments for one partition, as KRaft does it:
+    /// replicas become target + (current not in target) with adding and
+    /// removing sets; the reassignment completes (here, or when an
+    /// AlterPartition later brings every target replica into the ISR).
+    fn reassign(&mut self, r: &Reassignment) -> Result<(), Refusal> {
+        let (topic, partition) = (r.topic.as_str(), r.partition);
+        if let Some(target) = &r.target {
+            let current = partition_mut(&mut self.topics, topic, partition)?.clone();
+            self.check_target(topic, partition, &current, target)?;
+        }
+        let nodes = &self.nodes;
+        let live = |b: i32| node_of(b).is_some_and(|n| nodes.get(&n).is_some_and(|x| !x.fenced));
+        let p = partition_mut(&mut self.topics, topic, partition)?;
+        let in_progress = !p.adding_replicas.is_empty() || !p.removing_replicas.is_empty();
+        let original: Vec<i32> = p.replicas.iter().copied().filter(|b| !p.adding_replicas.contains(b)).collect();
+        let target = match &r.target {
+            None if !in_progress => {
+                return Err(Refusal::new(
+                    NO_REASSIGNMENT_IN_PROGRESS,
+                    format!("{topic}-{partition}: no reassignment is in progress"),
+                ))
+            }
+            // Cancel: back to the replicas before the reassignment.
+            None => original.clone(),
+            Some(target) => target.clone(),
+        };
+        if target == original && !in_progress {
+            return Ok(());
+        }
+        if target == original {
+            p.reshape(original, Vec::new(), Vec::new(), live);
+            return Ok(());
+        }
+        let adding: Vec<i32> = target.iter().copied().filter(|b| !original.contains(b)).collect();
+        let removing: Vec<i32> = original.iter().copied().filter(|b| !target.contains(b)).collect();
+        let mut replicas = target;
+        replicas.extend_from_slice(&removing);
+        p.reshape(replicas, adding, removing, live);
+        p.complete_reassignment(live);
+        Ok(())
+    }
+
+    /// INVALID_REPLICA_ASSIGNMENT unless `target` is a non-empty list of
+    /// distinct brokers of registered nodes, one per node, and no target
+    /// replica sits on another shard of a node that holds a current replica.
+    fn check_target(
+        &self,
+        topic: &str,
+        partition: i32,
+        current: &PartitionImage,
+        target: &[i32],
+    ) -> Result<(), Refusal> {
+        let bad = |why: String| Err(Refusal::new(INVALID_REPLICA_ASSIGNMENT, format!("{topic}-{partition}: {why}")));
+        if target.is_empty() {
+            return bad("the target replica list is empty".to_string());
+        }
+        for (i, &broker) in target.iter().enumerate() {
+            if target[..i].contains(&broker) {
+                return bad(format!("broker {broker} is listed twice in {target:?}"));
+            }
+            let Some(node) = node_of(broker) else { return bad(format!("broker id {broker} is not valid")) };
+            let shard = split_broker_id(broker).1;
+            match self.nodes.get(&node) {
+                None => return bad(format!("broker {broker} is on node {node}, which is not registered")),
+                Some(reg) if shard >= reg.num_shards => {
+                    return bad(format!(
+                        "broker {broker} is shard {shard} of node {node}, which has {} shards",
+                        reg.num_shards
+                    ))
+                }
+                Some(_) => {}
+            }
+            if target[..i].iter().any(|&b| node_of(b) == Some(node)) {
+                return bad(format!("two target replicas are on node {node}; replicas must be on distinct nodes"));
+            }
+            if let Some(&other) = current.replicas.iter().find(|&&b| node_of(b) == Some(node) && b != broker) {
+                return bad(format!(
+                    "broker {broker} is on node {node}, which holds replica {other}: moving a replica between shards of one node is not supported"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Leaderless partitions the controller should give an unclean leader:
+    /// `unclean.leader.election.enable` is true for them (topic config, else
+    /// dynamic broker default, else `static_default`) and a replica outside
+    /// the ISR is alive. In topic and partition order.
+    pub fn unclean_election_candidates(&self, static_default: bool) -> Vec<(String, i32)> {
+        let enabled = |v: Option<&String>| v.map(|v| v.trim().eq_ignore_ascii_case("true"));
+        let cluster_default =
+            enabled(self.broker_configs.get(UNCLEAN_LEADER_ELECTION_ENABLE)).unwrap_or(static_default);
+        let mut out = Vec::new();
+        for t in self.topics.values() {
+            if !enabled(t.configs.get(UNCLEAN_LEADER_ELECTION_ENABLE)).unwrap_or(cluster_default) {
+                continue;
+            }
+            for (i, p) in t.partitions.iter().enumerate() {
+                let electable = p.leader < 0
+                    && p.replicas.iter().any(|&r| {
+                        !p.adding_replicas.contains(&r) && node_of(r).is_some_and(|n| self.is_node_unfenced(n))
+                    });
+                if electable {
+                    out.push((t.name.clone(), i as i32));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn partition_mut<'a>(
+    topics: &'a mut BTreeMap<String, TopicImage>,
+    topic: &str,
+    partition: i32,
+) -> Result<&'a mut PartitionImage, Refusal> {
+    let Some(t) = topics.get_mut(topic) else { return Err(unknown_topic(topic)) };
+    usize::try_from(partition).ok().and_then(|i| t.partitions.get_mut(i)).ok_or_else(|| {
+        Refusal::new(UNKNOWN_TOPIC_OR_PARTITION, format!("topic '{topic}' has no partition {partition}"))
+    })
+}
+
+impl PartitionImage {
+    /// The replicas this partition ends with once its reassignment (if
+    /// any) completes: `replicas` without `removing_replicas`.
+    pub fn target_replicas(&self) -> impl Iterator<Item = i32> + '_ {
+        self.replicas.iter().copied().filter(|r| !self.removing_replicas.contains(r))
+    }
+
+    /// Whether a reassignment is in progress.
+    pub fn reassigning(&self) -> bool {
+        !self.adding_replicas.is_empty() || !self.removing_replicas.is_empty()
+    }
+
+    /// Sets the replica set: the ISR keeps only replicas still in it (never
+    /// empty: if none is left, the first live non-adding replica, else the
+    /// first one); a leader that left, or is not in the ISR, hands over to
+    /// the first live ISR member in target order (-1 if none), with a new
+    /// leader epoch. Bumps the partition epoch.
+    fn reshape(&mut self, replicas: Vec<i32>, adding: Vec<i32>, removing: Vec<i32>, live: impl Fn(i32) -> bool) {
+        self.replicas = replicas;
+        self.adding_replicas = adding;
+        self.removing_replicas = removing;
+        let isr: Vec<i32> = self.isr.iter().copied().filter(|r| self.replicas.contains(r)).collect();
+        self.isr = if isr.is_empty() {
+            let keep = self
+                .replicas
+                .iter()
+                .copied()
+                .find(|&r| live(r) && !self.adding_replicas.contains(&r))
+                .or_else(|| self.replicas.first().copied());
+            keep.into_iter().collect()
+        } else {
+            isr
+        };
+        self.move_leader_into_isr(&live);
+        self.partition_epoch += 1;
+    }
+
+    /// A leader outside the ISR (or none) gives way to the first live ISR
+    /// member, target replicas first; the leader epoch bumps on a change.
+    fn move_leader_into_isr(&mut self, live: &impl Fn(i32) -> bool) {
+        if self.leader >= 0 && self.isr.contains(&self.leader) {
+            return;
+        }
+        let new_leader = self
+            .target_replicas()
+            .chain(self.removing_replicas.iter().copied())
+            .find(|&r| self.isr.contains(&r) && live(r))
+            .unwrap_or(-1);
+        if new_leader != self.leader {
+            self.leader = new_leader;
+            self.leader_epoch += 1;
+        }
+    }
+
+    /// Completes a reassignment once every target replica is in the ISR:
+    /// replicas = target, removed replicas leave the ISR, a removed leader
+    /// hands over to a target ISR member. Returns whether it completed.
+    fn complete_reassignment(&mut self, live: impl Fn(i32) -> bool) -> bool {
+        if !self.reassigning() {
+            return false;
+        }
+        let target: Vec<i32> = self.target_replicas().collect();
+        if !target.iter().all(|r| self.isr.contains(r)) {
+            return false;
+        }
+        self.isr.retain(|r| target.contains(r));
+        self.replicas = target;
+        self.adding_replicas.clear();
+        self.removing_replicas.clear();
+        self.move_leader_into_isr(&live);
+        true
     }
 }
 
 fn new_partition(replicas: Vec<i32>) -> PartitionImage {
     let leader = replicas.first().copied().unwrap_or(-1);
-    PartitionImage { leader, isr: replicas.clone(), replicas, leader_epoch: 0, partition_epoch: 0 }
+    PartitionImage {
+        leader,
+        isr: replicas.clone(),
+        replicas,
+        leader_epoch: 0,
+        partition_epoch: 0,
+        adding_replicas: Vec::new(),
+        removing_replicas: Vec::new(),
+    }
 }
 
 fn unknown_topic(name: &str) -> Refusal {
@@ -1036,6 +1354,286 @@ mod tests {
         assert_eq!((p.isr.clone(), p.partition_epoch), (vec![1000, 2000], 2));
     }
 
+    fn alter(topic: &str, partition: i32, image: &ClusterImage, isr: Vec<i32>) -> MetadataCommand {
+        let p = partition_of(image, topic, partition);
+        MetadataCommand::AlterPartition {
+            topic: topic.into(),
+            partition,
+            leader_epoch: p.leader_epoch,
+            partition_epoch: p.partition_epoch,
+            isr,
+        }
+    }
+
+    fn partition_of<'a>(image: &'a ClusterImage, name: &str, p: i32) -> &'a PartitionImage {
+        &image.topics[name].partitions[p as usize]
+    }
+
+    fn elect(election: Election, topic: &str, partition: i32) -> MetadataCommand {
+        MetadataCommand::ElectLeaders { election, partitions: vec![(topic.to_string(), partition)] }
+    }
+
+    fn reassign(topic: &str, partition: i32, target: Option<Vec<i32>>) -> MetadataCommand {
+        MetadataCommand::AlterReassignments(vec![Reassignment { topic: topic.into(), partition, target }])
+    }
+
+    fn code(result: &ApplyResult) -> Option<i16> {
+        result[0].1.as_ref().err().map(|r| r.code)
+    }
+
+    /// (replicas, isr, leader, leader epoch, adding, removing)
+    #[allow(clippy::type_complexity)]
+    fn shape(image: &ClusterImage, topic: &str, p: i32) -> (Vec<i32>, Vec<i32>, i32, i32, Vec<i32>, Vec<i32>) {
+        let p = partition_of(image, topic, p);
+        (
+            p.replicas.clone(),
+            p.isr.clone(),
+            p.leader,
+            p.leader_epoch,
+            p.adding_replicas.clone(),
+            p.removing_replicas.clone(),
+        )
+    }
+
+    #[test]
+    fn preferred_election_moves_leadership_back_to_the_first_replica() {
+        let (mut image, mut i) = three_nodes();
+        let mut next = || {
+            i += 1;
+            i
+        };
+        image.apply(next(), &MetadataCommand::CreateTopics(vec![assigned("t", vec![vec![1000, 2000, 3000]])]));
+        assert_eq!(code(&image.apply(next(), &elect(Election::Preferred, "t", 0))), Some(ELECTION_NOT_NEEDED));
+        image.apply(next(), &MetadataCommand::FenceNode { node_id: 1 });
+        assert_eq!(shape(&image, "t", 0).2, 2000);
+        let r = image.apply(next(), &elect(Election::Preferred, "t", 0));
+        assert_eq!(code(&r), Some(PREFERRED_LEADER_NOT_AVAILABLE), "fenced: {r:?}");
+        image.apply(next(), &MetadataCommand::UnfenceNode { node_id: 1 });
+        let r = image.apply(next(), &elect(Election::Preferred, "t", 0));
+        assert_eq!(code(&r), Some(PREFERRED_LEADER_NOT_AVAILABLE), "not in the ISR: {r:?}");
+        assert_eq!(shape(&image, "t", 0).3, 1, "refusals change nothing");
+
+        // The leader takes it back into the ISR once it caught up.
+        let cmd = alter("t", 0, &image, vec![2000, 3000, 1000]);
+        assert_eq!(image.apply(next(), &cmd), ok("t"));
+        let epoch = partition_of(&image, "t", 0).partition_epoch;
+        assert_eq!(image.apply(next(), &elect(Election::Preferred, "t", 0)), ok("t"));
+        let p = partition_of(&image, "t", 0);
+        assert_eq!((p.leader, p.leader_epoch, p.partition_epoch), (1000, 2, epoch + 1));
+        assert_eq!(p.isr, vec![2000, 3000, 1000], "the ISR is unchanged");
+
+        let r = image.apply(
+            next(),
+            &MetadataCommand::ElectLeaders {
+                election: Election::Preferred,
+                partitions: vec![("t".into(), 0), ("t".into(), 1), ("nope".into(), 0), ("t".into(), -1)],
+            },
+        );
+        let codes: Vec<Option<i16>> = r.iter().map(|(_, r)| r.as_ref().err().map(|e| e.code)).collect();
+        assert_eq!(
+            codes,
+            vec![
+                Some(ELECTION_NOT_NEEDED),
+                Some(UNKNOWN_TOPIC_OR_PARTITION),
+                Some(UNKNOWN_TOPIC_OR_PARTITION),
+                Some(UNKNOWN_TOPIC_OR_PARTITION)
+            ]
+        );
+        assert_eq!(r.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), vec!["t", "t", "nope", "t"]);
+    }
+
+    #[test]
+    fn unclean_election_only_for_leaderless_partitions() {
+        let (mut image, mut i) = three_nodes();
+        let mut next = || {
+            i += 1;
+            i
+        };
+        image.apply(next(), &MetadataCommand::CreateTopics(vec![assigned("t", vec![vec![1000, 2000, 3000]])]));
+        assert_eq!(code(&image.apply(next(), &elect(Election::Unclean, "t", 0))), Some(ELECTION_NOT_NEEDED));
+        // Only the leader is in sync, then its node dies.
+        let cmd = alter("t", 0, &image, vec![1000]);
+        image.apply(next(), &cmd);
+        image.apply(next(), &MetadataCommand::FenceNode { node_id: 1 });
+        assert_eq!(shape(&image, "t", 0), (vec![1000, 2000, 3000], vec![1000], -1, 1, vec![], vec![]));
+        assert_eq!(
+            code(&image.apply(next(), &elect(Election::Preferred, "t", 0))),
+            Some(PREFERRED_LEADER_NOT_AVAILABLE)
+        );
+
+        image.apply(next(), &MetadataCommand::FenceNode { node_id: 2 });
+        assert_eq!(image.apply(next(), &elect(Election::Unclean, "t", 0)), ok("t"));
+        assert_eq!(shape(&image, "t", 0), (vec![1000, 2000, 3000], vec![3000], 3000, 2, vec![], vec![]));
+
+        image.apply(next(), &MetadataCommand::FenceNode { node_id: 3 });
+        assert_eq!(shape(&image, "t", 0).2, -1);
+        let r = image.apply(next(), &elect(Election::Unclean, "t", 0));
+        assert_eq!(code(&r), Some(ELIGIBLE_LEADERS_NOT_AVAILABLE), "{r:?}");
+        // Node 2 comes back: out of sync, but it is all there is.
+        image.apply(next(), &MetadataCommand::UnfenceNode { node_id: 2 });
+        assert_eq!(shape(&image, "t", 0).2, -1, "unfencing alone never elects outside the ISR");
+        assert_eq!(image.apply(next(), &elect(Election::Unclean, "t", 0)), ok("t"));
+        assert_eq!(shape(&image, "t", 0), (vec![1000, 2000, 3000], vec![2000], 2000, 4, vec![], vec![]));
+    }
+
+    #[test]
+    fn unclean_candidates_follow_topic_then_dynamic_then_static_config() {
+        let (mut image, mut i) = three_nodes();
+        let mut next = || {
+            i += 1;
+            i
+        };
+        let two = vec![vec![1000, 2000]];
+        image.apply(next(), &MetadataCommand::CreateTopics(vec![assigned("a", two.clone()), assigned("b", two)]));
+        for t in ["a", "b"] {
+            let cmd = alter(t, 0, &image, vec![1000]);
+            image.apply(next(), &cmd);
+        }
+        assert!(image.unclean_election_candidates(true).is_empty(), "led partitions are no candidates");
+        image.apply(next(), &MetadataCommand::FenceNode { node_id: 1 });
+        let both = vec![("a".to_string(), 0), ("b".to_string(), 0)];
+        assert_eq!(image.unclean_election_candidates(false), vec![]);
+        assert_eq!(image.unclean_election_candidates(true), both);
+        let on = BTreeMap::from([(UNCLEAN_LEADER_ELECTION_ENABLE.to_string(), "true".to_string())]);
+        let off = BTreeMap::from([(UNCLEAN_LEADER_ELECTION_ENABLE.to_string(), "false".to_string())]);
+        image.apply(next(), &MetadataCommand::SetTopicConfigs { topic: "a".into(), configs: on.clone() });
+        assert_eq!(image.unclean_election_candidates(false), vec![("a".to_string(), 0)]);
+        image.apply(next(), &MetadataCommand::SetBrokerConfigs(on));
+        image.apply(next(), &MetadataCommand::SetTopicConfigs { topic: "b".into(), configs: off.clone() });
+        assert_eq!(image.unclean_election_candidates(false), vec![("a".to_string(), 0)]);
+        image.apply(next(), &MetadataCommand::SetBrokerConfigs(off));
+        image.apply(next(), &MetadataCommand::SetTopicConfigs { topic: "b".into(), configs: BTreeMap::new() });
+        assert_eq!(image.unclean_election_candidates(true), vec![("a".to_string(), 0)], "dynamic beats static");
+        image.apply(next(), &MetadataCommand::FenceNode { node_id: 2 });
+        assert!(image.unclean_election_candidates(true).is_empty(), "no live replica: nothing to elect");
+    }
+
+    #[test]
+    fn reassignment_adds_a_replica_and_completes_when_it_is_in_sync() {
+        let (mut image, mut i) = three_nodes();
+        let mut next = || {
+            i += 1;
+            i
+        };
+        image.apply(next(), &MetadataCommand::CreateTopics(vec![assigned("t", vec![vec![1000, 2000]])]));
+        assert_eq!(image.apply(next(), &reassign("t", 0, Some(vec![1000, 2000, 3001]))), ok("t"));
+        assert_eq!(shape(&image, "t", 0), (vec![1000, 2000, 3001], vec![1000, 2000], 1000, 0, vec![3001], vec![]));
+        assert_eq!(partition_of(&image, "t", 0).partition_epoch, 1);
+        assert!(partition_of(&image, "t", 0).reassigning());
+        // The same target again changes nothing but the epoch.
+        assert_eq!(image.apply(next(), &reassign("t", 0, Some(vec![1000, 2000, 3001]))), ok("t"));
+        assert_eq!(shape(&image, "t", 0), (vec![1000, 2000, 3001], vec![1000, 2000], 1000, 0, vec![3001], vec![]));
+
+        // The leader's ISR expansion completes it.
+        let cmd = alter("t", 0, &image, vec![1000, 2000, 3001]);
+        assert_eq!(image.apply(next(), &cmd), ok("t"));
+        assert_eq!(shape(&image, "t", 0), (vec![1000, 2000, 3001], vec![1000, 2000, 3001], 1000, 0, vec![], vec![]));
+        assert!(!partition_of(&image, "t", 0).reassigning());
+        assert_eq!(code(&image.apply(next(), &reassign("t", 0, None))), Some(NO_REASSIGNMENT_IN_PROGRESS));
+    }
+
+    #[test]
+    fn reassignment_that_removes_the_leader_moves_leadership_at_completion() {
+        let (mut image, mut i) = three_nodes();
+        let mut next = || {
+            i += 1;
+            i
+        };
+        image.apply(next(), &MetadataCommand::CreateTopics(vec![assigned("t", vec![vec![1000, 2000]])]));
+        // Replace node 1 with node 3, node 3 preferred.
+        assert_eq!(image.apply(next(), &reassign("t", 0, Some(vec![3000, 2000]))), ok("t"));
+        assert_eq!(shape(&image, "t", 0), (vec![3000, 2000, 1000], vec![1000, 2000], 1000, 0, vec![3000], vec![1000]));
+        // ISR shrink of a target replica: still in progress.
+        let cmd = alter("t", 0, &image, vec![1000]);
+        image.apply(next(), &cmd);
+        let cmd = alter("t", 0, &image, vec![1000, 3000]);
+        image.apply(next(), &cmd);
+        assert!(partition_of(&image, "t", 0).reassigning(), "2000 is out of sync");
+        let cmd = alter("t", 0, &image, vec![1000, 3000, 2000]);
+        assert_eq!(image.apply(next(), &cmd), ok("t"));
+        assert_eq!(shape(&image, "t", 0), (vec![3000, 2000], vec![3000, 2000], 3000, 1, vec![], vec![]));
+    }
+
+    #[test]
+    fn reassignment_to_fewer_in_sync_replicas_completes_at_once() {
+        let (mut image, mut i) = three_nodes();
+        let mut next = || {
+            i += 1;
+            i
+        };
+        image.apply(next(), &MetadataCommand::CreateTopics(vec![assigned("t", vec![vec![1000, 2000, 3000]])]));
+        assert_eq!(image.apply(next(), &reassign("t", 0, Some(vec![2000, 3000]))), ok("t"));
+        assert_eq!(shape(&image, "t", 0), (vec![2000, 3000], vec![2000, 3000], 2000, 1, vec![], vec![]));
+        // New partitions take partition 0's replica count, as in Kafka.
+        image.apply(next(), &MetadataCommand::CreatePartitions { topic: "t".into(), count: 2 });
+        assert_eq!(partition_of(&image, "t", 1).replicas.len(), 2);
+    }
+
+    #[test]
+    fn cancel_and_replace_a_reassignment() {
+        let (mut image, mut i) = three_nodes();
+        let mut next = || {
+            i += 1;
+            i
+        };
+        image.apply(next(), &MetadataCommand::CreateTopics(vec![assigned("t", vec![vec![1000, 2000]])]));
+        let before = partition_of(&image, "t", 0).clone();
+        image.apply(next(), &reassign("t", 0, Some(vec![1000, 2000, 3000])));
+        // Replaced: the new target is taken from the original replicas.
+        assert_eq!(image.apply(next(), &reassign("t", 0, Some(vec![1000, 3000]))), ok("t"));
+        assert_eq!(shape(&image, "t", 0), (vec![1000, 3000, 2000], vec![1000, 2000], 1000, 0, vec![3000], vec![2000]));
+        assert_eq!(image.apply(next(), &reassign("t", 0, None)), ok("t"));
+        let p = partition_of(&image, "t", 0);
+        assert_eq!(shape(&image, "t", 0), (before.replicas.clone(), before.isr.clone(), 1000, 0, vec![], vec![]));
+        assert_eq!(p.partition_epoch, 3);
+        assert_eq!(code(&image.apply(next(), &reassign("t", 0, None))), Some(NO_REASSIGNMENT_IN_PROGRESS));
+        // Asking for what already is: nothing to do.
+        let same = partition_of(&image, "t", 0).clone();
+        assert_eq!(image.apply(next(), &reassign("t", 0, Some(vec![1000, 2000]))), ok("t"));
+        assert_eq!(partition_of(&image, "t", 0), &same);
+    }
+
+    #[test]
+    fn reassignment_refusals() {
+        let (mut image, mut i) = three_nodes();
+        let mut next = || {
+            i += 1;
+            i
+        };
+        image.apply(next(), &MetadataCommand::CreateTopics(vec![assigned("t", vec![vec![1000, 2000]])]));
+        let before = image.topics.clone();
+        for target in [
+            vec![],
+            vec![1000, 1000],
+            vec![1000, 4000],
+            vec![1000, 1002],
+            vec![1000, 2005],
+            vec![1000, -1],
+            vec![2000, 3000, 3001],
+            vec![1001, 2000],
+        ] {
+            let r = image.apply(next(), &reassign("t", 0, Some(target.clone())));
+            assert_eq!(code(&r), Some(INVALID_REPLICA_ASSIGNMENT), "{target:?}: {r:?}");
+            assert!(!refused(&r).message.is_empty());
+        }
+        let r = image.apply(next(), &reassign("t", 1, Some(vec![1000])));
+        assert_eq!(code(&r), Some(UNKNOWN_TOPIC_OR_PARTITION));
+        let r = image.apply(next(), &reassign("u", 0, None));
+        assert_eq!(code(&r), Some(UNKNOWN_TOPIC_OR_PARTITION));
+        assert_eq!(image.topics, before, "refusals change nothing");
+    }
+
+    #[test]
+    fn partitions_without_reassignment_serialize_as_before() {
+        let p = new_partition(vec![1000, 2000]);
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(!json.contains("adding_replicas") && !json.contains("removing_replicas"), "{json}");
+        let old = r#"{"replicas":[1000],"isr":[1000],"leader":1000,"leader_epoch":2,"partition_epoch":3}"#;
+        let parsed: PartitionImage = serde_json::from_str(old).unwrap();
+        assert!(!parsed.reassigning());
+        assert_eq!(parsed.leader_epoch, 2);
+    }
+
     #[test]
     fn apply_is_deterministic() {
         let commands = vec![
@@ -1048,6 +1646,12 @@ mod tests {
             MetadataCommand::CreatePartitions { topic: "x".into(), count: 9 },
             MetadataCommand::UnfenceNode { node_id: 2 },
             MetadataCommand::DeleteTopics(vec!["y".into()]),
+            MetadataCommand::AlterReassignments(vec![Reassignment {
+                topic: "x".into(),
+                partition: 0,
+                target: Some(vec![1000, 2000, 3000]),
+            }]),
+            MetadataCommand::ElectLeaders { election: Election::Preferred, partitions: vec![("x".into(), 1)] },
         ];
         let run = || {
             let mut image = ClusterImage::default();

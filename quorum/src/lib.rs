@@ -80,6 +80,10 @@ pub struct QuorumConfig {
     pub heartbeat_interval_ms: u64,
     /// A node with no heartbeat for this long is fenced (`broker.session.timeout.ms`).
     pub session_timeout_ms: u64,
+    /// Static `unclean.leader.election.enable` of this node's config: used
+    /// while it leads the quorum, below topic configs and the dynamic
+    /// cluster default in the image.
+    pub unclean_leader_election_enable: bool,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -294,6 +298,7 @@ mod tests {
             request_timeout_ms: 10_000,
             heartbeat_interval_ms: 200,
             session_timeout_ms: 30_000,
+            unclean_leader_election_enable: false,
         }
     }
 

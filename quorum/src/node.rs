@@ -14,7 +14,8 @@
 //!   voter only:    serve(): the controller listener; Raft RPCs go to openraft,
 //!                  client RPCs to client_request()
 //!                  leader_duties(): every 200 ms on the leader: InitCluster on
-//!                  an empty cluster id, FenceNode for silent nodes
+//!                  an empty cluster id, FenceNode for silent nodes, unclean
+//!                  ElectLeaders where unclean.leader.election.enable allows
 //!                  track_status(): openraft metrics -> QuorumStatus
 //!   broker only:   follow_image(): long-polls FetchImage and publishes the image
 //!   registered:    heartbeat(): Heartbeat to the leader every interval
@@ -36,7 +37,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 
-use crate::image::{ApplyResult, ClusterImage, MetadataCommand, NodeRegistration};
+use crate::image::{ApplyResult, ClusterImage, Election, MetadataCommand, NodeRegistration};
 use crate::network::{
     connect, exchange, read_frame, write_frame, ClientReply, ClientRequest, Peers, RaftClients, Reply, Request,
 };
@@ -89,6 +90,7 @@ enum Pending {
     InitCluster,
     Fence(u32),
     Unfence(u32),
+    UncleanElection,
 }
 
 /// The leader's view of broker sessions (memory only, never in the log).
@@ -984,6 +986,18 @@ async fn leader_duties(ctx: Arc<Ctx>) {
                 log::warn!("controller: fencing node {node}: no heartbeat for {} ms", silent.as_millis());
                 tokio::spawn(propose(ctx.clone(), Pending::Fence(node), MetadataCommand::FenceNode { node_id: node }));
             }
+        }
+        let unclean = image.unclean_election_candidates(ctx.config.unclean_leader_election_enable);
+        if !unclean.is_empty() && liveness.pending.insert(Pending::UncleanElection) {
+            for (topic, partition) in &unclean {
+                log::warn!(
+                    "controller: unclean leader election for {topic}-{partition}: no in-sync replica is alive and \
+                     unclean.leader.election.enable is true, so a replica outside the ISR will lead; records only \
+                     the old ISR had (possibly acknowledged ones) may be lost"
+                );
+            }
+            let command = MetadataCommand::ElectLeaders { election: Election::Unclean, partitions: unclean };
+            tokio::spawn(propose(ctx.clone(), Pending::UncleanElection, command));
         }
     }
 }

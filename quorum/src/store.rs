@@ -643,6 +643,11 @@ fn describe(cmd: &MetadataCommand) -> String {
         MetadataCommand::AlterPartition { topic, partition, isr, .. } => {
             format!("AlterPartition {topic}-{partition} isr {isr:?}")
         }
+        MetadataCommand::ElectLeaders { election, partitions } => format!("ElectLeaders {election:?} {partitions:?}"),
+        MetadataCommand::AlterReassignments(entries) => format!(
+            "AlterReassignments {:?}",
+            entries.iter().map(|r| (r.topic.as_str(), r.partition, r.target.as_deref())).collect::<Vec<_>>()
+        ),
     }
 }
 

@@ -112,6 +112,7 @@ impl Cluster {
             request_timeout_ms: self.request_timeout_ms,
             heartbeat_interval_ms: 200,
             session_timeout_ms: self.session_timeout_ms,
+            unclean_leader_election_enable: false,
         }
     }
 
@@ -481,6 +482,7 @@ fn start_errors_say_what_to_do() {
         request_timeout_ms: 2_000,
         heartbeat_interval_ms: 200,
         session_timeout_ms: 2_000,
+        unclean_leader_election_enable: false,
     };
     let err = Quorum::start(config.clone()).err().unwrap();
     assert!(err.contains("already in use"), "{err}");

@@ -87,6 +87,28 @@ fn refusal(e: QuorumError) -> (ErrorCode, String) {
     }
 }
 
+/// Submits a per-partition admin command (ElectLeaders, reassignments)
+/// straight from the shard that received the request, and waits until this
+/// shard applied the image that carries its result (published by the
+/// controller's `follow_quorum`, like every other change), so the client's
+/// next request here already sees it. Per-entry results in command order.
+pub async fn submit_from_shard(
+    shard: &crate::shard::Shard,
+    command: MetadataCommand,
+) -> Result<ApplyResult, (ErrorCode, String)> {
+    let Some(quorum) = shard.replication.quorum() else {
+        return Err((ErrorCode::NotController, "this node is not part of a cluster".to_string()));
+    };
+    let (index, result) = quorum.submit(command).await.map_err(refusal)?;
+    loop {
+        let applied = shard.image_notify.notified();
+        if shard.image().version >= index {
+            return Ok(result);
+        }
+        applied.await;
+    }
+}
+
 impl Controller {
     fn link(&self) -> &ClusterLink {
         // Only called on the cluster paths, which check `cluster` first.
@@ -268,6 +290,8 @@ mod tests {
             replicas,
             leader_epoch: 3,
             partition_epoch: 4,
+            adding_replicas: Vec::new(),
+            removing_replicas: Vec::new(),
         };
         cluster.topics.insert(
             "t".into(),

@@ -136,6 +136,8 @@ pub struct Shard {
     pub producer_ids: crate::storage::producer_state::PidAllocator,
     /// Leader and follower state of this shard's replicas (see `replication`).
     pub replication: crate::replication::Replication,
+    /// Woken after each metadata image this shard applied.
+    pub image_notify: Notify,
 }
 
 impl Shard {
@@ -181,6 +183,7 @@ impl Shard {
             groups,
             producer_ids,
             replication,
+            image_notify: Notify::default(),
         })
     }
 
@@ -247,6 +250,7 @@ impl Shard {
                 }
             }
         }
+        let moved_away = self.close_moved_away(&image);
         for t in image.topics.values() {
             for (p, owner) in t.owners.iter().enumerate() {
                 if *owner as usize != self.id.0 as usize || self.log(&t.name, p as i32).is_some() {
@@ -289,6 +293,31 @@ impl Shard {
             }
         }
         crate::replication::Replication::reconcile(self, &image);
+        // Only now that replication let go of them.
+        for (t, p) in moved_away {
+            self.delete_partition_dir(&t, p).await;
+        }
+        self.image_notify.notify_all();
+    }
+
+    /// Closes the logs of partitions whose replica left this shard while
+    /// the topic stayed (a reassignment removed it), so the next image that
+    /// brings it back opens a fresh log. Their directories are deleted by
+    /// the caller once replication stopped using them.
+    fn close_moved_away(&self, image: &MetadataImage) -> Vec<(Arc<TopicMeta>, i32)> {
+        let mut out = Vec::new();
+        let mut logs = self.logs.borrow_mut();
+        for (name, parts) in logs.iter_mut() {
+            let Some(t) = image.topics.get(name) else { continue };
+            for (p, slot) in parts.iter_mut().enumerate() {
+                if slot.is_some() && t.owners.get(p).copied() != Some(self.id.0) {
+                    log::info!("shard {}: {name}-{p}: no longer a replica here; deleting the local copy", self.id.0);
+                    *slot = None;
+                    out.push((t.clone(), p as i32));
+                }
+            }
+        }
+        out
     }
 
     async fn delete_partition_dir(&self, t: &TopicMeta, p: i32) {

@@ -29,6 +29,7 @@ pub const SOURCE_STATIC_BROKER: i8 = 4;
 pub const SOURCE_DEFAULT: i8 = 5;
 
 /// DescribeConfigs v3+ config_type values.
+pub const TYPE_BOOLEAN: i8 = 1;
 pub const TYPE_STRING: i8 = 2;
 pub const TYPE_INT: i8 = 3;
 pub const TYPE_LONG: i8 = 5;
@@ -41,6 +42,7 @@ pub enum Kind {
     Int { min: i64 },
     CleanupPolicy,
     TimestampType,
+    Boolean,
 }
 
 impl Kind {
@@ -50,6 +52,7 @@ impl Kind {
             Kind::Int { .. } => TYPE_INT,
             Kind::CleanupPolicy => TYPE_LIST,
             Kind::TimestampType => TYPE_STRING,
+            Kind::Boolean => TYPE_BOOLEAN,
         }
     }
 }
@@ -160,6 +163,13 @@ pub const TOPIC_CONFIGS: &[TopicConfigDef] = &[
         kind: Kind::Int { min: 1 },
         doc: "acks=all produce fails with NOT_ENOUGH_REPLICAS while fewer replicas than this are in sync (a single node has one).",
     },
+    TopicConfigDef {
+        name: "unclean.leader.election.enable",
+        broker: "unclean.leader.election.enable",
+        default: "false",
+        kind: Kind::Boolean,
+        doc: "When no in-sync replica is alive, the controller lets a live out-of-sync replica lead (records only the old ISR had may be lost).",
+    },
 ];
 
 pub fn topic_def(name: &str) -> Option<&'static TopicConfigDef> {
@@ -189,6 +199,10 @@ pub fn validate_value(def: &TopicConfigDef, name: &str, value: &str) -> Result<(
                 Err(format!("invalid value {value:?} for {name}: must be delete, compact or compact,delete"))
             }
         }
+        Kind::Boolean => match value.trim().to_ascii_lowercase().as_str() {
+            "true" | "false" => Ok(()),
+            _ => Err(format!("invalid value {value:?} for {name}: must be true or false")),
+        },
         Kind::TimestampType => match value {
             "CreateTime" | "LogAppendTime" => Ok(()),
             _ => Err(format!("invalid value {value:?} for {name}: must be CreateTime or LogAppendTime")),

@@ -59,6 +59,10 @@ pub enum ErrorCode {
     InvalidUpdateVersion = 96,
     DuplicateBrokerRegistration = 101,
     IneligibleReplica = 107,
+    PreferredLeaderNotAvailable = 80,
+    EligibleLeadersNotAvailable = 83,
+    ElectionNotNeeded = 84,
+    NoReassignmentInProgress = 85,
 }
 
 impl ErrorCode {
@@ -124,6 +128,10 @@ impl ErrorCode {
             96 => ErrorCode::InvalidUpdateVersion,
             101 => ErrorCode::DuplicateBrokerRegistration,
             107 => ErrorCode::IneligibleReplica,
+            80 => ErrorCode::PreferredLeaderNotAvailable,
+            83 => ErrorCode::EligibleLeadersNotAvailable,
+            84 => ErrorCode::ElectionNotNeeded,
+            85 => ErrorCode::NoReassignmentInProgress,
             _ => ErrorCode::UnknownServerError,
         }
     }
@@ -186,6 +194,10 @@ impl ErrorCode {
             ErrorCode::InvalidUpdateVersion => "INVALID_UPDATE_VERSION",
             ErrorCode::DuplicateBrokerRegistration => "DUPLICATE_BROKER_REGISTRATION",
             ErrorCode::IneligibleReplica => "INELIGIBLE_REPLICA",
+            ErrorCode::PreferredLeaderNotAvailable => "PREFERRED_LEADER_NOT_AVAILABLE",
+            ErrorCode::EligibleLeadersNotAvailable => "ELIGIBLE_LEADERS_NOT_AVAILABLE",
+            ErrorCode::ElectionNotNeeded => "ELECTION_NOT_NEEDED",
+            ErrorCode::NoReassignmentInProgress => "NO_REASSIGNMENT_IN_PROGRESS",
         }
     }
 }

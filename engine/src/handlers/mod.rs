@@ -13,6 +13,7 @@ mod groups;
 mod partitions;
 mod produce;
 pub mod producer_id;
+mod replicas;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -198,6 +199,19 @@ fn route(
         }
         ApiKey::InitProducerId => {
             Box::pin(producer_id::init_producer_id(shard.clone(), version, cid, decode(key, version, &mut body)?))
+        }
+        ApiKey::ElectLeaders => {
+            Box::pin(replicas::elect_leaders(shard.clone(), version, cid, decode(key, version, &mut body)?))
+        }
+        ApiKey::DescribeTopicPartitions => {
+            ready(replicas::describe_topic_partitions(shard, version, cid, decode(key, version, &mut body)?))
+        }
+        ApiKey::AlterPartitionReassignments => {
+            let req = decode(key, version, &mut body)?;
+            Box::pin(replicas::alter_partition_reassignments(shard.clone(), version, cid, req))
+        }
+        ApiKey::ListPartitionReassignments => {
+            ready(replicas::list_partition_reassignments(shard, version, cid, decode(key, version, &mut body)?))
         }
         other => return Err(Reject(format!("{other:?} is not implemented"))),
     })

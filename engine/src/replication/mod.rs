@@ -115,6 +115,11 @@ impl Replication {
         self.my_broker
     }
 
+    /// The controller quorum (cluster mode only).
+    pub fn quorum(&self) -> Option<&QuorumHandle> {
+        self.quorum.as_ref()
+    }
+
     /// Partitions this shard follows from `leader`.
     pub(crate) fn following_from(&self, leader: i32) -> Vec<(PartitionKey, Following)> {
         self.following

@@ -20,6 +20,9 @@ use super::Controller;
 use crate::metadata::{MetadataImage, TopicMeta, NO_SHARD};
 use crate::shard::{NewTopic, TopicResult};
 
+/// How often `follow_quorum` looks for a new quorum leader between images.
+const LEADER_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// This node's link to the quorum.
 #[derive(Clone)]
 pub struct ClusterLink {
@@ -125,8 +128,13 @@ impl Controller {
         let mut watch = link.handle.watch();
         loop {
             let cluster = watch.borrow_and_update().clone();
-            if cluster.version > self.image().version || self.image().local_node.is_none() {
-                let leader = link.handle.status().leader;
+            let leader = link.handle.status().leader;
+            let current = self.image();
+            // A new quorum leader changes no image, but clients must be told
+            // the controller that now answers (the old one may be gone).
+            let leader_moved =
+                current.controller_id != leader.map(|n| broker_id(n, 0)) && cluster.version >= current.version;
+            if cluster.version > current.version || current.local_node.is_none() || leader_moved {
                 let image = translate(&cluster, link.node_id, link.num_shards, leader);
                 log::debug!(
                     "controller: applying metadata version {} ({} node(s), {} topic(s))",
@@ -136,7 +144,9 @@ impl Controller {
                 );
                 self.publish(Arc::new(image)).await;
             }
-            if watch.changed().await.is_err() {
+            let changed = Box::pin(watch.changed());
+            let tick = Box::pin(glommio::timer::sleep(LEADER_CHECK_INTERVAL));
+            if let futures::future::Either::Left((Err(_), _)) = futures::future::select(changed, tick).await {
                 log::warn!("controller: the quorum stopped; metadata stays at version {}", self.image().version);
                 return;
             }

@@ -10,6 +10,7 @@ compile_error!("tidelog is Linux-only (io_uring, O_DIRECT): see linux-only.md");
 pub mod broker;
 pub mod config;
 pub mod controller;
+pub mod frames;
 pub mod groups;
 pub mod handlers;
 pub mod http;

@@ -16,7 +16,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::Task;
@@ -147,8 +147,9 @@ async fn read_frame<R: futures_lite::AsyncRead + Unpin>(
         Err(e) => return Err(format!("read failed: {e}")),
     }
     let len = frame::frame_len(prefix, limit_bytes).map_err(|e| e.to_string())?;
-    let mut buf = BytesMut::zeroed(len);
-    reader.read_exact(&mut buf).await.map_err(|e| format!("read of a {len}-byte frame failed: {e}"))?;
+    let buf = crate::frames::read_exact_uninit(reader, len)
+        .await
+        .map_err(|e| format!("read of a {len}-byte frame failed: {e}"))?;
     Ok(Some(buf.freeze()))
 }
 

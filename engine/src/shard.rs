@@ -8,8 +8,10 @@
 //!
 //! # The life of a produce request (acks=-1)
 //! 1. The connection task decodes the request and calls `PartitionLog::append`
-//!    synchronously, so offsets follow request order. The batch is copied once
-//!    (to write its base offset) and queued on the active segment.
+//!    synchronously, so offsets follow request order. The frame was read
+//!    from the socket into memory the handler owns alone (`frames`), so the
+//!    base offset is written in place and the batch, a slice of the frame,
+//!    is queued on the active segment with no copy.
 //! 2. The log is put on the shard's dirty list and the flusher is woken.
 //! 3. The flusher takes every dirty log, turns all their pending batches into
 //!    4 KiB-aligned O_DIRECT writes (one buffer chain per segment, starting

@@ -44,16 +44,25 @@ pub fn request_prefix(frame: &[u8]) -> Result<RequestPrefix, HeaderError> {
 
 /// Decodes the request header at the front of `frame`, leaving `frame` at the
 /// start of the request body.
+///
+/// The header owns its bytes (the client id and any tagged fields are
+/// copied): it must not keep the frame's buffer shared, so that a produce
+/// handler can take the frame back as the only owner and assign offsets in
+/// place.
 pub fn decode_request_header(frame: &mut Bytes) -> Result<(ApiKey, RequestHeader), HeaderError> {
     let prefix = request_prefix(frame)?;
     let key = ApiKey::try_from(prefix.api_key)
         .map_err(|_| HeaderError::UnknownApiKey { api_key: prefix.api_key, correlation_id: prefix.correlation_id })?;
     let header_version = key.request_header_version(prefix.api_version);
-    let header = RequestHeader::decode(frame, header_version).map_err(|e| HeaderError::Malformed {
+    let mut header = RequestHeader::decode(frame, header_version).map_err(|e| HeaderError::Malformed {
         api_key: prefix.api_key,
         api_version: prefix.api_version,
         reason: e.to_string(),
     })?;
+    header.client_id = header.client_id.map(|c| kafka_protocol::protocol::StrBytes::from_string(c.to_string()));
+    for value in header.unknown_tagged_fields.values_mut() {
+        *value = Bytes::copy_from_slice(value);
+    }
     Ok((key, header))
 }
 
@@ -128,6 +137,21 @@ mod tests {
     use crate::api;
     use kafka_protocol::messages::ApiVersionsResponse;
     use kafka_protocol::protocol::StrBytes;
+
+    #[test]
+    fn decoded_header_does_not_share_the_frame() {
+        // The produce path takes the frame back as its only owner.
+        let header = RequestHeader::default()
+            .with_request_api_key(ApiKey::Produce as i16)
+            .with_request_api_version(9)
+            .with_client_id(Some(StrBytes::from_static_str("a-client")));
+        let body = kafka_protocol::messages::ProduceRequest::default();
+        let mut frame = encode_request(&header, &body).expect("encode").freeze();
+        let _ = bytes::Buf::get_i32(&mut frame);
+        let (_, h) = decode_request_header(&mut frame).expect("decode");
+        assert_eq!(h.client_id.as_deref(), Some("a-client"));
+        assert!(frame.try_into_mut().is_ok(), "the decoded header still references the frame");
+    }
 
     #[test]
     fn request_header_roundtrip_v1_and_v2() {

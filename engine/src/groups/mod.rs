@@ -273,7 +273,7 @@ fn append_records(
         log::error!("group {group_id}: built an invalid batch: {e}");
         ErrorCode::UnknownServerError
     })?;
-    let (_, last) = log.borrow_mut().append(&batch, &infos, Epoch(0));
+    let (_, last) = log.borrow_mut().append(bytes::BytesMut::from(&batch[..]), &infos, Epoch(0));
     shard.mark_dirty(&log);
     Ok((log, last))
 }

@@ -119,8 +119,12 @@ fn route(
             Box::pin(admin::metadata(shard.clone(), version, cid, req))
         }
         ApiKey::Produce => {
+            let frame = body.clone();
             let req = decode(key, version, &mut body)?;
-            produce::produce(shard, version, cid, req)
+            // The handler cuts the record sets out of the frame in place;
+            // nothing else may hold on to it (see `produce::FrameCutter`).
+            drop(body);
+            produce::produce(shard, version, cid, req, frame)
         }
         ApiKey::Fetch => {
             let req = decode(key, version, &mut body)?;

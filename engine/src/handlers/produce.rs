@@ -1,12 +1,15 @@
 //! Produce: validate each partition's record set, append it on this shard,
 //! answer per partition; acks=-1 waits for the high watermark.
 
+use std::ops::Range;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, Bytes, BytesMut};
+
 use tidelog_protocol::batch::{self, BatchError};
 use tidelog_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
-use tidelog_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse};
+use tidelog_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicName};
 use tidelog_protocol::{Epoch, ErrorCode, Offset};
 
 use super::{encode, ready, str_bytes, Pending};
@@ -29,21 +32,111 @@ fn error_for(e: &BatchError) -> ErrorCode {
     }
 }
 
-pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -> Pending {
+/// Where one partition's record set is.
+enum RecordsAt {
+    Absent,
+    /// This range of the request frame.
+    Frame(Range<usize>),
+    /// Not inside the frame (never so for a decoded request; handled anyway).
+    Elsewhere(Bytes),
+}
+
+struct PartitionInput {
+    index: i32,
+    records: RecordsAt,
+}
+
+struct TopicInput {
+    name: String,
+    partitions: Vec<PartitionInput>,
+}
+
+/// The request without its record bytes: each record set as a range of the
+/// frame, so that the decoded request can be dropped and the frame is again
+/// owned by this handler alone.
+fn locate_records(req: ProduceRequest, frame: &Bytes) -> (Vec<TopicInput>, bool) {
+    let base = frame.as_ptr() as usize;
+    let mut next = 0usize;
+    let topics = req
+        .topic_data
+        .into_iter()
+        .map(|t| TopicInput {
+            name: t.name.0.to_string(),
+            partitions: t
+                .partition_data
+                .into_iter()
+                .map(|p| {
+                    let records = match p.records {
+                        None => RecordsAt::Absent,
+                        Some(b) => {
+                            let start = (b.as_ptr() as usize).wrapping_sub(base);
+                            // In frame order, as a decoder leaves them: the
+                            // frame is then cut front to back with no copy.
+                            if start <= frame.len() && b.len() <= frame.len() - start && start >= next {
+                                next = start + b.len();
+                                RecordsAt::Frame(start..start + b.len())
+                            } else {
+                                RecordsAt::Elsewhere(b)
+                            }
+                        }
+                    };
+                    PartitionInput { index: p.index, records }
+                })
+                .collect(),
+        })
+        .collect();
+    (topics, req.transactional_id.is_some())
+}
+
+/// Hands out the request's record sets as mutable pieces of the frame, front
+/// to back. With the frame's only reference (the usual case) a piece is the
+/// frame's own memory: offsets are assigned in place and the log keeps it,
+/// so the bytes are copied once in user space, into the DMA buffers. If
+/// something else still shares the frame, each piece is a copy.
+struct FrameCutter {
+    frame: Result<BytesMut, Bytes>,
+    at: usize,
+}
+
+impl FrameCutter {
+    fn new(frame: Bytes) -> FrameCutter {
+        FrameCutter { frame: frame.try_into_mut(), at: 0 }
+    }
+
+    fn take(&mut self, records: RecordsAt) -> BytesMut {
+        match (records, &mut self.frame) {
+            (RecordsAt::Absent, _) => BytesMut::new(),
+            (RecordsAt::Elsewhere(b), _) => BytesMut::from(&b[..]),
+            (RecordsAt::Frame(range), Err(shared)) => BytesMut::from(&shared[range]),
+            (RecordsAt::Frame(range), Ok(rest)) => {
+                // `locate_records` only hands out ascending, disjoint ranges.
+                let skip = range.start.saturating_sub(self.at).min(rest.len());
+                rest.advance(skip);
+                self.at = range.end;
+                rest.split_to(range.len().min(rest.len()))
+            }
+        }
+    }
+}
+
+pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, frame: Bytes) -> Pending {
     let acks = req.acks;
+    let timeout_ms = req.timeout_ms;
     let image = shard.image();
-    let mut responses = Vec::with_capacity(req.topic_data.len());
+    let (topics, transactional) = locate_records(req, &frame);
+    let mut frame = FrameCutter::new(frame);
+    let mut responses = Vec::with_capacity(topics.len());
     let mut waiting = Vec::new();
-    for (ti, topic) in req.topic_data.into_iter().enumerate() {
-        let name: &str = &topic.name.0;
+    for (ti, topic) in topics.into_iter().enumerate() {
+        let name: &str = &topic.name;
         let topic_meta = image.topics.get(name);
         let max_bytes = topic_meta
             .and_then(|t| {
                 usize::try_from(crate::topic_config::topic_i64(&shard.config, &image, t, "max.message.bytes")).ok()
             })
             .unwrap_or(shard.config.message_max_bytes);
-        let mut parts = Vec::with_capacity(topic.partition_data.len());
-        for (pi, p) in topic.partition_data.into_iter().enumerate() {
+        let mut parts = Vec::with_capacity(topic.partitions.len());
+        for (pi, p) in topic.partitions.into_iter().enumerate() {
             let mut r = PartitionProduceResponse::default().with_index(p.index);
             let fail = |r: PartitionProduceResponse, code: ErrorCode, msg: String| {
                 log::warn!("produce {name}-{}: {} ({msg})", p.index, code.name());
@@ -59,7 +152,7 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
                 parts.push(fail(r, ErrorCode::InvalidRequiredAcks, format!("acks={acks} must be 0, 1 or -1")));
                 continue;
             }
-            if req.transactional_id.is_some() {
+            if transactional {
                 parts.push(fail(r, ErrorCode::InvalidRequest, "transactions are not supported yet".into()));
                 continue;
             }
@@ -100,7 +193,7 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
                     continue;
                 }
             }
-            let records = p.records.unwrap_or_default();
+            let mut records = frame.take(p.records);
             let mut infos = match batch::validate_record_set(&records, max_bytes) {
                 Ok(infos) => infos,
                 Err(e) => {
@@ -120,18 +213,14 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
             let log_append_time = topic_meta.is_some_and(|t| {
                 crate::topic_config::topic_value(&shard.config, &image, t, "message.timestamp.type") == "LogAppendTime"
             });
-            let records = if log_append_time {
+            if log_append_time {
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as i64)
                     .unwrap_or(0);
-                let mut stamped = bytes::BytesMut::from(&records[..]);
-                crate::storage::timestamps::stamp_log_append_time(&mut stamped, &mut infos, now_ms);
+                crate::storage::timestamps::stamp_log_append_time(&mut records, &mut infos, now_ms);
                 r = r.with_log_append_time_ms(now_ms);
-                stamped.freeze()
-            } else {
-                records
-            };
+            }
             // Idempotent producers: Kafka's epoch and sequence checks before the append.
             let producer = match producer_state::idempotent_batch(&records, &infos) {
                 Ok(p) => p,
@@ -170,9 +259,10 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
                     }
                 }
             }
+            let record_bytes = records.len() as u64;
             let (first, last) = {
                 let mut l = log.borrow_mut();
-                let (first, last) = l.append(&records, &infos, Epoch(image.leader_epoch(name, p.index).max(0)));
+                let (first, last) = l.append(records, &infos, Epoch(image.leader_epoch(name, p.index).max(0)));
                 if let Some(b) = &producer {
                     let meta = BatchMeta {
                         first_seq: b.first_seq,
@@ -192,7 +282,7 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
             shard.metrics.produced(
                 name,
                 p.index,
-                records.len() as u64,
+                record_bytes,
                 infos.iter().map(|i| i.record_count.max(0) as u64).sum(),
             );
             log::trace!("produce {name}-{}: offsets {}..={}", p.index, first.0, last.0);
@@ -202,7 +292,8 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
             }
             parts.push(r);
         }
-        responses.push(TopicProduceResponse::default().with_name(topic.name).with_partition_responses(parts));
+        let name = TopicName(str_bytes(&topic.name));
+        responses.push(TopicProduceResponse::default().with_name(name).with_partition_responses(parts));
     }
     if acks == 0 {
         return ready(Ok(None));
@@ -211,7 +302,7 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
     if waiting.is_empty() {
         return ready(encode(ApiKey::Produce, version, cid, &resp));
     }
-    let timeout = Duration::from_millis(req.timeout_ms.max(0) as u64);
+    let timeout = Duration::from_millis(timeout_ms.max(0) as u64);
     let shard = shard.clone();
     Box::pin(async move {
         let mut resp = resp;
@@ -258,4 +349,68 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest) -
         }
         encode(ApiKey::Produce, version, cid, &resp)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidelog_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use tidelog_protocol::{Decodable, Encodable};
+
+    fn request_frame(sets: &[(&str, i32, &[u8])]) -> Bytes {
+        let topics = sets
+            .iter()
+            .map(|(name, index, records)| {
+                TopicProduceData::default().with_name(TopicName(str_bytes(name))).with_partition_data(vec![
+                    PartitionProduceData::default()
+                        .with_index(*index)
+                        .with_records(Some(Bytes::copy_from_slice(records))),
+                ])
+            })
+            .collect();
+        let req = ProduceRequest::default().with_acks(-1).with_topic_data(topics);
+        let mut buf = BytesMut::new();
+        req.encode(&mut buf, 9).expect("encode");
+        buf.freeze()
+    }
+
+    #[test]
+    fn record_sets_are_cut_from_the_frame_without_a_copy() {
+        let frame = request_frame(&[("a", 0, b"first record set"), ("b", 3, b"second one")]);
+        let start = frame.as_ptr() as usize;
+        let end = start + frame.len();
+        let mut body = frame.clone();
+        let req = ProduceRequest::decode(&mut body, 9).expect("decode");
+        drop(body);
+        let (topics, transactional) = locate_records(req, &frame);
+        assert!(!transactional);
+        let mut cutter = FrameCutter::new(frame);
+        assert!(cutter.frame.is_ok(), "the handler should own the frame alone");
+        let mut got = Vec::new();
+        for t in topics {
+            for p in t.partitions {
+                let piece = cutter.take(p.records);
+                let at = piece.as_ptr() as usize;
+                assert!(at >= start && at + piece.len() <= end, "{}-{} was copied", t.name, p.index);
+                got.push((t.name.clone(), p.index, piece.to_vec()));
+            }
+        }
+        assert_eq!(
+            got,
+            vec![("a".to_string(), 0, b"first record set".to_vec()), ("b".to_string(), 3, b"second one".to_vec())]
+        );
+    }
+
+    #[test]
+    fn a_shared_frame_is_copied() {
+        let frame = request_frame(&[("a", 0, b"records")]);
+        let mut body = frame.clone();
+        let req = ProduceRequest::decode(&mut body, 9).expect("decode");
+        let (topics, _) = locate_records(req, &frame);
+        let mut cutter = FrameCutter::new(frame);
+        assert!(cutter.frame.is_err(), "`body` still shares the frame");
+        let p = topics.into_iter().next().and_then(|t| t.partitions.into_iter().next()).expect("partition");
+        assert_eq!(&cutter.take(p.records)[..], b"records");
+        drop(body);
+    }
 }

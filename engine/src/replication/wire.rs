@@ -8,7 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tidelog_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
@@ -71,9 +71,9 @@ impl Conn {
                     format!("{peer}: response frame of {len} bytes (limit {frame_bytes_max})"),
                 ));
             }
-            let mut frame = vec![0u8; len as usize];
-            self.stream.read_exact(&mut frame).await?;
-            Ok(Bytes::from(frame))
+            // Not zeroed first; the fetched batches stay slices of this
+            // buffer in the follower's log (`append_replicated`).
+            Ok(crate::frames::read_exact_uninit(&mut self.stream, len as usize).await?.freeze())
         };
         let mut frame = match glommio::timer::timeout(timeout, async { Ok(exchange.await) }).await {
             Ok(r) => r?,

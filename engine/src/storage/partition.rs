@@ -384,24 +384,24 @@ impl PartitionLog {
         self.segments.iter().any(|s| s.needs_flush())
     }
 
-    /// Appends validated batches (the produce record set), assigning offsets.
-    /// Synchronous: offsets are assigned in call order. Returns the first and
-    /// last offsets assigned.
-    pub fn append(&mut self, records: &Bytes, infos: &[BatchInfo], leader_epoch: Epoch) -> (Offset, Offset) {
+    /// Appends validated batches (the produce record set), assigning offsets
+    /// in place: each batch is kept as a piece of `records` (no copy; the
+    /// produce handler passes its own piece of the request frame). Synchronous:
+    /// offsets are assigned in call order. Returns the first and last offsets
+    /// assigned.
+    pub fn append(&mut self, mut records: BytesMut, infos: &[BatchInfo], leader_epoch: Epoch) -> (Offset, Offset) {
         let first = self.log_end_offset();
         if !infos.is_empty() && self.epochs.is_newer(leader_epoch) {
             self.epochs.assign(leader_epoch, first);
         }
-        let mut at = 0;
         let now = now_ms();
         for info in infos {
             self.maybe_roll(info.size_bytes, now);
-            let mut copy = BytesMut::from(&records[at..at + info.size_bytes]);
+            let mut batch = records.split_to(info.size_bytes.min(records.len()));
             let base = self.log_end_offset();
-            batch::assign_offset(&mut copy, base, leader_epoch);
+            batch::assign_offset(&mut batch, base, leader_epoch);
             let settings = self.settings.segment;
-            self.active_mut().append(copy.freeze(), info, &settings);
-            at += info.size_bytes;
+            self.active_mut().append(batch.freeze(), info, &settings);
         }
         (first, Offset(self.log_end_offset().0 - 1))
     }
@@ -454,8 +454,9 @@ impl PartitionLog {
         let mut at = 0;
         for info in infos {
             self.maybe_roll(info.size_bytes, now);
-            // Copied, as `append` does: the fetch response buffer is not kept alive.
-            let bytes = Bytes::copy_from_slice(&records[at..at + info.size_bytes]);
+            // A slice, not a copy: the fetch response buffer stays alive as
+            // long as the log keeps these batches (pending, then cached).
+            let bytes = records.slice(at..at + info.size_bytes);
             if let Ok(h) = BatchHeader::parse(&bytes) {
                 let epoch = h.leader_epoch();
                 if self.epochs.is_newer(epoch) {
@@ -648,6 +649,7 @@ async fn flush_segments(log: &SharedLog) -> io::Result<u64> {
                                 format!("short write {n}/{len} at {pos}"),
                             ));
                         }
+                        super::note_segment_write(n as u64);
                         Ok(())
                     }
                 }))

@@ -149,7 +149,7 @@ async fn sample_log_with(dir: &Path, codecs: [Compression; 4]) -> SharedLog {
     for (b, codec) in batches.iter().zip(codecs) {
         let b = compress(b, codec);
         let infos = batch::validate_record_set(&b, usize::MAX).unwrap();
-        log.borrow_mut().append(&b, &infos, Epoch(0));
+        log.borrow_mut().append(bytes::BytesMut::from(&b[..]), &infos, Epoch(0));
         partition::flush(&log).await.unwrap();
     }
     partition::flush(&log).await.unwrap();
@@ -235,7 +235,7 @@ fn keeps_latest_per_key_then_expires_tombstones() {
         assert!(log.borrow().inactive_segments().iter().all(|s| s.sealed));
         let b = keyed(&[("f", Some("f1"))], TS, ProducerFields::default());
         let infos = batch::validate_record_set(&b, usize::MAX).unwrap();
-        assert_eq!(log.borrow_mut().append(&b, &infos, Epoch(0)), (Offset(10), Offset(10)));
+        assert_eq!(log.borrow_mut().append(bytes::BytesMut::from(&b[..]), &infos, Epoch(0)), (Offset(10), Offset(10)));
         drop(log);
         std::fs::remove_dir_all(dir).unwrap();
     });
@@ -396,7 +396,7 @@ fn idempotent_batches_left_empty_keep_their_header() {
             keyed(&[("x", Some("x"))], TS, p3),
         ] {
             let infos = batch::validate_record_set(&b, usize::MAX).unwrap();
-            log.borrow_mut().append(&b, &infos, Epoch(0));
+            log.borrow_mut().append(bytes::BytesMut::from(&b[..]), &infos, Epoch(0));
             partition::flush(&log).await.unwrap();
         }
         let done = clean_log(&log, &params(TS), &|| false).await.unwrap().unwrap();

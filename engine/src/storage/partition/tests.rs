@@ -38,7 +38,7 @@ use crate::run_on_executor as run;
 
 async fn append(log: &SharedLog, b: &Bytes) -> (Offset, Offset) {
     let infos = batch::validate_record_set(b, usize::MAX).unwrap();
-    let r = log.borrow_mut().append(b, &infos, Epoch(0));
+    let r = log.borrow_mut().append(bytes::BytesMut::from(&b[..]), &infos, Epoch(0));
     r
 }
 
@@ -204,7 +204,7 @@ fn slow_flush_lines_are_rate_limited_per_shard_and_count_the_rest() {
 
 async fn append_at(log: &SharedLog, b: &Bytes, epoch: i32) -> (Offset, Offset) {
     let infos = batch::validate_record_set(b, usize::MAX).unwrap();
-    let r = log.borrow_mut().append(b, &infos, Epoch(epoch));
+    let r = log.borrow_mut().append(bytes::BytesMut::from(&b[..]), &infos, Epoch(epoch));
     r
 }
 
@@ -667,7 +667,7 @@ fn truncation_rebuilds_producer_state() {
             let b = idem(seq, seq as usize);
             let infos = batch::validate_record_set(&b, usize::MAX).unwrap();
             // As a follower: the producer state follows the batches.
-            let (first, _) = log.borrow_mut().append(&b, &infos, Epoch(0));
+            let (first, _) = log.borrow_mut().append(bytes::BytesMut::from(&b[..]), &infos, Epoch(0));
             assert_eq!(first, Offset(seq as i64));
             log.borrow_mut().producers.replay(&BatchHeader::parse(&b).unwrap());
             flush(&log).await.unwrap();

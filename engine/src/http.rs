@@ -116,6 +116,7 @@ async fn handle(mut stream: TcpStream, controller: &Controller, started: Instant
             let process = metrics::ProcessInfo {
                 resident_memory_bytes: metrics::resident_memory_bytes(),
                 uptime_s: started.elapsed().as_secs_f64(),
+                cpu_seconds: metrics::process_cpu_seconds(),
             };
             let mut body = metrics::render(&snaps, process);
             if let Some(status) = controller.quorum_status() {

@@ -172,6 +172,8 @@ impl ShardMetrics {
             flushes: self.flushes.get(),
             flush_bytes: self.flush_bytes.get(),
             flush_latency: self.flush_latency.borrow().clone(),
+            // Built on the shard's own thread, so this is the shard's count.
+            storage_bytes_written: crate::storage::segment_bytes_written(),
             cleaner: self.cleaner.get(),
             ..Default::default()
         }
@@ -203,6 +205,9 @@ pub struct ShardSnapshot {
     pub flushes: u64,
     pub flush_bytes: u64,
     pub flush_latency: Histogram,
+    /// Bytes of O_DIRECT segment writes (whole pages, rewritten tail pages
+    /// included): what the shard asked the device to write for record data.
+    pub storage_bytes_written: u64,
     pub cleaner: CleanerCounters,
     pub connections: u64,
     /// Fetch record bytes put in responses from memory / from segment files,
@@ -328,6 +333,9 @@ fn histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
 pub struct ProcessInfo {
     pub resident_memory_bytes: u64,
     pub uptime_s: f64,
+    /// User + system CPU time of the whole process (every thread, io_uring
+    /// workers included), from /proc/self/stat.
+    pub cpu_seconds: f64,
 }
 
 /// Cluster mode: this node's view of the controller quorum and of the cluster.
@@ -358,6 +366,25 @@ pub fn resident_memory_bytes() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     pages * page.max(0) as u64
+}
+
+/// User + system CPU seconds of this process from /proc/self/stat (0 if unreadable).
+pub fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    cpu_ticks_of_stat(&stat).map(|t| t as f64 / ticks_per_s.max(1) as f64).unwrap_or(0.0)
+}
+
+/// utime + stime (clock ticks) of a /proc/<pid>/stat line. The command name
+/// is in parentheses and may hold spaces or parentheses, so fields are
+/// counted from the last `)`: utime and stime are fields 14 and 15.
+fn cpu_ticks_of_stat(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// Renders every shard's snapshot in the Prometheus text format (0.0.4).
@@ -509,6 +536,16 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
         "Bytes of record batches made durable by the accumulator.",
         |s| s.flush_bytes,
     );
+    per_shard(
+        &mut out,
+        shards,
+        "tidelog_storage_bytes_written_total",
+        "counter",
+        "Bytes of O_DIRECT segment writes, whole 4 KiB pages: a tail page rewritten by each small flush counts every \
+         time, so this over tidelog_flush_bytes_total is the broker's own write amplification (index, checkpoint \
+         and compaction writes not included).",
+        |s| s.storage_bytes_written,
+    );
     header(
         &mut out,
         "tidelog_flush_latency_seconds",
@@ -562,6 +599,8 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
     let _ = writeln!(out, "tidelog_shards {}", shards.len());
     header(&mut out, "process_resident_memory_bytes", "gauge", "Resident memory of the broker process.");
     let _ = writeln!(out, "process_resident_memory_bytes {}", process.resident_memory_bytes);
+    header(&mut out, "process_cpu_seconds_total", "counter", "User and system CPU time of the broker, in seconds.");
+    let _ = writeln!(out, "process_cpu_seconds_total {:.3}", process.cpu_seconds);
     header(&mut out, "tidelog_uptime_seconds", "gauge", "Seconds since the broker started.");
     let _ = writeln!(out, "tidelog_uptime_seconds {:.3}", process.uptime_s);
     out
@@ -632,6 +671,31 @@ mod tests {
         // A cut second batch is not counted.
         assert_eq!(count_batches(&two[..b.len() + 20]), (3, b.len() as u64));
         assert_eq!(count_batches(&[]), (0, 0));
+    }
+
+    #[test]
+    fn cpu_ticks_are_fields_14_and_15_after_the_command_name() {
+        // A command name with a space and a parenthesis must not shift fields.
+        let stat = "4242 (tide log) x) S 1 4242 4242 0 -1 4194560 1200 0 3 0 \
+                    250 75 0 0 20 0 9 0 100 123456 789 18446744073709551615";
+        assert_eq!(cpu_ticks_of_stat(stat), Some(325));
+        assert_eq!(cpu_ticks_of_stat("12 (x) S 1 2"), None);
+        assert_eq!(cpu_ticks_of_stat("garbage"), None);
+        // This process's own line parses (its value may still be 0 ticks).
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(cpu_ticks_of_stat(&own).is_some(), "{own}");
+        let s = process_cpu_seconds();
+        assert!((0.0..1e6).contains(&s), "{s}");
+    }
+
+    #[test]
+    fn process_and_storage_families_are_rendered() {
+        let snap = ShardSnapshot { shard: 1, storage_bytes_written: 8192, ..Default::default() };
+        let text = render(&[snap], ProcessInfo { cpu_seconds: 1.5, ..Default::default() });
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.contains(&"process_cpu_seconds_total 1.500"), "{text}");
+        assert!(lines.contains(&"# TYPE process_cpu_seconds_total counter"), "{text}");
+        assert!(lines.contains(&"tidelog_storage_bytes_written_total{shard=\"1\"} 8192"), "{text}");
     }
 
     #[test]

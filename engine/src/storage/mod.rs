@@ -19,6 +19,24 @@ pub mod timestamps;
 /// target (512 and 4096) on XFS and ext4.
 pub const PAGE_BYTES: u64 = 4096;
 
+thread_local! {
+    /// Bytes this shard's logs handed to O_DIRECT segment writes: whole
+    /// aligned pages, so a tail page rewritten by each small flush counts
+    /// every time. A thread-local is the shard's counter (a shard is one
+    /// thread) without storage knowing about metrics.
+    static SEGMENT_BYTES_WRITTEN: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts one completed segment write of `bytes` on this shard.
+pub fn note_segment_write(bytes: u64) {
+    SEGMENT_BYTES_WRITTEN.with(|c| c.set(c.get() + bytes));
+}
+
+/// Segment bytes written by this shard since it started (see `note_segment_write`).
+pub fn segment_bytes_written() -> u64 {
+    SEGMENT_BYTES_WRITTEN.with(|c| c.get())
+}
+
 pub fn align_down(v: u64) -> u64 {
     v & !(PAGE_BYTES - 1)
 }

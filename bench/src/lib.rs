@@ -7,11 +7,13 @@
 //! encode/decode, compression), `client` (connections, setup calls),
 //! `group` (consumer-group membership and assignment), `stats` (histograms,
 //! pacing), `producer`/`consumer` (worker threads), `run` (orchestration),
-//! `report`/`svg` (outputs), `baseline`/`host` (what a result is a ratio of).
+//! `report`/`svg` (outputs), `baseline`/`host` (what a result is a ratio of),
+//! `efficiency` (the broker's CPU time and bytes written per byte produced).
 
 pub mod baseline;
 pub mod client;
 pub mod consumer;
+pub mod efficiency;
 pub mod group;
 pub mod hiccup;
 pub mod host;

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use tidelog_bench::baseline::{self, Baseline, BaselineOptions};
+use tidelog_bench::efficiency;
 use tidelog_bench::hiccup::HiccupMeter;
 use tidelog_bench::host::host_info;
 use tidelog_bench::report::{self, SummaryInputs};
@@ -159,8 +160,8 @@ struct RunArgs {
     /// Number of distinct keys.
     #[arg(long)]
     key_count: Option<u64>,
-    /// acks: -1 (all), 1 (leader) or 0 (none; no ack latency).
-    #[arg(long, allow_hyphen_values = true)]
+    /// acks, as Kafka spells it: all or -1 (all in-sync replicas), 1 (leader) or 0 (none; no ack latency).
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_acks)]
     acks: Option<i16>,
     /// linger.ms: how long a batch waits for more records.
     #[arg(long)]
@@ -189,6 +190,12 @@ struct RunArgs {
     /// Produce everything first, then read the backlog (catch-up read).
     #[arg(long)]
     catch_up: bool,
+    /// Broker process id(s) on this host, comma-separated (a local cluster: one per node), for broker CPU-s per GB and write amplification from /proc/PID/stat and /proc/PID/io. Default: the local processes listening on the brokers' ports. 0 turns the broker figures off.
+    #[arg(long, value_delimiter = ',', conflicts_with = "metrics_url")]
+    broker_pid: Vec<u32>,
+    /// Prometheus endpoint(s) of the broker(s), e.g. http://127.0.0.1:9644/metrics, comma-separated: broker CPU from process_cpu_seconds_total and bytes written from tidelog_storage_bytes_written_total, summed (for a broker not on this host).
+    #[arg(long, value_delimiter = ',')]
+    metrics_url: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -250,6 +257,9 @@ fn parse_keys(s: &str) -> Result<KeyMode, String> {
         "round-robin" => Ok(KeyMode::RoundRobin),
         _ => Err(format!("{s:?}: expected none, random or round-robin")),
     }
+}
+fn parse_acks(s: &str) -> Result<i16, String> {
+    tidelog_bench::workload::parse_acks(s)
 }
 fn parse_codec(s: &str) -> Result<Codec, String> {
     match s {
@@ -410,6 +420,15 @@ fn cmd_run(a: &RunArgs) -> anyhow::Result<bool> {
     let data_dir = a.data_dir.clone().or_else(|| a.baseline_dir.clone()).unwrap_or_else(|| PathBuf::from("/var/tmp"));
     let started = wall_now_us() / 1_000_000;
     let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/{}-{started}", w.name)));
+    let efficiency = if a.broker_pid == [0] {
+        efficiency::Source::Off
+    } else if !a.broker_pid.is_empty() {
+        efficiency::Source::Pids(a.broker_pid.clone())
+    } else if !a.metrics_url.is_empty() {
+        efficiency::Source::MetricsUrls(a.metrics_url.clone())
+    } else {
+        efficiency::Source::Auto
+    };
     let opts = RunOptions {
         bootstrap: a.bootstrap.clone(),
         workload: w.clone(),
@@ -417,6 +436,8 @@ fn cmd_run(a: &RunArgs) -> anyhow::Result<bool> {
         verify: a.verify,
         progress: !a.quiet,
         seed: a.seed,
+        efficiency,
+        data_dir: data_dir.clone(),
     };
     // Every core of the host, not only the bench's: the broker's cores matter most.
     let meter = match hiccup_interval {
@@ -447,8 +468,14 @@ fn cmd_run(a: &RunArgs) -> anyhow::Result<bool> {
         println!("  {}", f.display());
     }
     let r = &summary.results;
+    for n in &r.notes {
+        eprintln!("{n}");
+    }
     let mut ok = true;
     if a.strict {
+        if !r.notes.is_empty() {
+            ok = false;
+        }
         if let Some(v) = &summary.verify {
             if v.problems() > 0 {
                 eprintln!("verification failed: {}", v.first_problem.as_deref().unwrap_or("?"));

@@ -444,6 +444,7 @@ impl Producer {
         self.stats.produced.add(second, b.records as u64, b.value_bytes);
         self.cfg.live.produced_records.fetch_add(b.records as u64, Ordering::Relaxed);
         self.cfg.live.produced_bytes.fetch_add(b.value_bytes, Ordering::Relaxed);
+        self.cfg.live.produced_batch_bytes.fetch_add(b.bytes.len() as u64, Ordering::Relaxed);
         self.cfg.live.acked_total.fetch_add(b.records as u64, Ordering::Relaxed);
     }
 

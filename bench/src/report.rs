@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::baseline::Baseline;
 use crate::consumer::VerifyStats;
+use crate::efficiency::{or_na, Efficiency};
 use crate::hiccup::Hiccups;
 use crate::host::HostInfo;
 use crate::run::RunOutcome;
@@ -114,6 +115,14 @@ pub struct Results {
     #[serde(default)]
     pub started_at_unix_ms: u64,
     pub timeline: Vec<TimelinePoint>,
+    /// Broker CPU-seconds per GB produced and write amplification over the
+    /// produce window (absent in summaries written before they existed).
+    #[serde(default)]
+    pub efficiency: Option<Efficiency>,
+    /// What a reader must know to read the figures right (e.g. the run ended
+    /// inside its warm-up, so nothing was measured).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -197,6 +206,8 @@ pub fn build_summary(inp: SummaryInputs<'_>, o: &RunOutcome) -> Summary {
         slowest_batch_acks: s.slowest_batch_acks.clone(),
         started_at_unix_ms: o.wall_start_us / 1000,
         timeline,
+        efficiency: Some(o.efficiency.clone()),
+        notes: notes(inp.workload, o),
     };
     let broker = BrokerInfo {
         bootstrap: inp.bootstrap.to_string(),
@@ -223,6 +234,19 @@ pub fn build_summary(inp: SummaryInputs<'_>, o: &RunOutcome) -> Summary {
         hiccups: inp.hiccups,
         files: Vec::new(),
     }
+}
+
+/// Warnings about the run itself, printed above the table.
+fn notes(w: &Workload, o: &RunOutcome) -> Vec<String> {
+    let mut notes = Vec::new();
+    if o.ended_in_warmup || (o.produced_total > 0 && o.stats.produced_records == 0 && w.producer.count > 0) {
+        notes.push(format!(
+            "NOTHING MEASURED: all {} records were acknowledged within the {} s warm-up, which the results leave out, \
+             so the produce figures are zeros. Rerun with --warmup-s 0 (measure from the start) or more --records.",
+            o.produced_total, w.run.warmup_s
+        ));
+    }
+    notes
 }
 
 pub fn ratios(r: &Results, b: Option<&Baseline>) -> BTreeMap<String, f64> {
@@ -344,13 +368,16 @@ pub fn render_table(s: &Summary) -> String {
         w.consumer.mode,
         w.producer.mean_record_bytes(),
         w.producer.keys,
-        w.producer.acks,
+        if w.producer.acks == -1 { "all".to_string() } else { w.producer.acks.to_string() },
         w.producer.linger_ms,
         w.producer.batch_size_bytes,
         w.producer.compression,
         w.producer.max_in_flight,
         if r.paced { format!("{:.0} rec/s (latency from intended send time)", r.target_records_per_s) } else { "max".into() }
     );
+    for n in &r.notes {
+        let _ = writeln!(out, "\n*** {n}");
+    }
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -367,6 +394,9 @@ pub fn render_table(s: &Summary) -> String {
             "{:<12} {:>12.0} {:>12.2} {:>10.1} {:>12} {:>12}",
             name, t.records_per_s, t.mb_per_s, t.window_s, t.records, ratio
         );
+    }
+    if let Some(e) = &r.efficiency {
+        render_efficiency(&mut out, e);
     }
     let _ = writeln!(out);
     let _ = writeln!(
@@ -451,6 +481,53 @@ pub fn render_table(s: &Summary) -> String {
         );
     }
     out
+}
+
+fn gb(bytes: u64) -> String {
+    format!("{:.3} GB", bytes as f64 / 1e9)
+}
+
+/// The broker efficiency lines under the throughput table.
+fn render_efficiency(out: &mut String, e: &Efficiency) {
+    let source = match e.source.as_str() {
+        "none" => "none".to_string(),
+        s => format!("{s}: {}", e.source_detail),
+    };
+    let _ = writeln!(
+        out,
+        "broker efficiency over {:.1} s of {} produced ({source}):",
+        e.window_s,
+        gb(e.produced_batch_bytes)
+    );
+    let cpu = or_na(e.broker_cpu_s_per_gb.map(|v| format!("{v:.3}")), e.cpu_unavailable.as_deref());
+    let wa = or_na(e.write_amplification.map(|v| format!("{v:.3}x")), e.write_unavailable.as_deref());
+    let _ = writeln!(out, "  broker CPU-s per GB ingested     {cpu}");
+    let _ = writeln!(out, "  write amplification (broker)     {wa}");
+    if e.broker_cpu_s.is_some() || e.broker_bytes_written.is_some() {
+        let _ = writeln!(
+            out,
+            "    broker CPU {} s, wrote {} | record batches acknowledged {} (values {})",
+            e.broker_cpu_s.map(|c| format!("{c:.2}")).unwrap_or_else(|| "n/a".into()),
+            e.broker_bytes_written.map(gb).unwrap_or_else(|| "n/a".into()),
+            gb(e.produced_batch_bytes),
+            gb(e.produced_value_bytes)
+        );
+    }
+    if e.per_pid.len() > 1 {
+        for p in &e.per_pid {
+            let w = p.bytes_written.map(gb).unwrap_or_else(|| "n/a".into());
+            let _ = writeln!(out, "    pid {} ({}): CPU {:.2} s, wrote {w}", p.pid, p.name, p.cpu_s);
+        }
+    }
+    let dev = or_na(
+        e.device_write_amplification.zip(e.device_bytes_written).map(|(a, b)| format!("{a:.3}x ({} written)", gb(b))),
+        e.device_unavailable.as_deref(),
+    );
+    let _ = writeln!(
+        out,
+        "  write amplification (device-wide, {}, all writers) {dev}",
+        e.device.as_deref().unwrap_or("no device")
+    );
 }
 
 /// One row of the latency table: percentiles of a µs histogram, in ms.
@@ -608,6 +685,14 @@ pub fn compare(run_dirs: &[PathBuf], svg_out: &Path) -> anyhow::Result<String> {
         ("e2e max ms", |s| fmt_ms(s.results.latency_us.end_to_end.max)),
         ("fetch p50 ms", |s| fmt_ms(s.results.latency_us.fetch.p50)),
         ("fetch p99 ms", |s| fmt_ms(s.results.latency_us.fetch.p99)),
+        ("broker CPU-s / GB", |s| {
+            let e = s.results.efficiency.as_ref();
+            e.and_then(|e| e.broker_cpu_s_per_gb).map(|v| format!("{v:.3}")).unwrap_or("-".into())
+        }),
+        ("write amplification", |s| {
+            let e = s.results.efficiency.as_ref();
+            e.and_then(|e| e.write_amplification).map(|v| format!("{v:.3}")).unwrap_or("-".into())
+        }),
         ("host hiccup max ms", |s| s.hiccups.as_ref().map(|h| fmt_ms(h.max_us())).unwrap_or("-".into())),
         ("host steal ms", |s| s.hiccups.as_ref().map(|h| format!("{:.0}", h.steal_ms())).unwrap_or("-".into())),
         ("errors / retries", |s| format!("{} / {}", s.results.errors, s.results.retries)),

@@ -3,7 +3,9 @@
 //! line, the drain at the end, and merging what the threads measured.
 //!
 //! The only state shared with the worker threads is `Live` (atomic counters
-//! and two mutex-guarded histograms merged into twice a second).
+//! and two mutex-guarded histograms merged into twice a second). The broker
+//! efficiency probe (`efficiency`) reads the broker's counters from this
+//! thread when the measured window opens and when it closes.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +19,7 @@ use tidelog_protocol::messages::ApiKey;
 
 use crate::client::{ensure_topic, list_offsets, Cluster, Versions};
 use crate::consumer::{run_consumer, ConsumerConfig, ConsumerResult, Membership, VerifyStats};
+use crate::efficiency::{self, Efficiency, Probe};
 use crate::group::GroupSettings;
 use crate::producer::{run_producer, ProducerConfig};
 use crate::stats::{new_latency_histogram, ThreadStats};
@@ -39,6 +42,8 @@ pub struct Live {
     pub stop: AtomicBool,
     pub produced_records: AtomicU64,
     pub produced_bytes: AtomicU64,
+    /// Record-batch bytes acknowledged (values plus keys, headers, framing).
+    pub produced_batch_bytes: AtomicU64,
     pub consumed_records: AtomicU64,
     pub consumed_bytes: AtomicU64,
     /// Records read per consumer group (index = group).
@@ -55,6 +60,7 @@ impl Live {
             stop: AtomicBool::new(false),
             produced_records: AtomicU64::new(0),
             produced_bytes: AtomicU64::new(0),
+            produced_batch_bytes: AtomicU64::new(0),
             consumed_records: AtomicU64::new(0),
             consumed_bytes: AtomicU64::new(0),
             consumed_per_group: (0..groups).map(|_| AtomicU64::new(0)).collect(),
@@ -75,6 +81,11 @@ impl Live {
             let _ = g.add(h);
         }
     }
+    /// (batch bytes, value bytes) acknowledged so far.
+    fn produced(&self) -> efficiency::Produced {
+        (self.produced_batch_bytes.load(Ordering::Relaxed), self.produced_bytes.load(Ordering::Relaxed))
+    }
+
     fn p99_ms(&self) -> (f64, f64) {
         let a = self.ack.lock().map(|h| if h.is_empty() { 0 } else { h.value_at_quantile(0.99) }).unwrap_or(0);
         let e = self.e2e.lock().map(|h| if h.is_empty() { 0 } else { h.value_at_quantile(0.99) }).unwrap_or(0);
@@ -90,6 +101,10 @@ pub struct RunOptions {
     pub verify: bool,
     pub progress: bool,
     pub seed: u64,
+    /// Where the broker's CPU time and bytes written come from.
+    pub efficiency: efficiency::Source,
+    /// The broker's data directory, whose block device is read device-wide.
+    pub data_dir: std::path::PathBuf,
 }
 
 /// What a finished run hands to the report.
@@ -112,6 +127,11 @@ pub struct RunOutcome {
     pub elapsed_s: f64,
     /// Wall-clock time of `RunClock::start`, in µs since the epoch.
     pub wall_start_us: u64,
+    /// Broker CPU and bytes written over the produce window (the read
+    /// window for a consumer-only run).
+    pub efficiency: Efficiency,
+    /// Producers finished before the warm-up ended: nothing was measured.
+    pub ended_in_warmup: bool,
 }
 
 fn spawn_pinned<T: Send + 'static>(
@@ -151,6 +171,9 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunOutcome> {
     let topic = w.topic_name();
     let (cluster, versions) =
         ensure_topic(&opts.bootstrap, &topic, w.topic.partitions, w.topic.replication_factor, w.topic.create)?;
+    let broker_addrs: Vec<String> =
+        std::iter::once(opts.bootstrap.clone()).chain(cluster.brokers.values().cloned()).collect();
+    let mut probe = Probe::new(&opts.efficiency, &broker_addrs, &opts.data_dir);
     let groups = if w.consumer.count > 0 { w.consumer.groups.max(1) } else { 0 };
     let consumers_total = w.consumer.count * groups;
     let shape = if w.producer.count == 0 {
@@ -300,11 +323,30 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunOutcome> {
     let mut progress = Progress::new(opts.progress, clock, records_target, shape == Shape::ReadOnly, live.clone());
     let mut merged = ThreadStats::default();
     let mut first_error: Option<anyhow::Error> = None;
+    // The efficiency window is the produce window (warm-up end to the
+    // producers' end), or for a consumer-only run the read window.
+    let window_from = if shape == Shape::ReadOnly { consume_from } else { clock.warmup_end };
+    let open_window = |probe: &mut Probe| {
+        if !probe.started() && Instant::now() >= window_from {
+            probe.start(live.produced());
+        }
+    };
+    let nap = |probe: &Probe| {
+        let until_window = window_from.saturating_duration_since(Instant::now());
+        let d = if probe.started() { Duration::from_millis(100) } else { until_window.min(Duration::from_millis(100)) };
+        std::thread::sleep(d.max(Duration::from_millis(1)));
+    };
     while producers.iter().any(|h| !h.is_finished()) {
+        open_window(&mut probe);
         progress.tick("producing");
-        std::thread::sleep(Duration::from_millis(100));
+        nap(&probe);
     }
     let producers_done = Instant::now();
+    let ended_in_warmup = shape != Shape::ReadOnly && producers_done < clock.warmup_end;
+    let mut efficiency = None;
+    if shape != Shape::ReadOnly {
+        efficiency = Some(probe.finish(live.produced()));
+    }
     for h in producers {
         match join(h) {
             Ok(s) => merged.merge(&s),
@@ -327,11 +369,15 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunOutcome> {
         if shape == Shape::ReadOnly && w.run.records == 0 && Instant::now() >= clock.end {
             live.stop.store(true, Ordering::Relaxed);
         }
+        if shape == Shape::ReadOnly {
+            open_window(&mut probe);
+        }
         progress.tick(if shape == Shape::ReadOnly { "reading" } else { "draining" });
-        std::thread::sleep(Duration::from_millis(100));
+        nap(&probe);
     }
     progress.finish();
     let consumers_done = Instant::now();
+    let efficiency = efficiency.unwrap_or_else(|| probe.finish(live.produced()));
     let mut per_group = vec![0u64; groups];
     let mut per_group_verify: Vec<VerifyStats> = vec![VerifyStats::default(); groups];
     for h in consumers {
@@ -386,6 +432,8 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<RunOutcome> {
         consume_window_s,
         elapsed_s: consumers_done.saturating_duration_since(clock.start).as_secs_f64(),
         wall_start_us: clock.wall_start_us,
+        efficiency,
+        ended_in_warmup,
     })
 }
 

@@ -6,7 +6,8 @@
 //! [topic]      name, partitions, replication_factor, create
 //! [producer]   count, rate_records_per_s | rate_mb_per_s, record_size_bytes
 //!              or record_size = { dist = "uniform", min_bytes, max_bytes },
-//!              keys = "none" | "random" | "round-robin", key_count, acks,
+//!              keys = "none" | "random" | "round-robin", key_count,
+//!              acks = "all" | -1 | 1 | 0 (a number or a string),
 //!              linger_ms, batch_size_bytes, compression, max_in_flight
 //! [consumer]   count, groups, mode = "assigned" | "group", start, fetch_*,
 //!              group mode: assignor = "range" | "roundrobin", group_id_prefix,
@@ -128,6 +129,8 @@ pub struct ProducerSpec {
     pub record_size: Option<SizeDist>,
     pub keys: KeyMode,
     pub key_count: u64,
+    /// -1 (all), 1 or 0; files may also write "all", "-1", "1", "0".
+    #[serde(deserialize_with = "deserialize_acks")]
     pub acks: i16,
     pub linger_ms: u64,
     pub batch_size_bytes: usize,
@@ -159,6 +162,33 @@ impl Default for ProducerSpec {
             retries: 5,
         }
     }
+}
+
+/// acks as Kafka users write it: "all" or -1 (every in-sync replica), 1
+/// (the leader), 0 (no response).
+pub fn parse_acks(s: &str) -> Result<i16, String> {
+    match s.trim() {
+        v if v.eq_ignore_ascii_case("all") => Ok(-1),
+        "-1" => Ok(-1),
+        "1" => Ok(1),
+        "0" => Ok(0),
+        v => Err(format!("acks {v:?}: expected all, -1, 1 or 0")),
+    }
+}
+
+/// `parse_acks` for workload files: a number or a string.
+fn deserialize_acks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i16, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Acks {
+        Number(i64),
+        Text(String),
+    }
+    let text = match Acks::deserialize(d)? {
+        Acks::Number(n) => n.to_string(),
+        Acks::Text(t) => t,
+    };
+    parse_acks(&text).map_err(serde::de::Error::custom)
 }
 
 impl ProducerSpec {
@@ -386,6 +416,25 @@ mod tests {
             n += 1;
         }
         assert!(n >= 5, "expected the five shipped workloads, found {n}");
+    }
+
+    #[test]
+    fn acks_take_every_kafka_spelling() {
+        for (text, want) in [("all", -1), ("ALL", -1), ("-1", -1), ("1", 1), ("0", 0), (" all ", -1)] {
+            assert_eq!(parse_acks(text), Ok(want), "{text:?}");
+        }
+        for bad in ["2", "-2", "leader", "", "1.0"] {
+            let e = parse_acks(bad).unwrap_err();
+            assert!(e.contains("expected all, -1, 1 or 0"), "{bad:?}: {e}");
+        }
+        // Workload files: numbers and strings alike.
+        for (toml_value, want) in [("-1", -1), ("1", 1), ("0", 0), ("\"all\"", -1), ("\"-1\"", -1), ("\"0\"", 0)] {
+            let w = Workload::from_toml(&format!("[producer]\nacks = {toml_value}\n")).unwrap();
+            assert_eq!(w.producer.acks, want, "acks = {toml_value}");
+        }
+        let e = Workload::from_toml("[producer]\nacks = 2\n").unwrap_err();
+        assert!(format!("{e:#}").contains("expected all, -1, 1 or 0"), "{e:#}");
+        assert_eq!(Workload::from_toml("[producer]\ncount = 2\n").unwrap().producer.acks, -1, "default");
     }
 
     #[test]

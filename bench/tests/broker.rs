@@ -45,6 +45,8 @@ struct Broker {
     child: Child,
     dir: PathBuf,
     port: u16,
+    /// The broker's /metrics endpoint (Prometheus text).
+    metrics_port: u16,
 }
 
 impl Drop for Broker {
@@ -57,6 +59,7 @@ impl Drop for Broker {
 
 fn start_broker(bin: &std::path::Path) -> Broker {
     let port = free_port_pair();
+    let metrics_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     // Not tmpfs: the broker needs O_DIRECT.
     let dir =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/bench-it-{}-{port}", std::process::id()));
@@ -66,6 +69,7 @@ fn start_broker(bin: &std::path::Path) -> Broker {
         .arg(format!("--log.dirs={}", dir.display()))
         .arg(format!("--listeners=PLAINTEXT://127.0.0.1:{port}"))
         .arg("--num.shards=2")
+        .arg(format!("--metrics.listeners=127.0.0.1:{metrics_port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -85,7 +89,7 @@ fn start_broker(bin: &std::path::Path) -> Broker {
         }
         let _ = tx.send(Err(log.join("\n")));
     });
-    let broker = Broker { child, dir, port };
+    let broker = Broker { child, dir, port, metrics_port };
     match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(Ok(())) => broker,
         Ok(Err(log)) => panic!("tidelog exited before it was ready:\n{log}"),
@@ -150,6 +154,24 @@ fn bench_against_real_broker_counts_order_and_key_placement() {
     let table = std::fs::read_to_string(out.join("report.txt")).unwrap();
     assert!(table.contains("host hiccup (cpu 0)") && table.contains("steal"), "{table}");
 
+    // Broker efficiency: the broker was found by its listening port and
+    // read from /proc over the produce window.
+    let e = &r["efficiency"];
+    assert_eq!(e["source"], "proc", "{e}");
+    let detail = e["source_detail"].as_str().unwrap();
+    assert!(detail.contains(&format!("pid {} (tidelog)", broker.child.id())), "{detail}");
+    assert_efficiency_plausible(e, cores);
+    let batch_bytes = e["produced_batch_bytes"].as_u64().unwrap();
+    assert!(batch_bytes > records * 64, "batches hold the 64 B values and more: {e}");
+    assert_eq!(e["produced_value_bytes"], records * 64, "{e}");
+    assert_eq!(e["per_pid"].as_array().unwrap().len(), 1, "{e}");
+    assert_eq!(e["per_pid"][0]["pid"], broker.child.id(), "{e}");
+    assert!(
+        table.contains("broker CPU-s per GB ingested") && table.contains("write amplification (broker)"),
+        "{table}"
+    );
+    assert!(table.contains("device-wide"), "{table}");
+
     // Independently: read everything back and recompute.
     let (cluster, _) = ensure_topic(&bootstrap, topic, partitions, 1, false).unwrap();
     assert_eq!(cluster.partitions.len(), partitions as usize);
@@ -208,6 +230,26 @@ fn bench_against_real_broker_counts_order_and_key_placement() {
     for f in ["latency.svg", "throughput.svg"] {
         roxmltree::Document::parse(&std::fs::read_to_string(out.join(f)).unwrap()).unwrap();
     }
+}
+
+/// The efficiency figures of an acks=all run that wrote data: broker CPU per
+/// GB above zero and no more than the host's cores could give; the broker
+/// wrote at least about what it acknowledged (an ack means fdatasync'd).
+fn assert_efficiency_plausible(e: &serde_json::Value, cores: usize) {
+    let window_s = e["window_s"].as_f64().unwrap();
+    assert!(window_s > 0.0, "{e}");
+    let cpu_s = e["broker_cpu_s"].as_f64().unwrap();
+    assert!(cpu_s > 0.0 && cpu_s <= window_s * cores as f64 * 1.1 + 0.05, "broker CPU {cpu_s} s in {window_s} s: {e}");
+    let per_gb = e["broker_cpu_s_per_gb"].as_f64().unwrap();
+    let gb = e["produced_batch_bytes"].as_f64().unwrap() / 1e9;
+    assert!(per_gb > 0.0 && (per_gb * gb - cpu_s).abs() < 1e-6, "{e}");
+    let wa = e["write_amplification"].as_f64().unwrap();
+    assert!(wa >= 0.9, "acks=all: every acknowledged byte was written: {e}");
+    let written = e["broker_bytes_written"].as_f64().unwrap();
+    assert!((written / 1e9 / gb - wa).abs() < 1e-6, "{e}");
+    assert!(e["cpu_unavailable"].is_null() && e["write_unavailable"].is_null(), "{e}");
+    // Device-wide: a figure, or the reason there is none (e.g. not a block device).
+    assert!(e["device_write_amplification"].is_f64() || e["device_unavailable"].is_string(), "{e}");
 }
 
 /// Runs `tidelog-bench run` against `broker` with `args`; returns summary.json.
@@ -337,10 +379,15 @@ fn consumer_only_run_reads_an_existing_backlog() {
     };
     let broker = start_broker(&bin);
     let backlog = 50_000u64;
+    let metrics_url = format!("http://127.0.0.1:{}/metrics", broker.metrics_port);
     let fill = bench_run(
         &broker,
         "fill",
         &[
+            "--metrics-url",
+            &metrics_url,
+            "--acks",
+            "all",
             "--no-baseline",
             "--topic",
             "backlog",
@@ -359,6 +406,13 @@ fn consumer_only_run_reads_an_existing_backlog() {
         ],
     );
     assert_eq!(fill["results"]["produced_total"], backlog);
+    // Broker efficiency from the broker's own Prometheus counters.
+    let e = &fill["results"]["efficiency"];
+    assert_eq!(e["source"], "prometheus", "{e}");
+    assert_eq!(e["source_detail"], metrics_url.as_str(), "{e}");
+    assert_eq!(e["per_pid"], serde_json::json!([]), "{e}");
+    assert_efficiency_plausible(e, std::thread::available_parallelism().unwrap().get());
+    assert_eq!(fill["workload"]["producer"]["acks"], -1);
 
     // A quick baseline, so the read is reported against loopback.
     let baseline = broker.dir.join("baseline.json");
@@ -444,4 +498,51 @@ fn consumer_only_run_reads_an_existing_backlog() {
     assert_eq!(s["verify"]["records"], backlog);
     assert_eq!(s["verify"]["duplicate_offsets"], 0);
     assert_eq!(s["verify"]["missing_offsets"], 0);
+}
+
+#[test]
+fn records_run_inside_its_warmup_says_nothing_was_measured() {
+    let Some(bin) = broker_bin() else {
+        eprintln!("SKIPPED: tidelog broker binary not found (set TIDELOG_BIN)");
+        return;
+    };
+    let broker = start_broker(&bin);
+    // 2000 records go out in well under the 30 s warm-up (records runs stop
+    // at their count, whatever the warm-up).
+    let args = ["--no-baseline", "--topic", "short", "--producers", "1", "--consumers", "1", "--records", "2000"];
+    let s = bench_run(&broker, "short", &[&args[..], &["--warmup-s", "30", "--acks", "1"]].concat());
+    let r = &s["results"];
+    assert_eq!(r["produced_total"], 2000);
+    assert_eq!(r["produce"]["records"], 0);
+    assert_eq!(s["workload"]["producer"]["acks"], 1);
+    let notes = r["notes"].as_array().unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    let note = notes[0].as_str().unwrap();
+    assert!(
+        note.contains("NOTHING MEASURED") && note.contains("2000 records") && note.contains("--warmup-s 0"),
+        "{note}"
+    );
+    let e = &r["efficiency"];
+    assert!(e["broker_cpu_s"].is_null(), "{e}");
+    assert!(e["cpu_unavailable"].as_str().unwrap().contains("warm-up"), "{e}");
+    let table = std::fs::read_to_string(broker.dir.join("short/report.txt")).unwrap();
+    assert!(table.contains("*** NOTHING MEASURED"), "{table}");
+    assert!(table.contains("n/a (the run ended before its measured window opened"), "{table}");
+
+    // --strict turns it into a failure; with the warm-up off the same run measures everything.
+    let out = broker.dir.join("short-strict");
+    let status = Command::new(env!("CARGO_BIN_EXE_tidelog-bench"))
+        .args(["run", "--bootstrap", &format!("127.0.0.1:{}", broker.port), "--quiet", "--strict", "--no-baseline"])
+        .args(["--topic", "short", "--no-create-topic", "--producers", "1", "--consumers", "0", "--records", "500"])
+        .args(["--warmup-s", "30", "--hiccup-interval-us", "0"])
+        .arg("--out")
+        .arg(&out)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2), "--strict fails a run that measured nothing");
+    let s = bench_run(&broker, "short-whole", &[&args[..], &["--warmup-s", "0", "--acks", "-1"]].concat());
+    assert_eq!(s["results"]["produce"]["records"], 2000);
+    assert_eq!(s["results"]["notes"], serde_json::json!([]));
 }

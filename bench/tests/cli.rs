@@ -88,3 +88,24 @@ fn a_too_short_hiccup_interval_is_refused_before_anything_runs() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--hiccup-interval-us 10") && err.contains("at least 100"), "{err}");
 }
+
+#[test]
+fn acks_take_kafka_spellings_and_refuse_others() {
+    let run = |acks: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tidelog-bench"))
+            .args(["run", "--bootstrap", "127.0.0.1:1", "--no-baseline", "--hiccup-interval-us", "0", "--acks", acks])
+            .output()
+            .expect("run tidelog-bench")
+    };
+    let out = run("2");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("expected all, -1, 1 or 0"), "{err}");
+    // Accepted spellings get past the flags (and then fail to connect to port 1).
+    for acks in ["all", "-1", "1", "0"] {
+        let out = run(acks);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(!err.contains("expected all") && err.contains("127.0.0.1:1"), "--acks {acks}: {err}");
+    }
+}

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 use tidelog_bench::client::{Cluster, Versions};
+use tidelog_bench::efficiency::Efficiency;
 use tidelog_bench::report::{self, parse_hgrm, SummaryInputs};
 use tidelog_bench::run::RunOutcome;
 use tidelog_bench::stats::{record_us, ThreadStats};
@@ -49,6 +50,21 @@ fn synthetic_outcome(scale_us: u64) -> RunOutcome {
         consume_window_s: 10.0,
         elapsed_s: 10.5,
         wall_start_us: 1_000_000,
+        efficiency: Efficiency {
+            source: "proc".into(),
+            source_detail: "auto: pid 7 (tidelog) listens on 127.0.0.1:9092".into(),
+            window_s: 10.0,
+            produced_batch_bytes: 10_400_000,
+            produced_value_bytes: 10_000_000,
+            broker_cpu_s: Some(0.026),
+            broker_cpu_s_per_gb: Some(2.5),
+            broker_bytes_written: Some(15_600_000),
+            write_amplification: Some(1.5),
+            device: Some("vda (253:0)".into()),
+            device_unavailable: Some("no device here".into()),
+            ..Default::default()
+        },
+        ended_in_warmup: false,
     }
 }
 
@@ -108,6 +124,17 @@ fn run_directory_files_parse() {
     assert_eq!(r["latency_us"]["produce_ack_record"]["count"], 10_000);
     assert_eq!(r["produce"]["mb_per_s"], 1.0);
     assert_eq!(r["timeline"].as_array().unwrap().len(), 10);
+    let e = &r["efficiency"];
+    assert_eq!(e["broker_cpu_s_per_gb"], 2.5);
+    assert_eq!(e["write_amplification"], 1.5);
+    assert_eq!(e["device_unavailable"], "no device here");
+    assert_eq!(r["notes"], serde_json::json!([]));
+    let table = std::fs::read_to_string(dir.join("report.txt")).unwrap();
+    let line = |start: &str| table.lines().find(|l| l.trim_start().starts_with(start)).unwrap_or("").to_string();
+    assert!(line("broker CPU-s per GB ingested").ends_with(" 2.500"), "{table}");
+    assert!(line("write amplification (broker)").ends_with(" 1.500x"), "{table}");
+    assert!(line("write amplification (device-wide, vda (253:0)").ends_with("n/a (no device here)"), "{table}");
+    assert!(table.contains("acks all"), "{table}");
     for key in ["cpu_model", "cores", "kernel", "filesystem"] {
         assert!(v["host"].get(key).is_some(), "host lacks {key}");
     }
@@ -163,6 +190,9 @@ fn compare_two_runs() {
     let table = report::compare(&[a.clone(), b.clone()], &svg).unwrap();
     assert!(table.contains("(tidelog)") && table.contains("(other)"), "{table}");
     assert!(table.lines().any(|l| l.starts_with("ack/record p99 ms")));
+    let row = table.lines().find(|l| l.starts_with("broker CPU-s / GB")).unwrap_or("");
+    assert_eq!(row.split_whitespace().filter(|v| *v == "2.500").count(), 2, "{table}");
+    assert!(table.lines().any(|l| l.starts_with("write amplification") && l.contains("1.500")), "{table}");
     let text = std::fs::read_to_string(&svg).unwrap();
     let doc = roxmltree::Document::parse(&text).unwrap();
     let series: Vec<&str> = doc.descendants().filter_map(|n| n.attribute("data-series")).collect();

@@ -13,14 +13,15 @@
 //!    base offset is written in place and the batch, a slice of the frame,
 //!    is queued on the active segment with no copy.
 //! 2. The log is put on the shard's dirty list and the flusher is woken.
-//! 3. The flusher takes every dirty log, turns all their pending batches into
-//!    4 KiB-aligned O_DIRECT writes (one buffer chain per segment, starting
-//!    at the in-memory partial tail page), submits them together, and
-//!    fdatasyncs each file: one group commit per cycle for everything that
-//!    arrived while the previous cycle was on disk.
-//! 4. Only then does each log's high watermark move; waiting produces are
-//!    answered and long-polling fetches woken. A consumer can never read what
-//!    a crash could take back.
+//! 3. The flusher gives the log a flush task unless one is running. The task
+//!    turns all pending batches into 4 KiB-aligned O_DIRECT writes (one
+//!    buffer chain per segment, starting at the in-memory partial tail
+//!    page), submits them together and fdatasyncs the file: one group commit
+//!    per round for everything that arrived while the previous round was on
+//!    disk. Logs do not wait for each other's rounds.
+//! 4. Only then does the log's high watermark move; waiting produces are
+//!    answered and long-polling fetches woken right after that round. A
+//!    consumer can never read what a crash could take back.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -28,7 +29,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
 use glommio::channels::shared_channel::{ConnectedReceiver, ConnectedSender};
 use tidelog_protocol::{ErrorCode, PartitionId, ShardId};
 
@@ -120,6 +120,8 @@ pub struct Shard {
     logs: RefCell<HashMap<String, Vec<Option<SharedLog>>>>,
     dirty: RefCell<Vec<SharedLog>>,
     dirty_queued: RefCell<std::collections::HashSet<(Rc<str>, i32)>>,
+    /// Logs whose flush task is running (see `run_flusher`).
+    flushing: RefCell<std::collections::HashSet<(Rc<str>, i32)>>,
     dirty_notify: Notify,
     /// Woken whenever any high watermark on this shard moves.
     pub hw_notify: Notify,
@@ -173,6 +175,7 @@ impl Shard {
             logs: RefCell::new(HashMap::new()),
             dirty: RefCell::new(Vec::new()),
             dirty_queued: RefCell::new(Default::default()),
+            flushing: RefCell::new(Default::default()),
             dirty_notify: Notify::default(),
             hw_notify: Notify::default(),
             to_controller,
@@ -401,7 +404,12 @@ impl Shard {
         }
     }
 
-    /// The accumulator's flush loop: group-commits every dirty log per cycle.
+    /// The accumulator's flush loop. Every dirty log gets its own flush task
+    /// at once: partitions are separate files with their own fdatasync, so
+    /// no log waits for another's writes (there is no shared cycle to wait
+    /// for). A log whose task is still running is left to it: the task keeps
+    /// flushing until nothing is pending, and each round it completes wakes
+    /// the produces and fetches waiting on that log's high watermark.
     pub async fn run_flusher(self: Rc<Self>) {
         loop {
             let batch: Vec<SharedLog> = std::mem::take(&mut *self.dirty.borrow_mut());
@@ -412,46 +420,52 @@ impl Shard {
                 self.dirty_notify.notified().await;
                 continue;
             }
-            for log in &batch {
-                let l = log.borrow();
-                self.dirty_queued.borrow_mut().remove(&(l.topic.clone(), l.partition.0));
-            }
-            let me = &self;
-            let results = join_all(batch.iter().map(|log| async move {
-                let started = std::time::Instant::now();
-                let r = partition::flush(log).await;
-                if let Ok(bytes) = r {
-                    if bytes > 0 {
-                        me.metrics.flushed(bytes, started.elapsed());
-                        me.send_pool.note_write();
-                    }
-                }
-                (log, r.map(|_| ()))
-            }))
-            .await;
-            let mut failed = false;
-            for (log, result) in results {
-                if let Err(e) = result {
+            for log in batch {
+                let key = {
                     let l = log.borrow();
-                    log::error!(
-                        "shard {}: flush of {}-{} failed at offset {} (high watermark {}): {e}; retrying, \
-                         acks=all produces wait (check disk space and health)",
-                        self.id.0,
-                        l.topic,
-                        l.partition.0,
-                        l.log_end_offset().0,
-                        l.high_watermark.0
-                    );
-                    drop(l);
-                    self.mark_dirty(log);
-                    failed = true;
+                    (l.topic.clone(), l.partition.0)
+                };
+                self.dirty_queued.borrow_mut().remove(&key);
+                if !self.flushing.borrow_mut().insert(key.clone()) {
+                    continue;
                 }
-            }
-            self.hw_notify.notify_all();
-            if failed {
-                glommio::timer::sleep(Duration::from_millis(100)).await;
+                glommio::spawn_local(self.clone().flush_log(log, key)).detach();
             }
         }
+    }
+
+    /// One log's flush task (see `run_flusher`).
+    async fn flush_log(self: Rc<Self>, log: SharedLog, key: (Rc<str>, i32)) {
+        let on_durable = |bytes: u64, took: Duration| {
+            if bytes > 0 {
+                self.metrics.flushed(bytes, took);
+                self.send_pool.note_write();
+            }
+            self.hw_notify.notify_all();
+        };
+        let result = partition::flush_notifying(&log, &on_durable).await;
+        if let Err(e) = &result {
+            {
+                let l = log.borrow();
+                log::error!(
+                    "shard {}: flush of {}-{} failed at offset {} (high watermark {}): {e}; retrying, \
+                     acks=all produces wait (check disk space and health)",
+                    self.id.0,
+                    l.topic,
+                    l.partition.0,
+                    l.log_end_offset().0,
+                    l.high_watermark.0
+                );
+            }
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+        }
+        // No await between the flush's last "nothing pending" and here, so
+        // nothing appended since can be missed.
+        self.flushing.borrow_mut().remove(&key);
+        if result.is_err() {
+            self.mark_dirty(&log);
+        }
+        self.hw_notify.notify_all();
     }
 
     /// Every log this shard owns, as (topic, partition, log).

@@ -592,12 +592,20 @@ fn slow_flush_report(now: std::time::Instant) -> Option<u64> {
 /// epoch cache is checkpointed before each segment's writes, so a visible
 /// batch's epoch is always on disk.
 pub async fn flush(log: &SharedLog) -> io::Result<u64> {
-    let lock = log.borrow().io_lock.clone();
-    let _io = lock.lock().await;
-    flush_segments(log).await
+    flush_notifying(log, &|_, _| {}).await
 }
 
-async fn flush_segments(log: &SharedLog) -> io::Result<u64> {
+/// `flush`, calling `on_durable(bytes, took)` as soon as each round of
+/// writes and fdatasync has moved the log's durable end (and high
+/// watermark), so that waiting produces are answered then and not only
+/// when the flush has also taken whatever arrived meanwhile.
+pub async fn flush_notifying(log: &SharedLog, on_durable: &dyn Fn(u64, std::time::Duration)) -> io::Result<u64> {
+    let lock = log.borrow().io_lock.clone();
+    let _io = lock.lock().await;
+    flush_segments(log, on_durable).await
+}
+
+async fn flush_segments(log: &SharedLog, on_durable: &dyn Fn(u64, std::time::Duration)) -> io::Result<u64> {
     let mut flushed_bytes = 0u64;
     loop {
         persist_epochs_locked(log).await?;
@@ -686,7 +694,8 @@ async fn flush_segments(log: &SharedLog) -> io::Result<u64> {
             let Some(i) = l.segments.iter().position(|s| s.base_offset == base) else { return Ok(flushed_bytes) };
             let mut position = l.segments[i].durable_bytes;
             let durable = l.segments[i].complete_flush(plan);
-            flushed_bytes += durable.iter().map(|b| b.bytes.len() as u64).sum::<u64>();
+            let round_bytes = durable.iter().map(|b| b.bytes.len() as u64).sum::<u64>();
+            flushed_bytes += round_bytes;
             if l.replication_bound.is_some() {
                 for b in &durable {
                     let next_offset = b.last_offset.next();
@@ -713,6 +722,7 @@ async fn flush_segments(log: &SharedLog) -> io::Result<u64> {
             if let Some(budget) = budget {
                 budget.admit(log, admitted);
             }
+            on_durable(round_bytes, started.elapsed());
             continue;
         }
         // Nothing pending: this segment only needs sealing.

@@ -202,7 +202,7 @@ impl Shard {
         logs.get(topic)?.get(p)?.clone()
     }
 
-    /// Queues `log` for the next flush cycle.
+    /// Queues `log` for flushing (see `run_flusher`).
     pub fn mark_dirty(&self, log: &SharedLog) {
         let key = {
             let l = log.borrow();

@@ -104,6 +104,70 @@ def test_create_existing_topic_and_delete(broker):
     assert acked == [(0, 0, b"k", b"fresh")]
 
 
+def test_topic_deleted_under_load_and_recreated_at_once(broker):
+    """Each partition has its own flush task: a topic deleted while acks=all
+    produces stream into it and created again under the same name at once is
+    a new log, whose writes must not wait on (or be mistaken for) the old
+    log's flush. Every record produced to the new topic is acknowledged,
+    promptly, and it holds exactly those records."""
+    import threading
+
+    topic = unique_topic("churn")
+    create_topic(broker, topic, 2)
+    stop = threading.Event()
+
+    def stream():
+        p = Producer(broker.producer_config(**{"linger.ms": 0, "acks": "all", "message.timeout.ms": 5000}))
+        i = 0
+        while not stop.is_set():
+            try:
+                p.produce(topic, key=b"old", value=b"old-%d" % i)
+            except BufferError:
+                p.poll(0.05)
+            p.poll(0)
+            i += 1
+        p.flush(10)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        time.sleep(1.0)
+        a = admin(broker)
+        a.delete_topics([topic], request_timeout=15)[topic].result(timeout=30)
+        # Created again at once: by us, or first by the streaming producer
+        # (auto.create.topics.enable is on by default, as in Kafka).
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                create_topic(broker, topic, 2)
+                break
+            except Exception as e:
+                if "already exists" in str(e):
+                    break
+                assert time.monotonic() < deadline, "could not create %s again: %s" % (topic, e)
+                time.sleep(0.05)
+        time.sleep(1.0)  # the stream goes on into the new log for a while
+    finally:
+        stop.set()
+        t.join()
+    partitions = sorted(admin(broker).list_topics(topic, timeout=10).topics[topic].partitions)
+    wait_topic(broker, topic, len(partitions))
+    # The stream's records that went into the new topic, counted first.
+    before = watermarks(broker, topic, partitions)
+    records = [(b"new-%d" % i, b"fresh-%d" % i) for i in range(2000)]
+    started = time.monotonic()
+    acked = produce_confluent(broker, topic, records, flush_timeout=60, **{"linger.ms": 0, "acks": "all"})
+    took = time.monotonic() - started
+    assert len(acked) == 2000
+    assert took < 30, "acks=all produce to the new topic took %.1f s" % took
+    ends = watermarks(broker, topic, partitions)
+    got = consume_confluent(broker, topic, {p: ends[p][1] for p in ends})
+    fresh = sorted(v for msgs in got.values() for (_, k, v) in msgs if k.startswith(b"new-"))
+    assert fresh == sorted(v for _, v in records)
+    old = sum(1 for msgs in got.values() for (_, k, _) in msgs if k == b"old")
+    assert old == sum(before[p][1] for p in before), (old, before)
+
+
 def test_metadata_auto_creates_topics(broker_factory):
     b = broker_factory(args=["--num.partitions=3", "--auto.create.topics.enable=true"])
     topic = unique_topic("auto")

@@ -120,8 +120,9 @@ pub struct Shard {
     logs: RefCell<HashMap<String, Vec<Option<SharedLog>>>>,
     dirty: RefCell<Vec<SharedLog>>,
     dirty_queued: RefCell<std::collections::HashSet<(Rc<str>, i32)>>,
-    /// Logs whose flush task is running (see `run_flusher`).
-    flushing: RefCell<std::collections::HashSet<(Rc<str>, i32)>>,
+    /// Logs whose flush task is running (see `run_flusher`), by identity: a
+    /// partition deleted and created again is a new log with the same name.
+    flushing: RefCell<std::collections::HashSet<*const RefCell<PartitionLog>>>,
     dirty_notify: Notify,
     /// Woken whenever any high watermark on this shard moves.
     pub hw_notify: Notify,
@@ -426,16 +427,17 @@ impl Shard {
                     (l.topic.clone(), l.partition.0)
                 };
                 self.dirty_queued.borrow_mut().remove(&key);
-                if !self.flushing.borrow_mut().insert(key.clone()) {
+                // The task holds `log`, so its address is not reused while it is in the set.
+                if !self.flushing.borrow_mut().insert(Rc::as_ptr(&log)) {
                     continue;
                 }
-                glommio::spawn_local(self.clone().flush_log(log, key)).detach();
+                glommio::spawn_local(self.clone().flush_log(log)).detach();
             }
         }
     }
 
     /// One log's flush task (see `run_flusher`).
-    async fn flush_log(self: Rc<Self>, log: SharedLog, key: (Rc<str>, i32)) {
+    async fn flush_log(self: Rc<Self>, log: SharedLog) {
         let on_durable = |bytes: u64, took: Duration| {
             if bytes > 0 {
                 self.metrics.flushed(bytes, took);
@@ -461,9 +463,17 @@ impl Shard {
         }
         // No await between the flush's last "nothing pending" and here, so
         // nothing appended since can be missed.
-        self.flushing.borrow_mut().remove(&key);
+        self.flushing.borrow_mut().remove(&Rc::as_ptr(&log));
         if result.is_err() {
-            self.mark_dirty(&log);
+            // Retried only while the log is still this shard's: a partition
+            // deleted or moved away meanwhile has nothing left to keep.
+            let current = {
+                let l = log.borrow();
+                self.log(&l.topic, l.partition.0).is_some_and(|now| Rc::ptr_eq(&now, &log))
+            };
+            if current {
+                self.mark_dirty(&log);
+            }
         }
         self.hw_notify.notify_all();
     }

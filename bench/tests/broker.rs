@@ -239,10 +239,13 @@ fn assert_efficiency_plausible(e: &serde_json::Value, cores: usize) {
     let window_s = e["window_s"].as_f64().unwrap();
     assert!(window_s > 0.0, "{e}");
     let cpu_s = e["broker_cpu_s"].as_f64().unwrap();
-    assert!(cpu_s > 0.0 && cpu_s <= window_s * cores as f64 * 1.1 + 0.05, "broker CPU {cpu_s} s in {window_s} s: {e}");
+    assert!(cpu_s >= 0.0 && cpu_s <= window_s * cores as f64 * 1.1 + 0.05, "broker CPU {cpu_s} s in {window_s} s: {e}");
+    // /proc counts CPU time in clock ticks (10 ms): a window of a few
+    // hundred milliseconds can honestly read zero, a longer one cannot.
+    assert!(cpu_s > 0.0 || window_s < 0.5, "no broker CPU time over {window_s} s of acks=all produce: {e}");
     let per_gb = e["broker_cpu_s_per_gb"].as_f64().unwrap();
     let gb = e["produced_batch_bytes"].as_f64().unwrap() / 1e9;
-    assert!(per_gb > 0.0 && (per_gb * gb - cpu_s).abs() < 1e-6, "{e}");
+    assert!(per_gb >= 0.0 && (per_gb * gb - cpu_s).abs() < 1e-6, "{e}");
     let wa = e["write_amplification"].as_f64().unwrap();
     assert!(wa >= 0.9, "acks=all: every acknowledged byte was written: {e}");
     let written = e["broker_bytes_written"].as_f64().unwrap();

@@ -643,11 +643,34 @@ async fn flush_segments(log: &SharedLog, on_durable: &dyn Fn(u64, std::time::Dur
             // device at once (the queue depth iotune found best); they are
             // disjoint, so their order does not matter.
             let inflight_max = log.borrow().writes_inflight_max.max(1);
+            // A round of one write (a small flush: the latency-bound case)
+            // goes through the O_DSYNC handle and needs no fdatasync after it.
+            let dsync = if plan.writes.len() == 1 {
+                let open =
+                    log.borrow().segments.iter().find(|s| s.base_offset == base).and_then(|s| s.dsync_file.clone());
+                match open {
+                    Some(f) => Some(f),
+                    None => match super::segment::open_dsync(&path).await {
+                        Ok(f) => {
+                            let f = Rc::new(f);
+                            with_segment(log, base, |s| s.dsync_file = Some(f.clone()));
+                            Some(f)
+                        }
+                        Err(e) => {
+                            log::debug!("{}: O_DSYNC open failed ({e}); write + fdatasync instead", path.display());
+                            None
+                        }
+                    },
+                }
+            } else {
+                None
+            };
+            let write_file = dsync.clone().unwrap_or_else(|| file.clone());
             let mut writes = std::mem::take(&mut plan.writes).into_iter().peekable();
             while writes.peek().is_some() {
                 let wave: Vec<(u64, DmaBuffer)> = writes.by_ref().take(inflight_max).collect();
                 let results = join_all(wave.into_iter().map(|(pos, buf)| {
-                    let file = file.clone();
+                    let file = write_file.clone();
                     async move {
                         let len = buf.len();
                         let n = file.write_at(buf, pos).await.map_err(io::Error::from)?;
@@ -667,7 +690,9 @@ async fn flush_segments(log: &SharedLog, on_durable: &dyn Fn(u64, std::time::Dur
                 }
             }
             let written = std::time::Instant::now();
-            file.fdatasync().await.map_err(io::Error::from)?;
+            if dsync.is_none() {
+                file.fdatasync().await.map_err(io::Error::from)?;
+            }
             let synced = std::time::Instant::now();
             if let Some(unlogged) = (synced - started >= SLOW_FLUSH).then(|| slow_flush_report(synced)).flatten() {
                 let l = log.borrow();

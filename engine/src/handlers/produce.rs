@@ -292,7 +292,7 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, f
             }
             parts.push(r);
         }
-        let name = TopicName(str_bytes(&topic.name));
+        let name = TopicName(tidelog_protocol::StrBytes::from_string(topic.name));
         responses.push(TopicProduceResponse::default().with_name(name).with_partition_responses(parts));
     }
     if acks == 0 {

@@ -295,6 +295,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
             glommio::spawn_local(crate::storage::compaction::run(shard.clone())).detach();
             if config.cluster.is_some() {
                 glommio::spawn_local(crate::replication::Replication::run_isr_checks(shard.clone())).detach();
+                glommio::spawn_local(crate::replication::Replication::run_hw_checkpoints(shard.clone())).detach();
             }
             let listener = match bind_exclusive(listen) {
                 Ok(l) => l,
@@ -317,6 +318,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
             let _ = server.cancel().await;
             shard.stopping.set(true);
             shard.drain().await;
+            crate::replication::Replication::checkpoint_high_watermarks(&shard).await;
             crate::handlers::producer_id::snapshot_all(&shard).await;
             let stats = &shard.fetch_stats;
             log::info!(

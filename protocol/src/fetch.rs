@@ -4,7 +4,8 @@
 //! then inline header bytes, then each partition's records straight from
 //! memory (`Bytes` slices) or from a segment file (sendfile), interleaved.
 //! This module encodes everything but the records (versions 4–12, the ones
-//! tidelog advertises) and says where each partition's records go; the
+//! tidelog advertises; the only tagged field sent is v12's
+//! `diverging_epoch`) and says where each partition's records go; the
 //! records are never copied into the encoding.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -20,6 +21,9 @@ pub struct PartitionHeader {
     pub last_stable_offset: i64,
     pub log_start_offset: i64,
     pub records_bytes: usize,
+    /// KIP-320: where the fetcher's log diverged from this one, as
+    /// (epoch, end offset); sent as tagged field 0 in v12, ignored before.
+    pub diverging_epoch: Option<(i32, i64)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -99,7 +103,19 @@ pub fn encode_fetch_frame(version: i16, correlation_id: i32, session_id: i32, to
             inline.push(buf.split().freeze());
             records_total += p.records_bytes;
             if flexible {
-                put_uvarint(&mut buf, 0); // partition tagged fields
+                match p.diverging_epoch {
+                    // One tagged field: tag 0, then the EpochEndOffset struct
+                    // (epoch, end offset, its own empty tagged fields).
+                    Some((epoch, end_offset)) => {
+                        put_uvarint(&mut buf, 1);
+                        put_uvarint(&mut buf, 0);
+                        put_uvarint(&mut buf, 4 + 8 + 1);
+                        buf.put_i32(epoch);
+                        buf.put_i64(end_offset);
+                        put_uvarint(&mut buf, 0);
+                    }
+                    None => put_uvarint(&mut buf, 0), // partition tagged fields
+                }
             }
             let last_partition = pi + 1 == t.partitions.len();
             if flexible && last_partition {
@@ -151,6 +167,7 @@ mod tests {
                         last_stable_offset: -1,
                         log_start_offset: -1,
                         records_bytes: 0,
+                        diverging_epoch: Some((4, 17)),
                     },
                 ],
             },
@@ -197,6 +214,14 @@ mod tests {
             assert_eq!(p0.records.as_deref(), Some(&b"first-partition-records"[..]));
             let p1 = &resp.responses[0].partitions[1];
             assert_eq!((p1.partition_index, p1.error_code), (3, 6));
+            let diverging = (p1.diverging_epoch.epoch, p1.diverging_epoch.end_offset);
+            if version >= 12 {
+                assert_eq!(diverging, (4, 17), "v{version}: diverging epoch as tagged field 0");
+            } else {
+                assert_eq!(diverging, (-1, -1), "v{version} has no diverging epoch");
+            }
+            let p0_diverging = (p0.diverging_epoch.epoch, p0.diverging_epoch.end_offset);
+            assert_eq!(p0_diverging, (-1, -1), "v{version}: none unless set");
             assert_eq!(p1.records.as_deref(), Some(&b""[..]));
             let b = &resp.responses[1].partitions[0];
             assert_eq!(b.records.as_ref().map(|r| r.len()), Some(300));

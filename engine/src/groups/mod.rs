@@ -382,14 +382,17 @@ pub async fn run(shard: Rc<Shard>) {
 }
 
 async fn load_partition(shard: &Rc<Shard>, log: &partition::SharedLog) -> usize {
-    let (mut offset, hw) = {
+    // The whole durable log, as Kafka loads to the log end: a leader's high
+    // watermark may still be held (after a restart, at its checkpoint)
+    // below records it keeps and that become committed.
+    let (mut offset, end) = {
         let l = log.borrow();
-        (l.log_start_offset, l.high_watermark)
+        (l.log_start_offset, l.durable_end)
     };
     let now = Instant::now();
     let mut count = 0usize;
-    while offset < hw {
-        let r = match partition::read(log, offset, LOAD_READ_BYTES, true).await {
+    while offset < end {
+        let r = match partition::read_with(log, offset, LOAD_READ_BYTES, true, partition::ReadLimit::DurableEnd).await {
             Ok(r) => r,
             Err(e) => {
                 log::error!(

@@ -14,6 +14,11 @@
 //! and written by the connection's writer: inline pieces and memory batches
 //! with one vectored `sendmsg`, file regions with `sendfile` (see
 //! `server::send_parts` for why that runs on the shard's blocking pool).
+//!
+//! A partition that carries `last_fetched_epoch` (v12, KIP-320) is checked
+//! against the leader epoch cache first (`replication::check_fetch_epoch`):
+//! a fetcher whose log diverged gets `diverging_epoch`, error NONE and no
+//! records, at once.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -102,8 +107,8 @@ fn epoch_error(current: i32, requested: i32) -> Option<ErrorCode> {
     }
 }
 
-/// A requested partition after the checks that need no I/O: an error to
-/// answer, or a log to read from `offset`.
+/// A requested partition after the checks that need no I/O: an error (or a
+/// diverging epoch) to answer at once, or a log to read from `offset`.
 enum Slot {
     Failed(PartitionHeader),
     Read { header: PartitionHeader, log: partition::SharedLog, offset: Offset },
@@ -149,7 +154,36 @@ async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Col
                 (l.high_watermark, l.log_end_offset(), l.log_start_offset)
             };
             let offset = Offset(p.fetch_offset);
-            if let Some(broker) = replica.filter(|_| offset >= start && offset <= leo) {
+            // KIP-320: a fetcher that says which epoch its log ends in is
+            // checked against our epochs first; a diverged one is told where
+            // to truncate, and its offset does not count as replicated.
+            let epoch_check = if offset >= start {
+                crate::replication::check_fetch_epoch(&log, p.last_fetched_epoch, offset)
+            } else {
+                crate::replication::FetchEpochCheck::Consistent
+            };
+            if let crate::replication::FetchEpochCheck::Diverging { epoch, end_offset } = epoch_check {
+                log::info!(
+                    "fetch {name}-{} from {}: offset {} with last fetched epoch {} diverges; our epoch {epoch} ends at {}",
+                    p.partition,
+                    replica.map(|b| format!("broker {b}")).unwrap_or_else(|| "a consumer".to_string()),
+                    offset.0,
+                    p.last_fetched_epoch,
+                    end_offset.0
+                );
+                header.high_watermark = hw.0;
+                header.last_stable_offset = hw.0;
+                header.log_start_offset = start.0;
+                header.diverging_epoch = Some((epoch, end_offset.0));
+                topic_slots.push(Slot::Failed(header));
+                continue;
+            }
+            // No epoch of ours at or below theirs: out of range for a
+            // follower (Kafka 3.x). A consumer reads on: its position is
+            // checked by offset alone, as before epochs were kept (a log
+            // from then has batches but no epoch cache).
+            let epoch_undefined = epoch_check == crate::replication::FetchEpochCheck::Undefined && replica.is_some();
+            if let Some(broker) = replica.filter(|_| offset >= start && offset <= leo && !epoch_undefined) {
                 let key = (name.to_string(), p.partition);
                 let seen = crate::replication::Replication::on_replica_fetch(
                     shard,
@@ -164,8 +198,19 @@ async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Col
                     continue;
                 }
             }
-            if offset < start || offset > leo {
-                log::info!("fetch {name}-{}: offset {} out of range [{}, {}]", p.partition, offset.0, start.0, leo.0);
+            if offset < start || offset > leo || epoch_undefined {
+                log::info!(
+                    "fetch {name}-{}: offset {} out of range [{}, {}]{}",
+                    p.partition,
+                    offset.0,
+                    start.0,
+                    leo.0,
+                    if epoch_undefined {
+                        format!(" or last fetched epoch {} older than every epoch here", p.last_fetched_epoch)
+                    } else {
+                        String::new()
+                    }
+                );
                 header.high_watermark = hw.0;
                 header.last_stable_offset = hw.0;
                 header.log_start_offset = start.0;

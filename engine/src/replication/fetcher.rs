@@ -4,7 +4,9 @@
 //!
 //! A round: (after a leader change) check the tail against the leader with
 //! OffsetForLeaderEpoch and truncate what diverged; Fetch (replica id = our
-//! broker id) from each log's end; append what came with the leader's
+//! broker id) from each log's end, with the epoch it ends in (KIP-320: a
+//! `diverging_epoch` answer truncates there and the next round fetches
+//! again); append what came with the leader's
 //! offsets and epochs unchanged; wait until it is on disk; take the leader's
 //! high watermark as the cap of ours. The next Fetch's offsets are therefore
 //! durable, which is what the leader counts as replicated.
@@ -152,15 +154,12 @@ async fn truncate_diverged(
                 );
                 continue;
             }
-            let leo = f.log.borrow().log_end_offset();
-            let own_end = if r.leader_epoch >= 0 { super::log_api::epoch_end(&f.log, r.leader_epoch) } else { None };
-            // The leader knows no epoch of ours (-1): keep what both have
-            // for sure, our high watermark.
-            let target = if r.leader_epoch < 0 || r.end_offset < 0 {
-                f.log.borrow().high_watermark
-            } else {
-                Offset(r.end_offset.min(own_end.map(|o| o.0).unwrap_or(r.end_offset)))
+            let (leo, hw) = {
+                let l = f.log.borrow();
+                (l.log_end_offset(), l.high_watermark)
             };
+            let own = if r.leader_epoch >= 0 { super::log_api::epoch_end_for(&f.log, r.leader_epoch) } else { None };
+            let target = super::truncation_offset(r.leader_epoch, r.end_offset, own, leo, hw);
             if target < leo {
                 log::warn!(
                     "shard {}: {}-{}: truncating diverged tail {} -> {} (leader's epoch {} ends at {})",
@@ -195,11 +194,14 @@ async fn fetch_round(
             let l = f.log.borrow();
             (l.log_end_offset(), l.log_start_offset)
         };
+        // KIP-320: the epoch our log ends in, so the leader can tell us in
+        // the answer where we diverged from it (`diverging_epoch`).
+        let last_fetched_epoch = super::log_api::latest_epoch(&f.log).unwrap_or(-1);
         let entry = FetchPartition::default()
             .with_partition(*p)
             .with_current_leader_epoch(f.leader_epoch)
             .with_fetch_offset(leo.0)
-            .with_last_fetched_epoch(-1)
+            .with_last_fetched_epoch(last_fetched_epoch)
             .with_log_start_offset(start.0)
             .with_partition_max_bytes(PARTITION_MAX_BYTES);
         match topics.iter_mut().find(|t| *t.topic.0 == **topic) {
@@ -233,6 +235,11 @@ async fn fetch_round(
             let key: PartitionKey = (t.topic.0.to_string(), r.partition_index);
             let Some((_, f)) = parts.iter().find(|(k, _)| *k == key) else { continue };
             match ErrorCode::from_code(r.error_code) {
+                ErrorCode::None if r.diverging_epoch.epoch >= 0 => {
+                    let d = &r.diverging_epoch;
+                    truncate_to_diverging(shard, &key, f, leader, d.epoch, d.end_offset).await?;
+                    continue;
+                }
                 ErrorCode::None => {}
                 ErrorCode::OffsetOutOfRange => {
                     let leo = f.log.borrow().log_end_offset();
@@ -294,6 +301,40 @@ async fn fetch_round(
         glommio::timer::sleep(BACKOFF).await;
     }
     Ok(true)
+}
+
+/// The leader answered our fetch with `diverging_epoch` (its epoch
+/// `epoch`, ending at `end_offset`): our log ends in an epoch it does not
+/// have, or has records past where that epoch ends on the leader. Cut there
+/// (and the epoch cache with it); the next round fetches from the new end.
+async fn truncate_to_diverging(
+    shard: &Rc<Shard>,
+    key: &PartitionKey,
+    f: &Following,
+    leader: i32,
+    epoch: i32,
+    end_offset: i64,
+) -> std::io::Result<()> {
+    let (leo, hw) = {
+        let l = f.log.borrow();
+        (l.log_end_offset(), l.high_watermark)
+    };
+    let own = super::log_api::epoch_end_for(&f.log, epoch);
+    let target = super::truncation_offset(epoch, end_offset, own, leo, hw);
+    log::warn!(
+        "shard {}: {}-{}: leader broker {leader} says our log diverged: its epoch {epoch} ends at {end_offset}, ours {}; \
+         truncating {} -> {}",
+        shard.id.0,
+        key.0,
+        key.1,
+        own.map(|(e, o)| format!("(epoch {e}) at {}", o.0)).unwrap_or_else(|| "unknown".to_string()),
+        leo.0,
+        target.0
+    );
+    if target < leo {
+        super::log_api::truncate_to(&f.log, target).await?;
+    }
+    Ok(())
 }
 
 /// Appends the whole batches of `records` (a cut-off last batch is left for

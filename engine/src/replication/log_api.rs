@@ -36,13 +36,20 @@ pub fn latest_epoch(log: &SharedLog) -> Option<i32> {
     log.borrow().epochs.latest_epoch().map(|e| e.0)
 }
 
-/// Where `epoch` (or the largest epoch below it) ends on this log.
+/// Where `epoch` (or the largest epoch below it) ends on this log (Kafka's
+/// `endOffsetForEpoch`: `None` for an epoch newer than the latest).
 pub fn epoch_end_for(log: &SharedLog, epoch: i32) -> Option<(i32, Offset)> {
     log.borrow().end_offset_for_epoch(Epoch(epoch)).map(|(e, o)| (e.0, o))
 }
 
-pub fn epoch_end(log: &SharedLog, epoch: i32) -> Option<Offset> {
-    epoch_end_for(log, epoch).map(|(_, o)| o)
+/// `epoch_end_for` as a leader answers it: an epoch newer than the latest
+/// entry gets the latest, ending at the log end.
+pub fn leader_epoch_end_for(log: &SharedLog, epoch: i32) -> Option<(i32, Offset)> {
+    let latest = log.borrow().epochs.latest_epoch();
+    match latest {
+        Some(latest) if epoch >= 0 && latest.0 < epoch => Some((latest.0, log.borrow().log_end_offset())),
+        _ => epoch_end_for(log, epoch),
+    }
 }
 
 pub async fn locate_for_replica(log: &SharedLog, offset: Offset) -> io::Result<Located> {

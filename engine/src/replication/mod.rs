@@ -147,6 +147,10 @@ impl Replication {
                 let (Some(state), Some(log)) = (t.partitions.get(p), shard.log(&t.name, p as i32)) else { continue };
                 let key: PartitionKey = (t.name.clone(), p as i32);
                 seen.push(key.clone());
+                let saved_hw = log.borrow_mut().take_hw_checkpoint();
+                if let Some(saved) = saved_hw.filter(|_| state.replicas.len() > 1) {
+                    restore_high_watermark(shard, &key, &log, saved);
+                }
                 if state.leader == me.my_broker {
                     me.following.borrow_mut().remove(&key);
                     me.lead(shard, &key, log, state);
@@ -348,6 +352,101 @@ impl Replication {
     }
 }
 
+/// A replicated log just opened (a restart, or a new replica here): its
+/// high watermark starts at the checkpointed one (or, with none, at the log
+/// start offset), not at its durable end, since the records past it may be
+/// on no other replica and could be truncated away once another replica
+/// leads. It then moves only by the usual rule: as leader, when every ISR
+/// member has a record (and the leader has it on disk); as follower, with
+/// the leader's. A single node or an RF 1 partition never comes here: its
+/// high watermark is its durable end, as it always was.
+fn restore_high_watermark(shard: &Shard, key: &PartitionKey, log: &SharedLog, saved: Option<Offset>) {
+    let (start, durable_end, before) = {
+        let l = log.borrow();
+        (l.log_start_offset, l.durable_end, l.high_watermark)
+    };
+    let target = saved.unwrap_or(start);
+    let hw = log.borrow_mut().hold_high_watermark(target);
+    log::info!(
+        "shard {}: {}-{}: high watermark starts at {} ({}; log start {}, durable end {})",
+        shard.id.0,
+        key.0,
+        key.1,
+        hw.0,
+        match saved {
+            Some(o) => format!("checkpoint {}", o.0),
+            None => "no checkpoint: the log start offset".to_string(),
+        },
+        start.0,
+        durable_end.0
+    );
+    if hw < before {
+        let (log, key, shard_id) = (log.clone(), key.clone(), shard.id.0);
+        glommio::spawn_local(async move {
+            if let Err(e) = crate::storage::partition::refine_above_hw(&log).await {
+                log::error!(
+                    "shard {shard_id}: {}-{}: cannot locate the batches above the high watermark: {e}; \
+                     consumers' reads stay stopped short of it until it passes the old durable end",
+                    key.0,
+                    key.1
+                );
+            }
+        })
+        .detach();
+    }
+}
+
+impl Replication {
+    /// Every `replica.high.watermark.checkpoint.interval.ms`, writes the high
+    /// watermark of each replicated partition this shard holds whose
+    /// watermark moved since its last checkpoint. Cluster mode only.
+    pub async fn run_hw_checkpoints(shard: Rc<Shard>) {
+        let interval = Duration::from_millis(shard.config.replica_high_watermark_checkpoint_interval_ms.max(1));
+        while !shard.stopping.get() {
+            glommio::timer::sleep(interval).await;
+            Self::checkpoint_high_watermarks(&shard).await;
+        }
+    }
+
+    /// Writes the high watermark checkpoint of every replicated partition
+    /// this shard holds (leader with RF > 1, or follower) whose watermark
+    /// changed since it was last written; also called at clean shutdown.
+    /// A failed write is logged and tried again next time.
+    pub async fn checkpoint_high_watermarks(shard: &Shard) {
+        let me = &shard.replication;
+        let mut logs: Vec<(PartitionKey, SharedLog)> = me
+            .leading
+            .borrow()
+            .iter()
+            .filter(|(_, l)| l.replicas.len() > 1)
+            .map(|(k, l)| (k.clone(), l.log.clone()))
+            .collect();
+        logs.extend(me.following.borrow().iter().map(|(k, f)| (k.clone(), f.log.clone())));
+        for (key, log) in logs {
+            let (dir, hw) = {
+                let l = log.borrow();
+                if l.hw_checkpointed == Some(l.high_watermark) {
+                    continue;
+                }
+                (l.dir.clone(), l.high_watermark)
+            };
+            let written = glommio::executor()
+                .spawn_blocking(move || crate::storage::checkpoint::write_high_watermark(&dir, hw))
+                .await;
+            match written {
+                Ok(()) => log.borrow_mut().hw_checkpointed = Some(hw),
+                Err(e) => log::warn!(
+                    "shard {}: {}-{}: cannot write the high watermark checkpoint ({}): {e}; retrying next interval",
+                    shard.id.0,
+                    key.0,
+                    key.1,
+                    hw.0
+                ),
+            }
+        }
+    }
+}
+
 /// Caps the leader's high watermark at the lowest durable end among the
 /// other ISR members (no cap when the leader is the only one).
 fn update_high_watermark(shard: &Shard, l: &Leading) {
@@ -433,12 +532,259 @@ pub async fn read_for_replica(
 }
 
 /// Kafka's OffsetForLeaderEpoch on a leader: the largest epoch at or below
-/// `epoch` in this log's epoch cache and where it ends.
+/// `epoch` in this log's epoch cache and where it ends. An epoch newer than
+/// the latest entry answers the latest and the log end: a leader records its
+/// epoch at its first append, not at election as Kafka does, so the epochs
+/// between wrote nothing here and the latest one still runs to the log end.
 pub fn epoch_end_offset(log: &SharedLog, epoch: i32) -> Option<(i32, Offset)> {
-    log_api::epoch_end_for(log, epoch)
+    log_api::leader_epoch_end_for(log, epoch)
+}
+
+/// A fetch's `last_fetched_epoch` (KIP-320) checked against the leader's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FetchEpochCheck {
+    /// The fetcher's log agrees with ours up to its fetch offset: read on.
+    Consistent,
+    /// It diverged: answer `diverging_epoch` (the largest epoch of ours at
+    /// or below its last fetched epoch and where that ends), error NONE and
+    /// no records; it truncates there and fetches again.
+    Diverging { epoch: i32, end_offset: Offset },
+    /// No epoch of ours is at or below it: OFFSET_OUT_OF_RANGE, as Kafka 3.x
+    /// answers ("could not determine the end offset of the last fetched epoch").
+    Undefined,
+}
+
+/// Kafka's rule (`Partition.readRecords`): with `found` = OffsetForLeaderEpoch
+/// of `last_fetched_epoch` on the leader's log, the fetch diverges when the
+/// leader does not have that epoch (it answered a smaller one) or that epoch
+/// ends before `fetch_offset` on the leader.
+pub fn fetch_epoch_check(
+    found: Option<(i32, Offset)>,
+    last_fetched_epoch: i32,
+    fetch_offset: Offset,
+) -> FetchEpochCheck {
+    if last_fetched_epoch < 0 {
+        return FetchEpochCheck::Consistent;
+    }
+    match found {
+        None => FetchEpochCheck::Undefined,
+        Some((epoch, end)) if epoch < 0 || end.0 < 0 => FetchEpochCheck::Undefined,
+        Some((epoch, end_offset)) if epoch < last_fetched_epoch || end_offset < fetch_offset => {
+            FetchEpochCheck::Diverging { epoch, end_offset }
+        }
+        Some(_) => FetchEpochCheck::Consistent,
+    }
+}
+
+/// `fetch_epoch_check` against `log`'s epoch cache.
+pub fn check_fetch_epoch(log: &SharedLog, last_fetched_epoch: i32, fetch_offset: Offset) -> FetchEpochCheck {
+    if last_fetched_epoch < 0 {
+        return FetchEpochCheck::Consistent;
+    }
+    fetch_epoch_check(epoch_end_offset(log, last_fetched_epoch), last_fetched_epoch, fetch_offset)
+}
+
+/// Where a follower truncates once the leader answered `(leader_epoch,
+/// leader_end)` for its latest epoch, by OffsetForLeaderEpoch or a Fetch's
+/// `diverging_epoch` (Kafka's `getOffsetTruncationState`, KIP-101/279).
+/// `own` is the follower's own OffsetForLeaderEpoch of `leader_epoch`; `leo`
+/// and `hw` its log end and high watermark. Never past `leo`.
+pub fn truncation_offset(
+    leader_epoch: i32,
+    leader_end: i64,
+    own: Option<(i32, Offset)>,
+    leo: Offset,
+    hw: Offset,
+) -> Offset {
+    if leader_end < 0 {
+        // The leader knows no epoch of ours: keep what both have for sure.
+        return hw.min(leo);
+    }
+    let leader_end = Offset(leader_end);
+    if leader_epoch < 0 {
+        return leader_end.min(leo);
+    }
+    match own {
+        // We do not have the leader's epoch: cut to the end of our largest
+        // smaller one; the next fetch (with that as its last fetched
+        // epoch) asks again from there (KIP-279).
+        Some((epoch, end)) if epoch != leader_epoch => end.min(leo),
+        Some((_, end)) => end.min(leader_end).min(leo),
+        // No epochs of ours at or below it (a log from before epochs were
+        // kept): the leader's end is where the shared prefix stops.
+        None => leader_end.min(leo),
+    }
 }
 
 /// Broker id of `shard` on this node.
 pub fn my_broker_id(config: &crate::config::Config, shard: u32) -> i32 {
     broker_id(config.node_id, shard)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::rc::Rc;
+
+    use bytes::{Bytes, BytesMut};
+    use tidelog_protocol::batch::{self, ProducerFields, RecordRef};
+    use tidelog_protocol::{Epoch, Offset, PartitionId};
+
+    use super::*;
+    use crate::storage::partition::{self, LogSettings, PartitionLog, ReadLimit};
+    use crate::storage::segment::SegmentSettings;
+
+    fn o(v: i64) -> Offset {
+        Offset(v)
+    }
+
+    #[test]
+    fn fetch_epoch_check_follows_kafka() {
+        use FetchEpochCheck::*;
+        // No last fetched epoch: nothing to check.
+        assert_eq!(fetch_epoch_check(None, -1, o(99)), Consistent);
+        // Same epoch, ending at or past the fetch offset: consistent.
+        assert_eq!(fetch_epoch_check(Some((3, o(20))), 3, o(20)), Consistent);
+        assert_eq!(fetch_epoch_check(Some((3, o(20))), 3, o(12)), Consistent);
+        // Same epoch, the fetcher has more of it than we do.
+        assert_eq!(fetch_epoch_check(Some((3, o(20))), 3, o(25)), Diverging { epoch: 3, end_offset: o(20) });
+        // We do not have its epoch (we answered a smaller one).
+        assert_eq!(fetch_epoch_check(Some((1, o(10))), 2, o(10)), Diverging { epoch: 1, end_offset: o(10) });
+        // Nothing at or below it here.
+        assert_eq!(fetch_epoch_check(None, 2, o(10)), Undefined);
+        assert_eq!(fetch_epoch_check(Some((-1, o(-1))), 2, o(10)), Undefined);
+    }
+
+    #[test]
+    fn truncation_offset_follows_kafka() {
+        let (leo, hw) = (o(18), o(8));
+        // The leader knows nothing of our epoch: our high watermark.
+        assert_eq!(truncation_offset(-1, -1, None, leo, hw), hw);
+        assert_eq!(truncation_offset(-1, -1, None, o(5), hw), o(5), "never past the log end");
+        // Same epoch on both: the smaller end.
+        assert_eq!(truncation_offset(1, 10, Some((1, o(12))), leo, hw), o(10));
+        assert_eq!(truncation_offset(1, 14, Some((1, o(12))), leo, hw), o(12));
+        // We lack the leader's epoch: the end of our largest smaller one (KIP-279).
+        assert_eq!(truncation_offset(3, 15, Some((2, o(11))), leo, hw), o(11));
+        // No epoch of ours at or below it: the leader's end.
+        assert_eq!(truncation_offset(3, 15, None, leo, hw), o(15));
+        assert_eq!(truncation_offset(3, 40, None, leo, hw), leo);
+    }
+
+    fn settings() -> LogSettings {
+        LogSettings {
+            segment: SegmentSettings {
+                index_interval_bytes: 256,
+                preallocate_bytes: 64 * 1024,
+                segment_bytes: 1 << 20,
+                flush_write_bytes_max: 8192,
+            },
+            roll_ms: u64::MAX / 2,
+            cache_bytes_max: 0,
+        }
+    }
+
+    fn batch_of(first: usize, n: usize, tag: &str) -> Bytes {
+        let values: Vec<Vec<u8>> = (first..first + n).map(|i| format!("{tag}-{i}").into_bytes()).collect();
+        let recs: Vec<RecordRef<'_>> = values
+            .iter()
+            .map(|v| RecordRef { key: None, value: Some(v), headers: &[], timestamp_delta_ms: 0 })
+            .collect();
+        batch::build_batch(&recs, 1000, ProducerFields::default())
+    }
+
+    /// Appends `n` records as one batch written by a leader at `epoch`.
+    fn lead_append(log: &SharedLog, epoch: i32, n: usize, tag: &str) {
+        let first = log.borrow().log_end_offset().0 as usize;
+        let b = batch_of(first, n, tag);
+        let infos = batch::validate_record_set(&b, usize::MAX).unwrap();
+        log.borrow_mut().append(BytesMut::from(&b[..]), &infos, Epoch(epoch));
+    }
+
+    /// What `leader` serves a follower from `offset`, appended to `follower`.
+    async fn replicate(leader: &SharedLog, follower: &SharedLog, offset: Offset) {
+        let r = partition::read_with(leader, offset, 1 << 20, true, ReadLimit::DurableEnd).await.unwrap();
+        let mut all = BytesMut::new();
+        for c in &r.chunks {
+            all.extend_from_slice(c);
+        }
+        let (whole, infos) = partition::replica_record_set(&all.freeze(), usize::MAX).unwrap();
+        follower.borrow_mut().append_replicated(&whole, &infos).unwrap();
+        partition::flush(follower).await.unwrap();
+    }
+
+    async fn values(log: &SharedLog) -> Vec<(i64, i32)> {
+        let r = partition::read_with(log, Offset(0), 1 << 20, true, ReadLimit::DurableEnd).await.unwrap();
+        let mut out = Vec::new();
+        for c in &r.chunks {
+            let mut at = 0;
+            while at < c.len() {
+                let h = batch::BatchHeader::parse(&c[at..]).unwrap();
+                for off in h.base_offset().0..=h.last_offset().0 {
+                    out.push((off, h.leader_epoch().0));
+                }
+                at += h.size_bytes();
+            }
+        }
+        out
+    }
+
+    /// A deposed leader's tail (epoch 2, offsets 10..18) that the new leader
+    /// (epoch 3 from offset 10) never had: the new leader answers its fetch
+    /// with the diverging epoch, the follower truncates there, fixes its
+    /// epoch cache, fetches again and ends up with the leader's log.
+    #[test]
+    fn diverging_epoch_truncates_the_follower_to_the_leader() {
+        let root = crate::test_dir("replication-diverging");
+        crate::run_on_executor(move || async move {
+            let open = |name: &str| {
+                let dir = root.join(name);
+                async move { PartitionLog::open(Rc::from("t"), PartitionId(0), dir, settings()).await.unwrap() }
+            };
+            let leader = open("leader").await;
+            let follower = open("follower").await;
+            lead_append(&leader, 1, 10, "a");
+            partition::flush(&leader).await.unwrap();
+            replicate(&leader, &follower, Offset(0)).await;
+            // The follower led epoch 2 for a moment, alone.
+            lead_append(&follower, 2, 8, "lost");
+            partition::flush(&follower).await.unwrap();
+            // The new leader at epoch 3 wrote other records there.
+            lead_append(&leader, 3, 6, "b");
+            lead_append(&leader, 3, 4, "c");
+            partition::flush(&leader).await.unwrap();
+            assert_eq!(epoch_end_offset(&leader, 3), Some((3, o(20))));
+            assert_eq!(epoch_end_offset(&leader, 2), Some((1, o(10))), "epoch 2 is unknown to the leader");
+            assert_eq!(epoch_end_offset(&leader, 7), Some((3, o(20))), "newer than its latest: the latest");
+
+            // The follower's fetch: from its end, with its last epoch.
+            let (fetch_offset, last_epoch) =
+                (follower.borrow().log_end_offset(), log_api::latest_epoch(&follower).unwrap());
+            assert_eq!((fetch_offset, last_epoch), (o(18), 2));
+            let check = check_fetch_epoch(&leader, last_epoch, fetch_offset);
+            assert_eq!(check, FetchEpochCheck::Diverging { epoch: 1, end_offset: o(10) });
+            let FetchEpochCheck::Diverging { epoch, end_offset } = check else { unreachable!() };
+            let (leo, hw) = (follower.borrow().log_end_offset(), follower.borrow().high_watermark);
+            let target = truncation_offset(epoch, end_offset.0, log_api::epoch_end_for(&follower, epoch), leo, hw);
+            assert_eq!(target, o(10));
+            log_api::truncate_to(&follower, target).await.unwrap();
+            assert_eq!(log_api::latest_epoch(&follower), Some(1), "epoch 2 left the cache with its records");
+
+            // Fetch again: consistent now, and the leader's records follow.
+            let fetch_offset = follower.borrow().log_end_offset();
+            assert_eq!(check_fetch_epoch(&leader, 1, fetch_offset), FetchEpochCheck::Consistent);
+            replicate(&leader, &follower, fetch_offset).await;
+            assert_eq!(values(&follower).await, values(&leader).await);
+            assert_eq!(log_api::latest_epoch(&follower), Some(3));
+            assert_eq!(check_fetch_epoch(&leader, 3, o(20)), FetchEpochCheck::Consistent);
+            // A consumer-like check past the leader's end of its epoch.
+            assert_eq!(
+                check_fetch_epoch(&leader, 3, o(21)),
+                FetchEpochCheck::Diverging { epoch: 3, end_offset: o(20) }
+            );
+            // An epoch older than every entry ends where the first one starts.
+            assert_eq!(check_fetch_epoch(&leader, 0, o(4)), FetchEpochCheck::Diverging { epoch: 0, end_offset: o(0) });
+            drop((leader, follower));
+            std::fs::remove_dir_all(&root).unwrap();
+        });
+    }
 }

@@ -27,30 +27,61 @@ use super::partition::SharedLog;
 
 pub const CHECKPOINT_FILE: &str = "log-start-offset";
 
-fn checkpoint_path(dir: &Path) -> PathBuf {
-    dir.join(CHECKPOINT_FILE)
-}
+/// The high watermark checkpoint of a replicated partition (Kafka's
+/// `replication-offset-checkpoint`, kept per partition directory here like
+/// the other checkpoints: each partition has exactly one writer, the shard
+/// that owns it, with no cross-shard file to share). Written by
+/// `replication` every `replica.high.watermark.checkpoint.interval.ms` and
+/// at clean shutdown; read when the log opens.
+pub const HW_CHECKPOINT_FILE: &str = "replication-offset-checkpoint";
 
-/// Reads the checkpoint (blocking). `None` when there is none.
-pub fn read(dir: &Path) -> io::Result<Option<Offset>> {
-    match std::fs::read_to_string(checkpoint_path(dir)) {
-        Ok(s) => s.trim().parse::<i64>().map(|o| Some(Offset(o))).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", checkpoint_path(dir).display()))
-        }),
+/// Reads an offset checkpoint `name` of `dir` (blocking). `None` when
+/// there is none; `InvalidData` when it does not hold one decimal offset.
+pub fn read_offset_file(dir: &Path, name: &str) -> io::Result<Option<Offset>> {
+    let path = dir.join(name);
+    match std::fs::read(&path) {
+        Ok(bytes) => std::str::from_utf8(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.trim().parse::<i64>().map_err(|e| format!("{e} in {s:?}")))
+            .map(|o| Some(Offset(o)))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
 }
 
-/// Writes the checkpoint durably (blocking).
-pub fn write(dir: &Path, offset: Offset) -> io::Result<()> {
+/// Replaces the offset checkpoint `name` of `dir` durably (blocking): temp
+/// file, fdatasync, rename, fsync dir, so a crash leaves the old or the new.
+pub fn write_offset_file(dir: &Path, name: &str, offset: Offset) -> io::Result<()> {
     use std::io::Write;
-    let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
+    let tmp = dir.join(format!("{name}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(format!("{}\n", offset.0).as_bytes())?;
     f.sync_data()?;
-    std::fs::rename(&tmp, checkpoint_path(dir))?;
+    std::fs::rename(&tmp, dir.join(name))?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Reads the checkpoint (blocking). `None` when there is none.
+pub fn read(dir: &Path) -> io::Result<Option<Offset>> {
+    read_offset_file(dir, CHECKPOINT_FILE)
+}
+
+/// Writes the checkpoint durably (blocking).
+pub fn write(dir: &Path, offset: Offset) -> io::Result<()> {
+    write_offset_file(dir, CHECKPOINT_FILE, offset)
+}
+
+/// Reads the high watermark checkpoint (blocking). Never fails: a missing
+/// file is `Ok(None)`; an unreadable or malformed one is `Err(why)`, which
+/// the caller logs and treats as no checkpoint (the safe fallback).
+pub fn read_high_watermark(dir: &Path) -> Result<Option<Offset>, String> {
+    read_offset_file(dir, HW_CHECKPOINT_FILE).map_err(|e| e.to_string())
+}
+
+/// Writes the high watermark checkpoint durably (blocking).
+pub fn write_high_watermark(dir: &Path, offset: Offset) -> io::Result<()> {
+    write_offset_file(dir, HW_CHECKPOINT_FILE, offset)
 }
 
 /// What a prefix truncation did.
@@ -139,8 +170,32 @@ mod tests {
         assert_eq!(read(&dir).unwrap(), Some(Offset(42)));
         write(&dir, Offset(7_000_000_000)).unwrap();
         assert_eq!(read(&dir).unwrap(), Some(Offset(7_000_000_000)));
-        std::fs::write(checkpoint_path(&dir), "garbage").unwrap();
+        std::fs::write(dir.join(CHECKPOINT_FILE), "garbage").unwrap();
         assert!(read(&dir).is_err());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn high_watermark_checkpoint_roundtrip_missing_and_damaged() {
+        let dir = crate::test_dir("hw-checkpoint");
+        assert_eq!(read_high_watermark(&dir), Ok(None));
+        write_high_watermark(&dir, Offset(1234)).unwrap();
+        assert_eq!(read_high_watermark(&dir), Ok(Some(Offset(1234))));
+        assert!(!dir.join(format!("{HW_CHECKPOINT_FILE}.tmp")).exists(), "temp file renamed away");
+        // The log start checkpoint is a different file.
+        assert_eq!(read(&dir).unwrap(), None);
+        write_high_watermark(&dir, Offset(1235)).unwrap();
+        assert_eq!(read_high_watermark(&dir), Ok(Some(Offset(1235))));
+        let path = dir.join(HW_CHECKPOINT_FILE);
+        for damaged in [&b""[..], b"\n", b"12x4\n", b"99999999999999999999999\n", &[0xff, 0xfe, b'1'], b"1 2\n"] {
+            std::fs::write(&path, damaged).unwrap();
+            let why = read_high_watermark(&dir).expect_err("a damaged checkpoint is refused");
+            assert!(why.contains(HW_CHECKPOINT_FILE), "{why}");
+        }
+        // A directory where the file should be: an I/O error, still no panic.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert!(read_high_watermark(&dir).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -81,6 +81,16 @@ pub struct PartitionLog {
     /// their file positions: where consumers' reads stop. Empty when the
     /// high watermark is the durable end.
     above_hw: VecDeque<DurableBatch>,
+    /// The front of `above_hw` is a coarse stand-in for the durable batches
+    /// between a held-back high watermark and the durable end at open
+    /// (`hold_high_watermark`) until `refine_above_hw` has read their
+    /// positions: it stops consumers' reads at or below where they may go.
+    above_hw_coarse: bool,
+    /// The high watermark checkpoint as read at open (`None`: no file, or a
+    /// damaged one), until the replication layer takes it (`take_hw_checkpoint`).
+    hw_checkpoint_on_open: Option<Option<Offset>>,
+    /// The high watermark last written to the checkpoint file.
+    pub hw_checkpointed: Option<Offset>,
     /// Bumped by every `truncate_to` (compaction checks it before a swap).
     pub truncations: u64,
     pub(crate) io_lock: Rc<futures::lock::Mutex<()>>,
@@ -271,6 +281,16 @@ impl PartitionLog {
         let high_watermark = segments.last().map(|s| s.durable_next_offset).unwrap_or(Offset(0));
         let d = dir.clone();
         let saved_epochs = glommio::executor().spawn_blocking(move || super::epochs::read(&d)).await?;
+        let d = dir.clone();
+        let saved_hw = glommio::executor().spawn_blocking(move || super::checkpoint::read_high_watermark(&d)).await;
+        let saved_hw = saved_hw.unwrap_or_else(|why| {
+            log::warn!(
+                "{topic}-{}: high watermark checkpoint unusable ({why}); treated as missing (a replicated \
+                 partition then starts from its log start offset until its in-sync replicas confirm more)",
+                partition.0
+            );
+            None
+        });
         // A log whose last segment is sealed (crash right after a roll) continues in a new one.
         if segments.last().is_some_and(|s| s.seal_requested) {
             segments.push(Segment::new(&dir, high_watermark, now));
@@ -294,6 +314,9 @@ impl PartitionLog {
             replication_bound: None,
             epochs: LeaderEpochCache::default(),
             above_hw: VecDeque::new(),
+            above_hw_coarse: false,
+            hw_checkpoint_on_open: Some(saved_hw),
+            hw_checkpointed: saved_hw,
             truncations: 0,
             io_lock: Rc::new(futures::lock::Mutex::new(())),
             cleaner_lock: Rc::new(futures::lock::Mutex::new(())),
@@ -327,7 +350,44 @@ impl PartitionLog {
         }
         while self.above_hw.front().is_some_and(|b| b.next_offset <= self.high_watermark) {
             self.above_hw.pop_front();
+            self.above_hw_coarse = false;
         }
+    }
+
+    /// The high watermark checkpoint read at open, once: the replication
+    /// layer decides with it where a replicated log's watermark starts.
+    pub fn take_hw_checkpoint(&mut self) -> Option<Option<Offset>> {
+        self.hw_checkpoint_on_open.take()
+    }
+
+    /// After open, for a replicated log: brings the high watermark down to
+    /// `offset` (clamped to [log start, durable end]; never up) and caps it
+    /// there until the replication layer sets a bound, so records that the
+    /// other replicas may not have stay invisible after a restart. Reads stop
+    /// at once, at or below the batch holding the new watermark (a coarse
+    /// stop from the sparse index); `refine_above_hw` then finds the exact
+    /// batch positions. Returns the new high watermark.
+    pub fn hold_high_watermark(&mut self, offset: Offset) -> Offset {
+        let target = offset.max(self.log_start_offset).min(self.durable_end).min(self.high_watermark);
+        self.replication_bound = Some(target);
+        if target >= self.high_watermark {
+            return self.high_watermark;
+        }
+        self.high_watermark = target;
+        let i = self.segments.partition_point(|s| s.base_offset <= target).saturating_sub(1);
+        let seg = &self.segments[i];
+        let coarse = DurableBatch {
+            base_offset: target,
+            next_offset: self.durable_end,
+            segment_base: seg.base_offset,
+            position: seg.index.position_for(seg.base_offset, target).min(seg.durable_bytes),
+        };
+        self.above_hw.clear();
+        self.above_hw.push_back(coarse);
+        self.above_hw_coarse = true;
+        // Cached batches are all durable, and reads from the cache stop at
+        // the high watermark batch by batch, so the cache needs nothing.
+        self.high_watermark
     }
 
     /// Where reads with `limit` stop (exclusive).
@@ -1042,6 +1102,91 @@ async fn find_batch(
         pos += at as u64;
     }
     Ok((None, read_bytes))
+}
+
+/// Every batch of `file` from `pos` (a batch boundary) up to `limit` bytes
+/// whose base offset is below `end`: (position, base offset, next offset).
+/// Only headers matter; reads go in `LOCATE_WINDOW_BYTES` windows.
+async fn batch_positions(
+    file: &glommio::io::DmaFile,
+    mut pos: u64,
+    limit: u64,
+    end: Offset,
+) -> io::Result<Vec<(u64, Offset, Offset)>> {
+    let mut out = Vec::new();
+    while pos + BATCH_HEADER_BYTES as u64 <= limit {
+        let want = LOCATE_WINDOW_BYTES.min((limit - pos) as usize);
+        let window = file.read_at(pos, want).await.map_err(io::Error::from)?;
+        let mut at = 0usize;
+        while at + BATCH_HEADER_BYTES <= window.len() && pos + (at as u64) < limit {
+            let Ok(h) = BatchHeader::parse(&window[at..]) else { return Ok(out) };
+            if h.base_offset() >= end {
+                return Ok(out);
+            }
+            out.push((pos + at as u64, h.base_offset(), h.last_offset().next()));
+            at += h.size_bytes();
+        }
+        if at == 0 {
+            break;
+        }
+        pos += at as u64;
+    }
+    Ok(out)
+}
+
+/// Replaces the coarse stand-in `hold_high_watermark` put in front of
+/// `above_hw` with the exact durable batches it covers (their positions read
+/// from the segment files), so consumers' reads stop exactly at the high
+/// watermark as it moves. Runs once after a hold; a truncation meanwhile
+/// makes it start over. A no-op when there is nothing coarse left.
+pub async fn refine_above_hw(log: &SharedLog) -> io::Result<()> {
+    loop {
+        let (coarse, truncations, segments) = {
+            let l = log.borrow();
+            let Some(coarse) = l.above_hw.front().copied().filter(|_| l.above_hw_coarse) else { return Ok(()) };
+            let segments: Vec<(Offset, Option<Rc<glommio::io::DmaFile>>, u64)> = l
+                .segments
+                .iter()
+                .filter(|s| s.base_offset >= coarse.segment_base && s.base_offset < coarse.next_offset)
+                .map(|s| (s.base_offset, s.file.clone(), s.durable_bytes))
+                .collect();
+            (coarse, l.truncations, segments)
+        };
+        let mut exact: Vec<DurableBatch> = Vec::new();
+        for (base, file, durable_bytes) in segments {
+            let Some(file) = file else { continue };
+            let from = if base == coarse.segment_base { coarse.position } else { 0 };
+            for (position, base_offset, next_offset) in
+                batch_positions(&file, from, durable_bytes, coarse.next_offset).await?
+            {
+                exact.push(DurableBatch { base_offset, next_offset, segment_base: base, position });
+            }
+        }
+        let mut l = log.borrow_mut();
+        if l.truncations != truncations {
+            continue;
+        }
+        if !l.above_hw_coarse
+            || l.above_hw.front().map(|b| (b.base_offset, b.next_offset))
+                != Some((coarse.base_offset, coarse.next_offset))
+        {
+            return Ok(());
+        }
+        l.above_hw.pop_front();
+        l.above_hw_coarse = false;
+        let hw = l.high_watermark;
+        for b in exact.into_iter().rev().filter(|b| b.next_offset > hw) {
+            l.above_hw.push_front(b);
+        }
+        log::debug!(
+            "{}-{}: {} durable batch(es) above the high watermark {} located",
+            l.topic,
+            l.partition.0,
+            l.above_hw.len(),
+            hw.0
+        );
+        return Ok(());
+    }
 }
 
 /// Finds where a Fetch from `offset` starts: in the recent-batch cache, or at

@@ -786,3 +786,82 @@ fn truncate_fully_restarts_the_log_at_an_offset() {
         assert_eq!(log.borrow().end_offset_for_epoch(Epoch(8)), Some((Epoch(8), Offset(1005))));
     });
 }
+
+/// Offsets of the batches a consumer is served from 0.
+async fn visible_batches(log: &SharedLog) -> Vec<(i64, i64)> {
+    batches_of(&consumer_bytes(log, Offset(0)).await).into_iter().map(|(b, l, _)| (b, l)).collect()
+}
+
+fn fives(until: i64) -> Vec<(i64, i64)> {
+    (0..until / 5).map(|i| (i * 5, i * 5 + 4)).collect()
+}
+
+#[test]
+fn high_watermark_held_at_the_checkpoint_after_reopen() {
+    let dir = crate::test_dir("partition-hw-hold");
+    run(move || async move {
+        let log = open_log(&dir, settings(1024)).await;
+        for i in 0..12 {
+            append(&log, &make_batch(i * 5, 5, 1000)).await;
+        }
+        flush(&log).await.unwrap();
+        assert!(log.borrow().segment_count() > 2, "several segments, so the hold crosses segment ends");
+        assert_eq!(log.borrow_mut().take_hw_checkpoint(), Some(None), "no checkpoint written yet");
+        drop(log);
+        crate::storage::checkpoint::write_high_watermark(&dir, Offset(23)).unwrap();
+
+        let log = open_log(&dir, settings(1024)).await;
+        {
+            let mut l = log.borrow_mut();
+            // Opening alone changes nothing (a single node keeps its whole log visible).
+            assert_eq!((l.high_watermark, l.durable_end), (Offset(60), Offset(60)));
+            assert_eq!(l.hw_checkpointed, Some(Offset(23)));
+            assert_eq!(l.take_hw_checkpoint(), Some(Some(Offset(23))));
+            assert_eq!(l.take_hw_checkpoint(), None, "taken once");
+            assert_eq!(l.hold_high_watermark(Offset(23)), Offset(23));
+        }
+        // Before the batch positions are read: a prefix of what is allowed.
+        let coarse = visible_batches(&log).await;
+        assert!(coarse.iter().all(|&(_, last)| last < 23), "{coarse:?}");
+        refine_above_hw(&log).await.unwrap();
+        assert_eq!(visible_batches(&log).await, fives(20), "exactly the whole batches below 23");
+        assert_eq!(read_all(&log).await, expected(20));
+        // A follower is still served the whole durable log.
+        assert_eq!(batches_of(&replica_bytes(&log, Offset(0)).await).len(), 12);
+
+        // The bound set by replication moves it up, never past the durable end.
+        log.borrow_mut().set_replication_bound(Some(Offset(40)));
+        assert_eq!(visible_batches(&log).await, fives(40));
+        append(&log, &make_batch(60, 5, 1000)).await;
+        flush(&log).await.unwrap();
+        assert_eq!(log.borrow().high_watermark, Offset(40), "new durable data stays above it");
+        assert_eq!(visible_batches(&log).await, fives(40));
+        log.borrow_mut().set_replication_bound(Some(Offset(1000)));
+        assert_eq!(log.borrow().high_watermark, Offset(65));
+        assert_eq!(read_all(&log).await, expected(65));
+        // Never up, and never below the log start.
+        assert_eq!(log.borrow_mut().hold_high_watermark(Offset(500)), Offset(65));
+        drop(log);
+
+        // A damaged checkpoint: logged, treated as none, no panic.
+        std::fs::write(dir.join(crate::storage::checkpoint::HW_CHECKPOINT_FILE), b"4\x00garbage").unwrap();
+        let log = open_log(&dir, settings(1024)).await;
+        assert_eq!(log.borrow_mut().take_hw_checkpoint(), Some(None));
+        assert_eq!(log.borrow().high_watermark, Offset(65));
+        // Held at the log start (what a replicated log without a checkpoint
+        // gets), then truncated before the positions are read: the rescan
+        // sees the truncation.
+        assert_eq!(log.borrow_mut().hold_high_watermark(Offset(-7)), Offset(0));
+        assert!(visible_batches(&log).await.is_empty());
+        truncate_to(&log, Offset(30)).await.unwrap();
+        refine_above_hw(&log).await.unwrap();
+        assert!(visible_batches(&log).await.is_empty());
+        log.borrow_mut().set_replication_bound(Some(Offset(12)));
+        assert_eq!(visible_batches(&log).await, fives(10));
+        log.borrow_mut().set_replication_bound(Some(Offset(1000)));
+        assert_eq!(log.borrow().high_watermark, Offset(30));
+        assert_eq!(read_all(&log).await, expected(30));
+        drop(log);
+        std::fs::remove_dir_all(&dir).unwrap();
+    });
+}

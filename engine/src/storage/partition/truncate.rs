@@ -133,6 +133,14 @@ pub async fn truncate_to(log: &SharedLog, offset: Offset) -> io::Result<()> {
         l.high_watermark = l.high_watermark.min(new_end);
         l.durable_end = l.durable_end.min(new_end);
         l.above_hw.retain(|b| b.base_offset < new_end);
+        if l.above_hw_coarse {
+            // The coarse stand-in (see `hold_high_watermark`) now ends here,
+            // or is gone; `refine_above_hw` sees the truncation and rescans.
+            match l.above_hw.front_mut() {
+                Some(front) => front.next_offset = front.next_offset.min(new_end),
+                None => l.above_hw_coarse = false,
+            }
+        }
         while l.cache.back().is_some_and(|b| b.last_offset >= new_end) {
             if let Some(b) = l.cache.pop_back() {
                 l.cache_bytes -= b.bytes.len();
@@ -223,6 +231,7 @@ pub async fn truncate_fully(log: &SharedLog, start: Offset) -> io::Result<()> {
         l.high_watermark = start;
         l.durable_end = start;
         l.above_hw.clear();
+        l.above_hw_coarse = false;
         l.cache.clear();
         l.cache_bytes = 0;
         l.epochs.clear();

@@ -88,10 +88,12 @@ fn apply_io_properties(config: &mut Config) {
 }
 
 fn remove_deleted_dirs(config: &Config) {
-    if let Ok(entries) = std::fs::read_dir(&config.log_dir) {
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().ends_with("-delete") {
-                let _ = std::fs::remove_dir_all(e.path());
+    for dir in &config.log_dirs {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().ends_with("-delete") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
             }
         }
     }
@@ -107,8 +109,13 @@ fn install_signal_handlers() {
 
 /// Runs the broker until SIGTERM/SIGINT. Returns a message on start-up failure.
 pub fn run(mut config: Config) -> Result<(), String> {
-    let fs = dirfs::check_data_dir(&config.log_dir)?;
-    let lock = dirfs::lock_data_dir(&config.log_dir)?;
+    let mut fs = Vec::with_capacity(config.log_dirs.len());
+    let mut locks = Vec::with_capacity(config.log_dirs.len());
+    for dir in &config.log_dirs {
+        fs.push(dirfs::check_data_dir(dir)?);
+        locks.push(dirfs::lock_data_dir(dir)?);
+    }
+    let fs = fs.join(", ");
     let cpus = affinity_cpus();
     let num_shards = if config.num_shards == 0 { cpus.len().max(1) } else { config.num_shards };
     config.num_shards = num_shards;
@@ -138,7 +145,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
         if let Some(q) = quorum {
             q.stop();
         }
-        drop(lock);
+        drop(locks);
         log::info!("tidelog stopped");
         return Ok(());
     }
@@ -152,7 +159,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
             // SIGTERM while waiting for a quorum: a clean stop, nothing served yet.
             Ok(false) => {
                 drop(quorum);
-                drop(lock);
+                drop(locks);
                 log::info!("tidelog stopped before it registered");
                 return Ok(());
             }
@@ -180,12 +187,13 @@ pub fn run(mut config: Config) -> Result<(), String> {
     log::info!(
         "tidelog {} starting: {num_shards} shard(s), log.dirs={} ({fs}), {} topic(s), lock {}",
         env!("CARGO_PKG_VERSION"),
-        config.log_dir.display(),
+        config.log_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(","),
         image.topics.len(),
-        lock.path.display()
+        locks[0].path.display()
     );
     install_signal_handlers();
     let config = Arc::new(config);
+    let log_dirs = Arc::new(crate::storage::log_dirs::LogDirs::new(&config.log_dirs));
     // Channels: shard i -> controller (on shard 0), controller -> shard i.
     let mut to_ctrl_tx = Vec::new();
     let mut to_ctrl_rx = Vec::new();
@@ -208,6 +216,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
     );
     for i in 0..num_shards {
         let send_budget = send_budget.clone();
+        let log_dirs = log_dirs.clone();
         let cpu = cpus[i % cpus.len()];
         let config = config.clone();
         let image = image.clone();
@@ -251,10 +260,11 @@ pub fn run(mut config: Config) -> Result<(), String> {
                     }
                 }
             }
-            if let Err(e) = crate::storage::prime_io_probe(&config.log_dir).await {
-                let _ =
-                    ready.send(Err(format!("shard {i}: cannot read from log.dirs {}: {e}", config.log_dir.display())));
-                return;
+            for dir in &config.log_dirs {
+                if let Err(e) = crate::storage::prime_io_probe(dir).await {
+                    let _ = ready.send(Err(format!("shard {i}: cannot read from log.dirs {}: {e}", dir.display())));
+                    return;
+                }
             }
             let send_pool = match crate::sendpool::SendPool::start(
                 i as u32,
@@ -275,12 +285,12 @@ pub fn run(mut config: Config) -> Result<(), String> {
             };
             let shard = Shard::new(
                 ShardId(i as u32),
-                num_shards,
                 config.clone(),
                 Arc::new(MetadataImage::default()),
                 to_ctrl,
                 send_pool,
                 quorum_handle,
+                log_dirs,
             );
             shard.apply_image(image).await;
             log::debug!("shard {i}: owned partitions opened");
@@ -395,7 +405,7 @@ pub fn run(mut config: Config) -> Result<(), String> {
     if let Some(q) = quorum {
         q.stop();
     }
-    drop(lock);
+    drop(locks);
     log::info!("tidelog stopped");
     Ok(())
 }

@@ -20,7 +20,7 @@ pub struct Setting {
 
 /// Every setting tidelog reads.
 pub const SETTINGS: &[Setting] = &[
-    Setting { name: "log.dirs", default: "./tidelog-data", doc: "Data directory. Must support O_DIRECT (XFS recommended, ext4 accepted; tmpfs is refused). Only one directory is supported." },
+    Setting { name: "log.dirs", default: "./tidelog-data", doc: "Data directories, comma-separated (one per disk; each must support O_DIRECT: XFS recommended, ext4 accepted, tmpfs is refused). A new partition goes to the directory with the fewest partitions; the first also holds broker metadata. A directory that runs out of space refuses produces with KAFKA_STORAGE_ERROR until space is freed; one that returns an I/O error stays offline until restart, and the others keep working." },
     Setting { name: "listeners", default: "PLAINTEXT://127.0.0.1:9092", doc: "Client listener (PLAINTEXT://host:port): shard i listens on the same host at port + i. In a cluster, also the controller listener named by controller.listener.names, e.g. PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9192." },
     Setting { name: "advertised.listeners", default: "", doc: "Address advertised to clients in Metadata (shard i at port + i). Empty: same as listeners." },
     Setting { name: "num.shards", default: "0", doc: "Number of shards (pinned cores). 0 = one per CPU in the process affinity mask." },
@@ -111,6 +111,28 @@ Setting { name: "fetch.max.wait.ms.max", default: "30000", doc: "Upper bound on 
     Setting { name: "producer.id.expiration.ms", default: "86400000", doc: "Idempotent producer state of a partition is dropped when the producer has not written to it for this long." },
 ];
 
+/// `log.dirs`: comma-separated, none empty, no duplicates, none inside another.
+fn parse_log_dirs(value: &str) -> Result<Vec<PathBuf>, ConfigError> {
+    let dirs: Vec<PathBuf> = value.split(',').map(|d| PathBuf::from(d.trim())).collect();
+    if dirs.iter().any(|d| d.as_os_str().is_empty()) {
+        return Err(ConfigError(format!(
+            "log.dirs={value:?}: an entry is empty (give one or more paths, comma-separated)"
+        )));
+    }
+    for (i, a) in dirs.iter().enumerate() {
+        for b in &dirs[i + 1..] {
+            if a == b || a.starts_with(b) || b.starts_with(a) {
+                return Err(ConfigError(format!(
+                    "log.dirs={value:?}: {} and {} overlap; each data directory must be separate",
+                    a.display(),
+                    b.display()
+                )));
+            }
+        }
+    }
+    Ok(dirs)
+}
+
 /// A parse or validation failure, with what to do about it.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -124,7 +146,10 @@ impl std::fmt::Display for ConfigError {
 /// The parsed configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// The first of `log.dirs`: partitions, plus the broker's own metadata.
     pub log_dir: PathBuf,
+    /// Every `log.dirs` entry, in order (`log_dir` is the first).
+    pub log_dirs: Vec<PathBuf>,
     pub listen_addr: SocketAddr,
     pub advertised_host: String,
     pub advertised_port: u16,
@@ -565,13 +590,11 @@ impl Config {
                 "default.replication.factor={default_replication_factor} needs a cluster: a single node (no process.roles) has one replica of each partition"
             )));
         }
-        let log_dirs = get(&values, "log.dirs");
-        if log_dirs.contains(',') {
-            return Err(ConfigError(format!("log.dirs={log_dirs:?}: only one data directory is supported")));
-        }
+        let log_dirs = parse_log_dirs(get(&values, "log.dirs"))?;
         let io_properties = get(&values, "io.properties.file").trim();
         let cfg = Config {
-            log_dir: PathBuf::from(log_dirs.trim()),
+            log_dir: log_dirs[0].clone(),
+            log_dirs,
             listen_addr,
             advertised_host,
             advertised_port,
@@ -622,9 +645,6 @@ impl Config {
             cleaner_min_cleanable_ratio: num(&values, "log.cleaner.min.cleanable.ratio", 0.0f64, 1.0)?,
             values,
         };
-        if cfg.log_dir.as_os_str().is_empty() {
-            return Err(ConfigError("log.dirs must not be empty".into()));
-        }
         Ok(cfg)
     }
 

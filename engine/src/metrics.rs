@@ -224,6 +224,19 @@ pub struct ShardSnapshot {
     /// Bytes held by this shard's logs in memory (recent-batch caches and
     /// appends waiting for the flusher).
     pub memory_bytes: u64,
+    /// `log.dirs` as this shard sees them (shared by all shards; rendered
+    /// from the first snapshot): path, state, usable and total bytes.
+    pub log_dirs: Vec<LogDirSnapshot>,
+}
+
+/// One data directory in a scrape.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LogDirSnapshot {
+    pub path: String,
+    /// 0 online, 1 full (ENOSPC), 2 failed (I/O error).
+    pub state: u8,
+    pub usable_bytes: i64,
+    pub total_bytes: i64,
 }
 
 impl ShardSnapshot {
@@ -595,6 +608,40 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
         "Record bytes held in memory by the shard's logs (tail caches and unflushed appends).",
         |s| s.memory_bytes,
     );
+    if let Some(first) = shards.first() {
+        header(
+            &mut out,
+            "tidelog_log_dir_offline",
+            "gauge",
+            "1 when a log.dirs entry is offline: state=\"full\" (ENOSPC: produce refused until space is freed) or \"failed\" (I/O error: offline until restart).",
+        );
+        for d in &first.log_dirs {
+            let state = match d.state {
+                0 => "online",
+                1 => "full",
+                _ => "failed",
+            };
+            let _ = writeln!(
+                out,
+                "tidelog_log_dir_offline{{dir=\"{}\",state=\"{state}\"}} {}",
+                esc(&d.path),
+                u8::from(d.state != 0)
+            );
+        }
+        header(
+            &mut out,
+            "tidelog_log_dir_usable_bytes",
+            "gauge",
+            "Bytes free for the broker in each log.dirs filesystem.",
+        );
+        for d in &first.log_dirs {
+            let _ = writeln!(out, "tidelog_log_dir_usable_bytes{{dir=\"{}\"}} {}", esc(&d.path), d.usable_bytes);
+        }
+        header(&mut out, "tidelog_log_dir_total_bytes", "gauge", "Size of each log.dirs filesystem.");
+        for d in &first.log_dirs {
+            let _ = writeln!(out, "tidelog_log_dir_total_bytes{{dir=\"{}\"}} {}", esc(&d.path), d.total_bytes);
+        }
+    }
     header(&mut out, "tidelog_shards", "gauge", "Shards that answered this scrape.");
     let _ = writeln!(out, "tidelog_shards {}", shards.len());
     header(&mut out, "process_resident_memory_bytes", "gauge", "Resident memory of the broker process.");
@@ -696,6 +743,21 @@ mod tests {
         assert!(lines.contains(&"process_cpu_seconds_total 1.500"), "{text}");
         assert!(lines.contains(&"# TYPE process_cpu_seconds_total counter"), "{text}");
         assert!(lines.contains(&"tidelog_storage_bytes_written_total{shard=\"1\"} 8192"), "{text}");
+    }
+
+    #[test]
+    fn log_dir_gauges_render_state_and_space() {
+        let dirs = vec![
+            LogDirSnapshot { path: "/d/a".into(), state: 0, usable_bytes: 10, total_bytes: 20 },
+            LogDirSnapshot { path: "/d/b".into(), state: 1, usable_bytes: 0, total_bytes: 20 },
+        ];
+        let snap = ShardSnapshot { shard: 0, log_dirs: dirs, ..Default::default() };
+        let text = render(&[snap], ProcessInfo::default());
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.contains(&"tidelog_log_dir_offline{dir=\"/d/a\",state=\"online\"} 0"), "{text}");
+        assert!(lines.contains(&"tidelog_log_dir_offline{dir=\"/d/b\",state=\"full\"} 1"), "{text}");
+        assert!(lines.contains(&"tidelog_log_dir_usable_bytes{dir=\"/d/a\"} 10"), "{text}");
+        assert!(lines.contains(&"tidelog_log_dir_total_bytes{dir=\"/d/b\"} 20"), "{text}");
     }
 
     #[test]

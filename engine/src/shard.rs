@@ -35,6 +35,7 @@ use tidelog_protocol::{ErrorCode, PartitionId, ShardId};
 use crate::config::Config;
 use crate::metadata::{MetadataImage, TopicMeta};
 use crate::notify::Notify;
+use crate::storage::log_dirs::{DirState, LogDirs};
 use crate::storage::partition::{self, LogSettings, PartitionLog, SharedLog};
 use crate::storage::segment::SegmentSettings;
 
@@ -143,17 +144,19 @@ pub struct Shard {
     pub replication: crate::replication::Replication,
     /// Woken after each metadata image this shard applied.
     pub image_notify: Notify,
+    /// `log.dirs` and their health, shared by all shards.
+    pub log_dirs: Arc<LogDirs>,
 }
 
 impl Shard {
     pub fn new(
         id: ShardId,
-        num_shards: usize,
         config: Arc<Config>,
         image: Arc<MetadataImage>,
         to_controller: ConnectedSender<ToController>,
         send_pool: crate::sendpool::SendPool,
         quorum: Option<tidelog_quorum::QuorumHandle>,
+        log_dirs: Arc<LogDirs>,
     ) -> Rc<Shard> {
         let replication = crate::replication::Replication::new(
             crate::metadata::broker_id(config.node_id, id.0),
@@ -169,8 +172,8 @@ impl Shard {
             id,
             fetch_stats: FetchStats::default(),
             send_pool,
-            cache_budget: partition::CacheBudget::new(cache_limit_bytes(&config, num_shards)),
-            num_shards,
+            cache_budget: partition::CacheBudget::new(cache_limit_bytes(&config, config.num_shards)),
+            num_shards: config.num_shards,
             config,
             image: RefCell::new(image),
             logs: RefCell::new(HashMap::new()),
@@ -190,6 +193,7 @@ impl Shard {
             producer_ids,
             replication,
             image_notify: Notify::default(),
+            log_dirs,
         })
     }
 
@@ -262,7 +266,15 @@ impl Shard {
                 if *owner as usize != self.id.0 as usize || self.log(&t.name, p as i32).is_some() {
                     continue;
                 }
-                let dir = partition::partition_dir(&self.config.log_dir, &t.name, PartitionId(p as i32));
+                let name = partition::partition_dir_name(&t.name, PartitionId(p as i32));
+                let Some(dir) = self.log_dirs.place(&name) else {
+                    log::error!(
+                        "shard {}: {name}: no data directory is online ({}); the partition stays offline until one is",
+                        self.id.0,
+                        self.describe_offline_dirs()
+                    );
+                    continue;
+                };
                 match PartitionLog::open(Rc::from(t.name.as_str()), PartitionId(p as i32), dir, self.log_settings(t))
                     .await
                 {
@@ -327,8 +339,12 @@ impl Shard {
     }
 
     async fn delete_partition_dir(&self, t: &TopicMeta, p: i32) {
-        let dir = partition::partition_dir(&self.config.log_dir, &t.name, PartitionId(p));
-        let trash = self.config.log_dir.join(format!("{}-{p}.{}-delete", t.name, t.id));
+        let name = partition::partition_dir_name(&t.name, PartitionId(p));
+        let Some(i) = self.log_dirs.find(&name) else { return };
+        let root = self.log_dirs.path(i).to_path_buf();
+        self.log_dirs.removed(i);
+        let dir = root.join(&name);
+        let trash = root.join(format!("{}-{p}.{}-delete", t.name, t.id));
         let shard = self.id.0;
         let result = glommio::executor()
             .spawn_blocking(move || -> std::io::Result<()> {
@@ -446,25 +462,14 @@ impl Shard {
             self.hw_notify.notify_all();
         };
         let result = partition::flush_notifying(&log, &on_durable).await;
+        let mut retry = result.is_err();
         if let Err(e) = &result {
-            {
-                let l = log.borrow();
-                log::error!(
-                    "shard {}: flush of {}-{} failed at offset {} (high watermark {}): {e}; retrying, \
-                     acks=all produces wait (check disk space and health)",
-                    self.id.0,
-                    l.topic,
-                    l.partition.0,
-                    l.log_end_offset().0,
-                    l.high_watermark.0
-                );
-            }
-            glommio::timer::sleep(Duration::from_millis(100)).await;
+            retry = self.flush_failed(&log, e).await;
         }
         // No await between the flush's last "nothing pending" and here, so
         // nothing appended since can be missed.
         self.flushing.borrow_mut().remove(&Rc::as_ptr(&log));
-        if result.is_err() {
+        if retry {
             // Retried only while the log is still this shard's: a partition
             // deleted or moved away meanwhile has nothing left to keep.
             let current = {
@@ -476,6 +481,80 @@ impl Shard {
             }
         }
         self.hw_notify.notify_all();
+    }
+
+    /// A flush of `log` failed with `e`: takes its data directory offline
+    /// (Full on ENOSPC, Failed on any other error) and, for a full one,
+    /// waits until the filesystem has room again. Returns whether to retry
+    /// the flush: yes once a full directory is back, never for a failed one
+    /// (its unflushed records were never acknowledged with acks=all, and
+    /// Kafka too keeps a failed directory offline until restart).
+    async fn flush_failed(&self, log: &SharedLog, e: &std::io::Error) -> bool {
+        let (topic, partition, end, hw, dir) = {
+            let l = log.borrow();
+            (l.topic.clone(), l.partition.0, l.log_end_offset().0, l.high_watermark.0, l.dir.clone())
+        };
+        let Some(i) = self.log_dirs.index_of(&dir) else {
+            log::error!(
+                "shard {}: flush of {topic}-{partition} failed at offset {end} (high watermark {hw}): {e}; retrying",
+                self.id.0
+            );
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            return true;
+        };
+        let root = self.log_dirs.path(i).display().to_string();
+        match self.log_dirs.write_failed(i, e) {
+            Some(DirState::Full) => log::error!(
+                "shard {}: log dir {root} is full: flush of {topic}-{partition} failed at offset {end} \
+                 (high watermark {hw}): {e}; produces to its partitions get KAFKA_STORAGE_ERROR until space \
+                 is freed (delete data, lower retention.bytes/retention.ms, or grow the filesystem); records \
+                 above offset {hw} wait in memory and are written then",
+                self.id.0
+            ),
+            Some(DirState::Failed) => log::error!(
+                "shard {}: log dir {root} failed: flush of {topic}-{partition} failed at offset {end} \
+                 (high watermark {hw}): {e}; it is offline until the broker restarts (check dmesg and the \
+                 disk); records above offset {hw} that were not acknowledged are not written",
+                self.id.0
+            ),
+            _ => {}
+        }
+        // Produces waiting on this log answer now (see `handlers::produce`).
+        self.hw_notify.notify_all();
+        loop {
+            match self.log_dirs.state(i) {
+                DirState::Failed => return false,
+                DirState::Online => return true,
+                DirState::Full => {
+                    for back in self.log_dirs.recheck_full() {
+                        log::info!(
+                            "shard {}: log dir {} has room again; it is back online and waiting flushes resume",
+                            self.id.0,
+                            self.log_dirs.path(back).display()
+                        );
+                    }
+                    if self.log_dirs.state(i) == DirState::Full {
+                        glommio::timer::sleep(DIR_RECHECK_INTERVAL).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The data directory state of `log` (Online for a path outside `log.dirs`).
+    pub fn dir_state(&self, log: &SharedLog) -> DirState {
+        let l = log.borrow();
+        self.log_dirs.index_of(&l.dir).map(|i| self.log_dirs.state(i)).unwrap_or(DirState::Online)
+    }
+
+    /// "path (state: reason), ..." for the directories that are not online.
+    pub fn describe_offline_dirs(&self) -> String {
+        self.log_dirs
+            .offline()
+            .into_iter()
+            .map(|(p, s, why)| format!("{} {}: {why}", p.display(), s.name()))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Every log this shard owns, as (topic, partition, log).
@@ -502,6 +581,23 @@ impl Shard {
         snap.cold_sends = self.send_pool.in_flight();
         snap.cold_throttle_seconds = self.send_pool.throttled_seconds();
         snap.cold_limit_bytes_per_second = self.send_pool.limit_bytes_per_second();
+        snap.log_dirs = (0..self.log_dirs.len())
+            .map(|i| {
+                let path = self.log_dirs.path(i);
+                let (usable, total) =
+                    crate::storage::log_dirs::space(path).map(|(f, t)| (f as i64, t as i64)).unwrap_or((-1, -1));
+                crate::metrics::LogDirSnapshot {
+                    path: path.display().to_string(),
+                    state: match self.log_dirs.state(i) {
+                        DirState::Online => 0,
+                        DirState::Full => 1,
+                        DirState::Failed => 2,
+                    },
+                    usable_bytes: usable,
+                    total_bytes: total,
+                }
+            })
+            .collect();
         for (topic, partition, log) in self.all_logs() {
             let l = log.borrow();
             let stats = l.stats();
@@ -524,7 +620,15 @@ impl Shard {
     /// Waits until every pending write is durable (used on shutdown).
     pub async fn drain(&self) {
         loop {
-            let pending = self.logs.borrow().values().flatten().flatten().any(|l| l.borrow().needs_flush());
+            // A log in a directory that is not online cannot flush: its
+            // unflushed records were never acknowledged with acks=all.
+            let pending = self
+                .logs
+                .borrow()
+                .values()
+                .flatten()
+                .flatten()
+                .any(|l| l.borrow().needs_flush() && self.dir_state(l) == DirState::Online);
             if !pending {
                 return;
             }
@@ -536,6 +640,9 @@ impl Shard {
         }
     }
 }
+
+/// How often a shard waiting on a full data directory checks for free space.
+const DIR_RECHECK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// `fetch.cache.max.bytes`, or 1/8 of physical memory per shard (at most 1 GiB).
 fn cache_limit_bytes(config: &Config, num_shards: usize) -> usize {

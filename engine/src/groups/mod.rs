@@ -268,6 +268,11 @@ fn append_records(
         return Err(ErrorCode::NotCoordinator);
     }
     let log = shard.log(OFFSETS_TOPIC, p).ok_or(ErrorCode::CoordinatorNotAvailable)?;
+    if shard.dir_state(&log) != crate::storage::log_dirs::DirState::Online {
+        // Kafka answers a storage error on the offsets log with NOT_COORDINATOR.
+        log::debug!("group {group_id}: {OFFSETS_TOPIC}-{p} is in an offline log dir: NOT_COORDINATOR");
+        return Err(ErrorCode::NotCoordinator);
+    }
     let batch = records::build(recs, now_ms());
     let infos = tidelog_protocol::batch::validate_record_set(&batch, usize::MAX).map_err(|e| {
         log::error!("group {group_id}: built an invalid batch: {e}");
@@ -290,6 +295,9 @@ pub async fn append_and_wait(
         let notified = shard.hw_notify.notified();
         if log.borrow().high_watermark > last {
             return Ok(last.0);
+        }
+        if shard.dir_state(&log) == crate::storage::log_dirs::DirState::Failed {
+            return Err(ErrorCode::NotCoordinator);
         }
         notified.await;
     }

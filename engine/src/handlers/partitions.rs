@@ -170,20 +170,13 @@ pub fn describe_cluster(shard: &Rc<Shard>, version: i16, cid: i32, req: Describe
     encode(ApiKey::DescribeCluster, version, cid, &resp)
 }
 
-/// (total, usable) bytes of the file system holding `dir`, -1 if unknown.
-fn fs_space(dir: &std::path::Path) -> (i64, i64) {
-    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return (-1, -1) };
-    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return (-1, -1);
-    }
-    let block = st.f_frsize as i64;
-    (st.f_blocks as i64 * block, st.f_bavail as i64 * block)
-}
-
+/// One result per `log.dirs` entry, with this shard's partitions in it. A
+/// directory that is not online carries KAFKA_STORAGE_ERROR, as Kafka
+/// reports an offline log dir.
 pub async fn describe_log_dirs(shard: Rc<Shard>, version: i16, cid: i32, req: DescribeLogDirsRequest) -> Response {
-    let mut topics: std::collections::BTreeMap<String, Vec<DescribeLogDirsPartition>> = Default::default();
+    use crate::storage::log_dirs::{self, DirState};
+    type Topics = std::collections::BTreeMap<String, Vec<DescribeLogDirsPartition>>;
+    let mut per_dir: Vec<Topics> = vec![Topics::new(); shard.log_dirs.len()];
     for (topic, partition, log) in shard.all_logs() {
         if let Some(wanted) = &req.topics {
             let asked = wanted.iter().any(|t| *t.topic.0 == *topic && t.partitions.contains(&partition));
@@ -191,31 +184,43 @@ pub async fn describe_log_dirs(shard: Rc<Shard>, version: i16, cid: i32, req: De
                 continue;
             }
         }
-        let size = log.borrow().stats().bytes as i64;
-        topics.entry(topic).or_default().push(
+        let (size, dir) = {
+            let l = log.borrow();
+            (l.stats().bytes as i64, shard.log_dirs.index_of(&l.dir).unwrap_or(0))
+        };
+        per_dir[dir].entry(topic).or_default().push(
             DescribeLogDirsPartition::default()
                 .with_partition_index(partition)
                 .with_partition_size(size)
                 .with_offset_lag(0),
         );
     }
-    let dir = std::fs::canonicalize(&shard.config.log_dir).unwrap_or_else(|_| shard.config.log_dir.clone());
-    let mut result = DescribeLogDirsResult::default().with_log_dir(str_bytes(&dir.display().to_string())).with_topics(
-        topics
-            .into_iter()
-            .map(|(t, mut parts)| {
-                parts.sort_by_key(|p| p.partition_index);
-                DescribeLogDirsTopic::default().with_name(TopicName(str_bytes(&t))).with_partitions(parts)
-            })
-            .collect(),
-    );
-    if version >= 4 {
-        let d = dir.clone();
-        let (total, usable) = glommio::executor().spawn_blocking(move || fs_space(&d)).await;
-        result.total_bytes = total;
-        result.usable_bytes = usable;
+    let mut results = Vec::with_capacity(per_dir.len());
+    for (i, topics) in per_dir.into_iter().enumerate() {
+        let path = shard.log_dirs.path(i).to_path_buf();
+        let dir = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+        let mut result =
+            DescribeLogDirsResult::default().with_log_dir(str_bytes(&dir.display().to_string())).with_topics(
+                topics
+                    .into_iter()
+                    .map(|(t, mut parts)| {
+                        parts.sort_by_key(|p| p.partition_index);
+                        DescribeLogDirsTopic::default().with_name(TopicName(str_bytes(&t))).with_partitions(parts)
+                    })
+                    .collect(),
+            );
+        if shard.log_dirs.state(i) != DirState::Online {
+            result.error_code = ErrorCode::KafkaStorageError.code();
+        }
+        if version >= 4 {
+            let space = glommio::executor().spawn_blocking(move || log_dirs::space(&path)).await;
+            let (usable, total) = space.map(|(f, t)| (f as i64, t as i64)).unwrap_or((-1, -1));
+            result.total_bytes = total;
+            result.usable_bytes = usable;
+        }
+        results.push(result);
     }
-    encode(ApiKey::DescribeLogDirs, version, cid, &DescribeLogDirsResponse::default().with_results(vec![result]))
+    encode(ApiKey::DescribeLogDirs, version, cid, &DescribeLogDirsResponse::default().with_results(results))
 }
 
 pub fn offset_for_leader_epoch(

@@ -14,6 +14,7 @@ use tidelog_protocol::{Epoch, ErrorCode, Offset};
 
 use super::{encode, ready, str_bytes, Pending};
 use crate::shard::Shard;
+use crate::storage::log_dirs::DirState;
 use crate::storage::partition::SharedLog;
 use crate::storage::producer_state::{self, BatchMeta, Check};
 
@@ -179,6 +180,19 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, f
                 parts.push(fail(r, ErrorCode::LeaderNotAvailable, "partition is not open yet".into()));
                 continue;
             };
+            if shard.dir_state(&log) != DirState::Online {
+                // Not `fail`: producers retry this until space returns, and
+                // the shard logged the directory going offline once.
+                let msg = format!("{name}-{}: log dir offline ({})", p.index, shard.describe_offline_dirs());
+                log::debug!("produce {msg}: KAFKA_STORAGE_ERROR");
+                shard.metrics.error(ApiKey::Produce, ErrorCode::KafkaStorageError.code());
+                r = r.with_error_code(ErrorCode::KafkaStorageError.code()).with_base_offset(-1);
+                if version >= 8 {
+                    r = r.with_error_message(Some(str_bytes(&msg)));
+                }
+                parts.push(r);
+                continue;
+            }
             if acks == -1 {
                 if let Err(msg) = crate::replication::Replication::check_min_isr(shard, &image, name, p.index) {
                     // Not `fail`: a producer retries this for as long as the
@@ -309,6 +323,28 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, f
         let deadline = Instant::now() + timeout;
         loop {
             let notified = shard.hw_notify.notified();
+            // A data directory that went offline answers now rather than at
+            // the timeout, so that partitions elsewhere in the same request
+            // are not held up. Failed (EIO): these records are not written.
+            // Full: they stay queued and are written once space returns,
+            // which an idempotent producer's retry then finds as a duplicate.
+            waiting.retain(|w| {
+                let state = shard.dir_state(&w.log);
+                if w.log.borrow().high_watermark > w.last || state == DirState::Online {
+                    return true;
+                }
+                let p = &mut resp.responses[w.topic].partition_responses[w.partition];
+                p.error_code = ErrorCode::KafkaStorageError.code();
+                if version >= 8 {
+                    p.error_message = Some(str_bytes(if state == DirState::Failed {
+                        "the partition's log dir failed; the records were not written"
+                    } else {
+                        "the partition's log dir is full; the records are written once space is freed \
+                         (a retry may duplicate them unless the producer is idempotent)"
+                    }));
+                }
+                false
+            });
             if waiting.iter().all(|w| w.log.borrow().high_watermark > w.last) {
                 // Kafka: replicated to the ISR, but the ISR shrank below
                 // min.insync.replicas meanwhile.

@@ -771,6 +771,10 @@ pub async fn check(shard: &Rc<Shard>) {
         if !topic_config::policy_has(&shard.config, &image, meta, "compact") {
             continue;
         }
+        // A rewrite needs room and a healthy disk; an offline dir gets neither.
+        if shard.dir_state(&log) != super::log_dirs::DirState::Online {
+            continue;
+        }
         let params = CleanParams {
             now_ms: now_ms(),
             min_compaction_lag_ms: topic_config::topic_i64(&shard.config, &image, meta, "min.compaction.lag.ms"),

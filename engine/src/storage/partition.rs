@@ -211,7 +211,12 @@ fn now_ms() -> i64 {
 }
 
 pub fn partition_dir(root: &Path, topic: &str, partition: PartitionId) -> PathBuf {
-    root.join(format!("{topic}-{}", partition.0))
+    root.join(partition_dir_name(topic, partition))
+}
+
+/// A partition's directory name inside a data directory: `<topic>-<n>`.
+pub fn partition_dir_name(topic: &str, partition: PartitionId) -> String {
+    format!("{topic}-{}", partition.0)
 }
 
 impl PartitionLog {

@@ -106,6 +106,10 @@ pub struct Coordinator {
     /// `__consumer_offsets` partitions whose groups this shard serves (it
     /// leads them and has loaded them).
     serving: RefCell<std::collections::BTreeSet<i32>>,
+    /// The latest group-metadata record written for each group, not yet
+    /// known durable: answers that reveal that state wait for it
+    /// (`wait_persisted`).
+    persisting: RefCell<HashMap<String, (partition::SharedLog, Offset)>>,
 }
 
 /// What a change to a group looked like before, to tell whether it must be persisted.
@@ -119,6 +123,7 @@ impl Coordinator {
             offsets: RefCell::new(HashMap::new()),
             loaded: Cell::new(false),
             serving: RefCell::new(Default::default()),
+            persisting: RefCell::new(HashMap::new()),
         }
     }
 
@@ -177,9 +182,11 @@ impl Coordinator {
     }
 
     /// Persists the group's metadata when a change settled it (Stable or
-    /// Empty) differently from `before`. The append is not waited for: the
-    /// flusher makes it durable within a cycle, and losing it only makes
-    /// members join again after a crash.
+    /// Empty) differently from `before`. The append is not waited for here,
+    /// so the state change and the record stay one step with no await in
+    /// between; every JoinGroup, SyncGroup and LeaveGroup answer then waits
+    /// for it with `wait_persisted`, as Kafka answers a SyncGroup only once
+    /// the group's assignment is stored.
     pub fn persist_if_changed(&self, shard: &Rc<Shard>, group_id: &str, before: GroupMark) {
         let after = self.mark(group_id);
         if after == before {
@@ -192,9 +199,35 @@ impl Coordinator {
         let snapshot = self.groups.borrow().get(group_id).map(|g| g.snapshot(now_ms()));
         if let Some(s) = snapshot {
             let recs = vec![(records::group_key(group_id), Some(records::group_value(&s)))];
-            if let Err(e) = append_records(shard, group_id, &recs) {
-                log::warn!("group {group_id}: cannot persist group metadata: {}", e.name());
+            match append_records(shard, group_id, &recs) {
+                Ok(written) => {
+                    self.persisting.borrow_mut().insert(group_id.to_string(), written);
+                }
+                Err(e) => log::warn!("group {group_id}: cannot persist group metadata: {}", e.name()),
             }
+        }
+    }
+
+    /// Waits until the group's latest metadata record (if one is pending)
+    /// is durable, so that no member is told of a generation, assignment or
+    /// departure that a crash could take back. NOT_COORDINATOR when it
+    /// cannot become durable (its log dir failed).
+    pub async fn wait_persisted(&self, shard: &Rc<Shard>, group_id: &str) -> Result<(), ErrorCode> {
+        loop {
+            let notified = shard.hw_notify.notified();
+            let pending = self.persisting.borrow().get(group_id).cloned();
+            let Some((log, last)) = pending else { return Ok(()) };
+            if log.borrow().high_watermark > last {
+                let mut persisting = self.persisting.borrow_mut();
+                if persisting.get(group_id).is_some_and(|(l, o)| Rc::ptr_eq(l, &log) && *o == last) {
+                    persisting.remove(group_id);
+                }
+                return Ok(());
+            }
+            if shard.dir_state(&log) == crate::storage::log_dirs::DirState::Failed {
+                return Err(ErrorCode::NotCoordinator);
+            }
+            notified.await;
         }
     }
 

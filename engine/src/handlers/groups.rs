@@ -180,6 +180,10 @@ pub async fn join_group(
             rx.await.unwrap_or_else(|_| JoinOutcome::error(ErrorCode::CoordinatorNotAvailable, &member_id))
         }
     };
+    let outcome = match coord.wait_persisted(&shard, &gid).await {
+        Ok(()) => outcome,
+        Err(code) => JoinOutcome::error(code, &member_id),
+    };
     if outcome.error != ErrorCode::None && outcome.error != ErrorCode::MemberIdRequired {
         log::info!("JoinGroup {gid} member {member_id:?}: {}", outcome.error.name());
     }
@@ -209,9 +213,14 @@ pub async fn sync_group(shard: Rc<Shard>, version: i16, cid: i32, req: SyncGroup
                 }
             };
             coord.persist_if_changed(&shard, &gid, before);
-            match reply {
+            let outcome = match reply {
                 Reply::Now(o) => o,
                 Reply::Wait(rx) => rx.await.unwrap_or_else(|_| SyncOutcome::error(ErrorCode::CoordinatorNotAvailable)),
+            };
+            // The assignment goes out only once the group's record holding it is durable.
+            match coord.wait_persisted(&shard, &gid).await {
+                Ok(()) => outcome,
+                Err(code) => SyncOutcome::error(code),
             }
         }
     };
@@ -242,7 +251,8 @@ pub fn heartbeat(shard: &Rc<Shard>, version: i16, cid: i32, req: HeartbeatReques
     encode(ApiKey::Heartbeat, version, cid, &HeartbeatResponse::default().with_error_code(code.code()))
 }
 
-pub fn leave_group(shard: &Rc<Shard>, version: i16, cid: i32, req: LeaveGroupRequest) -> Response {
+pub async fn leave_group(shard: Rc<Shard>, version: i16, cid: i32, req: LeaveGroupRequest) -> Response {
+    let shard = &shard;
     let gid = req.group_id.0.to_string();
     let coord = &shard.groups;
     let identities: Vec<(String, Option<String>)> = if version >= 3 {
@@ -266,8 +276,18 @@ pub fn leave_group(shard: &Rc<Shard>, version: i16, cid: i32, req: LeaveGroupReq
                     .collect()
             };
             coord.persist_if_changed(shard, &gid, before);
-            let top = if version >= 3 { ErrorCode::None } else { results.first().copied().unwrap_or(ErrorCode::None) };
-            (top, results)
+            // A departure that emptied the group is answered once that is durable.
+            match coord.wait_persisted(shard, &gid).await {
+                Ok(()) => {
+                    let top = if version >= 3 {
+                        ErrorCode::None
+                    } else {
+                        results.first().copied().unwrap_or(ErrorCode::None)
+                    };
+                    (top, results)
+                }
+                Err(code) => (code, Vec::new()),
+            }
         }
     };
     let mut r = LeaveGroupResponse::default().with_error_code(top.code());

@@ -188,7 +188,9 @@ fn route(
             Box::pin(groups::sync_group(shard.clone(), version, cid, decode(key, version, &mut body)?))
         }
         ApiKey::Heartbeat => ready(groups::heartbeat(shard, version, cid, decode(key, version, &mut body)?)),
-        ApiKey::LeaveGroup => ready(groups::leave_group(shard, version, cid, decode(key, version, &mut body)?)),
+        ApiKey::LeaveGroup => {
+            Box::pin(groups::leave_group(shard.clone(), version, cid, decode(key, version, &mut body)?))
+        }
         ApiKey::OffsetCommit => {
             Box::pin(groups::offset_commit(shard.clone(), version, cid, decode(key, version, &mut body)?))
         }

@@ -190,6 +190,13 @@ async fn fetch_round(
         if !f.truncation_checked.get() {
             continue;
         }
+        // A replica in a full or failed data dir stops fetching (its log
+        // could not take the records; it leaves the ISR after
+        // replica.lag.time.max.ms, as Kafka's offline replicas do) and
+        // resumes once the dir is back.
+        if shard.dir_state(&f.log) != crate::storage::log_dirs::DirState::Online {
+            continue;
+        }
         let (leo, start) = {
             let l = f.log.borrow();
             (l.log_end_offset(), l.log_start_offset)

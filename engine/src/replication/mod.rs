@@ -25,9 +25,21 @@
 //! the high watermark, acks=all and what consumers may read all wait for
 //! every ISR member's disk, not its page cache (stronger than Kafka).
 //!
+//! Divergence: a follower's Fetch carries the epoch its log ends in
+//! (KIP-320); a leader that does not have that epoch, or on which it ends
+//! before the fetch offset, answers `diverging_epoch` instead of records
+//! (`check_fetch_epoch`) and the follower truncates (`truncation_offset`,
+//! the same rule as after OffsetForLeaderEpoch on becoming follower).
+//!
+//! Restarts: the high watermark of every replicated partition is written to
+//! `replication-offset-checkpoint` in its directory every
+//! `replica.high.watermark.checkpoint.interval.ms` and at clean shutdown; a
+//! reopened replica starts from it (`restore_high_watermark`), never from its
+//! log end, so it cannot show consumers records the other ISR members lack.
+//!
 //! The partition log knows nothing of this beyond `replication_bound` (the
-//! cap this module puts on its high watermark), `append_replicated` and
-//! `truncate_to`.
+//! cap this module puts on its high watermark), `hold_high_watermark`,
+//! `append_replicated` and `truncate_to`.
 
 mod fetcher;
 mod log_api;

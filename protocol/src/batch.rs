@@ -143,8 +143,12 @@ impl<'a> BatchHeader<'a> {
     pub fn last_offset_delta(&self) -> i32 {
         be_i32(self.bytes, 23)
     }
+    /// Base offset plus last offset delta, saturating: the fields are read
+    /// off the wire or a disk, and a batch claiming offsets past i64::MAX
+    /// must not overflow (callers that care refuse it: see the recovery
+    /// scan in the engine's `segment::consume_batches`).
     pub fn last_offset(&self) -> Offset {
-        Offset(self.base_offset().0 + self.last_offset_delta() as i64)
+        Offset(self.base_offset().0.saturating_add(self.last_offset_delta() as i64))
     }
     pub fn base_timestamp_ms(&self) -> i64 {
         be_i64(self.bytes, 27)
@@ -450,6 +454,18 @@ mod tests {
         assert_eq!(info.size_bytes, b.len());
         assert_eq!(info.max_timestamp_ms, 1_700_000_000_001);
         assert_eq!(info.compression, Compression::None);
+    }
+
+    /// Regression (fuzz/record_batch): a header whose base offset plus last
+    /// offset delta passes i64::MAX overflowed `last_offset` (a panic in
+    /// debug builds, a negative offset in release).
+    #[test]
+    fn last_offset_of_a_hostile_header_saturates() {
+        let mut b = sample(3).to_vec();
+        b[..8].copy_from_slice(&(i64::MAX - 1).to_be_bytes());
+        let h = BatchHeader::parse(&b).expect("header");
+        assert_eq!(h.last_offset(), Offset(i64::MAX));
+        assert_eq!(h.last_offset().next(), Offset(i64::MAX));
     }
 
     #[test]

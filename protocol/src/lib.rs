@@ -18,6 +18,7 @@ pub mod error;
 pub mod fetch;
 pub mod frame;
 pub mod header;
+pub mod request;
 pub mod types;
 
 pub use kafka_protocol::messages;

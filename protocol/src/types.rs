@@ -42,8 +42,10 @@ newtype!(
 );
 
 impl Offset {
+    /// The offset after this one; saturates at i64::MAX (offsets read from
+    /// hostile or damaged bytes must not overflow).
     pub fn next(self) -> Offset {
-        Offset(self.0 + 1)
+        Offset(self.0.saturating_add(1))
     }
 }
 

@@ -46,6 +46,7 @@ mod node;
 mod store;
 
 pub use network::FRAME_BYTES_MAX;
+pub use store::{scan_metadata_log, MetadataLogScan};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -169,6 +169,81 @@ fn good_frame_at(bytes: &[u8], pos: usize) -> bool {
     pos < bytes.len() && decode_frame(bytes, pos).is_ok()
 }
 
+/// What `scan_log` read back from raft.log.
+struct LogScan {
+    /// index -> (entry, byte offset of its frame).
+    entries: BTreeMap<u64, (RaftEntry, u64)>,
+    /// Where the good frames end: the file is cut here when `torn_tail`.
+    end_bytes: usize,
+    /// Why the frame at `end_bytes` was not read (a torn append).
+    torn_tail: Option<String>,
+}
+
+/// Reads the frames of raft.log (pure: the file's bytes in, no I/O). A bad
+/// frame at the end is a torn tail (`LogScan::torn_tail`); a bad frame with
+/// a good one after it, or a gap in the indexes, is corruption:
+/// `Err((byte offset, why))`.
+fn scan_log(bytes: &[u8]) -> Result<LogScan, (usize, String)> {
+    let mut entries = BTreeMap::new();
+    let mut pos = 0usize;
+    let mut prev_index: Option<u64> = None;
+    while pos < bytes.len() {
+        match decode_frame(bytes, pos) {
+            Ok((entry, len)) => {
+                let index = entry.log_id.index;
+                if let Some(prev) = prev_index {
+                    if prev.checked_add(1) != Some(index) {
+                        return Err((pos, format!("entry {index} follows entry {prev}")));
+                    }
+                }
+                prev_index = Some(index);
+                entries.insert(index, (entry, pos as u64));
+                pos += len;
+            }
+            Err(why) => {
+                // A bad frame with good frames after it is damage, not a torn append.
+                let next = match &why {
+                    FrameError::BadCrc | FrameError::Undecodable(_) => {
+                        let len = u32::from_be_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]]);
+                        Some(pos + FRAME_HEADER_BYTES + len as usize)
+                    }
+                    FrameError::Short | FrameError::TooLong(_) => None,
+                };
+                if next.is_some_and(|n| good_frame_at(bytes, n)) {
+                    return Err((pos, format!("{why:?} in the middle of the log")));
+                }
+                return Ok(LogScan { entries, end_bytes: pos, torn_tail: Some(format!("{why:?}")) });
+            }
+        }
+    }
+    Ok(LogScan { entries, end_bytes: pos.min(bytes.len()), torn_tail: None })
+}
+
+/// What the metadata log scanner made of a raft.log image: entries read,
+/// where the good frames end, whether a torn tail would be cut. For the
+/// fuzzer (fuzz/) and tools; `LogStore::open` runs the same scan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetadataLogScan {
+    pub entries: usize,
+    pub first_index: Option<u64>,
+    pub last_index: Option<u64>,
+    pub end_bytes: usize,
+    pub torn_tail: bool,
+}
+
+/// Scans a raft.log image as `LogStore::open` does; `Err` says why the log
+/// would be refused as corrupt.
+pub fn scan_metadata_log(bytes: &[u8]) -> Result<MetadataLogScan, String> {
+    let scan = scan_log(bytes).map_err(|(pos, why)| format!("at byte {pos}: {why}"))?;
+    Ok(MetadataLogScan {
+        entries: scan.entries.len(),
+        first_index: scan.entries.keys().next().copied(),
+        last_index: scan.entries.keys().next_back().copied(),
+        end_bytes: scan.end_bytes,
+        torn_tail: scan.torn_tail.is_some(),
+    })
+}
+
 fn io_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
     io::Error::other(e)
 }
@@ -228,51 +303,23 @@ impl LogStore {
         });
         let bytes = fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
 
-        let mut entries = BTreeMap::new();
-        let mut pos = 0usize;
-        let mut prev_index: Option<u64> = None;
+        let LogScan { mut entries, end_bytes, torn_tail } =
+            scan_log(&bytes).map_err(|(pos, why)| corrupt(&path, pos, &why))?;
         let mut cut = false;
-        while pos < bytes.len() {
-            match decode_frame(&bytes, pos) {
-                Ok((entry, len)) => {
-                    let index = entry.log_id.index;
-                    if let Some(prev) = prev_index {
-                        if index != prev + 1 {
-                            return Err(corrupt(&path, pos, &format!("entry {index} follows entry {prev}")));
-                        }
-                    }
-                    prev_index = Some(index);
-                    entries.insert(index, (entry, pos as u64));
-                    pos += len;
-                }
-                Err(why) => {
-                    // A bad frame with good frames after it is damage, not a torn append.
-                    let next = match &why {
-                        FrameError::BadCrc | FrameError::Undecodable(_) => {
-                            let len = u32::from_be_bytes([bytes[pos], bytes[pos + 1], bytes[pos + 2], bytes[pos + 3]]);
-                            Some(pos + FRAME_HEADER_BYTES + len as usize)
-                        }
-                        FrameError::Short | FrameError::TooLong(_) => None,
-                    };
-                    if next.is_some_and(|n| good_frame_at(&bytes, n)) {
-                        return Err(corrupt(&path, pos, &format!("{why:?} in the middle of the log")));
-                    }
-                    log::warn!(
-                        "controller: node {node_id}: cutting the torn tail of {} at byte {pos} of {} ({why:?}) after \
-                         entry {}; it was never acknowledged",
-                        path.display(),
-                        bytes.len(),
-                        prev_index.map_or("none".to_string(), |i| i.to_string()),
-                    );
-                    file.set_len(pos as u64)
-                        .and_then(|()| file.sync_all())
-                        .map_err(|e| format!("cannot cut the torn tail of {}: {e}", path.display()))?;
-                    cut = true;
-                    break;
-                }
-            }
+        if let Some(why) = torn_tail {
+            log::warn!(
+                "controller: node {node_id}: cutting the torn tail of {} at byte {end_bytes} of {} ({why}) after \
+                 entry {}; it was never acknowledged",
+                path.display(),
+                bytes.len(),
+                entries.keys().next_back().map_or("none".to_string(), |i| i.to_string()),
+            );
+            file.set_len(end_bytes as u64)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| format!("cannot cut the torn tail of {}: {e}", path.display()))?;
+            cut = true;
         }
-        let end_offset = pos.min(bytes.len()) as u64;
+        let end_offset = end_bytes as u64;
 
         // Entries the snapshot covers may survive a crash between writing
         // purged.json and rewriting the log; they are dropped here.
@@ -996,5 +1043,34 @@ pub(crate) mod tests {
         let current = sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta.last_log_id, Some(log_id(1, 3)));
         assert_eq!(current.snapshot.cluster_id, "c1");
+    }
+
+    /// Regression (fuzz/metadata_log): an entry after one with index
+    /// u64::MAX overflowed `prev + 1` (a panic in debug builds) instead of
+    /// being refused as a gap.
+    #[test]
+    fn index_after_u64_max_is_a_gap_not_an_overflow() {
+        let mut bytes = Vec::new();
+        encode_frame(&entry(1, u64::MAX), &mut bytes).unwrap();
+        let second = bytes.len();
+        encode_frame(&entry(1, 0), &mut bytes).unwrap();
+        let (pos, why) = scan_log(&bytes).err().expect("a gap");
+        assert_eq!(pos, second);
+        assert!(why.contains("follows"), "{why}");
+    }
+
+    #[test]
+    fn scan_reports_a_torn_tail_and_where_good_frames_end() {
+        let mut bytes = Vec::new();
+        encode_frame(&entry(1, 1), &mut bytes).unwrap();
+        let good = bytes.len();
+        encode_frame(&entry(1, 2), &mut bytes).unwrap();
+        bytes.truncate(bytes.len() - 3);
+        let scan = scan_metadata_log(&bytes).unwrap();
+        assert_eq!(
+            scan,
+            MetadataLogScan { entries: 1, first_index: Some(1), last_index: Some(1), end_bytes: good, torn_tail: true }
+        );
+        assert_eq!(scan_metadata_log(&[]).unwrap().entries, 0);
     }
 }

@@ -237,7 +237,7 @@ pub fn for_each_record(chunk: &[u8], mut f: impl FnMut(&[u8], Option<&[u8]>)) ->
         if at + size > chunk.len() {
             break;
         }
-        next = Some(h.last_offset().0 + 1);
+        next = Some(h.last_offset().next().0);
         if h.compression() != Compression::None {
             log::warn!("__consumer_offsets: skipping a compressed batch at offset {}", h.base_offset().0);
         } else if !h.is_control() {
@@ -261,15 +261,16 @@ fn walk_records(mut b: &[u8], count: i32, f: &mut impl FnMut(&[u8], Option<&[u8]
         };
         let (Some(_ts), Some(_od)) = (next_varint(&mut at), next_varint(&mut at)) else { return };
         let Some(klen) = next_varint(&mut at) else { return };
+        // Lengths come off the disk: checked, never trusted to fit.
         let key = if klen < 0 {
             None
         } else {
-            let k = body.get(at..at + klen as usize);
-            at += klen as usize;
-            k
+            let Some(k) = at.checked_add(klen as usize).and_then(|end| body.get(at..end)) else { return };
+            at += k.len();
+            Some(k)
         };
         let Some(vlen) = next_varint(&mut at) else { return };
-        let value = if vlen < 0 { None } else { body.get(at..at + vlen as usize) };
+        let value = if vlen < 0 { None } else { at.checked_add(vlen as usize).and_then(|end| body.get(at..end)) };
         if let Some(key) = key {
             f(key, value);
         }
@@ -350,5 +351,31 @@ mod tests {
         b.put_i32(-1);
         assert_eq!(subscription_topics(&b), Some(vec!["a".to_string(), "bb".to_string()]));
         assert_eq!(subscription_topics(&b[..5]), None);
+    }
+
+    /// Regression (fuzz/record_batch): a key length near usize::MAX in a
+    /// `__consumer_offsets` record overflowed `at + klen`, and a batch whose
+    /// last offset passes i64::MAX overflowed the next offset; both are
+    /// skipped as damage now.
+    #[test]
+    fn hostile_lengths_and_offsets_are_skipped_not_overflowed() {
+        // One record: attributes, timestamp delta 0, offset delta 0, key
+        // length i64::MAX (zig-zag varint), no key bytes.
+        let mut body = BytesMut::new();
+        body.put_u8(0);
+        batch::put_varint(&mut body, 0);
+        batch::put_varint(&mut body, 0);
+        batch::put_varint(&mut body, i64::MAX);
+        let mut record = BytesMut::new();
+        batch::put_varint(&mut record, body.len() as i64);
+        record.put_slice(&body);
+        let mut seen = 0;
+        walk_records(&record, 1, &mut |_, _| seen += 1);
+        assert_eq!(seen, 0);
+
+        let mut b = build(&[(group_key("g"), None)], 0).to_vec();
+        b[..8].copy_from_slice(&i64::MAX.to_be_bytes());
+        let next = for_each_record(&b, |_, _| seen += 1);
+        assert_eq!((next, seen), (Some(i64::MAX), 1));
     }
 }

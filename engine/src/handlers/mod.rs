@@ -21,8 +21,9 @@ use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 use tidelog_protocol::header::encode_response;
-use tidelog_protocol::messages::{self, ApiKey, RequestHeader};
-use tidelog_protocol::{api, Decodable, Encodable, StrBytes};
+use tidelog_protocol::messages::{ApiKey, RequestHeader};
+use tidelog_protocol::request::{decode_request, Request};
+use tidelog_protocol::{api, Encodable, StrBytes};
 
 use crate::shard::Shard;
 
@@ -42,6 +43,9 @@ pub enum Outgoing {
 /// One piece of an `Outgoing::Parts` response.
 pub use crate::sendpool::Piece as OutPart;
 
+/// Produce's validation layer without a shard, for the fuzzer (fuzz/).
+pub use produce::{validate_only as produce_validate_only, Verdict as ProduceVerdict};
+
 pub type Pending = Pin<Box<dyn Future<Output = Response>>>;
 
 /// Why a request closes its connection instead of getting a response.
@@ -60,10 +64,6 @@ pub fn ready(r: Response) -> Pending {
 
 pub fn str_bytes(s: &str) -> StrBytes {
     StrBytes::from_string(s.to_string())
-}
-
-fn decode<M: Decodable>(key: ApiKey, version: i16, body: &mut Bytes) -> Result<M, Reject> {
-    M::decode(body, version).map_err(|e| Reject(format!("malformed {key:?} v{version} request: {e}")))
 }
 
 /// Routes one request and times it (request count and latency by API, in
@@ -109,116 +109,56 @@ fn route(
             None => format!("{key:?} (api key {}) is not implemented", key as i16),
         }));
     }
-    Ok(match key {
-        ApiKey::ApiVersions => {
-            let _req: messages::ApiVersionsRequest = decode(key, version, &mut body)?;
-            ready(encode(key, version, cid, &api::api_versions_response()))
-        }
-        ApiKey::Metadata => {
-            let req = decode(key, version, &mut body)?;
-            Box::pin(admin::metadata(shard.clone(), version, cid, req))
-        }
-        ApiKey::Produce => {
-            let frame = body.clone();
-            let req = decode(key, version, &mut body)?;
+    // Produce takes the frame back once decoded (see `produce::FrameCutter`).
+    let frame = (key == ApiKey::Produce).then(|| body.clone());
+    let req = decode_request(key, version, &mut body).map_err(|e| Reject(e.to_string()))?;
+    drop(body);
+    Ok(match req {
+        Request::ApiVersions(_) => ready(encode(key, version, cid, &api::api_versions_response())),
+        Request::Metadata(req) => Box::pin(admin::metadata(shard.clone(), version, cid, req)),
+        Request::Produce(req) => {
             // The handler cuts the record sets out of the frame in place;
             // nothing else may hold on to it (see `produce::FrameCutter`).
-            drop(body);
-            produce::produce(shard, version, cid, req, frame)
+            produce::produce(shard, version, cid, req, frame.unwrap_or_default())
         }
-        ApiKey::Fetch => {
-            let req = decode(key, version, &mut body)?;
-            Box::pin(fetch::fetch(shard.clone(), version, cid, req))
-        }
-        ApiKey::ListOffsets => {
-            let req = decode(key, version, &mut body)?;
-            Box::pin(admin::list_offsets(shard.clone(), version, cid, req))
-        }
-        ApiKey::CreateTopics => {
-            let req = decode(key, version, &mut body)?;
-            Box::pin(admin::create_topics(shard.clone(), version, cid, req))
-        }
-        ApiKey::DeleteTopics => {
-            let req = decode(key, version, &mut body)?;
-            Box::pin(admin::delete_topics(shard.clone(), version, cid, req))
-        }
-        ApiKey::DescribeConfigs => {
-            let req = decode(key, version, &mut body)?;
-            ready(configs::describe_configs(shard, version, cid, req))
-        }
-        ApiKey::AlterConfigs => {
-            let req = decode(key, version, &mut body)?;
-            Box::pin(configs::alter_configs(shard.clone(), version, cid, req))
-        }
-        ApiKey::IncrementalAlterConfigs => {
-            let req = decode(key, version, &mut body)?;
+        Request::Fetch(req) => Box::pin(fetch::fetch(shard.clone(), version, cid, req)),
+        Request::ListOffsets(req) => Box::pin(admin::list_offsets(shard.clone(), version, cid, req)),
+        Request::CreateTopics(req) => Box::pin(admin::create_topics(shard.clone(), version, cid, req)),
+        Request::DeleteTopics(req) => Box::pin(admin::delete_topics(shard.clone(), version, cid, req)),
+        Request::DescribeConfigs(req) => ready(configs::describe_configs(shard, version, cid, req)),
+        Request::AlterConfigs(req) => Box::pin(configs::alter_configs(shard.clone(), version, cid, req)),
+        Request::IncrementalAlterConfigs(req) => {
             Box::pin(configs::incremental_alter_configs(shard.clone(), version, cid, req))
         }
-        ApiKey::CreatePartitions => {
-            let req = decode(key, version, &mut body)?;
-            Box::pin(partitions::create_partitions(shard.clone(), version, cid, req))
-        }
-        ApiKey::DeleteRecords => {
-            let req = decode(key, version, &mut body)?;
-            Box::pin(partitions::delete_records(shard.clone(), version, cid, req))
-        }
-        ApiKey::DescribeCluster => {
-            let req = decode(key, version, &mut body)?;
-            ready(partitions::describe_cluster(shard, version, cid, req))
-        }
-        ApiKey::DescribeLogDirs => {
-            let req = decode(key, version, &mut body)?;
-            Box::pin(partitions::describe_log_dirs(shard.clone(), version, cid, req))
-        }
-        ApiKey::OffsetForLeaderEpoch => {
-            let req = decode(key, version, &mut body)?;
-            ready(partitions::offset_for_leader_epoch(shard, version, cid, req))
-        }
-        ApiKey::FindCoordinator => {
-            ready(groups::find_coordinator(shard, version, cid, decode(key, version, &mut body)?))
-        }
-        ApiKey::JoinGroup => {
-            let req = decode(key, version, &mut body)?;
+        Request::CreatePartitions(req) => Box::pin(partitions::create_partitions(shard.clone(), version, cid, req)),
+        Request::DeleteRecords(req) => Box::pin(partitions::delete_records(shard.clone(), version, cid, req)),
+        Request::DescribeCluster(req) => ready(partitions::describe_cluster(shard, version, cid, req)),
+        Request::DescribeLogDirs(req) => Box::pin(partitions::describe_log_dirs(shard.clone(), version, cid, req)),
+        Request::OffsetForLeaderEpoch(req) => ready(partitions::offset_for_leader_epoch(shard, version, cid, req)),
+        Request::FindCoordinator(req) => ready(groups::find_coordinator(shard, version, cid, req)),
+        Request::JoinGroup(req) => {
             let client_id = header.client_id.as_ref().map(|c| c.to_string()).unwrap_or_default();
             // Kafka reports a member's host as "/<ip>".
             let client_host = format!("/{}", peer.ip());
             Box::pin(groups::join_group(shard.clone(), version, cid, req, client_id, client_host))
         }
-        ApiKey::SyncGroup => {
-            Box::pin(groups::sync_group(shard.clone(), version, cid, decode(key, version, &mut body)?))
-        }
-        ApiKey::Heartbeat => ready(groups::heartbeat(shard, version, cid, decode(key, version, &mut body)?)),
-        ApiKey::LeaveGroup => {
-            Box::pin(groups::leave_group(shard.clone(), version, cid, decode(key, version, &mut body)?))
-        }
-        ApiKey::OffsetCommit => {
-            Box::pin(groups::offset_commit(shard.clone(), version, cid, decode(key, version, &mut body)?))
-        }
-        ApiKey::OffsetFetch => ready(groups::offset_fetch(shard, version, cid, decode(key, version, &mut body)?)),
-        ApiKey::ListGroups => ready(groups::list_groups(shard, version, cid, decode(key, version, &mut body)?)),
-        ApiKey::DescribeGroups => ready(groups::describe_groups(shard, version, cid, decode(key, version, &mut body)?)),
-        ApiKey::DeleteGroups => {
-            Box::pin(groups::delete_groups(shard.clone(), version, cid, decode(key, version, &mut body)?))
-        }
-        ApiKey::OffsetDelete => {
-            Box::pin(groups::offset_delete(shard.clone(), version, cid, decode(key, version, &mut body)?))
-        }
-        ApiKey::InitProducerId => {
-            Box::pin(producer_id::init_producer_id(shard.clone(), version, cid, decode(key, version, &mut body)?))
-        }
-        ApiKey::ElectLeaders => {
-            Box::pin(replicas::elect_leaders(shard.clone(), version, cid, decode(key, version, &mut body)?))
-        }
-        ApiKey::DescribeTopicPartitions => {
-            ready(replicas::describe_topic_partitions(shard, version, cid, decode(key, version, &mut body)?))
-        }
-        ApiKey::AlterPartitionReassignments => {
-            let req = decode(key, version, &mut body)?;
+        Request::SyncGroup(req) => Box::pin(groups::sync_group(shard.clone(), version, cid, req)),
+        Request::Heartbeat(req) => ready(groups::heartbeat(shard, version, cid, req)),
+        Request::LeaveGroup(req) => Box::pin(groups::leave_group(shard.clone(), version, cid, req)),
+        Request::OffsetCommit(req) => Box::pin(groups::offset_commit(shard.clone(), version, cid, req)),
+        Request::OffsetFetch(req) => ready(groups::offset_fetch(shard, version, cid, req)),
+        Request::ListGroups(req) => ready(groups::list_groups(shard, version, cid, req)),
+        Request::DescribeGroups(req) => ready(groups::describe_groups(shard, version, cid, req)),
+        Request::DeleteGroups(req) => Box::pin(groups::delete_groups(shard.clone(), version, cid, req)),
+        Request::OffsetDelete(req) => Box::pin(groups::offset_delete(shard.clone(), version, cid, req)),
+        Request::InitProducerId(req) => Box::pin(producer_id::init_producer_id(shard.clone(), version, cid, req)),
+        Request::ElectLeaders(req) => Box::pin(replicas::elect_leaders(shard.clone(), version, cid, req)),
+        Request::DescribeTopicPartitions(req) => ready(replicas::describe_topic_partitions(shard, version, cid, req)),
+        Request::AlterPartitionReassignments(req) => {
             Box::pin(replicas::alter_partition_reassignments(shard.clone(), version, cid, req))
         }
-        ApiKey::ListPartitionReassignments => {
-            ready(replicas::list_partition_reassignments(shard, version, cid, decode(key, version, &mut body)?))
+        Request::ListPartitionReassignments(req) => {
+            ready(replicas::list_partition_reassignments(shard, version, cid, req))
         }
-        other => return Err(Reject(format!("{other:?} is not implemented"))),
     })
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use tidelog_protocol::batch::{self, BatchError};
+use tidelog_protocol::batch::{self, BatchError, BatchInfo};
 use tidelog_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use tidelog_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicName};
 use tidelog_protocol::{Epoch, ErrorCode, Offset};
@@ -120,6 +120,82 @@ impl FrameCutter {
     }
 }
 
+/// The checks of one partition's record set that need no shard state:
+/// whole, CRC-valid v2 batches within `max_bytes`, none of them empty.
+fn check_record_set(records: &[u8], max_bytes: usize) -> Result<Vec<BatchInfo>, (ErrorCode, String)> {
+    let infos = batch::validate_record_set(records, max_bytes).map_err(|e| (error_for(&e), e.to_string()))?;
+    if let Some(info) = infos.iter().find(|i| i.record_count == 0) {
+        return Err((ErrorCode::CorruptMessage, format!("empty record batch of {} bytes", info.size_bytes)));
+    }
+    Ok(infos)
+}
+
+/// What Produce's validation layer decided for one partition (see `validate_only`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub topic: String,
+    pub partition: i32,
+    /// The batches that would be appended, or the error code the partition
+    /// would be answered with.
+    pub outcome: Result<Vec<BatchInfo>, ErrorCode>,
+}
+
+/// Runs everything `produce` does to a request before it touches a log,
+/// without a shard: the frame is cut as `produce` cuts it, each record set
+/// goes through `check_record_set`, LogAppendTime stamping (when
+/// `log_append_time_ms` is set) and the idempotent-producer checks against
+/// `producers` (accepted batches are recorded there at made-up offsets, so
+/// a sequence of requests exercises duplicates and sequence gaps). For the
+/// fuzzer (fuzz/) and tests; the broker calls `produce`.
+pub fn validate_only(
+    req: ProduceRequest,
+    frame: Bytes,
+    max_bytes: usize,
+    log_append_time_ms: Option<i64>,
+    producers: &mut producer_state::ProducerStateTable,
+) -> Vec<Verdict> {
+    let (topics, transactional) = locate_records(req, &frame);
+    let mut frame = FrameCutter::new(frame);
+    let mut out = Vec::new();
+    let mut next_offset = 0i64;
+    for topic in topics {
+        for p in topic.partitions {
+            let mut records = frame.take(p.records);
+            let outcome = if transactional {
+                Err(ErrorCode::InvalidRequest)
+            } else {
+                check_record_set(&records, max_bytes).map_err(|(code, _)| code).and_then(|mut infos| {
+                    if let Some(now_ms) = log_append_time_ms {
+                        crate::storage::timestamps::stamp_log_append_time(&mut records, &mut infos, now_ms);
+                    }
+                    let producer =
+                        producer_state::idempotent_batch(&records, &infos).map_err(|_| ErrorCode::InvalidRecord)?;
+                    if let Some(b) = producer {
+                        match producers.check(b.pid, b.epoch, b.first_seq, b.count) {
+                            Check::Append => {
+                                let count = infos.iter().map(|i| i64::from(i.last_offset_delta) + 1).sum::<i64>();
+                                let meta = BatchMeta {
+                                    first_seq: b.first_seq,
+                                    last_seq: producer_state::seq_add(b.first_seq, b.count - 1),
+                                    base_offset: Offset(next_offset),
+                                    last_offset: Offset(next_offset + count - 1),
+                                };
+                                next_offset += count;
+                                producers.record(b.pid, b.epoch, meta, b.max_timestamp_ms);
+                            }
+                            Check::Duplicate { .. } => {}
+                            Check::Reject(code) => return Err(code),
+                        }
+                    }
+                    Ok(infos)
+                })
+            };
+            out.push(Verdict { topic: topic.name.clone(), partition: p.index, outcome });
+        }
+    }
+    out
+}
+
 pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, frame: Bytes) -> Pending {
     let acks = req.acks;
     let timeout_ms = req.timeout_ms;
@@ -208,21 +284,13 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, f
                 }
             }
             let mut records = frame.take(p.records);
-            let mut infos = match batch::validate_record_set(&records, max_bytes) {
+            let mut infos = match check_record_set(&records, max_bytes) {
                 Ok(infos) => infos,
-                Err(e) => {
-                    parts.push(fail(r, error_for(&e), e.to_string()));
+                Err((code, msg)) => {
+                    parts.push(fail(r, code, msg));
                     continue;
                 }
             };
-            if let Some(info) = infos.iter().find(|i| i.record_count == 0) {
-                parts.push(fail(
-                    r,
-                    ErrorCode::CorruptMessage,
-                    format!("empty record batch of {} bytes", info.size_bytes),
-                ));
-                continue;
-            }
             // LogAppendTime topics: the broker's clock goes into each batch (and the response).
             let log_append_time = topic_meta.is_some_and(|t| {
                 crate::topic_config::topic_value(&shard.config, &image, t, "message.timestamp.type") == "LogAppendTime"
@@ -448,5 +516,30 @@ mod tests {
         let p = topics.into_iter().next().and_then(|t| t.partitions.into_iter().next()).expect("partition");
         assert_eq!(&cutter.take(p.records)[..], b"records");
         drop(body);
+    }
+
+    #[test]
+    fn validate_only_reports_each_partition_as_produce_would() {
+        let recs = [batch::RecordRef { key: None, value: Some(b"v"), headers: &[], timestamp_delta_ms: 0 }];
+        let good = batch::build_batch(&recs, 1, batch::ProducerFields::default());
+        let idempotent =
+            batch::build_batch(&recs, 1, batch::ProducerFields { producer_id: 7, producer_epoch: 0, base_sequence: 0 });
+        let mut bad = good.to_vec();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let frame = request_frame(&[("a", 0, &good), ("a", 1, &bad), ("b", 0, &idempotent), ("b", 1, &idempotent)]);
+        let mut body = frame.clone();
+        let req = ProduceRequest::decode(&mut body, 9).expect("decode");
+        drop(body);
+        let mut producers = producer_state::ProducerStateTable::default();
+        let verdicts = validate_only(req, frame, 1 << 20, Some(5), &mut producers);
+        let outcomes: Vec<_> =
+            verdicts.iter().map(|v| (v.topic.as_str(), v.partition, v.outcome.as_ref().map(|i| i.len()))).collect();
+        assert_eq!(
+            outcomes,
+            vec![("a", 0, Ok(1)), ("a", 1, Err(&ErrorCode::CorruptMessage)), ("b", 0, Ok(1)), ("b", 1, Ok(1))]
+        );
+        assert_eq!(verdicts[0].outcome.as_ref().map(|i| i[0].max_timestamp_ms), Ok(5), "stamped");
+        assert_eq!(producers.len(), 1, "the retry is a duplicate of the first append");
     }
 }

@@ -34,7 +34,8 @@ pub struct SegmentIndex {
 impl SegmentIndex {
     /// File position of the last indexed batch starting at or before `target`.
     pub fn position_for(&self, base: Offset, target: Offset) -> u64 {
-        let rel = (target.0 - base.0).clamp(0, u32::MAX as i64) as u32;
+        // Saturating: `target` can come from a client's fetch offset.
+        let rel = target.0.saturating_sub(base.0).clamp(0, u32::MAX as i64) as u32;
         let i = self.offsets.partition_point(|e| e.relative_offset <= rel);
         if i == 0 {
             0
@@ -139,6 +140,16 @@ mod tests {
         assert_eq!(back.times, idx.times);
         assert!(SegmentIndex::decode(&idx.encode_offsets(), &[], 5000).is_none(), "position past the log");
         assert!(SegmentIndex::decode(&[0u8; 7], &[], 5000).is_none());
+    }
+
+    /// Regression (fuzz/storage_files): a target far below the base
+    /// overflowed `target - base`.
+    #[test]
+    fn position_for_extreme_offsets_does_not_overflow() {
+        let mut idx = SegmentIndex::default();
+        idx.offsets.push(IndexEntry { relative_offset: 10, position: 4096 });
+        assert_eq!(idx.position_for(Offset(i64::MAX), Offset(i64::MIN)), 0);
+        assert_eq!(idx.position_for(Offset(i64::MIN), Offset(i64::MAX)), 4096);
     }
 
     #[test]

@@ -442,6 +442,73 @@ async fn load_index(log: &Path, log_bytes: u64) -> Option<SegmentIndex> {
         .await
 }
 
+/// Consumes the whole valid batches at the start of `avail` (file position
+/// `position` onwards) into `seg` and `report`; pure, the core of `scan`.
+/// Returns the bytes consumed and whether the next batch is cut off by the
+/// end of `avail` (more must be read) rather than invalid (the scan ends).
+fn consume_batches(
+    avail: &[u8],
+    mut position: u64,
+    index_interval_bytes: u64,
+    seg: &mut Segment,
+    report: &mut RecoveryReport,
+) -> (usize, bool) {
+    let mut cursor = 0;
+    loop {
+        let avail = &avail[cursor..];
+        if avail.len() < BATCH_LOG_OVERHEAD_BYTES {
+            return (cursor, true);
+        }
+        let batch_length = i32::from_be_bytes([avail[8], avail[9], avail[10], avail[11]]);
+        if batch_length < (BATCH_HEADER_BYTES - BATCH_LOG_OVERHEAD_BYTES) as i32 {
+            return (cursor, false);
+        }
+        let size = batch_length as usize + BATCH_LOG_OVERHEAD_BYTES;
+        if size > avail.len() {
+            return (cursor, true);
+        }
+        let Ok(info) = batch::validate(&avail[..size], usize::MAX) else { return (cursor, false) };
+        let Ok(header) = BatchHeader::parse(avail) else { return (cursor, false) };
+        let base = header.base_offset();
+        if base < seg.next_offset {
+            return (cursor, false); // offsets must increase; anything else is garbage
+        }
+        // A batch whose offsets run past i64::MAX is garbage too (it
+        // overflowed here before: fuzz/storage_files).
+        let Some(next_offset) = base.0.checked_add(info.last_offset_delta as i64 + 1) else { return (cursor, false) };
+        let relative = (base.0 - seg.base_offset.0) as u32;
+        if seg.bytes_since_index >= index_interval_bytes {
+            seg.index.offsets.push(IndexEntry { relative_offset: relative, position: position as u32 });
+            seg.bytes_since_index = 0;
+        }
+        if info.max_timestamp_ms > seg.max_timestamp_ms {
+            seg.max_timestamp_ms = info.max_timestamp_ms;
+            seg.index.times.push(TimeEntry { timestamp_ms: info.max_timestamp_ms, relative_offset: relative });
+        }
+        seg.bytes_since_index += size as u64;
+        seg.next_offset = Offset(next_offset);
+        cursor += size;
+        position += size as u64;
+        report.batches += 1;
+    }
+}
+
+/// Recovery's scan of a whole segment image held in memory (`scan` reads
+/// the file in chunks through the same `consume_batches`): the report, the
+/// next offset and the index it would rebuild. For the fuzzer (fuzz/).
+pub fn scan_image(
+    bytes: &[u8],
+    base_offset: Offset,
+    index_interval_bytes: u64,
+) -> (RecoveryReport, Offset, SegmentIndex) {
+    let mut seg = Segment::new(Path::new("."), base_offset, 0);
+    let mut report = RecoveryReport { file_bytes: bytes.len() as u64, ..Default::default() };
+    let (consumed, _) = consume_batches(bytes, 0, index_interval_bytes, &mut seg, &mut report);
+    report.valid_bytes = consumed as u64;
+    report.damaged_tail = bytes[consumed..].iter().any(|b| *b != 0);
+    (report, seg.next_offset, seg.index)
+}
+
 /// Scans `file` from the start, filling `seg`'s offsets and index from every
 /// valid batch, and stops at the first torn, zeroed or corrupt one.
 async fn scan(
@@ -457,43 +524,9 @@ async fn scan(
     let mut read_pos: u64 = 0;
     loop {
         // Consume every whole batch in the buffer.
-        let mut need_more = false;
-        loop {
-            let avail = &buf[cursor..];
-            if avail.len() < BATCH_LOG_OVERHEAD_BYTES {
-                need_more = true;
-                break;
-            }
-            let batch_length = i32::from_be_bytes([avail[8], avail[9], avail[10], avail[11]]);
-            if batch_length < (BATCH_HEADER_BYTES - BATCH_LOG_OVERHEAD_BYTES) as i32 {
-                break;
-            }
-            let size = batch_length as usize + BATCH_LOG_OVERHEAD_BYTES;
-            if size > avail.len() {
-                need_more = true;
-                break;
-            }
-            let Ok(info) = batch::validate(&avail[..size], usize::MAX) else { break };
-            let Ok(header) = BatchHeader::parse(avail) else { break };
-            let base = header.base_offset();
-            if base < seg.next_offset {
-                break; // offsets must increase; anything else is garbage
-            }
-            let position = buf_pos + cursor as u64;
-            let relative = (base.0 - seg.base_offset.0) as u32;
-            if seg.bytes_since_index >= index_interval_bytes {
-                seg.index.offsets.push(IndexEntry { relative_offset: relative, position: position as u32 });
-                seg.bytes_since_index = 0;
-            }
-            if info.max_timestamp_ms > seg.max_timestamp_ms {
-                seg.max_timestamp_ms = info.max_timestamp_ms;
-                seg.index.times.push(TimeEntry { timestamp_ms: info.max_timestamp_ms, relative_offset: relative });
-            }
-            seg.bytes_since_index += size as u64;
-            seg.next_offset = header.last_offset().next();
-            cursor += size;
-            report.batches += 1;
-        }
+        let (consumed, need_more) =
+            consume_batches(&buf[cursor..], buf_pos + cursor as u64, index_interval_bytes, seg, report);
+        cursor += consumed;
         let valid_end = buf_pos + cursor as u64;
         if !need_more || read_pos >= file_bytes {
             report.valid_bytes = valid_end;
@@ -544,5 +577,47 @@ mod tests {
         assert_eq!(buf.len(), 8192);
         assert_eq!(std::fs::metadata(&path).unwrap().atime(), old.tv_sec, "open_reader must not update atime");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn batch_at(base: i64, records: usize) -> Vec<u8> {
+        let recs: Vec<batch::RecordRef<'_>> = (0..records)
+            .map(|_| batch::RecordRef { key: None, value: Some(b"v"), headers: &[], timestamp_delta_ms: 0 })
+            .collect();
+        let mut b = batch::build_batch(&recs, 1_000, batch::ProducerFields::default()).to_vec();
+        b[..8].copy_from_slice(&base.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn scan_image_reads_batches_and_stops_at_garbage() {
+        let mut image = batch_at(100, 3);
+        let first = image.len();
+        image.extend_from_slice(&batch_at(103, 2));
+        let valid = image.len();
+        image.extend_from_slice(&[0u8; 100]);
+        let (report, next, index) = scan_image(&image, Offset(100), 0);
+        assert_eq!((report.batches, report.valid_bytes, report.damaged_tail), (2, valid as u64, false));
+        assert_eq!(next, Offset(105));
+        assert_eq!(
+            index.offsets,
+            vec![
+                IndexEntry { relative_offset: 0, position: 0 },
+                IndexEntry { relative_offset: 3, position: first as u32 }
+            ]
+        );
+        image[valid] = 1;
+        assert!(scan_image(&image, Offset(100), 0).0.damaged_tail);
+    }
+
+    /// Regression (fuzz/storage_files): a batch whose last offset is past
+    /// i64::MAX overflowed `last_offset().next()`; it ends the scan instead.
+    #[test]
+    fn scan_image_stops_at_a_batch_whose_offsets_overflow() {
+        let mut image = batch_at(0, 1);
+        let valid = image.len();
+        image.extend_from_slice(&batch_at(i64::MAX - 1, 3));
+        let (report, next, _) = scan_image(&image, Offset(0), 4096);
+        assert_eq!((report.batches, report.valid_bytes, report.damaged_tail), (1, valid as u64, true));
+        assert_eq!(next, Offset(1));
     }
 }

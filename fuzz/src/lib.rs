@@ -1,0 +1,89 @@
+//! Shared drivers of the fuzz targets (see README.md): each takes untrusted
+//! bytes through the same functions the broker uses, and checks what must
+//! hold for any input. A panic, an abort or an allocation past libFuzzer's
+//! `-malloc_limit_mb` is a finding.
+
+use bytes::Bytes;
+use tidelog_engine::groups::records;
+use tidelog_engine::handlers;
+use tidelog_engine::storage::producer_state::ProducerStateTable;
+use tidelog_protocol::batch;
+use tidelog_protocol::header;
+use tidelog_protocol::messages::ApiKey;
+use tidelog_protocol::request::{decode_request, Request};
+
+/// Largest record batch the produce path is given (the broker's default
+/// `message.max.bytes`).
+pub const MESSAGE_MAX_BYTES: usize = 1_048_588;
+
+/// One request frame (after its length prefix) as the broker's connection
+/// loop and dispatch see it: header, body, then for Produce the handler's
+/// whole validation layer (frame cutting, batch and record checks,
+/// LogAppendTime stamping, idempotent-producer checks against `producers`),
+/// and for JoinGroup the subscription parsing the group coordinator does.
+/// Returns the decoded request, or why the broker would close the connection.
+pub fn request_frame(data: &[u8], producers: &mut ProducerStateTable) -> Result<Request, String> {
+    let mut frame = Bytes::copy_from_slice(data);
+    let (key, req_header) = header::decode_request_header(&mut frame).map_err(|e| e.to_string())?;
+    let version = req_header.request_api_version;
+    // As `handlers::route`: Produce takes the frame back after decoding.
+    let produce_frame = (key == ApiKey::Produce).then(|| frame.clone());
+    let decoded = decode_request(key, version, &mut frame);
+    drop(frame);
+    let req = decoded.map_err(|e| e.to_string())?;
+    match &req {
+        Request::Produce(p) => {
+            let frame = produce_frame.unwrap_or_default();
+            let stamp = (req_header.correlation_id & 1 == 1).then_some(1_700_000_000_000);
+            let verdicts = handlers::produce_validate_only(p.clone(), frame, MESSAGE_MAX_BYTES, stamp, producers);
+            let partitions: usize = p.topic_data.iter().map(|t| t.partition_data.len()).sum();
+            assert_eq!(verdicts.len(), partitions, "one verdict per partition");
+        }
+        Request::JoinGroup(j) => {
+            for p in &j.protocols {
+                if let Some(topics) = records::subscription_topics(&p.metadata) {
+                    assert!(topics.len() <= p.metadata.len());
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(req)
+}
+
+/// Everything that reads a record batch or a run of them: the produce
+/// validator, the header view, the recovery scanners and the
+/// `__consumer_offsets` reader. Checks the invariants they promise.
+pub fn record_bytes(data: &[u8]) {
+    if let Ok(h) = batch::BatchHeader::parse(data) {
+        let _ = (h.base_offset(), h.size_bytes(), h.leader_epoch(), h.magic(), h.crc(), h.compression());
+        let _ = (h.is_log_append_time(), h.is_transactional(), h.is_control(), h.last_offset_delta());
+        let _ = (h.base_timestamp_ms(), h.max_timestamp_ms(), h.producer_id(), h.producer_epoch());
+        let _ = (h.base_sequence(), h.record_count(), h.last_offset());
+    }
+    let _ = batch::validate(data, usize::MAX);
+    let _ = batch::validate_records(data);
+    if let Ok(mut infos) = batch::validate_record_set(data, MESSAGE_MAX_BYTES) {
+        assert_eq!(infos.iter().map(|i| i.size_bytes).sum::<usize>(), data.len());
+        let _ = tidelog_engine::storage::producer_state::idempotent_batch(data, &infos);
+        // LogAppendTime stamping keeps a valid record set valid.
+        let mut stamped = data.to_vec();
+        tidelog_engine::storage::timestamps::stamp_log_append_time(&mut stamped, &mut infos, 1_700_000_000_000);
+        let again = batch::validate_record_set(&stamped, MESSAGE_MAX_BYTES);
+        assert!(again.is_ok(), "stamping broke a valid record set: {again:?}");
+    }
+    let (valid, found) = batch::scan_valid_prefix(data);
+    assert!(valid <= data.len());
+    assert_eq!(found.iter().map(|(_, i, _)| i.size_bytes).sum::<usize>(), valid);
+    let (report, _next, index) = tidelog_engine::storage::segment::scan_image(data, tidelog_protocol::Offset(0), 4096);
+    assert!(report.valid_bytes <= data.len() as u64);
+    assert!(report.batches <= found.len(), "recovery accepted a batch the validator refuses");
+    if let Some(decoded) =
+        tidelog_engine::storage::index::SegmentIndex::decode(&index.encode_offsets(), &index.encode_times(), u64::MAX)
+    {
+        assert_eq!(decoded.offsets, index.offsets);
+    }
+    let _ = records::for_each_record(data, |k, v| {
+        let _ = records::decode(k, v);
+    });
+}

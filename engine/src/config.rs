@@ -48,6 +48,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "log.preallocate.bytes", default: "33554432", doc: "Segment files are preallocated (fallocate) this far ahead of the write position." },
     Setting { name: "message.max.bytes", default: "1048588", doc: "Largest record batch a producer may send; larger gets MESSAGE_TOO_LARGE." },
     Setting { name: "socket.request.max.bytes", default: "104857600", doc: "Largest request frame; a larger length prefix closes the connection before anything is allocated." },
+    Setting { name: "queued.max.request.bytes", default: "536870912", doc: "Bytes of request frames the broker holds while reading and dispatching them, split evenly across shards (Kafka's memory pool). A connection whose next frame does not fit waits before reading it, which pushes back on the client through TCP; a frame larger than a shard's share waits for all of it. -1: no limit." },
     Setting { name: "max.connections", default: "10000", doc: "Connections accepted per shard; more are closed at accept with a log line." },
     Setting { name: "max.inflight.requests.per.connection", default: "64", doc: "Requests read ahead of their responses on one connection; the reader waits (back-pressure) beyond this." },
         Setting {
@@ -172,6 +173,8 @@ pub struct Config {
     pub preallocate_bytes: u64,
     pub message_max_bytes: usize,
     pub request_max_bytes: usize,
+    /// `queued.max.request.bytes`; `None` for -1 (no limit).
+    pub queued_max_request_bytes: Option<u64>,
     pub max_connections: usize,
     pub max_inflight_requests: usize,
     pub fetch_max_wait_ms_max: u64,
@@ -620,6 +623,15 @@ impl Config {
             preallocate_bytes: num(&values, "log.preallocate.bytes", 0u64, 1 << 34)?,
             message_max_bytes: num(&values, "message.max.bytes", 61usize, 1 << 30)?,
             request_max_bytes: num(&values, "socket.request.max.bytes", 1024usize, i32::MAX as usize)?,
+            queued_max_request_bytes: match num(&values, "queued.max.request.bytes", -1i64, 1 << 50)? {
+                -1 => None,
+                n if n >= 65536 => Some(n as u64),
+                n => {
+                    return Err(ConfigError(format!(
+                        "queued.max.request.bytes={n}: give -1 (no limit) or at least 65536"
+                    )))
+                }
+            },
             max_connections: num(&values, "max.connections", 1usize, 1 << 20)?,
             max_inflight_requests: num(&values, "max.inflight.requests.per.connection", 1usize, 4096)?,
             fetch_max_wait_ms_max: num(&values, "fetch.max.wait.ms.max", 0u64, 3_600_000)?,

@@ -224,6 +224,10 @@ pub struct ShardSnapshot {
     /// Bytes held by this shard's logs in memory (recent-batch caches and
     /// appends waiting for the flusher).
     pub memory_bytes: u64,
+    /// Request frame bytes held under `queued.max.request.bytes` now, and
+    /// frames that waited for room so far.
+    pub request_memory_bytes: u64,
+    pub request_memory_waits: u64,
     /// `log.dirs` as this shard sees them (shared by all shards; rendered
     /// from the first snapshot): path, state, usable and total bytes.
     pub log_dirs: Vec<LogDirSnapshot>,
@@ -607,6 +611,22 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
         "gauge",
         "Record bytes held in memory by the shard's logs (tail caches and unflushed appends).",
         |s| s.memory_bytes,
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "tidelog_request_memory_bytes",
+        "gauge",
+        "Request frame bytes the shard holds while reading and dispatching them (its share of queued.max.request.bytes bounds it).",
+        |s| s.request_memory_bytes,
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "tidelog_request_memory_waits_total",
+        "counter",
+        "Request frames whose connection waited for room under queued.max.request.bytes before reading them.",
+        |s| s.request_memory_waits,
     );
     if let Some(first) = shards.first() {
         header(

@@ -3,7 +3,10 @@
 //! Each connection has a reader (frames, headers, dispatch) and a writer that
 //! sends responses strictly in request order, as Kafka requires. Requests are
 //! pipelined up to `max.inflight.requests.per.connection`; beyond that the
-//! reader waits, which pushes back on the client through TCP.
+//! reader waits, which pushes back on the client through TCP. Across the
+//! shard's connections, the frames being read and dispatched hold at most the
+//! shard's share of `queued.max.request.bytes`: a connection whose next frame
+//! does not fit waits before reading it, the same push-back.
 //!
 //! Bad input never panics: an oversized or garbage frame, an unknown API or
 //! an unsupported version is logged with the peer and closes the connection;
@@ -93,11 +96,42 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
         let _ = writer.close().await;
     });
     loop {
-        let frame = match read_frame(&mut reader, shard.config.request_max_bytes).await {
-            Ok(Some(f)) => f,
+        let len = match read_frame_len(&mut reader, shard.config.request_max_bytes).await {
+            Ok(Some(len)) => len,
             Ok(None) => break,
             Err(reason) => {
                 log::warn!("shard {}: {peer}: {reason}; closing connection", shard.id.0);
+                break;
+            }
+        };
+        // Room for the frame before reading it, held until it is dispatched
+        // (by then a produce's records belong to the log, and every other
+        // request is decoded): when the shard is full, this connection stops
+        // reading and TCP pushes back on the client.
+        let permit = match &shard.request_memory {
+            None => None,
+            Some(m) => {
+                let units = (len as u64).min(m.capacity);
+                match m.budget.try_acquire_static_permit(units) {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        m.waits.set(m.waits.get() + 1);
+                        log::debug!(
+                            "shard {}: {peer}: a {len}-byte frame waits for room under queued.max.request.bytes",
+                            shard.id.0
+                        );
+                        match m.budget.acquire_static_permit(units).await {
+                            Ok(p) => Some(p),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+        };
+        let frame = match crate::frames::read_exact_uninit(&mut reader, len).await {
+            Ok(buf) => buf.freeze(),
+            Err(e) => {
+                log::warn!("shard {}: {peer}: read of a {len}-byte frame failed: {e}; closing connection", shard.id.0);
                 break;
             }
         };
@@ -113,7 +147,9 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
                 break;
             }
         };
-        match handlers::dispatch(&shard, peer, key, &req_header, frame) {
+        let dispatched = handlers::dispatch(&shard, peer, key, &req_header, frame);
+        drop(permit);
+        match dispatched {
             Ok(pending) => {
                 if tx.send(glommio::spawn_local(pending)).await.is_err() {
                     break;
@@ -135,22 +171,19 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
     writer_task.await;
 }
 
-/// Reads one frame; `Ok(None)` on a clean end of stream.
-async fn read_frame<R: futures_lite::AsyncRead + Unpin>(
+/// Reads the next frame's length prefix and checks it against
+/// `limit_bytes`; `Ok(None)` on a clean end of stream.
+async fn read_frame_len<R: futures_lite::AsyncRead + Unpin>(
     reader: &mut R,
     limit_bytes: usize,
-) -> Result<Option<Bytes>, String> {
+) -> Result<Option<usize>, String> {
     let mut prefix = [0u8; LENGTH_PREFIX_BYTES];
     match reader.read_exact(&mut prefix).await {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(format!("read failed: {e}")),
     }
-    let len = frame::frame_len(prefix, limit_bytes).map_err(|e| e.to_string())?;
-    let buf = crate::frames::read_exact_uninit(reader, len)
-        .await
-        .map_err(|e| format!("read of a {len}-byte frame failed: {e}"))?;
-    Ok(Some(buf.freeze()))
+    frame::frame_len(prefix, limit_bytes).map(Some).map_err(|e| e.to_string())
 }
 
 /// Sends a Fetch response. With a file region in it, the whole response goes

@@ -146,6 +146,17 @@ pub struct Shard {
     pub image_notify: Notify,
     /// `log.dirs` and their health, shared by all shards.
     pub log_dirs: Arc<LogDirs>,
+    /// This shard's share of `queued.max.request.bytes` (see `server`).
+    pub request_memory: Option<RequestMemory>,
+}
+
+/// The bytes of request frames a shard holds while reading and dispatching
+/// them, at most (Kafka's memory pool, `queued.max.request.bytes`).
+pub struct RequestMemory {
+    pub budget: Rc<glommio::sync::Semaphore>,
+    pub capacity: u64,
+    /// Frames that had to wait for room.
+    pub waits: Cell<u64>,
 }
 
 impl Shard {
@@ -168,6 +179,10 @@ impl Shard {
         // top bits, so no two shards of a cluster ever hand out the same one.
         let pid_space = ShardId(crate::metadata::broker_id(config.node_id, id.0) as u32);
         let producer_ids = crate::storage::producer_state::PidAllocator::new(pid_space, &config.log_dir);
+        let request_memory = config.queued_max_request_bytes.map(|total| {
+            let capacity = (total / config.num_shards.max(1) as u64).max(65536);
+            RequestMemory { budget: Rc::new(glommio::sync::Semaphore::new(capacity)), capacity, waits: Cell::new(0) }
+        });
         Rc::new(Shard {
             id,
             fetch_stats: FetchStats::default(),
@@ -194,6 +209,7 @@ impl Shard {
             replication,
             image_notify: Notify::default(),
             log_dirs,
+            request_memory,
         })
     }
 
@@ -581,6 +597,10 @@ impl Shard {
         snap.cold_sends = self.send_pool.in_flight();
         snap.cold_throttle_seconds = self.send_pool.throttled_seconds();
         snap.cold_limit_bytes_per_second = self.send_pool.limit_bytes_per_second();
+        if let Some(m) = &self.request_memory {
+            snap.request_memory_bytes = m.capacity.saturating_sub(m.budget.available());
+            snap.request_memory_waits = m.waits.get();
+        }
         snap.log_dirs = (0..self.log_dirs.len())
             .map(|i| {
                 let path = self.log_dirs.path(i);

@@ -650,6 +650,19 @@ impl Shard {
                 .flatten()
                 .any(|l| l.borrow().needs_flush() && self.dir_state(l) == DirState::Online);
             if !pending {
+                for (topic, partition, log) in self.all_logs() {
+                    let l = log.borrow();
+                    if l.needs_flush() {
+                        log::warn!(
+                            "shard {}: {topic}-{partition}: records from offset {} up to the log end {} are not written: \
+                             its log dir is offline ({}); none was acknowledged with acks=all",
+                            self.id.0,
+                            l.durable_end.0,
+                            l.log_end_offset().0,
+                            self.describe_offline_dirs()
+                        );
+                    }
+                }
                 return;
             }
             let _ = glommio::timer::timeout(Duration::from_millis(50), async {

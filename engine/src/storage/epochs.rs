@@ -196,7 +196,10 @@ pub fn decode(text: &str) -> Result<Vec<EpochEntry>, String> {
     if count > ENTRIES_MAX {
         return Err(format!("{count} entries, more than {ENTRIES_MAX}"));
     }
-    let mut entries: Vec<EpochEntry> = Vec::with_capacity(count);
+    // Reserved for the entries the text can hold ("e o\n" is at least 4
+    // bytes), not the count it claims: a 10-byte file claiming ENTRIES_MAX
+    // entries must not reserve 16 MiB.
+    let mut entries: Vec<EpochEntry> = Vec::with_capacity(count.min(text.len() / 4));
     for i in 0..count {
         let line = lines.next().ok_or_else(|| format!("{count} entries declared, {i} present"))?;
         let mut fields = line.split_whitespace();
@@ -373,6 +376,15 @@ mod tests {
         ] {
             assert!(decode(bad).is_err(), "{bad:?} must be refused");
         }
+    }
+
+    /// A short file claiming the most entries allowed is refused, and the
+    /// reservation follows the text's length, not the claim (fuzz/README.md:
+    /// every length is checked against the bytes left before allocating).
+    #[test]
+    fn a_count_the_text_cannot_hold_is_refused() {
+        let text = format!("0\n{ENTRIES_MAX}\n0 0\n");
+        assert_eq!(decode(&text), Err(format!("{ENTRIES_MAX} entries declared, 1 present")));
     }
 
     #[test]

@@ -3,8 +3,12 @@
 #
 # Installs what it needs (the nightly toolchain only when missing,
 # cargo-fuzz), builds every target once, then runs each for its share of
-# TIDELOG_FUZZ_SECONDS (default 300 in all), two at a time on a machine with
-# two or more CPUs. Exits non-zero if any target finds a crash, an OOM
+# the fuzzing time, two at a time on a machine with two or more CPUs. The
+# fuzzing time is TIDELOG_FUZZ_SECONDS (default 300) in all, cut so that
+# set-up + build + fuzzing stay within TIDELOG_FUZZ_BUDGET_SECONDS (default
+# 570) but not below 120 s (unless TIDELOG_FUZZ_SECONDS asks for less): on
+# a busy or slow machine the run fuzzes less rather than pushing CI past its
+# time limit. Exits non-zero if any target finds a crash, an OOM
 # (-malloc_limit_mb: one allocation over 512 MiB, -rss_limit_mb: 2 GiB in
 # all), a leak or a timeout; the failing input is printed as base64 with
 # the command that reproduces it, so a CI log is enough to replay it.
@@ -16,9 +20,13 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 FUZZ="$(pwd)"
-TOTAL_SECONDS="${TIDELOG_FUZZ_SECONDS:-300}"
+FUZZ_SECONDS_MAX="${TIDELOG_FUZZ_SECONDS:-300}"
+BUDGET_SECONDS="${TIDELOG_FUZZ_BUDGET_SECONDS:-570}"
+FUZZ_SECONDS_MIN=120
 TARGETS=(request_header request record_batch storage_files metadata_log request_sequence)
 LIBFUZZER_FLAGS=(-rss_limit_mb=2048 -malloc_limit_mb=512 -max_len=65536 -timeout=20 -print_final_stats=1)
+# Extra libFuzzer flags for local runs, e.g. TIDELOG_FUZZ_FLAGS="-only_ascii=1".
+read -r -a EXTRA_FLAGS <<<"${TIDELOG_FUZZ_FLAGS:-}"
 started=$SECONDS
 
 if ! rustup toolchain list | grep -q '^nightly'; then
@@ -33,7 +41,10 @@ fi
 echo "fuzz: building ${#TARGETS[@]} targets"
 cargo +nightly fuzz build
 build_seconds=$((SECONDS - started))
-echo "fuzz: build took ${build_seconds}s"
+TOTAL_SECONDS=$((BUDGET_SECONDS - build_seconds))
+[ "$TOTAL_SECONDS" -ge "$FUZZ_SECONDS_MIN" ] || TOTAL_SECONDS="$FUZZ_SECONDS_MIN"
+[ "$TOTAL_SECONDS" -le "$FUZZ_SECONDS_MAX" ] || TOTAL_SECONDS="$FUZZ_SECONDS_MAX"
+echo "fuzz: set-up and build took ${build_seconds}s; fuzzing ${TOTAL_SECONDS}s in all"
 
 triple="$(rustc +nightly -vV | sed -n 's/^host: //p')"
 BIN="${CARGO_TARGET_DIR:-$FUZZ/target}/$triple/release"
@@ -62,7 +73,7 @@ run_target() {
     mkdir -p "$corpus" "$artifacts" "$seeds"
     # A fresh artifacts dir per run: what is in it afterwards is this run's finding.
     find "$artifacts" -maxdepth 1 -type f -delete
-    "$BIN/$t" "${LIBFUZZER_FLAGS[@]}" -max_total_time="$per_target" -artifact_prefix="$artifacts/" \
+    "$BIN/$t" "${LIBFUZZER_FLAGS[@]}" ${EXTRA_FLAGS[@]+"${EXTRA_FLAGS[@]}"} -max_total_time="$per_target" -artifact_prefix="$artifacts/" \
         "$corpus" "$seeds" >"$LOGS/$t.log" 2>&1
 }
 
@@ -105,5 +116,5 @@ while [ "$i" -lt "${#TARGETS[@]}" ]; do
     done
     i=$((i + jobs))
 done
-echo "fuzz: done in $((SECONDS - started))s (build ${build_seconds}s)"
+echo "fuzz: done in $((SECONDS - started))s (set-up and build ${build_seconds}s)"
 exit "$failed"

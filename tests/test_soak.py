@@ -11,13 +11,12 @@ engine gap the soak already found (`known_findings`) is an xfail naming
 them; any other problem fails. The samples, SVG, verdict and logs stay in
 the test's dir when it fails.
 
-Also here: the smallest reproduction of one of those gaps, a Fetch in the
-gap compaction leaves before the active segment (xfail until fixed).
+Also here: the smallest reproduction of a bug the soak found and that is
+now fixed, a Fetch in the gap compaction leaves before the active segment.
 """
 
 import json
 import os
-import re
 import shutil
 import socket
 import struct
@@ -48,15 +47,13 @@ def known_findings(verdict):
       segment.bytes), and every segment keeps an open file: the compacted
       topic's FDs grow with every roll. Known when the open files beyond the
       bound are all the compacted topic's.
-    - A Fetch at an offset compaction removed at the end of the last sealed
-      segment is never answered (test_fetch_in_compaction_gap_before_active_segment),
-      so the compacted read-back stalls there, and the keys after that point
-      read as missing. Known when the soak's raw Fetch at the stuck position
-      timed out.
+
+    A compacted read-back that stalls is no longer one of them: it was a
+    Fetch never answered in a compaction gap before the active segment,
+    now fixed (test_fetch_in_compaction_gap_before_active_segment below).
     """
     growth = verdict.get("resources", {}).get("fds_growth_by_kind", {})
     problems = verdict["problems"]
-    stalled = any(p.startswith("compacted read-back stalled") and "TimeoutError" in p for p in problems)
     known = {}
     for p in problems:
         if p.startswith("open files grew") and sum(growth.values()) - growth.get("compact_topic", 0) <= FD_SLACK:
@@ -64,11 +61,6 @@ def known_findings(verdict):
                 "compacted topic's segment files and open FDs grow without bound (%+d over the run's second half)"
                 % growth.get("compact_topic", 0)
             )
-        elif stalled and (
-            p.startswith("compacted read-back stalled")
-            or re.match(r"compacted: \d+ keys (acked but absent|' last record is not)", p)
-        ):
-            known[p] = "Fetch in the compaction gap before the active segment never answered (read-back stalled)"
     return known
 
 
@@ -109,11 +101,6 @@ def test_soak(binary, data_root):
     shutil.rmtree(out, ignore_errors=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug found by the soak: a Fetch at an offset inside the gap compaction leaves at the end of the "
-    "last sealed segment (just before the active one) is never answered, so a consumer positioned there stalls",
-)
 def test_fetch_in_compaction_gap_before_active_segment(broker_factory):
     """A compacted log whose last sealed segment lost its tail records to
     compaction (their keys were written again into the active segment): a

@@ -1062,8 +1062,10 @@ const LOCATE_WINDOW_BYTES: usize = 16 << 10;
 pub enum Located {
     /// Nothing durable at or after the offset.
     Empty,
-    /// The recent-batch cache held the offset when it was located.
-    Cached { limit: ReadLimit },
+    /// The recent-batch cache held the offset when it was located: `from`,
+    /// which is past the offset asked for when that fell in a gap (records
+    /// compaction removed at the end of a segment) before the cached ones.
+    Cached { limit: ReadLimit, from: Offset },
     /// The batch holding the offset starts at `start` in `file` and is
     /// `first_size` bytes long; `limit` is the segment's durable size.
     File { file: Arc<std::fs::File>, start: u64, first_size: usize, limit: u64, located_bytes: usize },
@@ -1212,7 +1214,7 @@ pub async fn locate_with(log: &SharedLog, offset: Offset, read_limit: ReadLimit)
                 return Ok(Located::Empty);
             }
             if l.cache_holds(offset) {
-                return Ok(Located::Cached { limit: read_limit });
+                return Ok(Located::Cached { limit: read_limit, from: offset });
             }
             let i = l.segments.partition_point(|s| s.base_offset <= offset).saturating_sub(1);
             let seg = &l.segments[i];
@@ -1281,8 +1283,8 @@ pub fn plan(
 ) -> Option<FetchRead> {
     match located {
         Located::Empty => Some(FetchRead::default()),
-        Located::Cached { limit } => {
-            let r = log.borrow().read_cached(offset, max_bytes, at_least_one, limit)?;
+        Located::Cached { limit, from } => {
+            let r = log.borrow().read_cached(offset.max(from), max_bytes, at_least_one, limit)?;
             Some(FetchRead {
                 bytes: r.bytes,
                 parts: r.chunks.into_iter().map(RecordsPart::Memory).collect(),

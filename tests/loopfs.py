@@ -16,12 +16,15 @@ fill up, fail or lose power for real.
 Needs root, losetup, mkfs.ext4 and mount; `unavailable()` says why not.
 """
 
+import contextlib
 import fcntl
 import os
 import shutil
 import struct
 import subprocess
 import time
+
+import pytest
 
 # _IOR('X', 125, __u32): FS_IOC_GOINGDOWN / EXT4_IOC_SHUTDOWN.
 GOINGDOWN = 0x8004587D
@@ -107,3 +110,23 @@ class LoopFs:
             os.rmdir(self.mnt)
         except OSError:
             pass
+
+
+@contextlib.contextmanager
+def mounted(data_root, prefix, size_mb):
+    """A fresh LoopFs of `size_mb` under `data_root`, destroyed afterwards;
+    skips the calling test (with the reason) where loop filesystems cannot
+    be used. For fixtures: `with loopfs.mounted(...) as fs: yield fs`."""
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    fs = LoopFs(os.path.join(data_root, "%s-%d-%d" % (prefix, os.getpid(), time.monotonic_ns())), size_mb)
+    try:
+        fs.create()
+    except OSError as e:
+        fs.destroy()
+        pytest.skip("cannot mount a loop filesystem here: %s" % e)
+    try:
+        yield fs
+    finally:
+        fs.destroy()

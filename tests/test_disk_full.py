@@ -35,19 +35,8 @@ FS_MB = 96
 
 @pytest.fixture
 def small_fs(data_root):
-    why = loopfs.unavailable()
-    if why:
-        pytest.skip(why)
-    fs = loopfs.LoopFs(os.path.join(data_root, "small-fs-%d-%d" % (os.getpid(), time.monotonic_ns())), FS_MB)
-    try:
-        fs.create()
-    except OSError as e:
-        fs.destroy()
-        pytest.skip("cannot mount a loop filesystem here: %s" % e)
-    try:
+    with loopfs.mounted(data_root, "small-fs", FS_MB) as fs:
         yield fs
-    finally:
-        fs.destroy()
 
 
 @pytest.fixture

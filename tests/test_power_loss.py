@@ -47,19 +47,8 @@ GROUP = "power-loss-group"
 
 @pytest.fixture
 def loop_fs(data_root):
-    why = loopfs.unavailable()
-    if why:
-        pytest.skip(why)
-    fs = loopfs.LoopFs(os.path.join(data_root, "power-fs-%d-%d" % (os.getpid(), time.monotonic_ns())), 512)
-    try:
-        fs.create()
-    except OSError as e:
-        fs.destroy()
-        pytest.skip("cannot mount a loop filesystem here: %s" % e)
-    try:
+    with loopfs.mounted(data_root, "power-fs", 512) as fs:
         yield fs
-    finally:
-        fs.destroy()
 
 
 class Load:

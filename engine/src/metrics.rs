@@ -228,6 +228,11 @@ pub struct ShardSnapshot {
     /// frames that waited for room so far.
     pub request_memory_bytes: u64,
     pub request_memory_waits: u64,
+    /// Record bytes appended and not yet written in online data directories
+    /// (bounded by `log.unflushed.max.bytes`), and produce requests that
+    /// waited for that bound so far.
+    pub unflushed_bytes: u64,
+    pub unflushed_waits: u64,
     /// `log.dirs` as this shard sees them (shared by all shards; rendered
     /// from the first snapshot): path, state, usable and total bytes.
     pub log_dirs: Vec<LogDirSnapshot>,
@@ -627,6 +632,22 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
         "counter",
         "Request frames whose connection waited for room under queued.max.request.bytes before reading them.",
         |s| s.request_memory_waits,
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "tidelog_unflushed_bytes",
+        "gauge",
+        "Record bytes appended and not yet written to disk in the shard's online data directories (log.unflushed.max.bytes bounds it).",
+        |s| s.unflushed_bytes,
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "tidelog_unflushed_waits_total",
+        "counter",
+        "Produce requests and replica fetches that waited for the flusher because the shard held more than log.unflushed.max.bytes unflushed.",
+        |s| s.unflushed_waits,
     );
     if let Some(first) = shards.first() {
         header(

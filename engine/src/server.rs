@@ -147,6 +147,12 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
                 break;
             }
         };
+        if key == tidelog_protocol::messages::ApiKey::Produce {
+            // The accumulator's bound (log.unflushed.max.bytes): while the
+            // disk is behind, this connection dispatches nothing and reads
+            // nothing more, and TCP pushes back on the producer.
+            shard.wait_for_unflushed_room().await;
+        }
         let dispatched = handlers::dispatch(&shard, peer, key, &req_header, frame);
         drop(permit);
         match dispatched {

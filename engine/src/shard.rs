@@ -37,7 +37,7 @@ use crate::metadata::{MetadataImage, TopicMeta};
 use crate::notify::Notify;
 use crate::storage::log_dirs::{DirState, LogDirs};
 use crate::storage::partition::{self, LogSettings, PartitionLog, SharedLog};
-use crate::storage::segment::SegmentSettings;
+use crate::storage::segment::{SegmentSettings, Unflushed};
 
 /// A topic to create, as validated by the shard that received CreateTopics.
 #[derive(Clone, Debug)]
@@ -148,6 +148,12 @@ pub struct Shard {
     pub log_dirs: Arc<LogDirs>,
     /// This shard's share of `queued.max.request.bytes` (see `server`).
     pub request_memory: Option<RequestMemory>,
+    /// Record bytes appended and not yet written, per data directory (the
+    /// index of `log_dirs`): the accumulator, which `log.unflushed.max.bytes`
+    /// bounds (`wait_for_unflushed_room`).
+    pub unflushed: Vec<Rc<Unflushed>>,
+    /// Produce requests (and replica fetches) that waited for that bound.
+    pub unflushed_waits: Cell<u64>,
 }
 
 /// The bytes of request frames a shard holds while reading and dispatching
@@ -208,6 +214,8 @@ impl Shard {
             producer_ids,
             replication,
             image_notify: Notify::default(),
+            unflushed: (0..log_dirs.len()).map(|_| Rc::new(Unflushed::default())).collect(),
+            unflushed_waits: Cell::new(0),
             log_dirs,
             request_memory,
         })
@@ -296,6 +304,8 @@ impl Shard {
                 {
                     Ok(log) => {
                         log.borrow_mut().cache_budget = Some(self.cache_budget.clone());
+                        let dir_index = self.log_dirs.index_of(&log.borrow().dir);
+                        log.borrow_mut().unflushed = dir_index.and_then(|i| self.unflushed.get(i).cloned());
                         log.borrow_mut().writes_inflight_max = self.config.flush_writes_inflight_max;
                         if let Err(e) = crate::storage::checkpoint::restore(&log).await {
                             log::error!(
@@ -563,6 +573,47 @@ impl Shard {
         self.log_dirs.index_of(&l.dir).map(|i| self.log_dirs.state(i)).unwrap_or(DirState::Online)
     }
 
+    /// Record bytes appended and not yet written in this shard's online data
+    /// directories. A full or failed directory's records wait there without
+    /// holding up the others.
+    pub fn unflushed_bytes(&self) -> u64 {
+        self.unflushed
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.log_dirs.state(*i) == DirState::Online)
+            .map(|(_, u)| u.bytes() as u64)
+            .sum()
+    }
+
+    /// Waits while this shard holds more unflushed record bytes than
+    /// `log.unflushed.max.bytes`: called before a Produce is dispatched (and
+    /// before a replica fetch), so a disk slower than the network stops the
+    /// connection's reads instead of growing the accumulator. Requests keep
+    /// their order: the connection dispatches nothing else meanwhile.
+    pub async fn wait_for_unflushed_room(&self) {
+        let Some(limit) = self.config.unflushed_max_bytes else { return };
+        if self.unflushed_bytes() <= limit {
+            return;
+        }
+        self.unflushed_waits.set(self.unflushed_waits.get() + 1);
+        log::debug!(
+            "shard {}: {} unflushed bytes is over log.unflushed.max.bytes={limit}; produce waits for the flusher",
+            self.id.0,
+            self.unflushed_bytes()
+        );
+        loop {
+            let notified = self.hw_notify.notified();
+            if self.unflushed_bytes() <= limit || self.stopping.get() {
+                return;
+            }
+            let _ = glommio::timer::timeout(Duration::from_millis(20), async {
+                notified.await;
+                Ok(())
+            })
+            .await;
+        }
+    }
+
     /// "path (state: reason), ..." for the directories that are not online.
     pub fn describe_offline_dirs(&self) -> String {
         self.log_dirs
@@ -601,6 +652,8 @@ impl Shard {
             snap.request_memory_bytes = m.capacity.saturating_sub(m.budget.available());
             snap.request_memory_waits = m.waits.get();
         }
+        snap.unflushed_bytes = self.unflushed_bytes();
+        snap.unflushed_waits = self.unflushed_waits.get();
         snap.log_dirs = (0..self.log_dirs.len())
             .map(|i| {
                 let path = self.log_dirs.path(i);

@@ -63,6 +63,8 @@ pub(super) async fn run(shard: Rc<Shard>, leader: i32, wake: Rc<Notify>) {
             }
             let Some(c) = conn.as_mut() else { return Ok(()) };
             truncate_diverged(&shard, c, &parts).await?;
+            // A follower's appends count against log.unflushed.max.bytes too.
+            shard.wait_for_unflushed_room().await;
             if !fetch_round(&shard, c, leader, &parts).await? {
                 // Every partition still waits for its truncation check (the
                 // leader did not answer it yet): do not spin.

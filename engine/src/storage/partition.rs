@@ -99,6 +99,9 @@ pub struct PartitionLog {
     cache_bytes: usize,
     /// The shard-wide bound on cached batches, shared by every log of a shard.
     pub cache_budget: Option<Rc<CacheBudget>>,
+    /// The shard's count of unflushed bytes in this log's data directory
+    /// (`log.unflushed.max.bytes`); `None` counts nothing.
+    pub unflushed: Option<Rc<super::segment::Unflushed>>,
     /// Idempotent producers' sequence state (see `producer_state`).
     pub producers: super::producer_state::ProducerStateTable,
     /// Most O_DIRECT writes of one segment in flight at once (`flush.writes.inflight.max`).
@@ -328,6 +331,7 @@ impl PartitionLog {
             cache: VecDeque::new(),
             cache_bytes: 0,
             cache_budget: None,
+            unflushed: None,
             writes_inflight_max: WRITES_INFLIGHT_DEFAULT,
             producers: Default::default(),
         }));
@@ -466,7 +470,8 @@ impl PartitionLog {
             let base = self.log_end_offset();
             batch::assign_offset(&mut batch, base, leader_epoch);
             let settings = self.settings.segment;
-            self.active_mut().append(batch.freeze(), info, &settings);
+            let charge = self.unflushed.as_ref().map(|u| u.charge(batch.len()));
+            self.active_mut().append(batch.freeze(), info, &settings, charge);
         }
         (first, Offset(self.log_end_offset().0 - 1))
     }
@@ -530,7 +535,8 @@ impl PartitionLog {
                 self.producers.replay(&h);
             }
             let settings = self.settings.segment;
-            self.active_mut().append(bytes, info, &settings);
+            let charge = self.unflushed.as_ref().map(|u| u.charge(bytes.len()));
+            self.active_mut().append(bytes, info, &settings, charge);
             at += info.size_bytes;
         }
         debug_assert_eq!(self.log_end_offset(), expected);

@@ -62,6 +62,43 @@ pub struct PendingBatch {
     pub base_offset: Offset,
     pub last_offset: Offset,
     pub bytes: Bytes,
+    /// Its bytes counted against the shard's unflushed bound until the batch
+    /// is dropped (written and handed to the cache, or cut).
+    pub charge: Option<Charge>,
+}
+
+/// Record bytes appended and not yet written, over the logs of one shard in
+/// one data directory: the accumulator's memory, which the shard bounds by
+/// `log.unflushed.max.bytes` (produce waits beyond it). Every pending batch
+/// holds a `Charge` against it, so whatever drops the batch (a completed
+/// flush, a truncation, a deleted partition) gives its bytes back.
+#[derive(Debug, Default)]
+pub struct Unflushed {
+    bytes: std::cell::Cell<usize>,
+}
+
+impl Unflushed {
+    pub fn bytes(&self) -> usize {
+        self.bytes.get()
+    }
+
+    pub fn charge(self: &Rc<Self>, bytes: usize) -> Charge {
+        self.bytes.set(self.bytes.get() + bytes);
+        Charge { owner: self.clone(), bytes }
+    }
+}
+
+/// `bytes` counted in `owner` for as long as this lives.
+#[derive(Debug)]
+pub struct Charge {
+    owner: Rc<Unflushed>,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.owner.bytes.set(self.owner.bytes.get().saturating_sub(self.bytes));
+    }
 }
 
 /// Tunables a segment needs, from the broker and topic config.
@@ -187,7 +224,7 @@ impl Segment {
     }
 
     /// Queues a batch whose offsets are already assigned.
-    pub fn append(&mut self, bytes: Bytes, info: &BatchInfo, settings: &SegmentSettings) {
+    pub fn append(&mut self, bytes: Bytes, info: &BatchInfo, settings: &SegmentSettings, charge: Option<Charge>) {
         debug_assert!(!self.seal_requested, "append to sealing segment {}", self.path.display());
         let base = self.next_offset;
         let last = Offset(base.0 + info.last_offset_delta as i64);
@@ -204,7 +241,7 @@ impl Segment {
         self.bytes_since_index += info.size_bytes as u64;
         self.end_bytes += info.size_bytes as u64;
         self.next_offset = last.next();
-        self.pending.push_back(PendingBatch { base_offset: base, last_offset: last, bytes });
+        self.pending.push_back(PendingBatch { base_offset: base, last_offset: last, bytes, charge });
     }
 
     /// Whether a batch of `size_bytes` would push this segment past its size
@@ -607,6 +644,39 @@ mod tests {
         );
         image[valid] = 1;
         assert!(scan_image(&image, Offset(100), 0).0.damaged_tail);
+    }
+
+    /// Every pending batch's bytes count in the shard's `Unflushed` until the
+    /// batch is dropped, whichever way: flushed (drained), or cut off.
+    #[test]
+    fn pending_batches_charge_unflushed_until_dropped() {
+        let unflushed = Rc::new(Unflushed::default());
+        let settings = SegmentSettings {
+            index_interval_bytes: 4096,
+            preallocate_bytes: 0,
+            segment_bytes: 1 << 20,
+            flush_write_bytes_max: 1 << 20,
+        };
+        let mut seg = Segment::new(Path::new("/nonexistent"), Offset(0), 0);
+        let mut sizes = Vec::new();
+        for records in [3, 5, 2] {
+            let bytes = Bytes::from(batch_at(0, records));
+            let info = batch::validate(&bytes, usize::MAX).unwrap();
+            sizes.push(bytes.len());
+            seg.append(bytes.clone(), &info, &settings, Some(unflushed.charge(bytes.len())));
+        }
+        assert_eq!(unflushed.bytes(), sizes.iter().sum::<usize>());
+        // A truncation inside the pending tail gives back what it cuts.
+        seg.cut((sizes[0] + sizes[1]) as u64, Offset(8), Vec::new());
+        assert_eq!(unflushed.bytes(), sizes[0] + sizes[1]);
+        // A flush hands the first batch on (as complete_flush drains it): its
+        // bytes are no longer unflushed once it is dropped.
+        let flushed: Vec<PendingBatch> = seg.pending.drain(..1).collect();
+        assert_eq!(unflushed.bytes(), sizes[0] + sizes[1], "still held by the flushed batch");
+        drop(flushed);
+        assert_eq!(unflushed.bytes(), sizes[1]);
+        drop(seg);
+        assert_eq!(unflushed.bytes(), 0);
     }
 
     /// Regression (fuzz/storage_files): a batch whose last offset is past

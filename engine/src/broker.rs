@@ -466,6 +466,7 @@ fn register(config: &Config, num_shards: usize, handle: &tidelog_quorum::QuorumH
         num_shards: num_shards as u32,
         rack: config.cluster.as_ref().and_then(|c| c.rack.clone()),
         fenced: false,
+        broker_epoch: -1,
     };
     let started = std::time::Instant::now();
     let mut last_note = std::time::Instant::now();

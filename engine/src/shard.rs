@@ -117,6 +117,9 @@ pub struct Shard {
     pub num_shards: usize,
     pub config: Arc<Config>,
     pub image: RefCell<Arc<MetadataImage>>,
+    /// Topic names by topic id in `image` (Fetch v13+ names topics by id),
+    /// rebuilt whenever the image is replaced.
+    topic_ids: RefCell<HashMap<uuid::Uuid, String>>,
     /// Logs this shard owns: topic -> partition index -> log.
     logs: RefCell<HashMap<String, Vec<Option<SharedLog>>>>,
     dirty: RefCell<Vec<SharedLog>>,
@@ -196,6 +199,7 @@ impl Shard {
             cache_budget: partition::CacheBudget::new(cache_limit_bytes(&config, config.num_shards)),
             num_shards: config.num_shards,
             config,
+            topic_ids: RefCell::new(topic_ids(&image)),
             image: RefCell::new(image),
             logs: RefCell::new(HashMap::new()),
             dirty: RefCell::new(Vec::new()),
@@ -223,6 +227,11 @@ impl Shard {
 
     pub fn image(&self) -> Arc<MetadataImage> {
         self.image.borrow().clone()
+    }
+
+    /// The name of the topic with id `id` in the current image.
+    pub fn topic_name_by_id(&self, id: &uuid::Uuid) -> Option<String> {
+        self.topic_ids.borrow().get(id).cloned()
     }
 
     pub fn log(&self, topic: &str, partition: i32) -> Option<SharedLog> {
@@ -270,6 +279,7 @@ impl Shard {
     /// drops (and deletes from disk) logs of topics that are gone.
     pub async fn apply_image(self: &Rc<Self>, image: Arc<MetadataImage>) {
         let old = self.image.replace(image.clone());
+        *self.topic_ids.borrow_mut() = topic_ids(&image);
         // Topics deleted, or recreated with a new id.
         let gone: Vec<Arc<TopicMeta>> =
             old.topics.values().filter(|t| image.topics.get(&t.name).is_none_or(|n| n.id != t.id)).cloned().collect();
@@ -731,6 +741,10 @@ impl Shard {
 const DIR_RECHECK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// `fetch.cache.max.bytes`, or 1/8 of physical memory per shard (at most 1 GiB).
+fn topic_ids(image: &MetadataImage) -> HashMap<uuid::Uuid, String> {
+    image.topics.values().map(|t| (t.uuid(), t.name.clone())).filter(|(id, _)| !id.is_nil()).collect()
+}
+
 fn cache_limit_bytes(config: &Config, num_shards: usize) -> usize {
     if config.fetch_cache_max_bytes > 0 {
         return config.fetch_cache_max_bytes;

@@ -2,8 +2,9 @@
 //!
 //! Clients pick `min(their max, our max)` per API, so advertising a version
 //! means every field of it is honoured. Kafka 4.x dropped Produce < 3 and
-//! Fetch < 4; we do the same. Fetch stops at 12 and Produce at 12 because
-//! later versions address topics by id only.
+//! Fetch < 4; we do the same. Produce stops at 12 because later versions
+//! address topics by id only; Fetch goes to 16 (topics by id from 13,
+//! KIP-903's replica state from 15, KIP-951's leader endpoints in 16).
 
 use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::{ApiKey, ApiVersionsResponse};
@@ -25,7 +26,7 @@ const fn api(key: ApiKey, min_version: i16, max_version: i16) -> ApiSupport {
 /// Every API tidelog answers, with the versions it implements.
 pub const SUPPORTED_APIS: &[ApiSupport] = &[
     api(ApiKey::Produce, 3, 12),
-    api(ApiKey::Fetch, 4, 12),
+    api(ApiKey::Fetch, 4, 16),
     api(ApiKey::ListOffsets, 1, 7),
     api(ApiKey::Metadata, 0, 12),
     api(ApiKey::ApiVersions, 0, 4),

@@ -3,10 +3,11 @@
 //! The broker sends a Fetch response as: one length prefix computed up front,
 //! then inline header bytes, then each partition's records straight from
 //! memory (`Bytes` slices) or from a segment file (sendfile), interleaved.
-//! This module encodes everything but the records (versions 4–12, the ones
-//! tidelog advertises; the only tagged field sent is v12's
-//! `diverging_epoch`) and says where each partition's records go; the
-//! records are never copied into the encoding.
+//! This module encodes everything but the records (versions 4–16, the ones
+//! tidelog advertises: topics by id from v13, the partition tagged fields
+//! `diverging_epoch` (KIP-320) and `current_leader` (v12+), and v16's
+//! top-level `node_endpoints` (KIP-951)) and says where each partition's
+//! records go; the records are never copied into the encoding.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -22,14 +23,30 @@ pub struct PartitionHeader {
     pub log_start_offset: i64,
     pub records_bytes: usize,
     /// KIP-320: where the fetcher's log diverged from this one, as
-    /// (epoch, end offset); sent as tagged field 0 in v12, ignored before.
+    /// (epoch, end offset); sent as tagged field 0 from v12, ignored before.
     pub diverging_epoch: Option<(i32, i64)>,
+    /// The partition's leader as (broker id, leader epoch), for a fetcher
+    /// that asked the wrong broker; tagged field 1 from v12 (KIP-951 uses
+    /// it with v16's `node_endpoints`), ignored before.
+    pub current_leader: Option<(i32, i32)>,
 }
 
+/// A topic of the response: by name up to v12, by id from v13 (KIP-516).
 #[derive(Clone, Debug, Default)]
 pub struct TopicHeader {
     pub name: String,
+    pub id: [u8; 16],
     pub partitions: Vec<PartitionHeader>,
+}
+
+/// A broker named in `current_leader`, sent from v16 so the client need not
+/// ask Metadata where it is (KIP-951).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeEndpoint {
+    pub node_id: i32,
+    pub host: String,
+    pub port: i32,
+    pub rack: Option<String>,
 }
 
 /// The encoded response minus records: `inline[0]`, records of partition 0,
@@ -57,9 +74,21 @@ fn put_array_len(buf: &mut BytesMut, flexible: bool, n: usize) {
     }
 }
 
-/// Encodes a Fetch response of `version` (4..=12) for `correlation_id`.
-pub fn encode_fetch_frame(version: i16, correlation_id: i32, session_id: i32, topics: &[TopicHeader]) -> FetchFrame {
-    debug_assert!((4..=12).contains(&version), "fetch v{version} framing");
+fn put_compact_str(buf: &mut BytesMut, s: &str) {
+    put_uvarint(buf, s.len() as u64 + 1);
+    buf.put_slice(s.as_bytes());
+}
+
+/// Encodes a Fetch response of `version` (4..=16) for `correlation_id`;
+/// `node_endpoints` go out from v16 only.
+pub fn encode_fetch_frame(
+    version: i16,
+    correlation_id: i32,
+    session_id: i32,
+    topics: &[TopicHeader],
+    node_endpoints: &[NodeEndpoint],
+) -> FetchFrame {
+    debug_assert!((4..=16).contains(&version), "fetch v{version} framing");
     let flexible = version >= 12;
     let mut inline = Vec::new();
     let mut buf = BytesMut::with_capacity(256);
@@ -76,12 +105,14 @@ pub fn encode_fetch_frame(version: i16, correlation_id: i32, session_id: i32, to
     put_array_len(&mut buf, flexible, topics.len());
     let mut records_total = 0usize;
     for t in topics {
-        if flexible {
-            put_uvarint(&mut buf, t.name.len() as u64 + 1);
+        if version >= 13 {
+            buf.put_slice(&t.id);
+        } else if flexible {
+            put_compact_str(&mut buf, &t.name);
         } else {
             buf.put_i16(t.name.len() as i16);
+            buf.put_slice(t.name.as_bytes());
         }
-        buf.put_slice(t.name.as_bytes());
         put_array_len(&mut buf, flexible, t.partitions.len());
         for (pi, p) in t.partitions.iter().enumerate() {
             buf.put_i32(p.partition_index);
@@ -103,18 +134,24 @@ pub fn encode_fetch_frame(version: i16, correlation_id: i32, session_id: i32, to
             inline.push(buf.split().freeze());
             records_total += p.records_bytes;
             if flexible {
-                match p.diverging_epoch {
-                    // One tagged field: tag 0, then the EpochEndOffset struct
-                    // (epoch, end offset, its own empty tagged fields).
-                    Some((epoch, end_offset)) => {
-                        put_uvarint(&mut buf, 1);
-                        put_uvarint(&mut buf, 0);
-                        put_uvarint(&mut buf, 4 + 8 + 1);
-                        buf.put_i32(epoch);
-                        buf.put_i64(end_offset);
-                        put_uvarint(&mut buf, 0);
-                    }
-                    None => put_uvarint(&mut buf, 0), // partition tagged fields
+                // The partition's tagged fields, by ascending tag: 0 the
+                // EpochEndOffset (epoch, end offset), 1 the LeaderIdAndEpoch;
+                // each struct ends with its own empty tagged fields.
+                let count = p.diverging_epoch.is_some() as u64 + p.current_leader.is_some() as u64;
+                put_uvarint(&mut buf, count);
+                if let Some((epoch, end_offset)) = p.diverging_epoch {
+                    put_uvarint(&mut buf, 0);
+                    put_uvarint(&mut buf, 4 + 8 + 1);
+                    buf.put_i32(epoch);
+                    buf.put_i64(end_offset);
+                    put_uvarint(&mut buf, 0);
+                }
+                if let Some((leader_id, leader_epoch)) = p.current_leader {
+                    put_uvarint(&mut buf, 1);
+                    put_uvarint(&mut buf, 4 + 4 + 1);
+                    buf.put_i32(leader_id);
+                    buf.put_i32(leader_epoch);
+                    put_uvarint(&mut buf, 0);
                 }
             }
             let last_partition = pi + 1 == t.partitions.len();
@@ -126,7 +163,25 @@ pub fn encode_fetch_frame(version: i16, correlation_id: i32, session_id: i32, to
             put_uvarint(&mut buf, 0);
         }
     }
-    if flexible {
+    if version >= 16 && !node_endpoints.is_empty() {
+        // Top-level tagged field 0: the NodeEndpoints array.
+        let mut field = BytesMut::with_capacity(32 * node_endpoints.len());
+        put_uvarint(&mut field, node_endpoints.len() as u64 + 1);
+        for n in node_endpoints {
+            field.put_i32(n.node_id);
+            put_compact_str(&mut field, &n.host);
+            field.put_i32(n.port);
+            match &n.rack {
+                Some(rack) => put_compact_str(&mut field, rack),
+                None => put_uvarint(&mut field, 0),
+            }
+            put_uvarint(&mut field, 0);
+        }
+        put_uvarint(&mut buf, 1);
+        put_uvarint(&mut buf, 0);
+        put_uvarint(&mut buf, field.len() as u64);
+        buf.put_slice(&field);
+    } else if flexible {
         put_uvarint(&mut buf, 0); // top-level tagged fields
     }
     inline.push(buf.split().freeze());
@@ -151,6 +206,7 @@ mod tests {
         let topics = vec![
             TopicHeader {
                 name: "alpha".into(),
+                id: [0xa1; 16],
                 partitions: vec![
                     PartitionHeader {
                         partition_index: 0,
@@ -168,11 +224,13 @@ mod tests {
                         log_start_offset: -1,
                         records_bytes: 0,
                         diverging_epoch: Some((4, 17)),
+                        current_leader: Some((2001, 9)),
                     },
                 ],
             },
             TopicHeader {
                 name: "b".into(),
+                id: [0xb2; 16],
                 partitions: vec![PartitionHeader {
                     partition_index: 1,
                     high_watermark: 99,
@@ -182,7 +240,7 @@ mod tests {
                     ..Default::default()
                 }],
             },
-            TopicHeader { name: "empty".into(), partitions: vec![] },
+            TopicHeader { name: "empty".into(), id: [0xe3; 16], partitions: vec![] },
         ];
         (topics, records)
     }
@@ -190,8 +248,12 @@ mod tests {
     #[test]
     fn decodes_with_kafka_protocol_in_every_version() {
         let (topics, records) = sample();
-        for version in 4..=12i16 {
-            let frame = encode_fetch_frame(version, 42, 0, &topics);
+        let endpoints = vec![
+            NodeEndpoint { node_id: 2001, host: "h2".into(), port: 9093, rack: Some("r2".into()) },
+            NodeEndpoint { node_id: 3000, host: "host-three".into(), port: 9094, rack: None },
+        ];
+        for version in 4..=16i16 {
+            let frame = encode_fetch_frame(version, 42, 0, &topics, &endpoints);
             assert_eq!(frame.inline.len(), 4);
             let mut whole = BytesMut::new();
             for (i, chunk) in frame.inline.iter().enumerate() {
@@ -204,11 +266,19 @@ mod tests {
             let declared = i32::from_be_bytes([whole[0], whole[1], whole[2], whole[3]]) as usize;
             assert_eq!(declared + 4, whole.len(), "v{version} length prefix");
             let mut body = whole.freeze().slice(4..);
-            let (cid, resp): (i32, FetchResponse) = decode_response(ApiKey::Fetch, version, &mut body).expect("decode");
+            let (cid, resp): (i32, FetchResponse) =
+                decode_response(ApiKey::Fetch, version, &mut body).unwrap_or_else(|e| panic!("v{version}: {e:?}"));
             assert!(body.is_empty(), "v{version}: {} trailing bytes", body.len());
             assert_eq!(cid, 42);
             assert_eq!(resp.responses.len(), 3);
-            assert_eq!(&*resp.responses[0].topic.0, "alpha");
+            if version >= 13 {
+                assert_eq!(resp.responses[0].topic_id.as_bytes(), &[0xa1; 16], "v{version}: topic by id");
+                assert_eq!(resp.responses[1].topic_id.as_bytes(), &[0xb2; 16]);
+                assert_eq!(&*resp.responses[0].topic.0, "", "v{version}: no topic name");
+            } else {
+                assert_eq!(&*resp.responses[0].topic.0, "alpha");
+                assert_eq!(&*resp.responses[1].topic.0, "b");
+            }
             let p0 = &resp.responses[0].partitions[0];
             assert_eq!((p0.partition_index, p0.high_watermark), (0, 10));
             assert_eq!(p0.records.as_deref(), Some(&b"first-partition-records"[..]));
@@ -219,6 +289,16 @@ mod tests {
                 assert_eq!(diverging, (4, 17), "v{version}: diverging epoch as tagged field 0");
             } else {
                 assert_eq!(diverging, (-1, -1), "v{version} has no diverging epoch");
+            }
+            let leader = (p1.current_leader.leader_id.0, p1.current_leader.leader_epoch);
+            assert_eq!(leader, if version >= 12 { (2001, 9) } else { (-1, -1) }, "v{version}: current leader");
+            assert_eq!(p0.current_leader.leader_id.0, -1, "v{version}: no leader unless set");
+            if version >= 16 {
+                let got: Vec<(i32, &str, i32, Option<&str>)> =
+                    resp.node_endpoints.iter().map(|n| (n.node_id.0, &*n.host, n.port, n.rack.as_deref())).collect();
+                assert_eq!(got, vec![(2001, "h2", 9093, Some("r2")), (3000, "host-three", 9094, None)]);
+            } else {
+                assert!(resp.node_endpoints.is_empty(), "v{version} has no node endpoints");
             }
             let p0_diverging = (p0.diverging_epoch.epoch, p0.diverging_epoch.end_offset);
             assert_eq!(p0_diverging, (-1, -1), "v{version}: none unless set");

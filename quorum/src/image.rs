@@ -44,6 +44,17 @@ pub struct NodeRegistration {
     /// Fenced: missed heartbeats or shut down. A fenced node leads nothing
     /// and is not advertised to clients.
     pub fenced: bool,
+    /// The broker epoch (KRaft's): the metadata log index at which this
+    /// incarnation registered, set by the image (what a registration
+    /// request carries is ignored). Followers send it in Fetch v15+
+    /// (KIP-903) and a leader takes a replica back into the ISR only when
+    /// it matches, so fetches from an earlier run of the node do not count.
+    #[serde(default = "no_broker_epoch")]
+    pub broker_epoch: i64,
+}
+
+fn no_broker_epoch() -> i64 {
+    -1
 }
 
 /// One partition's replication state (KRaft's PartitionRecord).
@@ -268,7 +279,9 @@ impl ClusterImage {
                 }
                 vec![(String::new(), Ok(()))]
             }
-            MetadataCommand::RegisterNode(registration) => vec![(String::new(), self.register_node(registration))],
+            MetadataCommand::RegisterNode(registration) => {
+                vec![(String::new(), self.register_node(index, registration))]
+            }
             MetadataCommand::FenceNode { node_id } => {
                 self.fence_node(*node_id);
                 vec![(String::new(), Ok(()))]
@@ -326,7 +339,7 @@ impl ClusterImage {
         self.nodes.get(&node).is_some_and(|n| !n.fenced)
     }
 
-    fn register_node(&mut self, registration: &NodeRegistration) -> Result<(), Refusal> {
+    fn register_node(&mut self, index: u64, registration: &NodeRegistration) -> Result<(), Refusal> {
         if registration.node_id > NODE_ID_MAX {
             return Err(Refusal::new(
                 INVALID_REQUEST,
@@ -350,6 +363,12 @@ impl ClusterImage {
         }
         let mut registration = registration.clone();
         registration.fenced = true;
+        // The same incarnation registering again (a retried request) keeps
+        // its epoch; a new run of the node gets a new one.
+        registration.broker_epoch = match self.nodes.get(&node) {
+            Some(old) if old.incarnation == registration.incarnation && old.broker_epoch >= 0 => old.broker_epoch,
+            _ => i64::try_from(index).unwrap_or(i64::MAX),
+        };
         self.nodes.insert(node, registration);
         self.unfence_node(node);
         Ok(())
@@ -908,6 +927,7 @@ mod tests {
             num_shards: shards,
             rack: None,
             fenced: false,
+            broker_epoch: -1,
         }
     }
 
@@ -1172,6 +1192,11 @@ mod tests {
         assert_eq!(image.apply(index + 2, &MetadataCommand::RegisterNode(again)), ok(""));
         assert!(!image.nodes[&2].fenced);
         assert_eq!(image.nodes[&2].incarnation, "new");
+        assert_eq!(image.nodes[&2].broker_epoch, (index + 2) as i64, "a new incarnation: a new broker epoch");
+        let mut retried = image.nodes[&2].clone();
+        retried.broker_epoch = 77; // ignored: the image sets it
+        image.apply(index + 3, &MetadataCommand::RegisterNode(retried));
+        assert_eq!(image.nodes[&2].broker_epoch, (index + 2) as i64, "the same incarnation keeps its epoch");
 
         for bad in [reg(5, 0), reg(5, 1001), reg(1000, 1)] {
             let before = image.clone();

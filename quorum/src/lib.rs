@@ -374,6 +374,7 @@ mod tests {
             num_shards: 1,
             rack: None,
             fenced: false,
+            broker_epoch: -1,
         }));
         send(&handle.controlled_shutdown());
         // The controller is gone: every call says so instead of hanging.
@@ -420,6 +421,7 @@ mod tests {
             num_shards: 2,
             rack: None,
             fenced: false,
+            broker_epoch: -1,
         };
         let reply = raw(addr, ClientRequest::Register(registration.clone()));
         assert!(matches!(reply, ClientReply::Applied { .. }), "{reply:?}");

@@ -56,6 +56,7 @@ fn registration(node: u32, shards: u32, incarnation: &str) -> NodeRegistration {
         num_shards: shards,
         rack: None,
         fenced: false,
+        broker_epoch: -1,
     }
 }
 

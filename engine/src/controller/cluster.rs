@@ -291,6 +291,7 @@ mod tests {
                     num_shards: 2,
                     rack: None,
                     fenced: false,
+                    broker_epoch: -1,
                 },
             );
         }

@@ -15,6 +15,13 @@
 //! with one vectored `sendmsg`, file regions with `sendfile` (see
 //! `server::send_parts` for why that runs on the shard's blocking pool).
 //!
+//! From v13 topics are addressed by id (KIP-516): an id this broker does not
+//! know answers UNKNOWN_TOPIC_ID. From v15 a follower names itself in
+//! `replica_state` with its broker epoch (KIP-903), which the leader checks
+//! before taking it back into the ISR. A partition asked of the wrong broker
+//! gets its `current_leader` (v12+) and, from v16, the leader's endpoint in
+//! `node_endpoints` (KIP-951), so the client need not ask Metadata first.
+//!
 //! A partition that carries `last_fetched_epoch` (v12, KIP-320) is checked
 //! against the leader epoch cache first (`replication::check_fetch_epoch`):
 //! a fetcher whose log diverged gets `diverging_epoch`, error NONE and no
@@ -23,7 +30,7 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use tidelog_protocol::fetch::{encode_fetch_frame, PartitionHeader, TopicHeader};
+use tidelog_protocol::fetch::{encode_fetch_frame, NodeEndpoint, PartitionHeader, TopicHeader};
 use tidelog_protocol::messages::FetchRequest;
 use tidelog_protocol::{ErrorCode, Offset};
 
@@ -39,7 +46,7 @@ pub async fn fetch(shard: Rc<Shard>, version: i16, cid: i32, req: FetchRequest) 
     let max_bytes = if req.max_bytes <= 0 { i32::MAX as usize } else { req.max_bytes as usize };
     loop {
         let notified = shard.hw_notify.notified();
-        let collected = collect(&shard, &req, max_bytes).await;
+        let collected = collect(&shard, version, &req, max_bytes).await;
         let now = Instant::now();
         if collected.bytes >= min_bytes || collected.any_error || now >= deadline || collected.bytes >= max_bytes {
             return Ok(Some(frame(&shard, version, cid, collected)));
@@ -62,7 +69,8 @@ struct Collected {
 }
 
 fn frame(shard: &Shard, version: i16, cid: i32, c: Collected) -> Outgoing {
-    let frame = encode_fetch_frame(version, cid, 0, &c.topics);
+    let endpoints = if version >= 16 { leader_endpoints(shard, &c.topics) } else { Vec::new() };
+    let frame = encode_fetch_frame(version, cid, 0, &c.topics, &endpoints);
     let names = c.topics.iter().flat_map(|t| t.partitions.iter().map(move |p| (t.name.as_str(), p.partition_index)));
     crate::metrics::account_fetch(&shard.metrics, names.zip(c.records.iter()));
     let mut parts = Vec::with_capacity(frame.inline.len() + c.records.len());
@@ -88,10 +96,34 @@ fn frame(shard: &Shard, version: i16, cid: i32, c: Collected) -> Outgoing {
     Outgoing::Parts(parts)
 }
 
-/// Who is fetching: a consumer, or a follower replica (broker id), whose
-/// fetch offsets tell the leader how far it has durably got.
-fn fetching_replica(req: &FetchRequest) -> Option<i32> {
-    (req.replica_id.0 >= 0).then_some(req.replica_id.0)
+/// KIP-951: where each `current_leader` of the response is, once per broker.
+fn leader_endpoints(shard: &Shard, topics: &[TopicHeader]) -> Vec<NodeEndpoint> {
+    let mut leaders: Vec<i32> =
+        topics.iter().flat_map(|t| t.partitions.iter().filter_map(|p| p.current_leader.map(|(id, _)| id))).collect();
+    if leaders.is_empty() {
+        return Vec::new();
+    }
+    leaders.sort_unstable();
+    leaders.dedup();
+    let image = shard.image();
+    image
+        .brokers(&shard.config, shard.num_shards)
+        .into_iter()
+        .filter(|b| leaders.binary_search(&b.id).is_ok())
+        .map(|b| NodeEndpoint { node_id: b.id, host: b.host, port: b.port, rack: b.rack })
+        .collect()
+}
+
+/// Who is fetching: a consumer, or a follower replica (broker id) with its
+/// broker epoch (v15+, KIP-903; -1 before), whose fetch offsets tell the
+/// leader how far it has durably got.
+fn fetching_replica(version: i16, req: &FetchRequest) -> Option<(i32, i64)> {
+    let (id, epoch) = if version >= 15 {
+        (req.replica_state.replica_id.0, req.replica_state.replica_epoch)
+    } else {
+        (req.replica_id.0, -1)
+    };
+    (id >= 0).then_some((id, epoch))
 }
 
 /// Kafka's leader epoch fencing of a fetch (KIP-320): an older epoch than
@@ -118,14 +150,28 @@ enum Slot {
 /// (the disk reads of batch headers for cold partitions overlap, so one slow
 /// partition costs one read, not one per partition in turn), then the byte
 /// limits are applied in request order without waiting.
-async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Collected {
+async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes: usize) -> Collected {
     let image = shard.image();
-    let replica = fetching_replica(req);
+    let replica = fetching_replica(version, req);
+    let replica_id = replica.map(|(id, _)| id);
     let mut c =
         Collected { topics: Vec::with_capacity(req.topics.len()), records: Vec::new(), bytes: 0, any_error: false };
     let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(req.topics.len());
-    for t in &req.topics {
-        let name: &str = &t.topic.0;
+    // Each requested topic's name: from v13 looked up by id ("" when the
+    // id is unknown here, which no topic is named).
+    let names: Vec<String> = req
+        .topics
+        .iter()
+        .map(|t| {
+            if version >= 13 {
+                shard.topic_name_by_id(&t.topic_id).unwrap_or_default()
+            } else {
+                t.topic.0.to_string()
+            }
+        })
+        .collect();
+    for (t, name) in req.topics.iter().zip(&names) {
+        let name: &str = name;
         let mut topic_slots = Vec::with_capacity(t.partitions.len());
         for p in &t.partitions {
             let mut header = PartitionHeader {
@@ -136,6 +182,7 @@ async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Col
                 ..Default::default()
             };
             let code = match image.owner(name, p.partition) {
+                None if version >= 13 && name.is_empty() => Some(ErrorCode::UnknownTopicId),
                 None => Some(ErrorCode::UnknownTopicOrPartition),
                 Some(owner) if owner != shard.id => Some(ErrorCode::NotLeaderOrFollower),
                 Some(_) if image.clustered() => {
@@ -145,7 +192,16 @@ async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Col
             };
             let log = if code.is_none() { shard.log(name, p.partition) } else { None };
             let Some(log) = log else {
-                header.error_code = code.unwrap_or(ErrorCode::LeaderNotAvailable).code();
+                let code = code.unwrap_or(ErrorCode::LeaderNotAvailable);
+                if matches!(code, ErrorCode::NotLeaderOrFollower | ErrorCode::FencedLeaderEpoch) {
+                    header.current_leader = image
+                        .topics
+                        .get(name)
+                        .and_then(|t| image.partition_state(t, usize::try_from(p.partition).ok()?))
+                        .filter(|s| s.leader >= 0)
+                        .map(|s| (s.leader, s.leader_epoch));
+                }
+                header.error_code = code.code();
                 topic_slots.push(Slot::Failed(header));
                 continue;
             };
@@ -166,7 +222,7 @@ async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Col
                 log::info!(
                     "fetch {name}-{} from {}: offset {} with last fetched epoch {} diverges; our epoch {epoch} ends at {}",
                     p.partition,
-                    replica.map(|b| format!("broker {b}")).unwrap_or_else(|| "a consumer".to_string()),
+                    replica_id.map(|b| format!("broker {b}")).unwrap_or_else(|| "a consumer".to_string()),
                     offset.0,
                     p.last_fetched_epoch,
                     end_offset.0
@@ -183,14 +239,19 @@ async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Col
             // checked by offset alone, as before epochs were kept (a log
             // from then has batches but no epoch cache).
             let epoch_undefined = epoch_check == crate::replication::FetchEpochCheck::Undefined && replica.is_some();
-            if let Some(broker) = replica.filter(|_| offset >= start && offset <= leo && !epoch_undefined) {
+            if let Some((broker, broker_epoch)) =
+                replica.filter(|_| offset >= start && offset <= leo && !epoch_undefined)
+            {
                 let key = (name.to_string(), p.partition);
                 let seen = crate::replication::Replication::on_replica_fetch(
                     shard,
                     &key,
-                    broker,
-                    offset,
-                    p.current_leader_epoch,
+                    crate::replication::ReplicaFetch {
+                        broker,
+                        broker_epoch,
+                        fetch_offset: offset,
+                        leader_epoch: p.current_leader_epoch,
+                    },
                 );
                 if let Err(code) = seen {
                     header.error_code = code.code();
@@ -233,8 +294,7 @@ async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Col
     }))
     .await;
     let mut located = located.into_iter();
-    for (t, topic_slots) in req.topics.iter().zip(slots) {
-        let name: &str = &t.topic.0;
+    for ((t, name), topic_slots) in req.topics.iter().zip(names).zip(slots) {
         let mut partitions = Vec::with_capacity(topic_slots.len());
         for (p, slot) in t.partitions.iter().zip(topic_slots) {
             let found = located.next().flatten();
@@ -290,7 +350,7 @@ async fn collect(shard: &Rc<Shard>, req: &FetchRequest, max_bytes: usize) -> Col
             }
             partitions.push(header);
         }
-        c.topics.push(TopicHeader { name: name.to_string(), partitions });
+        c.topics.push(TopicHeader { name, id: *t.topic_id.as_bytes(), partitions });
     }
     c
 }

@@ -15,21 +15,26 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tidelog_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use tidelog_protocol::messages::fetch_request::{FetchPartition, FetchTopic, ReplicaState};
 use tidelog_protocol::messages::offset_for_leader_epoch_request::{OffsetForLeaderPartition, OffsetForLeaderTopic};
 use tidelog_protocol::messages::{
     ApiKey, BrokerId, FetchRequest, FetchResponse, OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, TopicName,
 };
 use tidelog_protocol::{ErrorCode, Offset, StrBytes};
 
+use uuid::Uuid;
+
 use super::wire::Conn;
 use super::{Following, PartitionKey};
+use crate::metadata::split_broker_id;
 use crate::notify::Notify;
 use crate::shard::Shard;
 use crate::storage::partition;
 
-/// Fetch v12: the newest version the broker answers (replica id in the body).
-const FETCH_VERSION: i16 = 12;
+/// Fetch v15: topics by id (KIP-516, so a topic deleted and created again
+/// under the same name is not mixed up with the old one) and our broker
+/// epoch in `replica_state` (KIP-903).
+const FETCH_VERSION: i16 = 15;
 const OFFSET_FOR_LEADER_EPOCH_VERSION: i16 = 3;
 const FETCH_MAX_WAIT_MS: i32 = 500;
 const PARTITION_MAX_BYTES: i32 = 1 << 20;
@@ -187,7 +192,10 @@ async fn fetch_round(
     leader: i32,
     parts: &[(PartitionKey, Following)],
 ) -> std::io::Result<bool> {
+    let image = shard.image();
     let mut topics: Vec<FetchTopic> = Vec::new();
+    // Topic id -> name, to read the answer (which names topics by id).
+    let mut names: Vec<(Uuid, &str)> = Vec::new();
     for ((topic, p), f) in parts {
         if !f.truncation_checked.get() {
             continue;
@@ -213,20 +221,22 @@ async fn fetch_round(
             .with_last_fetched_epoch(last_fetched_epoch)
             .with_log_start_offset(start.0)
             .with_partition_max_bytes(PARTITION_MAX_BYTES);
-        match topics.iter_mut().find(|t| *t.topic.0 == **topic) {
+        let Some(id) = image.topics.get(topic).map(|t| t.uuid()) else { continue };
+        match topics.iter_mut().find(|t| t.topic_id == id) {
             Some(t) => t.partitions.push(entry),
-            None => topics.push(
-                FetchTopic::default()
-                    .with_topic(TopicName(StrBytes::from_string(topic.clone())))
-                    .with_partitions(vec![entry]),
-            ),
+            None => {
+                names.push((id, topic.as_str()));
+                topics.push(FetchTopic::default().with_topic_id(id).with_partitions(vec![entry]));
+            }
         }
     }
     if topics.is_empty() {
         return Ok(false);
     }
+    let me = shard.replication.my_broker();
+    let broker_epoch = image.nodes.get(&split_broker_id(me).0).map(|n| n.broker_epoch).unwrap_or(-1);
     let request = FetchRequest::default()
-        .with_replica_id(BrokerId(shard.replication.my_broker()))
+        .with_replica_state(ReplicaState::default().with_replica_id(BrokerId(me)).with_replica_epoch(broker_epoch))
         .with_max_wait_ms(FETCH_MAX_WAIT_MS)
         .with_min_bytes(1)
         .with_max_bytes(FETCH_MAX_BYTES)
@@ -240,8 +250,9 @@ async fn fetch_round(
     let mut appended: Vec<(partition::SharedLog, Offset)> = Vec::new();
     let mut backoff = false;
     for t in response.responses {
+        let Some(&(_, name)) = names.iter().find(|(id, _)| *id == t.topic_id) else { continue };
         for r in t.partitions {
-            let key: PartitionKey = (t.topic.0.to_string(), r.partition_index);
+            let key: PartitionKey = (name.to_string(), r.partition_index);
             let Some((_, f)) = parts.iter().find(|(k, _)| *k == key) else { continue };
             match ErrorCode::from_code(r.error_code) {
                 ErrorCode::None if r.diverging_epoch.epoch >= 0 => {

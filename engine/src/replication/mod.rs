@@ -73,6 +73,44 @@ struct Progress {
     last_caught_up: Instant,
     /// The leader's log end when this follower last fetched.
     leader_end_at_last_fetch: Offset,
+    /// Why this caught-up follower was last kept out of the ISR (logged
+    /// once per reason, not once per fetch).
+    isr_refusal: Option<String>,
+}
+
+/// One follower fetch of one partition, as the leader sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplicaFetch {
+    /// The follower's broker id.
+    pub broker: i32,
+    /// Its broker epoch (Fetch v15+ `replica_state`, KIP-903); -1 not sent.
+    pub broker_epoch: i64,
+    pub fetch_offset: Offset,
+    /// The leader epoch the follower believes in; -1 not checked.
+    pub leader_epoch: i32,
+}
+
+/// Whether a caught-up follower may join the ISR (KIP-841, KIP-903): its
+/// node is registered and not fenced, and the broker epoch its fetch
+/// carried is its current registration's, or -1 (a fetcher that does not
+/// send one). A fetch from an earlier run of the node (a delayed request,
+/// or a process that was replaced) must not put the new run, which may have
+/// lost its disk, into the ISR.
+pub(crate) fn isr_eligible(image: &MetadataImage, broker: i32, fetch_broker_epoch: i64) -> Result<(), String> {
+    let (node, _) = crate::metadata::split_broker_id(broker);
+    let Some(registration) = image.nodes.get(&node) else {
+        return Err(format!("node {node} is not registered"));
+    };
+    if registration.fenced {
+        return Err(format!("node {node} is fenced"));
+    }
+    if fetch_broker_epoch >= 0 && fetch_broker_epoch != registration.broker_epoch {
+        return Err(format!(
+            "its fetch carries broker epoch {fetch_broker_epoch}, node {node} is registered with {}",
+            registration.broker_epoch
+        ));
+    }
+    Ok(())
 }
 
 /// A partition this shard leads.
@@ -199,7 +237,15 @@ impl Replication {
                 .replicas
                 .iter()
                 .filter(|r| **r != self.my_broker)
-                .map(|r| (*r, Progress { end: Offset(-1), last_caught_up: now, leader_end_at_last_fetch: leo }))
+                .map(|r| {
+                    let progress = Progress {
+                        end: Offset(-1),
+                        last_caught_up: now,
+                        leader_end_at_last_fetch: leo,
+                        isr_refusal: None,
+                    };
+                    (*r, progress)
+                })
                 .collect();
             leading.insert(
                 key.clone(),
@@ -220,6 +266,7 @@ impl Replication {
                     end: Offset(-1),
                     last_caught_up: now,
                     leader_end_at_last_fetch: l.log.borrow().log_end_offset(),
+                    isr_refusal: None,
                 });
             }
             l.followers.retain(|r, _| state.replicas.contains(r));
@@ -269,14 +316,9 @@ impl Replication {
     /// A follower fetched `key` from `fetch_offset` (its durable log end)
     /// at `epoch`: records its progress, moves the high watermark, and asks
     /// the quorum to take it back into the ISR once it has caught up.
-    pub fn on_replica_fetch(
-        shard: &Rc<Shard>,
-        key: &PartitionKey,
-        replica: i32,
-        fetch_offset: Offset,
-        epoch: i32,
-    ) -> Result<(), ErrorCode> {
+    pub fn on_replica_fetch(shard: &Rc<Shard>, key: &PartitionKey, fetch: ReplicaFetch) -> Result<(), ErrorCode> {
         let me = &shard.replication;
+        let ReplicaFetch { broker: replica, broker_epoch, fetch_offset, leader_epoch: epoch } = fetch;
         let mut leading = me.leading.borrow_mut();
         let Some(l) = leading.get_mut(key) else { return Err(ErrorCode::NotLeaderOrFollower) };
         if epoch >= 0 && epoch < l.leader_epoch {
@@ -299,7 +341,24 @@ impl Replication {
         }
         progress.end = fetch_offset;
         progress.leader_end_at_last_fetch = leo;
-        let rejoin = !l.isr.contains(&replica) && fetch_offset >= hw;
+        let mut rejoin = !l.isr.contains(&replica) && fetch_offset >= hw;
+        if rejoin {
+            match isr_eligible(&shard.image(), replica, broker_epoch) {
+                Ok(()) => progress.isr_refusal = None,
+                Err(why) => {
+                    if progress.isr_refusal.as_deref() != Some(why.as_str()) {
+                        log::warn!(
+                            "{}-{}: broker {replica} caught up to offset {} but stays out of the ISR: {why}",
+                            key.0,
+                            key.1,
+                            fetch_offset.0
+                        );
+                        progress.isr_refusal = Some(why);
+                    }
+                    rejoin = false;
+                }
+            }
+        }
         update_high_watermark(shard, l);
         if rejoin {
             let mut isr = l.isr.clone();
@@ -647,6 +706,33 @@ mod tests {
 
     fn o(v: i64) -> Offset {
         Offset(v)
+    }
+
+    #[test]
+    fn isr_eligibility_checks_fencing_and_the_broker_epoch() {
+        let mut image = MetadataImage::default();
+        let node = |id: u32, epoch: i64, fenced: bool| crate::metadata::NodeRegistration {
+            node_id: id,
+            incarnation: format!("run-{epoch}"),
+            host: "h".into(),
+            port: 9092,
+            num_shards: 2,
+            rack: None,
+            fenced,
+            broker_epoch: epoch,
+        };
+        image.nodes.insert(2, node(2, 40, false));
+        image.nodes.insert(3, node(3, 41, true));
+        let shard1_of_node2 = broker_id(2, 1);
+        // The current epoch, or none sent (Fetch before v15): eligible.
+        assert_eq!(isr_eligible(&image, shard1_of_node2, 40), Ok(()));
+        assert_eq!(isr_eligible(&image, shard1_of_node2, -1), Ok(()));
+        // A fetch from an earlier run of node 2 (KIP-903).
+        let stale = isr_eligible(&image, shard1_of_node2, 12).unwrap_err();
+        assert!(stale.contains("broker epoch 12") && stale.contains("40"), "{stale}");
+        // Fenced or unknown nodes never (KIP-841).
+        assert!(isr_eligible(&image, broker_id(3, 0), 41).unwrap_err().contains("fenced"));
+        assert!(isr_eligible(&image, broker_id(4, 0), -1).unwrap_err().contains("not registered"));
     }
 
     #[test]

@@ -17,6 +17,8 @@ broker started on what is left. Each cycle checks, over all cycles so far:
 - every topic whose CreateTopics was acknowledged exists with its partitions;
 - a consumer group whose member got its SyncGroup assignment is known to the
   coordinator after the restart (its group record was durable first);
+- no producer id acknowledged by InitProducerId is ever handed out again
+  (every id answered, before and after every power loss, is distinct);
 - the broker starts by itself each time, with no manual step.
 
 `TIDELOG_POWER_LOSS_CYCLES` cycles (5 in CI; the issue's long form is 50:
@@ -35,8 +37,11 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+import kafka_wire as kw
 import loopfs
 from conftest import create_topic, unique_topic
+
+INIT_PRODUCER_ID = 22
 
 CYCLES = int(os.environ.get("TIDELOG_POWER_LOSS_CYCLES", "5"))
 SEED = int(os.environ.get("TIDELOG_POWER_LOSS_SEED", str(random.randrange(1 << 30))))
@@ -60,6 +65,7 @@ class Load:
         self.acked = {}  # (partition, offset) -> value
         self.commits = []  # acknowledged committed offsets (all for partition 0)
         self.topics = []  # topics whose creation was acknowledged
+        self.pids = []  # producer ids InitProducerId answered
         self.stop = threading.Event()
         self.first_ack = threading.Event()
         self.errors = []
@@ -133,6 +139,28 @@ class Load:
             time.sleep(0.3)
 
 
+    def init_producer_ids(self):
+        """InitProducerId v0 (no transactional id) on the raw wire, one
+        connection each, recording every id the broker answers."""
+        while not self.stop.is_set():
+            pid = init_producer_id(self.broker.port)
+            if pid is not None:
+                self.pids.append(pid)
+            time.sleep(0.02)
+
+
+def init_producer_id(port):
+    """A new producer id from InitProducerId v0, or None when refused or cut off."""
+    try:
+        with kw.Conn(port, timeout=5) as c:
+            r = c.request(INIT_PRODUCER_ID, 0, kw.nullable_string(None) + kw.i32(60000))
+            r.i32()  # throttle
+            error, pid = r.i16(), r.i64()
+            return pid if error == 0 and pid >= 0 else None
+    except (OSError, ValueError, kw.ConnectionClosed):
+        return None
+
+
 def join_group_member(broker, topic):
     """A group member that got its assignment (JoinGroup + SyncGroup answered)."""
     c = Consumer(broker.consumer_config(**{"group.id": GROUP + "-members", "enable.auto.commit": False,
@@ -158,7 +186,7 @@ def test_acknowledged_state_survives_simulated_power_loss(broker_factory, loop_f
     )
     topic = unique_topic("power")
     create_topic(b, topic, PARTITIONS)
-    acked, commits, topics = {}, [], []
+    acked, commits, topics, pids = {}, [], [], []
     member = join_group_member(b, topic)
     member.close()
     for cycle in range(CYCLES):
@@ -167,6 +195,7 @@ def test_acknowledged_state_survives_simulated_power_loss(broker_factory, loop_f
             threading.Thread(target=load.produce),
             threading.Thread(target=load.commit_offsets, args=(commits[-1] if commits else 0,)),
             threading.Thread(target=load.create_topics),
+            threading.Thread(target=load.init_producer_ids),
         ]
         for t in threads:
             t.start()
@@ -184,10 +213,17 @@ def test_acknowledged_state_survives_simulated_power_loss(broker_factory, loop_f
         acked.update(load.acked)
         commits += load.commits
         topics += load.topics
+        pids += load.pids
         b.start()
         check(b, topic, acked, commits, topics)
-        print("cycle %d: %d records, %d commits, %d topics acknowledged this cycle; totals %d / %d / %d"
-              % (cycle, len(load.acked), len(load.commits), len(load.topics), len(acked), len(commits), len(topics)))
+        fresh = init_producer_id(b.port)
+        assert fresh is not None, "InitProducerId refused after the restart"
+        pids.append(fresh)
+        reused = sorted(p for p in set(pids) if pids.count(p) > 1)
+        assert not reused, "producer ids handed out twice across power losses: %r" % reused[:5]
+        print("cycle %d: %d records, %d commits, %d topics, %d producer ids acknowledged this cycle; totals %d / %d / %d / %d"
+              % (cycle, len(load.acked), len(load.commits), len(load.topics), len(load.pids),
+                 len(acked), len(commits), len(topics), len(pids)))
     # Before the filesystem fixture unmounts its disk.
     assert b.stop() == 0, b.log_tail()
 

@@ -96,6 +96,8 @@ Setting { name: "fetch.max.wait.ms.max", default: "30000", doc: "Upper bound on 
     Setting { name: "log.retention.ms", default: "604800000", doc: "Default retention.ms: delete sealed segments whose newest record is older than this. -1 = keep forever." },
     Setting { name: "log.retention.bytes", default: "-1", doc: "Default retention.bytes: delete the oldest sealed segments while a partition is larger than this. -1 = no size limit." },
     Setting { name: "log.cleanup.policy", default: "delete", doc: "Default cleanup.policy: delete, compact, or compact,delete." },
+    Setting { name: "log.message.timestamp.before.max.ms", default: "9223372036854775807", doc: "Default message.timestamp.before.max.ms: with CreateTime, a record whose timestamp is further than this in the past is refused (INVALID_TIMESTAMP, naming the record)." },
+    Setting { name: "log.message.timestamp.after.max.ms", default: "3600000", doc: "Default message.timestamp.after.max.ms: with CreateTime, a record whose timestamp is further than this in the future is refused (INVALID_TIMESTAMP, naming the record). Kafka 4's default, one hour." },
     Setting { name: "log.message.timestamp.type", default: "CreateTime", doc: "Default message.timestamp.type: CreateTime (producer's) or LogAppendTime (broker's clock at append)." },
     Setting { name: "log.retention.check.interval.ms", default: "300000", doc: "How often each shard's retention task looks for segments to delete." },
     Setting { name: "log.retention.segments.per.check.max", default: "256", doc: "Pace of retention: segments a shard deletes per check at most; the rest wait for the next check." },

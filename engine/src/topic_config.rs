@@ -119,6 +119,20 @@ pub const TOPIC_CONFIGS: &[TopicConfigDef] = &[
         doc: "CreateTime or LogAppendTime.",
     },
     TopicConfigDef {
+        name: "message.timestamp.before.max.ms",
+        broker: "log.message.timestamp.before.max.ms",
+        default: "9223372036854775807",
+        kind: Kind::Long { min: 0 },
+        doc: "With CreateTime: refuse records whose timestamp is further than this behind the broker's clock.",
+    },
+    TopicConfigDef {
+        name: "message.timestamp.after.max.ms",
+        broker: "log.message.timestamp.after.max.ms",
+        default: "3600000",
+        kind: Kind::Long { min: 0 },
+        doc: "With CreateTime: refuse records whose timestamp is further than this ahead of the broker's clock.",
+    },
+    TopicConfigDef {
         name: "index.interval.bytes",
         broker: "log.index.interval.bytes",
         default: "4096",

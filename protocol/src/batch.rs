@@ -283,6 +283,36 @@ pub fn validate_records(batch: &[u8]) -> Result<(), BatchError> {
     Ok(())
 }
 
+/// What the broker checks of each record beyond its framing: its timestamp
+/// (the batch's base plus its delta) and whether it has a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordFacts {
+    pub timestamp_ms: i64,
+    pub has_key: bool,
+}
+
+/// The facts of each of `count` records in a batch's records section
+/// (`records`: the bytes after the header, decompressed for a compressed
+/// batch), or why they do not parse.
+pub fn record_facts(records: &[u8], count: i32, base_timestamp_ms: i64) -> Result<Vec<RecordFacts>, &'static str> {
+    let count = usize::try_from(count).map_err(|_| "negative record count")?;
+    let mut out = Vec::with_capacity(count.min(records.len() / 7 + 1));
+    let mut at = 0;
+    for _ in 0..count {
+        let (len, n) = get_varint(records.get(at..).unwrap_or(&[])).ok_or("record length is not a varint")?;
+        let len = usize::try_from(len).map_err(|_| "negative record length")?;
+        let start = at + n;
+        let record = records.get(start..start.saturating_add(len)).ok_or("record runs past the batch")?;
+        let mut r = Reader { bytes: record, at: 1 };
+        let delta = r.varint().ok_or("bad timestamp delta")?;
+        r.varint().ok_or("bad offset delta")?;
+        let key = r.bytes_field().ok_or("bad key")?;
+        out.push(RecordFacts { timestamp_ms: base_timestamp_ms.saturating_add(delta), has_key: key.is_some() });
+        at = start + len;
+    }
+    Ok(out)
+}
+
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
@@ -443,6 +473,21 @@ mod tests {
             .map(|v| RecordRef { key: Some(b"k"), value: Some(v), headers: &[], timestamp_delta_ms: 1 })
             .collect();
         build_batch(&recs, 1_700_000_000_000, ProducerFields::default())
+    }
+
+    #[test]
+    fn record_facts_reads_timestamps_and_keys() {
+        let recs = [
+            RecordRef { key: Some(b"a"), value: Some(b"1"), headers: &[], timestamp_delta_ms: 0 },
+            RecordRef { key: None, value: Some(b"2"), headers: &[(b"h", Some(b"v"))], timestamp_delta_ms: 5 },
+            RecordRef { key: Some(b""), value: None, headers: &[], timestamp_delta_ms: -3 },
+        ];
+        let b = build_batch(&recs, 1_000, ProducerFields::default());
+        let facts = record_facts(&b[BATCH_HEADER_BYTES..], 3, 1_000).unwrap();
+        let got: Vec<(i64, bool)> = facts.iter().map(|f| (f.timestamp_ms, f.has_key)).collect();
+        assert_eq!(got, vec![(1_000, true), (1_005, false), (997, true)]);
+        assert!(record_facts(&b[BATCH_HEADER_BYTES..b.len() - 2], 3, 0).is_err(), "truncated");
+        assert!(record_facts(&b[BATCH_HEADER_BYTES..], 4, 0).is_err(), "more records claimed than there are");
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 
 use tidelog_protocol::batch::{self, BatchError, BatchInfo};
-use tidelog_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use tidelog_protocol::messages::produce_response::{
+    BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
+};
 use tidelog_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicName};
 use tidelog_protocol::{Epoch, ErrorCode, Offset};
 
@@ -120,6 +122,28 @@ impl FrameCutter {
     }
 }
 
+/// The record rules of `topic` now (see `RecordRules`).
+fn record_rules(
+    shard: &Shard,
+    image: &crate::metadata::MetadataImage,
+    topic: &crate::metadata::TopicMeta,
+    log_append_time: bool,
+) -> RecordRules {
+    let config = &shard.config;
+    let timestamps = (!log_append_time).then(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let before = crate::topic_config::topic_i64(config, image, topic, "message.timestamp.before.max.ms");
+        let after = crate::topic_config::topic_i64(config, image, topic, "message.timestamp.after.max.ms");
+        // Kafka's "no limit" is i64::MAX: any past (or future) is fine.
+        let earliest = if before >= now { i64::MIN } else { now - before };
+        (earliest, now.saturating_add(after))
+    });
+    RecordRules { require_keys: crate::topic_config::policy_has(config, image, topic, "compact"), timestamps }
+}
+
 /// The checks of one partition's record set that need no shard state:
 /// whole, CRC-valid v2 batches within `max_bytes`, none of them empty.
 fn check_record_set(records: &[u8], max_bytes: usize) -> Result<Vec<BatchInfo>, (ErrorCode, String)> {
@@ -128,6 +152,104 @@ fn check_record_set(records: &[u8], max_bytes: usize) -> Result<Vec<BatchInfo>, 
         return Err((ErrorCode::CorruptMessage, format!("empty record batch of {} bytes", info.size_bytes)));
     }
     Ok(infos)
+}
+
+/// Record-level rules of a topic that Produce enforces (Kafka's
+/// LogValidator): keys on compacted topics, timestamps near the broker's
+/// clock with CreateTime.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordRules {
+    /// `cleanup.policy` has compact: every record needs a key.
+    pub require_keys: bool,
+    /// CreateTime: (earliest, latest) timestamp accepted, from
+    /// `message.timestamp.before.max.ms` / `after.max.ms` and the clock.
+    pub timestamps: Option<(i64, i64)>,
+}
+
+/// A record set refused by `RecordRules`: the partition's error code and
+/// message, and each offending record (its index in the record set) with
+/// why: Produce v8+'s `record_errors` (KIP-467), so a client fails exactly
+/// those records and can tell the others they were only caught up in it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RecordsRefused {
+    pub code: ErrorCode,
+    pub message: String,
+    pub records: Vec<(i32, String)>,
+}
+
+/// Checks every record against `rules`. Cheap where it can be: a batch whose
+/// header timestamps already satisfy the rules (and no keys are required)
+/// is not walked; with the default (unbounded) past limit only the batch's
+/// max timestamp needs checking. Compressed batches are decompressed only
+/// when their records must be walked.
+pub fn check_record_rules(records: &[u8], infos: &[BatchInfo], rules: &RecordRules) -> Result<(), RecordsRefused> {
+    let before_unbounded = rules.timestamps.is_none_or(|(earliest, _)| earliest == i64::MIN);
+    let mut missing_keys = Vec::new();
+    let mut bad_times = Vec::new();
+    let mut at = 0;
+    let mut index = 0i32;
+    for info in infos {
+        let b = &records[at..at + info.size_bytes];
+        at += info.size_bytes;
+        let first = index;
+        index = index.saturating_add(info.record_count);
+        let Ok(header) = batch::BatchHeader::parse(b) else { continue };
+        let times_ok = match rules.timestamps {
+            None => true,
+            Some((earliest, latest)) => {
+                header.max_timestamp_ms() <= latest && (before_unbounded || header.base_timestamp_ms() >= earliest)
+            }
+        };
+        // With a bounded past, a record may sit below the base timestamp
+        // (negative delta): walk the batch to be sure.
+        if !rules.require_keys && times_ok && before_unbounded {
+            continue;
+        }
+        let decompressed;
+        let body: &[u8] = if info.compression == batch::Compression::None {
+            &b[batch::BATCH_HEADER_BYTES..]
+        } else {
+            match crate::storage::compaction::decompress_records(b, info.compression) {
+                Ok(v) => {
+                    decompressed = v;
+                    &decompressed
+                }
+                Err(e) => {
+                    return Err(RecordsRefused { code: ErrorCode::CorruptMessage, message: e, records: Vec::new() });
+                }
+            }
+        };
+        let facts = batch::record_facts(body, info.record_count, header.base_timestamp_ms()).map_err(|e| {
+            RecordsRefused { code: ErrorCode::CorruptMessage, message: e.to_string(), records: Vec::new() }
+        })?;
+        for (i, f) in facts.iter().enumerate() {
+            let i = first.saturating_add(i as i32);
+            if rules.require_keys && !f.has_key {
+                missing_keys.push(i);
+            }
+            if let Some((earliest, latest)) = rules.timestamps {
+                if f.timestamp_ms < earliest || f.timestamp_ms > latest {
+                    bad_times.push((i, f.timestamp_ms, earliest, latest));
+                }
+            }
+        }
+    }
+    if bad_times.is_empty() && missing_keys.is_empty() {
+        return Ok(());
+    }
+    let mut errors: Vec<(i32, String)> = missing_keys
+        .iter()
+        .map(|&i| (i, "a compacted topic refuses records without a key".to_string()))
+        .chain(bad_times.iter().map(|&(i, ts, earliest, latest)| {
+            (i, format!("timestamp {ts} is outside [{earliest}, {latest}] (message.timestamp.before/after.max.ms)"))
+        }))
+        .collect();
+    errors.sort_by_key(|(i, _)| *i);
+    // As Kafka: a bad timestamp makes it INVALID_TIMESTAMP, else INVALID_RECORD.
+    let code = if bad_times.is_empty() { ErrorCode::InvalidRecord } else { ErrorCode::InvalidTimestamp };
+    let shown: Vec<String> = errors.iter().take(3).map(|(i, m)| format!("record {i}: {m}")).collect();
+    let message = format!("{} record(s) refused, so the whole batch was: {}", errors.len(), shown.join("; "));
+    Err(RecordsRefused { code, message, records: errors })
 }
 
 /// What Produce's validation layer decided for one partition (see `validate_only`).
@@ -295,6 +417,27 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, f
             let log_append_time = topic_meta.is_some_and(|t| {
                 crate::topic_config::topic_value(&shard.config, &image, t, "message.timestamp.type") == "LogAppendTime"
             });
+            if let Some(t) = topic_meta {
+                let rules = record_rules(shard, &image, t, log_append_time);
+                if let Err(refused) = check_record_rules(&records, &infos, &rules) {
+                    let mut r = fail(r, refused.code, refused.message);
+                    if version >= 8 {
+                        r = r.with_record_errors(
+                            refused
+                                .records
+                                .into_iter()
+                                .map(|(i, m)| {
+                                    BatchIndexAndErrorMessage::default()
+                                        .with_batch_index(i)
+                                        .with_batch_index_error_message(Some(str_bytes(&m)))
+                                })
+                                .collect(),
+                        );
+                    }
+                    parts.push(r);
+                    continue;
+                }
+            }
             if log_append_time {
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

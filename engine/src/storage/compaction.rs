@@ -254,7 +254,7 @@ pub fn parse_records(b: &[u8]) -> Result<Vec<Record<'_>>, &'static str> {
 }
 
 /// The records section of a compressed batch, decompressed.
-fn decompress_records(b: &[u8], codec: Compression) -> Result<Vec<u8>, String> {
+pub(crate) fn decompress_records(b: &[u8], codec: Compression) -> Result<Vec<u8>, String> {
     let mut src = Bytes::copy_from_slice(&b[BATCH_HEADER_BYTES..]);
     let take = |r: &mut Bytes| Ok(r.to_vec());
     let out = match codec {

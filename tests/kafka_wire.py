@@ -451,7 +451,8 @@ def fetch_body_v4(topics, max_wait_ms=500, min_bytes=1, max_bytes=52428800, isol
 
 
 def build_batch(records, compression=0, timestamp_ms=None):
-    """A v2 record batch (bytes) of (key, value) pairs, base offset 0."""
+    """A v2 record batch (bytes) of (key, value) pairs, or (key, value,
+    timestamp ms) triples, base offset 0."""
     b = DefaultRecordBatchBuilder(
         magic=2,
         compression_type=compression,
@@ -462,8 +463,8 @@ def build_batch(records, compression=0, timestamp_ms=None):
         batch_size=1 << 30,
     )
     ts = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
-    for i, (k, v) in enumerate(records):
-        assert b.append(i, timestamp=ts, key=k, value=v, headers=[]) is not None
+    for i, (k, v, *own) in enumerate(records):
+        assert b.append(i, timestamp=own[0] if own else ts, key=k, value=v, headers=[]) is not None
     return bytes(b.build())
 
 

@@ -14,7 +14,6 @@ import time
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
-from kafka.record.default_records import DefaultRecordBatchBuilder
 
 import kafka_wire as kw
 from conftest import unique_topic
@@ -23,22 +22,6 @@ INVALID_RECORD = 87
 INVALID_TIMESTAMP = 32
 GZIP = 1
 HOUR_MS = 3_600_000
-
-
-def batch(records, compression=0):
-    """A v2 batch of (key, value, timestamp ms) records."""
-    b = DefaultRecordBatchBuilder(
-        magic=2,
-        compression_type=compression,
-        is_transactional=False,
-        producer_id=-1,
-        producer_epoch=-1,
-        base_sequence=-1,
-        batch_size=1 << 30,
-    )
-    for i, (k, v, ts) in enumerate(records):
-        assert b.append(i, timestamp=ts, key=k, value=v, headers=[]) is not None
-    return bytes(b.build())
 
 
 def create(bootstrap, topic, **config):
@@ -56,7 +39,7 @@ def high_watermark(bootstrap, topic):
 
 def produce_raw(port, topic, records, compression=0):
     with kw.Conn(port) as c:
-        return kw.produce(c, 8, topic, 0, batch(records, compression))
+        return kw.produce(c, 8, topic, 0, kw.build_batch(records, compression))
 
 
 def test_records_without_key_on_a_compacted_topic_are_named(broker_factory):

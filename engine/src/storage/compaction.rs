@@ -1173,13 +1173,13 @@ async fn clean_step(
             stats.bytes_written += r.bytes_after;
             stats.bytes_reclaimed += r.bytes_before.saturating_sub(r.bytes_after);
             log::info!(
-                "{}: compacted {} segment(s) into {} (offsets {}..{}): {} -> {} bytes, {} of {} records removed, \
-                 {} tombstone(s) kept",
+                "{}: compacted segment {} (offsets {}..{}, from {} segment(s)): {} -> {} bytes, {} of {} records \
+                 removed, {} tombstone(s) kept",
                 view.name,
-                group.len(),
                 group[0].base.0,
                 group[0].base.0,
                 r.end.0,
+                group.len(),
                 r.bytes_before,
                 r.bytes_after,
                 r.records_removed,

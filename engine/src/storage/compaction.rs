@@ -69,7 +69,9 @@
 //! segment was first cleaned, then dropped — but never while the part of the
 //! log the pass has mapped so far holds a batch the cleaner cannot see into
 //! (transactional or unknown codec), since an older value of the key might
-//! hide there; and never past the map's end. "First cleaned at" and the
+//! hide there; and only inside the step's map range (a tombstone before
+//! it had its chance in an earlier step, together with the removal of the
+//! older values of its key). "First cleaned at" and the
 //! tombstones left per segment are in `<partition dir>/cleaner-checkpoint`
 //! (replaced atomically). A merged segment takes the latest "first cleaned
 //! at" of its parts (tombstones are kept longer, never shorter).
@@ -628,11 +630,14 @@ impl KeyMap {
     }
 
     /// Whether `r` stays: keyless records and the latest of each key do,
-    /// tombstones only while `keep_tombstones` or past the map's end.
+    /// tombstones only while `keep_tombstones` or outside the map's range.
+    /// (A tombstone before the range was up for dropping in an earlier step,
+    /// whose rewrite also removed the older values of its key; dropping it
+    /// now could bring back one that rewrite failed to remove.)
     fn keeps(&self, r: &Record<'_>, keep_tombstones: bool) -> bool {
         let Some(key) = r.key else { return true };
         let latest = self.latest.get(key).is_none_or(|o| *o <= r.offset);
-        let mapped = self.covered_to.is_none_or(|end| r.offset < end);
+        let mapped = r.offset >= self.from && self.covered_to.is_none_or(|end| r.offset < end);
         latest && (r.value.is_some() || keep_tombstones || !mapped)
     }
 

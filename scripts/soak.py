@@ -890,9 +890,10 @@ def parse_args(argv):
     p.add_argument(
         "--compact-idempotent",
         action="store_true",
-        help="write the compacted topic with enable.idempotence=true. Off by default: tidelog's cleaner keeps every "
-        "batch it empties if it carries a producer id (Kafka keeps only each producer's last), and librdkafka gives up "
-        "with MSG_SIZE_TOO_LARGE after about 10 fetches in a row that hold only empty batches (bench/README.md, Soak)",
+        help="write the compacted topic with enable.idempotence=true. Off by default: tidelog's cleaner used to keep "
+        "every batch it emptied if it carried a producer id, and librdkafka gave up with MSG_SIZE_TOO_LARGE after about "
+        "10 fetches in a row that held only empty batches; it now keeps only each producer's last, as Kafka does "
+        "(bench/README.md, Soak)",
     )
     p.add_argument("--churn-interval", type=float, default=3, help="seconds between topic create/produce/delete cycles")
     p.add_argument(

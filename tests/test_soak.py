@@ -6,10 +6,11 @@ with the broker's RSS, open files and threads sampled every 10 s. The soak's
 verdict must be PASS: no verification finding, the compaction and topic-churn
 checks hold, retention and compaction both ran, no broker crash or panic, and
 RSS and open files at the end within the bounds scripts/soak.py states
-(bench/README.md, section Soak). A FAIL whose every problem comes from an
-engine gap the soak already found (`known_findings`) is an xfail naming
-them; any other problem fails. The samples, SVG, verdict and logs stay in
-the test's dir when it fails.
+(bench/README.md, section Soak). Any problem fails the test: the last
+known engine gap, the compacted topic's files and FDs growing with every
+roll, is fixed (the cleaner merges small cleaned segments, as Kafka's
+does), so there is no xfail any more. The samples, SVG, verdict and logs
+stay in the test's dir when it fails.
 
 Also here: the smallest reproduction of a bug the soak found and that is
 now fixed, a Fetch in the gap compaction leaves before the active segment.
@@ -34,34 +35,6 @@ from conftest import create_topic, unique_topic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOAK = os.path.join(REPO, "scripts", "soak.py")
-FD_SLACK = 16  # scripts/soak.py's bound: FDs at the end <= reference max + 16
-
-
-def known_findings(verdict):
-    """{problem: which known engine gap explains it} for the problems the
-    soak reports because of gaps already found and reported (bench/README.md,
-    Soak); a problem missing from the answer fails the test.
-
-    - The cleaner rewrites each sealed segment of a compacted log on its own
-      and never merges small cleaned ones (Kafka groups them up to
-      segment.bytes), and every segment keeps an open file: the compacted
-      topic's FDs grow with every roll. Known when the open files beyond the
-      bound are all the compacted topic's.
-
-    A compacted read-back that stalls is no longer one of them: it was a
-    Fetch never answered in a compaction gap before the active segment,
-    now fixed (test_fetch_in_compaction_gap_before_active_segment below).
-    """
-    growth = verdict.get("resources", {}).get("fds_growth_by_kind", {})
-    problems = verdict["problems"]
-    known = {}
-    for p in problems:
-        if p.startswith("open files grew") and sum(growth.values()) - growth.get("compact_topic", 0) <= FD_SLACK:
-            known[p] = (
-                "compacted topic's segment files and open FDs grow without bound (%+d over the run's second half)"
-                % growth.get("compact_topic", 0)
-            )
-    return known
 
 
 def test_soak(binary, data_root):
@@ -84,13 +57,6 @@ def test_soak(binary, data_root):
         verdict = json.load(f)
     problems = verdict["problems"]
     assert verdict["bench"].get("records_checked"), "the bench verified no records: %r" % verdict["bench"]
-    known = known_findings(verdict)
-    if problems and all(known.get(p) for p in problems):
-        shutil.rmtree(out, ignore_errors=True)
-        pytest.xfail(
-            "only known engine gaps failed the soak (everything else held): %s"
-            % "; ".join(sorted(set(known.values())))
-        )
     assert not problems, "soak verdict %s (outputs in %s):\n  %s\n\n%s" % (
         verdict["verdict"],
         out,

@@ -104,6 +104,7 @@ Setting { name: "fetch.max.wait.ms.max", default: "30000", doc: "Upper bound on 
     Setting { name: "log.cleaner.backoff.ms", default: "15000", doc: "How often each shard's compaction task looks for compact topics with sealed segments to clean." },
     Setting { name: "log.cleaner.io.max.bytes.per.second", default: "104857600", doc: "Pace of compaction: bytes a shard's cleaner reads and writes per second at most." },
     Setting { name: "log.cleaner.min.cleanable.ratio", default: "0.5", doc: "Compaction starts on a log once its never-cleaned sealed bytes are at least this fraction of its cleanable bytes (Kafka's min.cleanable.dirty.ratio)." },
+    Setting { name: "log.cleaner.dedupe.buffer.size", default: "134217728", doc: "Memory for compaction's key maps, for the whole broker (Kafka's setting): each shard's cleaner gets this divided by the number of shards, counted as key bytes plus per-entry overhead (hash table slot, allocation). A log whose keys do not fit is cleaned in several steps, each mapping as many records as fit; the result is the same." },
     Setting { name: "log.cleaner.delete.retention.ms", default: "86400000", doc: "Default delete.retention.ms: how long compaction keeps tombstones." },
     Setting { name: "log.cleaner.min.compaction.lag.ms", default: "0", doc: "Default min.compaction.lag.ms: records younger than this are never compacted." },
     Setting { name: "group.min.session.timeout.ms", default: "6000", doc: "Smallest session.timeout.ms a group member may ask for; smaller gets INVALID_SESSION_TIMEOUT." },
@@ -203,6 +204,8 @@ pub struct Config {
     pub cleaner_backoff_ms: u64,
     pub cleaner_io_max_bytes_per_second: u64,
     pub cleaner_min_cleanable_ratio: f64,
+    /// `log.cleaner.dedupe.buffer.size`: the broker's total; a shard's cleaner gets its share.
+    pub cleaner_dedupe_buffer_bytes: usize,
     /// Every setting's final value and where it came from, for DescribeConfigs.
     pub values: BTreeMap<&'static str, (String, Source)>,
 }
@@ -669,6 +672,7 @@ impl Config {
             cleaner_backoff_ms: num(&values, "log.cleaner.backoff.ms", 1u64, 86_400_000)?,
             cleaner_io_max_bytes_per_second: num(&values, "log.cleaner.io.max.bytes.per.second", 4096u64, 1 << 40)?,
             cleaner_min_cleanable_ratio: num(&values, "log.cleaner.min.cleanable.ratio", 0.0f64, 1.0)?,
+            cleaner_dedupe_buffer_bytes: num(&values, "log.cleaner.dedupe.buffer.size", 65536usize, 1 << 40)?,
             values,
         };
         Ok(cfg)

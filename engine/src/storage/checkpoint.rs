@@ -108,6 +108,10 @@ pub async fn truncate_prefix(log: &SharedLog, offset: Offset, why: &str) -> io::
         // The leader epoch cache moved its first entry up with the start.
         super::partition::persist_epochs(log).await?;
     }
+    // Under the cleaner lock: a compaction swap never sees the segments it
+    // merges go away halfway.
+    let lock = log.borrow().cleaner_lock.clone();
+    let _cleaner = lock.lock().await;
     let removed = log.borrow_mut().remove_segments_below(after);
     let mut out = Truncated { log_start_offset: after, ..Default::default() };
     if removed.is_empty() {

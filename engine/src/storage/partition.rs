@@ -23,9 +23,11 @@
 //!
 //! Locks (async, never contended on the hot path): `io_lock` is held by
 //! `flush` and `truncate_to`, so a truncation never races the writes of a
-//! flush; `cleaner_lock` is held by `truncate_to` and by compaction while it
-//! swaps a segment, so a rewrite made from data a truncation removed is
-//! never installed.
+//! flush; `cleaner_lock` is held by `truncate_to`, by prefix deletions
+//! (`checkpoint::truncate_prefix`) while they remove segments, and by
+//! compaction while it swaps segments, so a rewrite made from data a
+//! truncation removed is never installed and the segments it merges stay
+//! put until it is.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -1491,27 +1493,52 @@ impl PartitionLog {
         }
     }
 
-    /// Compaction: swaps the sealed, inactive segment at `base` for its
-    /// cleaned rewrite (already renamed over its path and indexed on disk).
-    /// Fetches holding the old file keep reading the old inode. Cached
-    /// batches outside the active segment are dropped, since they may hold
-    /// records the rewrite removed. `false` when the segment is gone.
-    pub fn swap_cleaned_segment(
+    /// Compaction: whether `bases` are consecutive sealed, inactive
+    /// segments ending at `end` (the next segment's base).
+    pub fn has_sealed_segments(&self, bases: &[Offset], end: Offset) -> bool {
+        let n = self.segments.len().saturating_sub(1);
+        let Some(i) = bases.first().and_then(|b| self.segments[..n].iter().position(|s| s.base_offset == *b)) else {
+            return false;
+        };
+        let group = &self.segments[i..];
+        group.len() > bases.len()
+            && group.iter().zip(bases).all(|(s, b)| s.base_offset == *b && s.sealed)
+            && group[bases.len() - 1].next_offset == end
+            && group[bases.len()].base_offset == end
+    }
+
+    /// Compaction: swaps the sealed, inactive segments from `base` up to
+    /// `end` (the next segment's base) for their cleaned, merged rewrite
+    /// (already renamed over `base`'s path and indexed on disk): the first
+    /// takes the new file, the others leave the log. Fetches holding an old
+    /// file keep reading the old inode. Cached batches outside the active
+    /// segment are dropped, since they may hold records the rewrite
+    /// removed. `false` when a segment is gone.
+    pub fn swap_cleaned_segments(
         &mut self,
         base: Offset,
+        end: Offset,
         file: Rc<glommio::io::DmaFile>,
         bytes: u64,
         index: super::index::SegmentIndex,
         max_timestamp_ms: i64,
     ) -> bool {
         let n = self.segments.len().saturating_sub(1);
-        let Some(s) = self.segments[..n].iter_mut().find(|s| s.base_offset == base && s.sealed) else {
+        let Some(i) = self.segments[..n].iter().position(|s| s.base_offset == base && s.sealed) else {
             return false;
         };
+        let merged = self.segments[i + 1..n].iter().take_while(|s| s.base_offset < end).count();
+        if self.segments[i + 1 + merged].base_offset != end || !self.segments[i..=i + merged].iter().all(|s| s.sealed) {
+            return false;
+        }
+        self.segments.drain(i + 1..=i + merged);
+        let s = &mut self.segments[i];
         s.file = Some(file);
         s.reader = None;
         s.end_bytes = bytes;
         s.durable_bytes = bytes;
+        s.next_offset = end;
+        s.durable_next_offset = end;
         s.index = index;
         s.max_timestamp_ms = max_timestamp_ms;
         let active_base = self.active().base_offset;

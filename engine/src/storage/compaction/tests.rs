@@ -182,6 +182,7 @@ fn params(now_ms: i64) -> CleanParams {
         delete_retention_ms: 1_000,
         io_max_bytes_per_second: 0,
         min_cleanable_ratio: 0.5,
+        dedupe_buffer_bytes: 1 << 30,
     }
 }
 
@@ -208,15 +209,17 @@ fn keeps_latest_per_key_then_expires_tombstones() {
 
         let now = TS + 10;
         let done = clean_log(&log, &params(now), &never).await.unwrap().unwrap();
-        // a@0 b@1 c@2 (c's latest is in the active segment), a@3 b@4.
+        // a@0 b@1 c@2 (c's latest is in the active segment), a@3 b@4; what
+        // is left of the three sealed segments fits segment.bytes: one file.
         assert_eq!(done.records_removed, 5);
-        assert_eq!(done.segments_cleaned, 2);
+        assert_eq!((done.segments_cleaned, done.segments_merged, done.steps), (3, 2, 1));
         assert!(done.bytes_reclaimed > 0);
         assert_eq!(read_all(&log).await, compacted(), "latest per key, tombstone kept, offsets kept");
         assert_eq!(log.borrow().high_watermark, Offset(10));
+        assert_eq!(log.borrow().segment_count(), 2);
         let cp = read_checkpoint(&dir);
-        assert_eq!(cp.len(), 3);
-        assert_eq!(cp[&6], CleanedSegment { first_cleaned_at_ms: now, tombstones: 1 });
+        assert_eq!(cp.len(), 1);
+        assert_eq!(cp[&0], CleanedSegment { first_cleaned_at_ms: now, tombstones: 1 });
 
         // Nothing dirty, tombstones not due: no pass.
         assert_eq!(clean_log(&log, &params(now + 500), &never).await.unwrap(), None);
@@ -225,7 +228,7 @@ fn keeps_latest_per_key_then_expires_tombstones() {
         assert_eq!(done.records_removed, 1);
         let expired = rows(&[(5, "d", Some("d1")), (7, "a", Some("a3")), (8, "c", Some("c2")), (9, "e", Some("e1"))]);
         assert_eq!(read_all(&log).await, expired);
-        assert_eq!(read_checkpoint(&dir)[&6], CleanedSegment { first_cleaned_at_ms: now, tombstones: 0 });
+        assert_eq!(read_checkpoint(&dir)[&0], CleanedSegment { first_cleaned_at_ms: now, tombstones: 0 });
 
         // Survives a reopen: sealed segments with their new indexes.
         drop(log);
@@ -303,7 +306,7 @@ fn compressed_batches_are_compacted_and_keep_their_codec() {
             .chain(std::iter::once(&log.borrow().active_segment_info()))
             .map(|s| (crate::storage::segment::log_path(&dir, s.base_offset), s.bytes))
             .collect();
-        let (map, _) = build_key_map(&sources).unwrap();
+        let (map, _) = build_key_map(&sources, Offset(0), usize::MAX).unwrap();
         assert_eq!(map.opaque_batches, 0);
         let mut latest: Vec<(String, i64)> =
             map.latest.iter().map(|(k, o)| (String::from_utf8(k.clone()).unwrap(), o.0)).collect();
@@ -382,80 +385,301 @@ fn rewritten_compressed_batch_keeps_codec_header_and_kept_records() {
     assert!(plain_view(&bad).is_err());
 }
 
+/// As Kafka: a batch of an idempotent producer left without records keeps
+/// its bare header only while it is the producer's last batch (producer
+/// state is rebuilt from batch headers); earlier emptied ones go.
 #[test]
-fn idempotent_batches_left_empty_keep_their_header() {
+fn idempotent_batches_left_empty_keep_only_the_last_header() {
     run(|| async {
         let dir = crate::test_dir("compaction-pid");
         let log = PartitionLog::open("t".into(), PartitionId(0), dir.clone(), settings()).await.unwrap();
-        let p = ProducerFields { producer_id: 9, producer_epoch: 0, base_sequence: 0 };
-        let p2 = ProducerFields { base_sequence: 2, ..p };
-        let p3 = ProducerFields { base_sequence: 4, ..p };
+        let p9 = ProducerFields { producer_id: 9, producer_epoch: 0, base_sequence: 0 };
+        let p11 = ProducerFields { producer_id: 11, producer_epoch: 3, base_sequence: 0 };
         for b in [
-            keyed(&[("a", Some("a1")), ("b", Some("b1"))], TS, p),
-            keyed(&[("a", Some("a2")), ("b", Some("b2"))], TS, p2),
-            keyed(&[("x", Some("x"))], TS, p3),
+            keyed(&[("a", Some("a1")), ("b", Some("b1"))], TS, p9),
+            keyed(&[("a", Some("a2"))], TS, ProducerFields { base_sequence: 2, ..p9 }),
+            keyed(&[("b", Some("b2")), ("a", Some("a3"))], TS, p11),
+            keyed(&[("x", Some("x"))], TS, ProducerFields { base_sequence: 2, ..p11 }),
         ] {
             let infos = batch::validate_record_set(&b, usize::MAX).unwrap();
             log.borrow_mut().append(bytes::BytesMut::from(&b[..]), &infos, Epoch(0));
             partition::flush(&log).await.unwrap();
         }
         let done = clean_log(&log, &params(TS), &|| false).await.unwrap().unwrap();
-        assert_eq!(done.records_removed, 2);
-        assert_eq!(read_all(&log).await, rows(&[(2, "a", Some("a2")), (3, "b", Some("b2")), (4, "x", Some("x"))]));
-        // The emptied batch is still there with its producer fields.
-        let r = partition::read(&log, Offset(0), 1 << 20, true).await.unwrap();
-        let h = BatchHeader::parse(&r.chunks[0]).unwrap();
-        assert_eq!((h.base_offset().0, h.last_offset().0, h.record_count()), (0, 1, 0));
-        assert_eq!((h.producer_id().0, h.base_sequence()), (9, 0));
+        assert_eq!(done.records_removed, 3);
+        let want = rows(&[(3, "b", Some("b2")), (4, "a", Some("a3")), (5, "x", Some("x"))]);
+        assert_eq!(read_all(&log).await, want);
+        // Producer 9's first batch (offsets 0-1) is gone; its last (offset 2,
+        // emptied) stays as a bare header with its sequence.
+        let headers: Vec<(i64, i64, i32, i64, i32)> = all_batches(&log)
+            .await
+            .iter()
+            .map(|b| {
+                let h = BatchHeader::parse(b).unwrap();
+                (h.base_offset().0, h.last_offset().0, h.record_count(), h.producer_id().0, h.base_sequence())
+            })
+            .collect();
+        assert_eq!(headers, vec![(2, 2, 0, 9, 2), (3, 4, 2, 11, 0), (5, 5, 1, 11, 2)]);
+        // A second pass changes nothing: the header is still producer 9's last.
+        clean_log(&log, &params(TS + 1), &|| false).await.unwrap();
+        assert_eq!(all_batches(&log).await.len(), 3);
+        // Producer state rebuilt from the log alone (no snapshot) still knows producer 9.
+        drop(log);
+        let _ = std::fs::remove_file(dir.join(crate::storage::producer_state::SNAPSHOT_FILE));
+        let log = PartitionLog::open("t".into(), PartitionId(0), dir.clone(), settings()).await.unwrap();
+        let e = log.borrow().producers.get(tidelog_protocol::ProducerId(9)).cloned().expect("producer 9 known");
+        assert_eq!((e.epoch, e.last_seq), (0, 2));
+        assert_eq!(read_all(&log).await, want);
         drop(log);
         std::fs::remove_dir_all(dir).unwrap();
     });
 }
 
-/// A crash after each step of the swap of segment 3 (keys a2 b2 d1): the
-/// reopened log holds either the old or the new segment, nothing is lost,
-/// no `.log.cleaned` is left, and the next pass finishes the job.
+fn log_files(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".log") || n.ends_with(CLEANED_SUFFIX) || n.ends_with(SWAP_SUFFIX))
+        .collect();
+    out.sort();
+    out
+}
+
+/// A log of `n` one-batch segments (the last one active), batch `i` holding
+/// `key(i)` -> `v<i>` at offset `i`.
+async fn one_batch_segments(dir: &Path, n: i64, key: impl Fn(i64) -> String) -> SharedLog {
+    let log = PartitionLog::open("t".into(), PartitionId(0), dir.to_path_buf(), settings()).await.unwrap();
+    log.borrow_mut().settings.segment.segment_bytes = 1;
+    for i in 0..n {
+        let (k, v) = (key(i), format!("v{i}"));
+        let b = keyed(&[(k.as_str(), Some(v.as_str()))], TS, ProducerFields::default());
+        let infos = batch::validate_record_set(&b, usize::MAX).unwrap();
+        log.borrow_mut().append(bytes::BytesMut::from(&b[..]), &infos, Epoch(0));
+        partition::flush(&log).await.unwrap();
+    }
+    assert_eq!(log.borrow().segment_count(), n as usize);
+    log
+}
+
+/// Small cleaned segments merge into one file per `segment.bytes`: the
+/// sealed segments of a 3-key log become one, keeping the latest per key;
+/// with nothing to remove, groups stop at `segment.bytes`.
+#[test]
+fn small_cleaned_segments_are_merged() {
+    run(|| async {
+        let dir = crate::test_dir("compaction-merge");
+        let log = one_batch_segments(&dir, 12, |i| format!("k{}", i % 3)).await;
+        assert_eq!(log_files(&dir).len(), 12);
+        log.borrow_mut().settings.segment.segment_bytes = 1 << 20;
+        let done = clean_log(&log, &params(TS), &|| false).await.unwrap().unwrap();
+        // Offsets 0-8 go (k0 k1 k2 written again later); 9 and 10 stay; 11 is active.
+        assert_eq!((done.records_removed, done.segments_cleaned, done.segments_merged), (9, 11, 10));
+        let want = rows(&[(9, "k0", Some("v9")), (10, "k1", Some("v10")), (11, "k2", Some("v11"))]);
+        assert_eq!(read_all(&log).await, want);
+        assert_eq!(log.borrow().segment_count(), 2);
+        assert_eq!(log_files(&dir), vec![format!("{:020}.log", 0), format!("{:020}.log", 11)]);
+        let info = log.borrow().inactive_segments();
+        assert_eq!((info[0].base_offset, info[0].next_offset, info[0].sealed), (Offset(0), Offset(11), true));
+        assert_eq!(read_checkpoint(&dir).keys().copied().collect::<Vec<_>>(), vec![0]);
+        // Fetches from inside the merged range land on the next record.
+        let r = partition::read(&log, Offset(4), 1 << 20, true).await.unwrap();
+        assert_eq!(BatchHeader::parse(&r.chunks[0]).unwrap().base_offset(), Offset(9));
+        drop(log);
+        let log = PartitionLog::open("t".into(), PartitionId(0), dir.clone(), settings()).await.unwrap();
+        assert_eq!(read_all(&log).await, want);
+        assert_eq!((log.borrow().segment_count(), log.borrow().high_watermark), (2, Offset(12)));
+        assert!(log.borrow().inactive_segments().iter().all(|s| s.sealed));
+        drop(log);
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // Distinct keys: nothing removed, groups of 3 batches per segment.bytes.
+        let dir = crate::test_dir("compaction-merge-limit");
+        let log = one_batch_segments(&dir, 12, |i| format!("u{i:02}")).await;
+        let sizes: Vec<u64> = log.borrow().inactive_segments().iter().map(|s| s.bytes).collect();
+        let batch_bytes = sizes[0];
+        log.borrow_mut().settings.segment.segment_bytes = 3 * batch_bytes + batch_bytes / 2;
+        let done = clean_log(&log, &params(TS), &|| false).await.unwrap().unwrap();
+        // 11 sealed segments: groups 0-2, 3-5, 6-8, 9-10.
+        assert_eq!((done.records_removed, done.segments_cleaned, done.segments_merged), (0, 11, 7));
+        let bases: Vec<(i64, i64, u64)> =
+            log.borrow().inactive_segments().iter().map(|s| (s.base_offset.0, s.next_offset.0, s.bytes)).collect();
+        let b = |from: usize, to: usize| sizes[from..to].iter().sum::<u64>();
+        assert_eq!(bases, vec![(0, 3, b(0, 3)), (3, 6, b(3, 6)), (6, 9, b(6, 9)), (9, 11, b(9, 11))]);
+        let all: Vec<Row> = (0..12).map(|i| (i, format!("u{i:02}"), Some(format!("v{i}")))).collect();
+        assert_eq!(read_all(&log).await, all);
+        assert_eq!(log_files(&dir).len(), 5);
+        // Nothing dirty: no pass; already full groups are not merged further.
+        assert_eq!(clean_log(&log, &params(TS), &|| false).await.unwrap(), None);
+        drop(log);
+        let log = PartitionLog::open("t".into(), PartitionId(0), dir.clone(), settings()).await.unwrap();
+        assert_eq!(read_all(&log).await, all);
+        assert_eq!(log.borrow().segment_count(), 5);
+        drop(log);
+        std::fs::remove_dir_all(dir).unwrap();
+    });
+}
+
+/// Keys of `i`: 25 keys over 40 batches of 3 records, some tombstones.
+async fn many_keys_log(dir: &Path) -> SharedLog {
+    let log = PartitionLog::open("t".into(), PartitionId(0), dir.to_path_buf(), settings()).await.unwrap();
+    for i in 0..40 {
+        let recs: Vec<(String, Option<String>)> = (0..3)
+            .map(|j| {
+                let n = (i * 7 + j * 3) % 25;
+                (format!("k{n:02}"), if (i + j) % 11 == 0 { None } else { Some(format!("v{i}.{j}")) })
+            })
+            .collect();
+        let refs: Vec<(&str, Option<&str>)> = recs.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+        let b = keyed(&refs, TS, ProducerFields::default());
+        let infos = batch::validate_record_set(&b, usize::MAX).unwrap();
+        log.borrow_mut().append(bytes::BytesMut::from(&b[..]), &infos, Epoch(0));
+        partition::flush(&log).await.unwrap();
+    }
+    log
+}
+
+/// A key map bounded to a few keys cleans in several steps, never over its
+/// bound, and leaves exactly what one unbounded step leaves, tombstone
+/// expiry included.
+#[test]
+fn tiny_dedupe_buffer_gives_the_single_pass_result() {
+    run(|| async {
+        let (d1, d2) = (crate::test_dir("compaction-map-big"), crate::test_dir("compaction-map-tiny"));
+        let (big, tiny) = (many_keys_log(&d1).await, many_keys_log(&d2).await);
+        let original = read_all(&big).await;
+        assert_eq!(original.len(), 120);
+        assert_eq!(read_all(&tiny).await, original);
+
+        // The map itself: never over its bound, and it says where it stopped.
+        let sources: Vec<(PathBuf, u64)> = tiny
+            .borrow()
+            .inactive_segments()
+            .iter()
+            .map(|s| (crate::storage::segment::log_path(&d2, s.base_offset), s.bytes))
+            .collect();
+        const TINY: usize = 1000;
+        let (map, _) = build_key_map(&sources, Offset(0), TINY).unwrap();
+        assert!(map.memory_bytes() <= TINY, "{} > {TINY}", map.memory_bytes());
+        let stop = map.covered_to.expect("25 keys do not fit in 1000 bytes");
+        assert!(map.latest.len() >= 7 && map.latest.len() < 25, "{} keys", map.latest.len());
+        assert!(map.latest.values().all(|o| *o < stop));
+        let (whole, _) = build_key_map(&sources, Offset(0), usize::MAX).unwrap();
+        assert_eq!(whole.latest.len(), 25);
+        assert!(whole.memory_bytes() > TINY);
+        assert!(whole.covered_to.is_none());
+
+        let tiny_params = |now| CleanParams { dedupe_buffer_bytes: TINY, ..params(now) };
+        let one = clean_log(&big, &params(TS), &|| false).await.unwrap().unwrap();
+        let many = clean_log(&tiny, &tiny_params(TS), &|| false).await.unwrap().unwrap();
+        assert_eq!(one.steps, 1);
+        assert!(many.steps > 1, "{many:?}");
+        let cleaned = read_all(&big).await;
+        assert!(cleaned.len() < original.len() && cleaned.len() >= 25, "{} records", cleaned.len());
+        assert_eq!(read_all(&tiny).await, cleaned, "several steps = one step");
+        assert!(cleaned.iter().any(|(_, _, v)| v.is_none()), "some tombstones kept");
+        // Every key's last record is the one of the original log.
+        let last = |rows: &[Row]| {
+            let mut m = std::collections::BTreeMap::new();
+            for (o, k, v) in rows {
+                m.insert(k.clone(), (*o, v.clone()));
+            }
+            m
+        };
+        assert_eq!(last(&cleaned), last(&original));
+
+        // Tombstones expire the same way.
+        let one = clean_log(&big, &params(TS + 1_001), &|| false).await.unwrap().unwrap();
+        let many = clean_log(&tiny, &tiny_params(TS + 1_001), &|| false).await.unwrap().unwrap();
+        assert_eq!(one.records_removed, many.records_removed);
+        assert!(one.records_removed > 0);
+        let expired = read_all(&big).await;
+        assert_eq!(read_all(&tiny).await, expired);
+        assert!(expired.iter().filter(|(o, _, _)| *o < 117).all(|(_, _, v)| v.is_some()));
+        drop((big, tiny));
+        std::fs::remove_dir_all(d1).unwrap();
+        std::fs::remove_dir_all(d2).unwrap();
+    });
+}
+
+/// A bound too small for one key is an error naming the setting, not a loop.
+#[test]
+fn dedupe_buffer_too_small_for_one_key_is_an_error() {
+    run(|| async {
+        let dir = crate::test_dir("compaction-map-none");
+        let log = sample_log(&dir).await;
+        let p = CleanParams { dedupe_buffer_bytes: 64, ..params(TS) };
+        let e = clean_log(&log, &p, &|| false).await.unwrap_err();
+        assert!(e.to_string().contains("log.cleaner.dedupe.buffer.size"), "{e}");
+        assert_eq!(read_all(&log).await, everything());
+        assert!(stray_cleaned(&dir).is_empty());
+        drop(log);
+        std::fs::remove_dir_all(dir).unwrap();
+    });
+}
+
+/// A crash after each step of the swap of the merged segments 0, 3 and 6
+/// (into 0): the reopened log holds either the old segments or the merged
+/// one, nothing is lost, no `.log.cleaned` or `.swap` is left, and the
+/// next pass finishes the job.
 #[test]
 fn interrupted_swap_recovers_at_every_step() {
     run(|| async {
-        for until in [None, Some(SwapStep::IndexRemoved), Some(SwapStep::Renamed), Some(SwapStep::Indexed)] {
+        let steps = [
+            None,
+            Some(SwapStep::Committed),
+            Some(SwapStep::Replaced),
+            Some(SwapStep::Renamed),
+            Some(SwapStep::Indexed),
+        ];
+        for until in steps {
             let dir = crate::test_dir("compaction-crash");
             let log = sample_log(&dir).await;
-            let sources: Vec<(PathBuf, u64)> = log
-                .borrow()
-                .inactive_segments()
+            let segments = log.borrow().inactive_segments();
+            let sources: Vec<(PathBuf, u64)> = segments
                 .iter()
                 .chain(std::iter::once(&log.borrow().active_segment_info()))
                 .map(|s| (crate::storage::segment::log_path(&dir, s.base_offset), s.bytes))
                 .collect();
-            let (map, _) = build_key_map(&sources).unwrap();
-            let path = crate::storage::segment::log_path(&dir, Offset(3));
-            let r = rewrite_segment(&path, Offset(3), sources[1].1, &map, true, 1).unwrap();
+            let (map, _) = build_key_map(&sources, Offset(0), usize::MAX).unwrap();
+            let members: Vec<Member> = segments
+                .iter()
+                .map(|s| Member {
+                    base: s.base_offset,
+                    next_offset: s.next_offset,
+                    bytes: s.bytes,
+                    keep_tombstones: true,
+                })
+                .collect();
+            let r = rewrite_group(&dir, &members, &map, 1, GroupLimits::for_segment_bytes(1 << 20)).unwrap();
             assert!(r.changed);
-            assert_eq!(r.records_removed, 2);
+            assert_eq!((r.segments, r.end, r.records_removed, r.batches_dropped), (3, Offset(8), 5, 1));
             assert_eq!(stray_cleaned(&dir).len(), 1);
             if let Some(step) = until {
-                install_cleaned(&path, &r.index, step).unwrap();
+                install_cleaned(&dir, Offset(0), r.end, &r.index, step).unwrap();
             }
+            let committed = until.is_some();
             // "Crash": drop everything in memory and reopen from disk.
             drop(log);
             let log = PartitionLog::open("t".into(), PartitionId(0), dir.clone(), settings()).await.unwrap();
-            assert!(stray_cleaned(&dir).is_empty(), "{until:?}: stray .log.cleaned left");
-            let committed = until.is_some_and(|s| s >= SwapStep::Renamed);
-            let mut want = everything();
-            if committed {
-                want.retain(|(o, _, _)| *o != 3 && *o != 4);
-            }
+            let names = log_files(&dir);
+            assert!(names.iter().all(|n| n.ends_with(".log")), "{until:?}: left behind: {names:?}");
+            let want = if committed { compacted() } else { everything() };
             assert_eq!(read_all(&log).await, want, "{until:?}");
+            assert_eq!(log.borrow().segment_count(), if committed { 2 } else { 4 }, "{until:?}");
             assert_eq!(log.borrow().high_watermark, Offset(10), "{until:?}");
             // A rescanned segment is sealed again by the next flush, then cleaned.
             partition::flush(&log).await.unwrap();
             assert!(log.borrow().inactive_segments().iter().all(|s| s.sealed), "{until:?}");
-            clean_log(&log, &params(TS), &|| false).await.unwrap().unwrap();
+            log.borrow_mut().settings.segment.segment_bytes = 1 << 20;
+            if clean_log(&log, &params(TS), &|| false).await.unwrap().is_none() {
+                assert!(committed, "{until:?}: an uncleaned log must be cleaned");
+            }
             assert_eq!(read_all(&log).await, compacted(), "{until:?}");
+            assert_eq!(log.borrow().segment_count(), 2, "{until:?}");
             drop(log);
             let log = PartitionLog::open("t".into(), PartitionId(0), dir.clone(), settings()).await.unwrap();
             assert_eq!(read_all(&log).await, compacted(), "{until:?} after reopen");
+            assert_eq!(log_files(&dir), vec![format!("{:020}.log", 0), format!("{:020}.log", 8)], "{until:?}");
             drop(log);
             std::fs::remove_dir_all(dir).unwrap();
         }
@@ -510,5 +734,25 @@ fn checkpoint_roundtrip_and_garbage() {
     std::fs::write(dir.join("00000000000000000000.log.cleaned"), b"x").unwrap();
     assert_eq!(recover_dir(&dir).unwrap(), 1);
     assert!(stray_cleaned(&dir).is_empty());
+    // A committed swap of segments 0 and 5 (ending at 9) is finished: the
+    // old files go, the swap becomes segment 0, segment 9 is untouched.
+    for (name, body) in [
+        ("00000000000000000000.log", "old0"),
+        ("00000000000000000000.index", ""),
+        ("00000000000000000005.log", "old5"),
+        ("00000000000000000005.timeindex", ""),
+        ("00000000000000000009.log", "next"),
+        ("00000000000000000000-00000000000000000009.swap", "merged"),
+    ] {
+        std::fs::write(dir.join(name), body).unwrap();
+    }
+    assert_eq!(recover_dir(&dir).unwrap(), 1);
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    names.sort();
+    assert_eq!(names, vec!["00000000000000000000.log", "00000000000000000009.log", CHECKPOINT_FILE]);
+    assert_eq!(std::fs::read_to_string(dir.join("00000000000000000000.log")).unwrap(), "merged");
+    assert_eq!(recover_dir(&dir).unwrap(), 0, "idempotent");
+    assert_eq!(parse_swap_name("00000000000000000009-00000000000000000009.swap"), None);
     std::fs::remove_dir_all(dir).unwrap();
 }

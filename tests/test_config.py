@@ -89,3 +89,23 @@ def test_acks_0_1_all(broker):
     got = consume_confluent(broker, topic, ends)
     check_contiguous(got)
     assert sorted((k, v) for r in got.values() for _, k, v in r) == sorted(everything)
+
+
+def test_bad_broker_default_of_a_topic_config_is_refused(broker_factory):
+    """log.retention.ms, log.message.timestamp.after.max.ms, ... are checked
+    at start as a topic's own value would be, not silently replaced by the
+    built-in default."""
+    import subprocess
+
+    for flag, name in (
+        ("--log.message.timestamp.after.max.ms=soon", "log.message.timestamp.after.max.ms"),
+        ("--log.retention.ms=-5", "log.retention.ms"),
+        ("--log.cleanup.policy=shred", "log.cleanup.policy"),
+    ):
+        b = broker_factory(start=False, args=[flag])
+        r = subprocess.run(b.command(), capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0, flag
+        assert name in r.stdout + r.stderr, (flag, r.stdout + r.stderr)
+    # A good value starts.
+    b = broker_factory(args=["--log.message.timestamp.after.max.ms=60000"])
+    assert b.proc.poll() is None

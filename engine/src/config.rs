@@ -601,6 +601,16 @@ impl Config {
                 "default.replication.factor={default_replication_factor} needs a cluster: a single node (no process.roles) has one replica of each partition"
             )));
         }
+        // The broker defaults of topic configs (log.retention.ms, ...) are
+        // checked as a topic's own value would be, so a typo is a start-up
+        // error rather than a silent fall-back to the built-in default.
+        for def in crate::topic_config::TOPIC_CONFIGS.iter().filter(|d| !d.broker.is_empty()) {
+            if let Some((value, source)) = values.get(def.broker) {
+                if *source != Source::Default {
+                    crate::topic_config::validate_value(def, def.broker, value).map_err(ConfigError)?;
+                }
+            }
+        }
         let log_dirs = parse_log_dirs(get(&values, "log.dirs"))?;
         let io_properties = get(&values, "io.properties.file").trim();
         let cfg = Config {

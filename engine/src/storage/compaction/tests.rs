@@ -519,6 +519,34 @@ fn small_cleaned_segments_are_merged() {
     });
 }
 
+/// A group stops before its offset index would pass its limit; the
+/// segment that overflowed is cut off the file again.
+#[test]
+fn merged_group_stops_at_the_index_limit() {
+    run(|| async {
+        let dir = crate::test_dir("compaction-merge-index");
+        let log = one_batch_segments(&dir, 6, |i| format!("u{i}")).await;
+        let segments = log.borrow().inactive_segments();
+        let members: Vec<Member> = segments
+            .iter()
+            .map(|s| Member { base: s.base_offset, next_offset: s.next_offset, bytes: s.bytes, keep_tombstones: true })
+            .collect();
+        let map = KeyMap::default();
+        let limits = GroupLimits { bytes_max: 1 << 20, index_bytes_max: 2 * OFFSET_ENTRY_BYTES };
+        // Index every batch: two entries fit, the third segment's does not.
+        let r = rewrite_group(&dir, &members, &map, 1, limits).unwrap();
+        assert!(r.changed);
+        assert_eq!((r.segments, r.end, r.index.offsets.len(), r.records_removed), (2, Offset(2), 2, 0));
+        assert_eq!((r.records_before, r.batches_after), (2, 2));
+        assert_eq!(r.bytes_after, segments[0].bytes + segments[1].bytes);
+        let cleaned = cleaned_path(&crate::storage::segment::log_path(&dir, Offset(0)));
+        assert_eq!(std::fs::metadata(&cleaned).unwrap().len(), r.bytes_after, "the overflow is cut off the file");
+        std::fs::remove_file(cleaned).unwrap();
+        drop(log);
+        std::fs::remove_dir_all(dir).unwrap();
+    });
+}
+
 /// Keys of `i`: 25 keys over 40 batches of 3 records, some tombstones.
 async fn many_keys_log(dir: &Path) -> SharedLog {
     let log = PartitionLog::open("t".into(), PartitionId(0), dir.to_path_buf(), settings()).await.unwrap();

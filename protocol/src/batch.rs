@@ -430,7 +430,7 @@ pub fn build_batch(records: &[RecordRef<'_>], base_timestamp_ms: i64, producer: 
         }
         put_varint(&mut body, rec.len() as i64);
         body.put_slice(&rec);
-        max_ts = max_ts.max(base_timestamp_ms + r.timestamp_delta_ms);
+        max_ts = max_ts.max(base_timestamp_ms.saturating_add(r.timestamp_delta_ms));
     }
     let mut buf = BytesMut::with_capacity(BATCH_HEADER_BYTES + body.len());
     buf.put_i64(0);
@@ -473,6 +473,17 @@ mod tests {
             .map(|v| RecordRef { key: Some(b"k"), value: Some(v), headers: &[], timestamp_delta_ms: 1 })
             .collect();
         build_batch(&recs, 1_700_000_000_000, ProducerFields::default())
+    }
+
+    /// Regression (fuzz/request_sequence): a base timestamp near i64::MAX
+    /// plus a positive delta overflowed computing the max timestamp.
+    #[test]
+    fn build_batch_saturates_extreme_timestamps() {
+        let recs = [RecordRef { key: None, value: Some(b"v"), headers: &[], timestamp_delta_ms: 1_000 }];
+        let b = build_batch(&recs, i64::MAX - 10, ProducerFields::default());
+        assert_eq!(BatchHeader::parse(&b).unwrap().max_timestamp_ms(), i64::MAX);
+        let facts = record_facts(&b[BATCH_HEADER_BYTES..], 1, i64::MAX - 10).unwrap();
+        assert_eq!(facts[0].timestamp_ms, i64::MAX);
     }
 
     #[test]

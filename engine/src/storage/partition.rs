@@ -1417,8 +1417,9 @@ fn walk_records(records: &[u8], h: &BatchHeader<'_>, target_ms: i64, from: Offse
         let body = records.get(body_start..body_start + usize::try_from(len).ok()?)?;
         let (ts_delta, n1) = batch::get_varint(body.get(1..)?)?;
         let (off_delta, _) = batch::get_varint(body.get(1 + n1..)?)?;
-        let ts = h.base_timestamp_ms() + ts_delta;
-        let offset = Offset(h.base_offset().0 + off_delta);
+        // Producer-written fields: saturate rather than overflow.
+        let ts = h.base_timestamp_ms().saturating_add(ts_delta);
+        let offset = Offset(h.base_offset().0.saturating_add(off_delta));
         if ts >= target_ms && offset >= from {
             return Some((offset, ts));
         }

@@ -63,6 +63,15 @@ pub enum ErrorCode {
     EligibleLeadersNotAvailable = 83,
     ElectionNotNeeded = 84,
     NoReassignmentInProgress = 85,
+    InvalidTxnState = 48,
+    InvalidProducerIdMapping = 49,
+    InvalidTransactionTimeout = 50,
+    ConcurrentTransactions = 51,
+    TransactionCoordinatorFenced = 52,
+    OperationNotAttempted = 55,
+    UnstableOffsetCommit = 88,
+    TransactionalIdNotFound = 105,
+    TransactionAbortable = 120,
 }
 
 impl ErrorCode {
@@ -132,6 +141,15 @@ impl ErrorCode {
             83 => ErrorCode::EligibleLeadersNotAvailable,
             84 => ErrorCode::ElectionNotNeeded,
             85 => ErrorCode::NoReassignmentInProgress,
+            48 => ErrorCode::InvalidTxnState,
+            49 => ErrorCode::InvalidProducerIdMapping,
+            50 => ErrorCode::InvalidTransactionTimeout,
+            51 => ErrorCode::ConcurrentTransactions,
+            52 => ErrorCode::TransactionCoordinatorFenced,
+            55 => ErrorCode::OperationNotAttempted,
+            88 => ErrorCode::UnstableOffsetCommit,
+            105 => ErrorCode::TransactionalIdNotFound,
+            120 => ErrorCode::TransactionAbortable,
             _ => ErrorCode::UnknownServerError,
         }
     }
@@ -198,6 +216,15 @@ impl ErrorCode {
             ErrorCode::EligibleLeadersNotAvailable => "ELIGIBLE_LEADERS_NOT_AVAILABLE",
             ErrorCode::ElectionNotNeeded => "ELECTION_NOT_NEEDED",
             ErrorCode::NoReassignmentInProgress => "NO_REASSIGNMENT_IN_PROGRESS",
+            ErrorCode::InvalidTxnState => "INVALID_TXN_STATE",
+            ErrorCode::InvalidProducerIdMapping => "INVALID_PRODUCER_ID_MAPPING",
+            ErrorCode::InvalidTransactionTimeout => "INVALID_TRANSACTION_TIMEOUT",
+            ErrorCode::ConcurrentTransactions => "CONCURRENT_TRANSACTIONS",
+            ErrorCode::TransactionCoordinatorFenced => "TRANSACTION_COORDINATOR_FENCED",
+            ErrorCode::OperationNotAttempted => "OPERATION_NOT_ATTEMPTED",
+            ErrorCode::UnstableOffsetCommit => "UNSTABLE_OFFSET_COMMIT",
+            ErrorCode::TransactionalIdNotFound => "TRANSACTIONAL_ID_NOT_FOUND",
+            ErrorCode::TransactionAbortable => "TRANSACTION_ABORTABLE",
         }
     }
 }

@@ -18,8 +18,6 @@ use tidelog_protocol::batch::{self, BatchError, BatchInfo};
 use tidelog_protocol::messages::produce_response::{
     BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
 };
-#[cfg(test)]
-use tidelog_protocol::messages::TransactionalId;
 use tidelog_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicName};
 use tidelog_protocol::{Epoch, ErrorCode, Offset};
 

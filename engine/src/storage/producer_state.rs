@@ -661,6 +661,8 @@ pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
         }
         None => (ProducerStateTable::default(), start),
     };
+    // Aborted transactions whose marker retention or DeleteRecords removed since the snapshot.
+    table.on_log_start(start);
     let from = offset;
     let batches =
         if offset < hw { partition::for_each_durable_batch(log, offset, |h| table.replay(h)).await? } else { 0 };

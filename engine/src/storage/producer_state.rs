@@ -639,9 +639,9 @@ pub fn idempotent_batch(records: &[u8], infos: &[BatchInfo]) -> Result<Option<Id
 /// snapshot if it is usable, then every batch header from there to the
 /// durable end, then the batches still pending.
 pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
-    let (path, start, hw) = {
+    let (path, start, hw, visible) = {
         let l = log.borrow();
-        (l.dir.join(SNAPSHOT_FILE), l.log_start_offset, l.durable_end)
+        (l.dir.join(SNAPSHOT_FILE), l.log_start_offset, l.durable_end, l.high_watermark)
     };
     let snapshot = glommio::executor()
         .spawn_blocking(move || match std::fs::read(&path) {
@@ -664,8 +664,18 @@ pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
     // Aborted transactions whose marker retention or DeleteRecords removed since the snapshot.
     table.on_log_start(start);
     let from = offset;
-    let batches =
-        if offset < hw { partition::for_each_durable_batch(log, offset, |h| table.replay(h)).await? } else { 0 };
+    // Transactions whose marker is under the high watermark are stable:
+    // dropping them as we go (at open, every durable one) keeps a whole-log
+    // replay from holding, and then locating, each of them.
+    let batches = if offset < hw {
+        partition::for_each_durable_batch(log, offset, |h| {
+            table.replay(h);
+            table.on_high_watermark(visible);
+        })
+        .await?
+    } else {
+        0
+    };
     table.dirty = batches > 0;
     {
         let mut l = log.borrow_mut();

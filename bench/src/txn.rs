@@ -527,6 +527,14 @@ impl TxnSession {
                     coord = find_coordinator(bootstrap, txn_id, client_id)?;
                 }
                 COORDINATOR_NOT_AVAILABLE => return Err(not_supported(txn_id, "InitProducerId", None)),
+                c if is_retriable(c) && Instant::now() < deadline => {
+                    eprintln!(
+                        "note: InitProducerId for {txn_id:?} at {} answered {}; retrying",
+                        coord.addr,
+                        error_name(c)
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
                 c => bail!(
                     "InitProducerId for transactional id {txn_id:?} (transaction timeout {timeout_ms} ms) at {}: {}",
                     coord.addr,
@@ -641,9 +649,12 @@ fn init_idempotent(bootstrap: &str, timeout_ms: i32, client_id: &str) -> anyhow:
         let resp: InitProducerIdResponse = conn.call(ApiKey::InitProducerId, &req)?;
         match resp.error_code {
             0 => return Ok((resp.producer_id.0, resp.producer_epoch)),
-            c if matches!(c, COORDINATOR_LOAD_IN_PROGRESS | COORDINATOR_NOT_AVAILABLE | NOT_COORDINATOR)
+            c if (is_retriable(c)
+                || matches!(c, COORDINATOR_LOAD_IN_PROGRESS | COORDINATOR_NOT_AVAILABLE | NOT_COORDINATOR))
                 && Instant::now() < deadline =>
             {
+                // Kafka's producer retries retriable InitProducerId errors too.
+                eprintln!("note: InitProducerId (idempotent) at {bootstrap} answered {}; retrying", error_name(c));
                 std::thread::sleep(Duration::from_millis(100))
             }
             c => bail!("InitProducerId (idempotent, no transactional id) at {bootstrap}: {}", error_name(c)),
@@ -1453,7 +1464,11 @@ fn verify(
         let mut next = from;
         let mut last_progress = Instant::now();
         let mut markers = (0u64, 0u64);
-        while next < to {
+        let want = markers_expected.get(idx).copied().unwrap_or(0);
+        // EndTxn is answered once the commit is decided; a broker may append
+        // the markers after that (Kafka does), so read on past `to` until
+        // they are all there or nothing comes for VERIFY_STALL.
+        while next < to || markers.0 < want {
             let req = FetchRequest::default()
                 .with_max_wait_ms(200)
                 .with_min_bytes(1)
@@ -1511,6 +1526,8 @@ fn verify(
             }
             if advanced {
                 last_progress = Instant::now();
+            } else if last_progress.elapsed() > VERIFY_STALL && next >= to {
+                break; // the marker count below says what is missing
             } else if last_progress.elapsed() > VERIFY_STALL {
                 v.problem(format!(
                     "{topic}-{}: read_committed stopped at offset {next}, below the high watermark {to} \
@@ -1522,7 +1539,6 @@ fn verify(
         }
         v.commit_markers_read += markers.0;
         v.abort_markers_read += markers.1;
-        let want = markers_expected.get(idx).copied().unwrap_or(0);
         if markers.0 != want {
             v.problem(format!(
                 "{topic}-{}: {} commit markers read, {want} expected (one per committed transaction that wrote the partition)",

@@ -133,11 +133,40 @@ fn idempotent_run_reads_back_exactly_once_with_read_committed() {
     assert_eq!(r.throughput.records, r.records_total, "no warm-up: everything is measured");
     assert_eq!(r.latency_us.produce_ack_batch.count, r.batches);
     assert_eq!(r.latency_us.commit.count, 0);
-    let v = o.verify.unwrap();
+    let v = o.verify.as_ref().unwrap();
     assert_eq!(v.problems, 0, "{:?}", v.first_problems);
     assert_eq!((v.records_expected, v.records_read), (r.records_total, r.records_total));
     assert_eq!((v.missing, v.duplicates, v.unexpected, v.foreign_records), (0, 0, 0, 0));
     assert_eq!((v.commit_markers_expected, v.commit_markers_read, v.wrong_transactional_bit), (0, 0, 0));
+
+    // The report: table, txn-summary.json and .hgrm files.
+    let inputs = txn::TxnSummaryInputs {
+        name: "txn-it".into(),
+        started_at_unix_s: 0,
+        workload: Workload::default(),
+        bootstrap: bootstrap.clone(),
+        broker_label: "tidelog".into(),
+        broker_version: "test".into(),
+        host: tidelog_bench::host::host_info(&broker.dir),
+        baseline: None,
+        hiccups: None,
+        transaction_timeout_ms: 60_000,
+    };
+    let mut summary = txn::build_summary(inputs, &o);
+    let dir = broker.dir.join("report");
+    let files = txn::write_run_dir(&dir, &mut summary, &o).unwrap();
+    let names: Vec<String> = files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["idempotent-produce-ack-batch.hgrm", "latency.svg", "report.txt", "txn-summary.json"]);
+    let table = std::fs::read_to_string(dir.join("report.txt")).unwrap();
+    eprintln!("{table}");
+    assert!(table.contains("idempotent produce ack (batch)"), "{table}");
+    assert!(table.contains("verify (read_committed):") && table.contains("| OK"), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("txn-summary.json")).unwrap()).unwrap();
+    assert_eq!(json["schema"], "tidelog-bench/txn-summary/v1");
+    assert_eq!(json["runs"][0]["label"], "idempotent");
+    assert_eq!(json["runs"][0]["throughput"]["records"], r.records_total);
+    assert_eq!(json["verify"]["problems"], 0);
 }
 
 #[test]

@@ -42,6 +42,9 @@ pub enum ErrorCode {
     OutOfOrderSequenceNumber = 45,
     DuplicateSequenceNumber = 46,
     InvalidProducerEpoch = 47,
+    InvalidTxnState = 48,
+    TransactionCoordinatorFenced = 52,
+    TransactionalIdAuthorizationFailed = 53,
     UnknownProducerId = 59,
     NonEmptyGroup = 68,
     GroupIdNotFound = 69,
@@ -63,6 +66,13 @@ pub enum ErrorCode {
     EligibleLeadersNotAvailable = 83,
     ElectionNotNeeded = 84,
     NoReassignmentInProgress = 85,
+    InvalidProducerIdMapping = 49,
+    InvalidTransactionTimeout = 50,
+    ConcurrentTransactions = 51,
+    OperationNotAttempted = 55,
+    UnstableOffsetCommit = 88,
+    TransactionalIdNotFound = 105,
+    TransactionAbortable = 120,
 }
 
 impl ErrorCode {
@@ -111,6 +121,9 @@ impl ErrorCode {
             45 => ErrorCode::OutOfOrderSequenceNumber,
             46 => ErrorCode::DuplicateSequenceNumber,
             47 => ErrorCode::InvalidProducerEpoch,
+            48 => ErrorCode::InvalidTxnState,
+            52 => ErrorCode::TransactionCoordinatorFenced,
+            53 => ErrorCode::TransactionalIdAuthorizationFailed,
             59 => ErrorCode::UnknownProducerId,
             68 => ErrorCode::NonEmptyGroup,
             69 => ErrorCode::GroupIdNotFound,
@@ -132,6 +145,13 @@ impl ErrorCode {
             83 => ErrorCode::EligibleLeadersNotAvailable,
             84 => ErrorCode::ElectionNotNeeded,
             85 => ErrorCode::NoReassignmentInProgress,
+            49 => ErrorCode::InvalidProducerIdMapping,
+            50 => ErrorCode::InvalidTransactionTimeout,
+            51 => ErrorCode::ConcurrentTransactions,
+            55 => ErrorCode::OperationNotAttempted,
+            88 => ErrorCode::UnstableOffsetCommit,
+            105 => ErrorCode::TransactionalIdNotFound,
+            120 => ErrorCode::TransactionAbortable,
             _ => ErrorCode::UnknownServerError,
         }
     }
@@ -177,6 +197,9 @@ impl ErrorCode {
             ErrorCode::OutOfOrderSequenceNumber => "OUT_OF_ORDER_SEQUENCE_NUMBER",
             ErrorCode::DuplicateSequenceNumber => "DUPLICATE_SEQUENCE_NUMBER",
             ErrorCode::InvalidProducerEpoch => "INVALID_PRODUCER_EPOCH",
+            ErrorCode::InvalidTxnState => "INVALID_TXN_STATE",
+            ErrorCode::TransactionCoordinatorFenced => "TRANSACTION_COORDINATOR_FENCED",
+            ErrorCode::TransactionalIdAuthorizationFailed => "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
             ErrorCode::UnknownProducerId => "UNKNOWN_PRODUCER_ID",
             ErrorCode::NonEmptyGroup => "NON_EMPTY_GROUP",
             ErrorCode::GroupIdNotFound => "GROUP_ID_NOT_FOUND",
@@ -198,6 +221,13 @@ impl ErrorCode {
             ErrorCode::EligibleLeadersNotAvailable => "ELIGIBLE_LEADERS_NOT_AVAILABLE",
             ErrorCode::ElectionNotNeeded => "ELECTION_NOT_NEEDED",
             ErrorCode::NoReassignmentInProgress => "NO_REASSIGNMENT_IN_PROGRESS",
+            ErrorCode::InvalidProducerIdMapping => "INVALID_PRODUCER_ID_MAPPING",
+            ErrorCode::InvalidTransactionTimeout => "INVALID_TRANSACTION_TIMEOUT",
+            ErrorCode::ConcurrentTransactions => "CONCURRENT_TRANSACTIONS",
+            ErrorCode::OperationNotAttempted => "OPERATION_NOT_ATTEMPTED",
+            ErrorCode::UnstableOffsetCommit => "UNSTABLE_OFFSET_COMMIT",
+            ErrorCode::TransactionalIdNotFound => "TRANSACTIONAL_ID_NOT_FOUND",
+            ErrorCode::TransactionAbortable => "TRANSACTION_ABORTABLE",
         }
     }
 }

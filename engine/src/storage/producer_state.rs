@@ -4,6 +4,19 @@
 //! written twice, and a gap or an old epoch is refused as Kafka refuses it.
 //! Also the per-shard producer id allocator.
 //!
+//! Transactions (KIP-98, Kafka's `ProducerStateManager`): a producer's
+//! first transactional batch on this partition starts its ongoing
+//! transaction (`txn_first_offset`); a marker (control batch, COMMIT or
+//! ABORT, written by the coordinator through `PartitionLog::append_txn_marker`)
+//! ends it. An ended transaction stays *unstable* until its marker is under
+//! the high watermark; the first unstable offset bounds the last stable
+//! offset (LSO) that read_committed consumers read up to. An ABORT adds
+//! {producer, first offset, marker offset} to the aborted list, which
+//! read_committed fetches return for the range they read. A marker with a
+//! newer producer epoch bumps the producer's epoch here, fencing a zombie.
+//! `replay` applies markers exactly as the live append does, so followers
+//! and restarted brokers reach the same state.
+//!
 //! Shard-local: a `ProducerStateTable` is a field of its `PartitionLog` (on
 //! the owning shard); a `PidAllocator` belongs to one shard.
 //!
@@ -15,10 +28,14 @@
 //! usable snapshot the whole log is scanned.
 //!
 //! ```text
-//! snapshot = "TLPS" | u16 version (1) | i64 covered_to | u32 count | entries | u32 crc32c (of all before)
+//! snapshot = "TLPS" | u16 version (2) | i64 covered_to | u32 count | entries
+//!            | u32 aborted count | aborted | u32 crc32c (of all before)
 //! entry    = i64 pid | i16 epoch | i32 last seq | i64 last timestamp | u8 n | n x (i32 first seq
 //!            | i32 last seq | i64 base offset | i64 last offset)
+//!            | i32 coordinator epoch | i64 ongoing txn first offset (-1: none)     (v2 only)
+//! aborted  = i64 pid | i64 first offset | i64 last offset (the marker) | i64 LSO when it ended
 //! ```
+//! Version 1 (no transaction fields, no aborted list) is still read.
 //!
 //! Producer ids: `shard << 40 | counter`, so shards never collide without
 //! talking; the counter is reserved in blocks of 1000 in
@@ -26,12 +43,12 @@
 //! used), so ids are unique across restarts and crashes.
 
 use std::cell::Cell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
 
 use bytes::{Buf, BufMut, BytesMut};
-use tidelog_protocol::batch::{BatchHeader, BatchInfo};
+use tidelog_protocol::batch::{self, BatchHeader, BatchInfo, ControlType};
 use tidelog_protocol::{ErrorCode, Offset, ProducerId, ShardId};
 
 use super::partition::{self, SharedLog};
@@ -41,7 +58,8 @@ use super::partition::{self, SharedLog};
 pub const BATCHES_KEPT: usize = 5;
 pub const SNAPSHOT_FILE: &str = "producer-state.snapshot";
 const SNAPSHOT_MAGIC: &[u8; 4] = b"TLPS";
-const SNAPSHOT_VERSION: u16 = 1;
+const SNAPSHOT_VERSION: u16 = 2;
+const SNAPSHOT_VERSION_V1: u16 = 1;
 /// Producers remembered per partition at most; the least recently active
 /// are dropped beyond it.
 pub const PRODUCERS_MAX: usize = 100_000;
@@ -60,6 +78,69 @@ pub struct ProducerEntry {
     pub last_seq: i32,
     pub last_timestamp_ms: i64,
     pub batches: VecDeque<BatchMeta>,
+    /// The coordinator epoch of the last marker for this producer (-1: none);
+    /// a marker from an older coordinator is refused.
+    pub coordinator_epoch: i32,
+    /// First offset of the producer's ongoing transaction on this partition.
+    pub txn_first_offset: Option<Offset>,
+}
+
+impl ProducerEntry {
+    fn new(epoch: i16, timestamp_ms: i64) -> ProducerEntry {
+        ProducerEntry {
+            epoch,
+            last_seq: -1,
+            last_timestamp_ms: timestamp_ms,
+            batches: VecDeque::new(),
+            coordinator_epoch: -1,
+            txn_first_offset: None,
+        }
+    }
+}
+
+/// Where a batch starts: its segment (by base offset) and byte position in
+/// that segment's file. Known for the first batch of every unstable
+/// transaction, so that a read_committed read can stop in the middle of
+/// durable data without reading headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchPosition {
+    pub segment_base: Offset,
+    pub position: u64,
+}
+
+/// A transaction whose marker is written: unstable until the marker is
+/// under the high watermark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompletedTxn {
+    pub pid: ProducerId,
+    pub first_offset: Offset,
+    /// The marker's offset.
+    pub last_offset: Offset,
+    pub position: Option<BatchPosition>,
+}
+
+/// An aborted transaction, as read_committed fetches report it (Kafka's
+/// `AbortedTxn` of the transaction index).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AbortedTxn {
+    pub pid: ProducerId,
+    pub first_offset: Offset,
+    /// The ABORT marker's offset.
+    pub last_offset: Offset,
+    /// The LSO right after this transaction ended: every transaction that
+    /// ends later starts at or after it (ends the overlap search early).
+    pub last_stable_offset: Offset,
+}
+
+/// Ongoing transactions (first offset, producer, position) and the aborted list.
+#[cfg(test)]
+pub type TxnState = (Vec<(Offset, ProducerId, Option<BatchPosition>)>, Vec<AbortedTxn>);
+
+/// An ongoing transaction, keyed by its first offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct OngoingTxn {
+    pid: ProducerId,
+    position: Option<BatchPosition>,
 }
 
 /// What to do with an incoming batch.
@@ -87,6 +168,13 @@ pub fn seq_add(seq: i32, delta: i32) -> i32 {
 #[derive(Debug, Default)]
 pub struct ProducerStateTable {
     producers: HashMap<ProducerId, ProducerEntry>,
+    /// Ongoing transactions by first offset.
+    ongoing: BTreeMap<Offset, OngoingTxn>,
+    /// Ended transactions whose marker may not be under the high watermark
+    /// yet, in marker order (pruned by `on_high_watermark`).
+    unstable: VecDeque<CompletedTxn>,
+    /// Aborted transactions in marker order, down to the log start offset.
+    aborted: VecDeque<AbortedTxn>,
     /// Changed since the last snapshot.
     pub dirty: bool,
 }
@@ -104,12 +192,31 @@ impl ProducerStateTable {
         self.producers.get(&pid)
     }
 
-    /// Kafka's checks for a batch of `count` records from `pid`/`epoch`
-    /// starting at sequence `first_seq`.
+    /// Kafka's checks for a non-transactional batch of `count` records
+    /// from `pid`/`epoch` starting at sequence `first_seq`.
     pub fn check(&self, pid: ProducerId, epoch: i16, first_seq: i32, count: i32) -> Check {
+        self.check_batch(pid, epoch, first_seq, count, false)
+    }
+
+    /// `check` for a batch that is `transactional` or not: a producer with an
+    /// ongoing transaction here may only write transactional batches
+    /// (INVALID_TXN_STATE otherwise, as Kafka's `ProducerAppendInfo`).
+    pub fn check_batch(&self, pid: ProducerId, epoch: i16, first_seq: i32, count: i32, transactional: bool) -> Check {
         if pid.0 < 0 {
             return Check::Append;
         }
+        let check = self.check_sequence(pid, epoch, first_seq, count);
+        if check == Check::Append && !transactional {
+            if let Some(e) = self.producers.get(&pid) {
+                if e.txn_first_offset.is_some() {
+                    return Check::Reject(ErrorCode::InvalidTxnState);
+                }
+            }
+        }
+        check
+    }
+
+    fn check_sequence(&self, pid: ProducerId, epoch: i16, first_seq: i32, count: i32) -> Check {
         let last_seq = seq_add(first_seq, count.max(1) - 1);
         let Some(e) = self.producers.get(&pid) else {
             // Unknown producer: it must start at 0 (KIP-360: else UNKNOWN_PRODUCER_ID,
@@ -137,15 +244,7 @@ impl ProducerStateTable {
         if pid.0 < 0 {
             return;
         }
-        if !self.producers.contains_key(&pid) && self.producers.len() >= PRODUCERS_MAX {
-            self.evict_oldest();
-        }
-        let e = self.producers.entry(pid).or_insert(ProducerEntry {
-            epoch,
-            last_seq: -1,
-            last_timestamp_ms: timestamp_ms,
-            batches: VecDeque::new(),
-        });
+        let e = self.entry_mut(pid, epoch, timestamp_ms);
         if epoch != e.epoch {
             e.epoch = epoch;
             e.batches.clear();
@@ -159,11 +258,207 @@ impl ProducerStateTable {
         self.dirty = true;
     }
 
-    /// Replays one batch header from the log.
-    pub fn replay(&mut self, h: &BatchHeader<'_>) {
-        let pid = h.producer_id();
-        if pid.0 < 0 || h.is_control() {
+    /// The entry of `pid`, created (at `epoch`) if it has none; the least
+    /// recently active producer without an ongoing transaction makes room
+    /// beyond `PRODUCERS_MAX`.
+    fn entry_mut(&mut self, pid: ProducerId, epoch: i16, timestamp_ms: i64) -> &mut ProducerEntry {
+        if !self.producers.contains_key(&pid) && self.producers.len() >= PRODUCERS_MAX {
+            self.evict_oldest();
+        }
+        self.producers.entry(pid).or_insert_with(|| ProducerEntry::new(epoch, timestamp_ms))
+    }
+
+    /// A transactional (non-control) batch of `pid` at `first_offset` was
+    /// appended (at `position`, when known): it starts the producer's
+    /// transaction here unless one is ongoing. Sequence state is `record`'s.
+    pub fn begin_txn_batch(
+        &mut self,
+        pid: ProducerId,
+        epoch: i16,
+        first_offset: Offset,
+        timestamp_ms: i64,
+        position: Option<BatchPosition>,
+    ) {
+        if pid.0 < 0 {
             return;
+        }
+        let e = self.entry_mut(pid, epoch, timestamp_ms);
+        if e.txn_first_offset.is_none() {
+            e.txn_first_offset = Some(first_offset);
+            self.ongoing.insert(first_offset, OngoingTxn { pid, position });
+            self.dirty = true;
+        }
+    }
+
+    /// Whether a marker from `pid`/`epoch` written by a coordinator at
+    /// `coordinator_epoch` may be appended: Kafka refuses an older producer
+    /// epoch (INVALID_PRODUCER_EPOCH) and an older coordinator epoch
+    /// (TRANSACTION_COORDINATOR_FENCED).
+    pub fn check_marker(&self, pid: ProducerId, epoch: i16, coordinator_epoch: i32) -> Result<(), ErrorCode> {
+        let Some(e) = self.producers.get(&pid) else { return Ok(()) };
+        if epoch < e.epoch {
+            return Err(ErrorCode::InvalidProducerEpoch);
+        }
+        if coordinator_epoch < e.coordinator_epoch {
+            return Err(ErrorCode::TransactionCoordinatorFenced);
+        }
+        Ok(())
+    }
+
+    /// A marker of `pid` at `marker_offset` was appended: ends the
+    /// producer's ongoing transaction (if any; a marker for a producer with
+    /// none here is written all the same and changes only its epochs), and
+    /// for an ABORT enters it in the aborted list. A newer producer epoch
+    /// replaces the producer's (its remembered batches go, as Kafka's).
+    /// Returns the transaction it ended.
+    pub fn end_txn(
+        &mut self,
+        pid: ProducerId,
+        epoch: i16,
+        coordinator_epoch: i32,
+        control: ControlType,
+        marker_offset: Offset,
+        timestamp_ms: i64,
+    ) -> Option<CompletedTxn> {
+        if pid.0 < 0 {
+            return None;
+        }
+        self.dirty = true;
+        let e = self.entry_mut(pid, epoch, timestamp_ms);
+        if epoch > e.epoch {
+            e.epoch = epoch;
+            e.last_seq = -1;
+            e.batches.clear();
+        }
+        e.coordinator_epoch = coordinator_epoch;
+        e.last_timestamp_ms = e.last_timestamp_ms.max(timestamp_ms);
+        let first_offset = e.txn_first_offset.take()?;
+        let position = self.ongoing.remove(&first_offset).and_then(|t| t.position);
+        let done = CompletedTxn { pid, first_offset, last_offset: marker_offset, position };
+        self.unstable.push_back(done);
+        if control == ControlType::Abort {
+            let lso = self.ongoing.keys().next().copied().unwrap_or(marker_offset.next()).min(marker_offset.next());
+            self.aborted.push_back(AbortedTxn {
+                pid,
+                first_offset,
+                last_offset: marker_offset,
+                last_stable_offset: lso,
+            });
+        }
+        Some(done)
+    }
+
+    /// The high watermark moved to `hw`: transactions whose marker is now
+    /// under it are stable.
+    pub fn on_high_watermark(&mut self, hw: Offset) {
+        while self.unstable.front().is_some_and(|t| t.last_offset < hw) {
+            self.unstable.pop_front();
+        }
+    }
+
+    /// The log start offset moved to `start`: aborted transactions whose
+    /// marker is below it are forgotten (retention, DeleteRecords).
+    pub fn on_log_start(&mut self, start: Offset) {
+        while self.aborted.front().is_some_and(|t| t.last_offset < start) {
+            self.aborted.pop_front();
+            self.dirty = true;
+        }
+        while self.unstable.front().is_some_and(|t| t.last_offset < start) {
+            self.unstable.pop_front();
+        }
+    }
+
+    /// The first offset not yet stable with the high watermark at `hw`:
+    /// the first offset of the oldest ongoing transaction, or of the oldest
+    /// ended one whose marker is not under `hw`; with where its batch is.
+    pub fn first_unstable(&self, hw: Offset) -> Option<(Offset, Option<BatchPosition>)> {
+        let ongoing = self.ongoing.iter().next().map(|(o, t)| (*o, t.position));
+        let ended = self
+            .unstable
+            .iter()
+            .filter(|t| t.last_offset >= hw)
+            .map(|t| (t.first_offset, t.position))
+            .min_by_key(|t| t.0);
+        match (ongoing, ended) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The transaction state, for tests to compare: ongoing transactions
+    /// (first offset, producer, position) and the aborted list.
+    #[cfg(test)]
+    pub fn txn_state(&self) -> TxnState {
+        (self.ongoing.iter().map(|(o, t)| (*o, t.pid, t.position)).collect(), self.aborted.iter().copied().collect())
+    }
+
+    /// Transactions ongoing on this partition.
+    pub fn ongoing_txns(&self) -> usize {
+        self.ongoing.len()
+    }
+
+    /// Aborted transactions a read of `[from, upper)` must report, as Kafka's
+    /// `collectAbortedTxns`: every one whose marker is at or after `from` and
+    /// that starts before `upper`, oldest marker first.
+    pub fn aborted_overlapping(&self, from: Offset, upper: Offset) -> Vec<AbortedTxn> {
+        let start = self.aborted.partition_point(|t| t.last_offset < from);
+        let mut out = Vec::new();
+        for t in self.aborted.iter().skip(start) {
+            if t.first_offset < upper {
+                out.push(*t);
+            }
+            if t.last_stable_offset >= upper {
+                break;
+            }
+        }
+        out
+    }
+
+    /// The aborted list, oldest marker first.
+    pub fn aborted(&self) -> impl Iterator<Item = &AbortedTxn> {
+        self.aborted.iter()
+    }
+
+    /// First offsets of the unstable transactions (ongoing, and ended with
+    /// the marker not yet under the high watermark) whose position is unknown.
+    pub fn unpositioned_txns(&self) -> Vec<Offset> {
+        let ongoing = self.ongoing.iter().filter(|(_, t)| t.position.is_none()).map(|(o, _)| *o);
+        ongoing.chain(self.unstable.iter().filter(|t| t.position.is_none()).map(|t| t.first_offset)).collect()
+    }
+
+    /// Records where the first batch of the transaction starting at `first_offset` is.
+    pub fn set_txn_position(&mut self, first_offset: Offset, position: BatchPosition) {
+        if let Some(t) = self.ongoing.get_mut(&first_offset) {
+            t.position = Some(position);
+        }
+        for t in self.unstable.iter_mut().filter(|t| t.first_offset == first_offset) {
+            t.position = Some(position);
+        }
+    }
+
+    /// Replays one batch header from the log (its position unknown).
+    pub fn replay(&mut self, h: &BatchHeader<'_>) {
+        self.replay_at(h, None)
+    }
+
+    /// Replays one batch from the log, as its append did: sequence state,
+    /// the start of a transaction (at `position` when known), and markers.
+    /// `h` must view the whole batch for a marker to be read.
+    pub fn replay_at(&mut self, h: &BatchHeader<'_>, position: Option<BatchPosition>) {
+        let pid = h.producer_id();
+        if pid.0 < 0 {
+            return;
+        }
+        if h.is_control() {
+            // An unreadable control batch (not a marker, or emptied) changes nothing, as in Kafka.
+            if let Some((control, coordinator_epoch)) = batch::control_record_type(h.as_bytes()) {
+                let epoch = h.producer_epoch();
+                self.end_txn(pid, epoch, coordinator_epoch, control, h.base_offset(), h.max_timestamp_ms());
+            }
+            return;
+        }
+        if h.is_transactional() {
+            self.begin_txn_batch(pid, h.producer_epoch(), h.base_offset(), h.max_timestamp_ms(), position);
         }
         let count = h.last_offset_delta() + 1;
         let meta = BatchMeta {
@@ -178,14 +473,16 @@ impl ProducerStateTable {
     /// Drops producers idle for longer than `expiration_ms` (producer.id.expiration.ms).
     pub fn expire(&mut self, now_ms: i64, expiration_ms: i64) {
         let before = self.producers.len();
-        self.producers.retain(|_, e| now_ms - e.last_timestamp_ms < expiration_ms);
+        // Kafka never expires a producer with an ongoing transaction.
+        self.producers.retain(|_, e| e.txn_first_offset.is_some() || now_ms - e.last_timestamp_ms < expiration_ms);
         if self.producers.len() != before {
             self.dirty = true;
         }
     }
 
     fn evict_oldest(&mut self) {
-        if let Some(pid) = self.producers.iter().min_by_key(|(_, e)| e.last_timestamp_ms).map(|(p, _)| *p) {
+        let idle = self.producers.iter().filter(|(_, e)| e.txn_first_offset.is_none());
+        if let Some(pid) = idle.min_by_key(|(_, e)| e.last_timestamp_ms).map(|(p, _)| *p) {
             self.producers.remove(&pid);
         }
     }
@@ -211,6 +508,15 @@ impl ProducerStateTable {
                 b.put_i64(m.base_offset.0);
                 b.put_i64(m.last_offset.0);
             }
+            b.put_i32(e.coordinator_epoch);
+            b.put_i64(e.txn_first_offset.map_or(-1, |o| o.0));
+        }
+        b.put_u32(self.aborted.len() as u32);
+        for t in &self.aborted {
+            b.put_i64(t.pid.0);
+            b.put_i64(t.first_offset.0);
+            b.put_i64(t.last_offset.0);
+            b.put_i64(t.last_stable_offset.0);
         }
         let crc = crc32c::crc32c(&b);
         b.put_u32(crc);
@@ -231,9 +537,11 @@ impl ProducerStateTable {
             return None;
         }
         b.advance(4);
-        if b.get_u16() != SNAPSHOT_VERSION {
+        let version = b.get_u16();
+        if version != SNAPSHOT_VERSION && version != SNAPSHOT_VERSION_V1 {
             return None;
         }
+        let v2 = version == SNAPSHOT_VERSION;
         let covered_to = Offset(b.get_i64());
         let count = b.get_u32() as usize;
         let mut table = ProducerStateTable::default();
@@ -257,7 +565,39 @@ impl ProducerStateTable {
                     last_offset: Offset(b.get_i64()),
                 })
                 .collect();
-            table.producers.insert(pid, ProducerEntry { epoch, last_seq, last_timestamp_ms, batches });
+            let mut entry =
+                ProducerEntry { epoch, last_seq, last_timestamp_ms, batches, ..ProducerEntry::new(epoch, 0) };
+            if v2 {
+                if b.remaining() < 4 + 8 {
+                    return None;
+                }
+                entry.coordinator_epoch = b.get_i32();
+                let first = b.get_i64();
+                if first >= 0 {
+                    entry.txn_first_offset = Some(Offset(first));
+                    if table.ongoing.insert(Offset(first), OngoingTxn { pid, position: None }).is_some() {
+                        return None;
+                    }
+                }
+            }
+            table.producers.insert(pid, entry);
+        }
+        if v2 {
+            if b.remaining() < 4 {
+                return None;
+            }
+            let n = b.get_u32() as usize;
+            if b.remaining() != n.checked_mul(32)? {
+                return None;
+            }
+            for _ in 0..n {
+                table.aborted.push_back(AbortedTxn {
+                    pid: ProducerId(b.get_i64()),
+                    first_offset: Offset(b.get_i64()),
+                    last_offset: Offset(b.get_i64()),
+                    last_stable_offset: Offset(b.get_i64()),
+                });
+            }
         }
         (b.remaining() == 0).then_some((table, covered_to))
     }
@@ -325,22 +665,26 @@ pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
     let batches =
         if offset < hw { partition::for_each_durable_batch(log, offset, |h| table.replay(h)).await? } else { 0 };
     table.dirty = batches > 0;
-    let mut l = log.borrow_mut();
-    l.for_each_pending(|h| {
-        table.replay(h);
-        table.dirty = true;
-    });
-    if !table.is_empty() {
-        log::info!(
-            "{}-{}: producer state of {} producer(s) rebuilt ({batches} batch header(s) from offset {})",
-            l.topic,
-            l.partition.0,
-            table.len(),
-            from.0
-        );
+    {
+        let mut l = log.borrow_mut();
+        l.for_each_pending(|h| {
+            table.replay(h);
+            table.dirty = true;
+        });
+        if !table.is_empty() {
+            log::info!(
+                "{}-{}: producer state of {} producer(s) rebuilt ({batches} batch header(s) from offset {}; {} open transaction(s))",
+                l.topic,
+                l.partition.0,
+                table.len(),
+                from.0,
+                table.ongoing_txns()
+            );
+        }
+        l.producers = table;
     }
-    l.producers = table;
-    Ok(())
+    // Replayed headers come without positions: find where each unstable transaction starts.
+    partition::locate_txn_starts(log).await
 }
 
 /// Writes the snapshot of a log whose appends are all durable (skipped
@@ -545,6 +889,268 @@ mod tests {
             Check::Duplicate { base_offset: Offset(40), last_offset: Offset(42) }
         );
         assert_eq!(t.check(ProducerId(9), 1, 13, 1), Check::Append);
+    }
+
+    // -----------------------------------------------------------------
+    // Transactions.
+
+    const P1: ProducerId = ProducerId(1);
+    const P2: ProducerId = ProducerId(2);
+
+    fn at(segment_base: i64, position: u64) -> Option<BatchPosition> {
+        Some(BatchPosition { segment_base: Offset(segment_base), position })
+    }
+
+    /// A transactional batch of `pid` appended at `base` as the produce path does it.
+    fn txn_batch(t: &mut ProducerStateTable, pid: ProducerId, epoch: i16, seq: i32, base: i64, n: i32) {
+        assert_eq!(t.check_batch(pid, epoch, seq, n, true), Check::Append);
+        t.begin_txn_batch(pid, epoch, Offset(base), base, at(0, base as u64 * 100));
+        t.record(pid, epoch, meta(seq, seq + n - 1, base), base);
+    }
+
+    #[test]
+    fn transactions_start_end_and_stay_unstable_until_the_marker_is_under_the_high_watermark() {
+        let mut t = ProducerStateTable::default();
+        assert_eq!(t.first_unstable(Offset(0)), None);
+        txn_batch(&mut t, P1, 0, 0, 10, 2);
+        txn_batch(&mut t, P2, 0, 0, 12, 1);
+        // A second batch of P1's transaction does not move its start.
+        txn_batch(&mut t, P1, 0, 2, 13, 1);
+        assert_eq!(t.ongoing_txns(), 2);
+        assert_eq!(t.get(P1).and_then(|e| e.txn_first_offset), Some(Offset(10)));
+        assert_eq!(t.first_unstable(Offset(20)), Some((Offset(10), at(0, 1000))));
+
+        let done = t.end_txn(P1, 0, 3, ControlType::Commit, Offset(14), 14).expect("P1 had a transaction");
+        assert_eq!((done.first_offset, done.last_offset), (Offset(10), Offset(14)));
+        assert_eq!(t.get(P1).map(|e| (e.txn_first_offset, e.coordinator_epoch)), Some((None, 3)));
+        assert_eq!(t.ongoing_txns(), 1);
+        // Committed, but the marker is not under the high watermark: still unstable.
+        assert_eq!(t.first_unstable(Offset(14)), Some((Offset(10), at(0, 1000))));
+        // Once it is, P2's open transaction is the first unstable offset.
+        assert_eq!(t.first_unstable(Offset(15)), Some((Offset(12), at(0, 1200))));
+        t.on_high_watermark(Offset(15));
+        assert_eq!(t.first_unstable(Offset(0)), Some((Offset(12), at(0, 1200))));
+        assert!(t.aborted_overlapping(Offset(0), Offset(100)).is_empty(), "a commit is not aborted");
+
+        let done = t.end_txn(P2, 0, 3, ControlType::Abort, Offset(15), 15).expect("P2 had a transaction");
+        assert_eq!(done.first_offset, Offset(12));
+        let aborted =
+            AbortedTxn { pid: P2, first_offset: Offset(12), last_offset: Offset(15), last_stable_offset: Offset(16) };
+        assert_eq!(t.aborted_overlapping(Offset(0), Offset(100)), vec![aborted]);
+        assert_eq!(t.first_unstable(Offset(15)), Some((Offset(12), at(0, 1200))));
+        assert_eq!(t.first_unstable(Offset(16)), None);
+        assert_eq!(t.ongoing_txns(), 0);
+        // Sequences go on across transactions of one epoch.
+        assert_eq!(t.check_batch(P1, 0, 3, 1, true), Check::Append);
+    }
+
+    #[test]
+    fn a_producer_in_a_transaction_may_only_write_transactional_batches() {
+        let mut t = ProducerStateTable::default();
+        txn_batch(&mut t, P1, 0, 0, 0, 1);
+        assert_eq!(t.check_batch(P1, 0, 1, 1, false), Check::Reject(ErrorCode::InvalidTxnState));
+        assert_eq!(t.check(P1, 0, 1, 1), Check::Reject(ErrorCode::InvalidTxnState));
+        // A retry of a batch already in the log is still a duplicate.
+        assert!(matches!(t.check_batch(P1, 0, 0, 1, false), Check::Duplicate { .. }));
+        t.end_txn(P1, 0, 0, ControlType::Commit, Offset(1), 1);
+        assert_eq!(t.check_batch(P1, 0, 1, 1, false), Check::Append);
+    }
+
+    #[test]
+    fn markers_fence_older_producer_and_coordinator_epochs() {
+        let mut t = ProducerStateTable::default();
+        txn_batch(&mut t, P1, 2, 0, 0, 3);
+        assert_eq!(t.check_marker(P1, 1, 0), Err(ErrorCode::InvalidProducerEpoch));
+        assert_eq!(t.check_marker(P1, 2, 0), Ok(()));
+        assert_eq!(t.check_marker(P1, 3, 0), Ok(()));
+        assert_eq!(t.check_marker(ProducerId(99), 0, 0), Ok(()), "an unknown producer's marker is written");
+        // The coordinator bumped the epoch while aborting (a zombie was fenced).
+        t.end_txn(P1, 3, 5, ControlType::Abort, Offset(3), 3);
+        let e = t.get(P1).expect("entry");
+        assert_eq!((e.epoch, e.last_seq, e.batches.len(), e.coordinator_epoch), (3, -1, 0, 5));
+        // The zombie's next write, and an older coordinator's marker, are refused.
+        assert_eq!(t.check_batch(P1, 2, 3, 1, true), Check::Reject(ErrorCode::InvalidProducerEpoch));
+        assert_eq!(t.check_marker(P1, 3, 4), Err(ErrorCode::TransactionCoordinatorFenced));
+        assert_eq!(t.check_marker(P1, 2, 5), Err(ErrorCode::InvalidProducerEpoch));
+        // The producer at the new epoch starts over at sequence 0.
+        assert_eq!(t.check_batch(P1, 3, 0, 1, true), Check::Append);
+        assert_eq!(t.check_batch(P1, 3, 3, 1, true), Check::Reject(ErrorCode::OutOfOrderSequenceNumber));
+    }
+
+    #[test]
+    fn a_marker_without_a_transaction_changes_only_epochs() {
+        let mut t = ProducerStateTable::default();
+        t.record(P1, 0, meta(0, 4, 0), 1);
+        assert_eq!(t.end_txn(P1, 0, 7, ControlType::Commit, Offset(5), 2), None);
+        assert_eq!(t.end_txn(ProducerId(3), 4, 7, ControlType::Abort, Offset(6), 2), None);
+        assert!(t.aborted_overlapping(Offset(0), Offset(100)).is_empty());
+        assert_eq!(t.first_unstable(Offset(0)), None);
+        assert_eq!(t.get(P1).map(|e| (e.epoch, e.last_seq, e.coordinator_epoch)), Some((0, 4, 7)));
+        assert_eq!(t.get(ProducerId(3)).map(|e| (e.epoch, e.coordinator_epoch)), Some((4, 7)));
+        assert_eq!(t.check(P1, 0, 5, 1), Check::Append, "same epoch: the sequence goes on");
+    }
+
+    #[test]
+    fn aborted_transactions_overlapping_a_read() {
+        let mut t = ProducerStateTable::default();
+        // P1 aborts [10, 20], P2 aborts [15, 30] (P1's ended while P2's was open), P1 aborts [40, 41].
+        txn_batch(&mut t, P1, 0, 0, 10, 1);
+        txn_batch(&mut t, P2, 0, 0, 15, 1);
+        t.end_txn(P1, 0, 0, ControlType::Abort, Offset(20), 0);
+        t.end_txn(P2, 0, 0, ControlType::Abort, Offset(30), 0);
+        txn_batch(&mut t, P1, 0, 1, 40, 1);
+        t.end_txn(P1, 0, 0, ControlType::Abort, Offset(41), 0);
+        let all: Vec<AbortedTxn> = t.aborted().copied().collect();
+        assert_eq!(
+            all.iter()
+                .map(|a| (a.pid.0, a.first_offset.0, a.last_offset.0, a.last_stable_offset.0))
+                .collect::<Vec<_>>(),
+            vec![(1, 10, 20, 15), (2, 15, 30, 31), (1, 40, 41, 42)]
+        );
+        let firsts = |t: &ProducerStateTable, from: i64, upper: i64| -> Vec<i64> {
+            t.aborted_overlapping(Offset(from), Offset(upper)).iter().map(|a| a.first_offset.0).collect()
+        };
+        assert_eq!(firsts(&t, 0, 100), vec![10, 15, 40]);
+        assert_eq!(firsts(&t, 0, 10), Vec::<i64>::new(), "ends before the first aborted batch");
+        assert_eq!(firsts(&t, 0, 11), vec![10]);
+        assert_eq!(firsts(&t, 0, 16), vec![10, 15]);
+        assert_eq!(firsts(&t, 20, 25), vec![10, 15], "marker offsets count as part of the transaction");
+        assert_eq!(firsts(&t, 21, 25), vec![15]);
+        assert_eq!(firsts(&t, 31, 40), Vec::<i64>::new());
+        assert_eq!(firsts(&t, 31, 45), vec![40]);
+        assert_eq!(firsts(&t, 42, 100), Vec::<i64>::new());
+        // The log start passing a marker forgets that transaction.
+        t.on_log_start(Offset(21));
+        assert_eq!(firsts(&t, 0, 100), vec![15, 40]);
+    }
+
+    #[test]
+    fn producers_with_open_transactions_never_expire() {
+        let mut t = ProducerStateTable::default();
+        txn_batch(&mut t, P1, 0, 0, 0, 1);
+        t.record(P2, 0, meta(0, 0, 1), 1);
+        t.expire(1_000_000, 5_000);
+        assert!(t.get(P1).is_some() && t.get(P2).is_none());
+    }
+
+    /// A version 1 snapshot as the previous release wrote it.
+    fn encode_v1(entries: &[(i64, i16, i32, i64, &[BatchMeta])], covered_to: i64) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_slice(SNAPSHOT_MAGIC);
+        b.put_u16(1);
+        b.put_i64(covered_to);
+        b.put_u32(entries.len() as u32);
+        for (pid, epoch, last_seq, ts, batches) in entries {
+            b.put_i64(*pid);
+            b.put_i16(*epoch);
+            b.put_i32(*last_seq);
+            b.put_i64(*ts);
+            b.put_u8(batches.len() as u8);
+            for m in batches.iter() {
+                b.put_i32(m.first_seq);
+                b.put_i32(m.last_seq);
+                b.put_i64(m.base_offset.0);
+                b.put_i64(m.last_offset.0);
+            }
+        }
+        let crc = crc32c::crc32c(&b);
+        b.put_u32(crc);
+        b.to_vec()
+    }
+
+    #[test]
+    fn snapshot_v2_carries_transactions_and_v1_is_still_read() {
+        let mut t = ProducerStateTable::default();
+        txn_batch(&mut t, P1, 1, 0, 10, 2);
+        txn_batch(&mut t, P2, 0, 0, 12, 1);
+        t.end_txn(P2, 0, 9, ControlType::Abort, Offset(13), 5);
+        txn_batch(&mut t, ProducerId(5), 0, 0, 14, 1);
+        let snap = t.encode_snapshot(Offset(15));
+        let (back, covered) = ProducerStateTable::decode_snapshot(&snap).expect("valid");
+        assert_eq!(covered, Offset(15));
+        for pid in [P1, P2, ProducerId(5)] {
+            assert_eq!(back.get(pid), t.get(pid), "{pid:?}");
+        }
+        let (ongoing, aborted) = back.txn_state();
+        // Positions are not in the snapshot: `rebuild` locates them.
+        assert_eq!(ongoing, vec![(Offset(10), P1, None), (Offset(14), ProducerId(5), None)]);
+        assert_eq!(aborted, t.txn_state().1);
+        assert_eq!(back.unpositioned_txns(), vec![Offset(10), Offset(14)]);
+        assert_eq!(back.check_marker(P2, 0, 8), Err(ErrorCode::TransactionCoordinatorFenced));
+        for n in [snap.len() - 5, snap.len() - 37] {
+            let mut cut = snap[..n].to_vec();
+            let crc = crc32c::crc32c(&cut);
+            cut.put_u32(crc);
+            assert!(ProducerStateTable::decode_snapshot(&cut).is_none(), "cut at {n}");
+        }
+
+        let v1 = encode_v1(&[(3, 2, 9, 77, &[meta(0, 9, 50)]), (4, 0, 0, 78, &[meta(0, 0, 60)])], 61);
+        let (old, covered) = ProducerStateTable::decode_snapshot(&v1).expect("v1 is read");
+        assert_eq!(covered, Offset(61));
+        let e = old.get(ProducerId(3)).expect("entry");
+        assert_eq!(
+            (e.epoch, e.last_seq, e.last_timestamp_ms, e.coordinator_epoch, e.txn_first_offset),
+            (2, 9, 77, -1, None)
+        );
+        assert_eq!(
+            old.check(ProducerId(3), 2, 0, 10),
+            Check::Duplicate { base_offset: Offset(50), last_offset: Offset(59) }
+        );
+        assert_eq!(old.txn_state(), (vec![], vec![]));
+    }
+
+    fn txn_header_batch(pid: i64, epoch: i16, seq: i32, n: usize, base: i64) -> Vec<u8> {
+        use tidelog_protocol::batch::{
+            assign_offset, build_batch_with_attributes, ProducerFields, RecordRef, ATTR_TRANSACTIONAL,
+        };
+        let recs: Vec<RecordRef<'_>> =
+            (0..n).map(|_| RecordRef { key: None, value: Some(b"v"), headers: &[], timestamp_delta_ms: 0 }).collect();
+        let fields = ProducerFields { producer_id: pid, producer_epoch: epoch, base_sequence: seq };
+        let mut b = build_batch_with_attributes(&recs, 5, fields, ATTR_TRANSACTIONAL).to_vec();
+        assign_offset(&mut b, Offset(base), tidelog_protocol::Epoch(0));
+        b
+    }
+
+    fn marker_batch(pid: i64, epoch: i16, control: ControlType, coordinator_epoch: i32, base: i64) -> Vec<u8> {
+        let mut b = batch::build_control_batch(control, pid, epoch, coordinator_epoch, 5).to_vec();
+        batch::assign_offset(&mut b, Offset(base), tidelog_protocol::Epoch(0));
+        b
+    }
+
+    #[test]
+    fn replay_of_data_batches_and_markers_equals_the_live_state() {
+        let mut live = ProducerStateTable::default();
+        txn_batch(&mut live, P1, 0, 0, 0, 2);
+        txn_batch(&mut live, P2, 0, 0, 2, 1);
+        live.end_txn(P1, 0, 1, ControlType::Commit, Offset(3), 5);
+        txn_batch(&mut live, P1, 0, 2, 4, 1);
+        live.end_txn(P2, 1, 1, ControlType::Abort, Offset(5), 5);
+        let log = [
+            txn_header_batch(1, 0, 0, 2, 0),
+            txn_header_batch(2, 0, 0, 1, 2),
+            marker_batch(1, 0, ControlType::Commit, 1, 3),
+            txn_header_batch(1, 0, 2, 1, 4),
+            marker_batch(2, 1, ControlType::Abort, 1, 5),
+        ];
+        let mut replayed = ProducerStateTable::default();
+        for (i, b) in log.iter().enumerate() {
+            let base = BatchHeader::parse(b).unwrap().base_offset().0;
+            let position = at(0, base as u64 * 100);
+            replayed.replay_at(&BatchHeader::parse(b).unwrap(), position);
+            assert!(i < 2 || replayed.get(P1).is_some());
+        }
+        assert_eq!(replayed.txn_state(), live.txn_state());
+        for pid in [P1, P2] {
+            let (r, l) = (replayed.get(pid).unwrap(), live.get(pid).unwrap());
+            assert_eq!(
+                (r.epoch, r.last_seq, r.coordinator_epoch, r.txn_first_offset),
+                (l.epoch, l.last_seq, l.coordinator_epoch, l.txn_first_offset),
+                "{pid:?}"
+            );
+        }
+        assert_eq!(replayed.first_unstable(Offset(6)), live.first_unstable(Offset(6)));
+        assert_eq!(replayed.first_unstable(Offset(6)), Some((Offset(4), at(0, 400))));
+        assert_eq!(replayed.get(P2).map(|e| e.epoch), Some(1), "the abort bumped P2's epoch");
     }
 
     #[test]

@@ -202,6 +202,9 @@ struct RunArgs {
     /// With --transactions: transaction.timeout.ms sent in InitProducerId; the coordinator aborts a transaction open longer than this.
     #[arg(long, default_value_t = 60_000)]
     transaction_timeout_ms: i32,
+    /// With --transactions: wait before retrying AddPartitionsToTxn or EndTxn answered CONCURRENT_TRANSACTIONS (the previous commit's markers are still being written) or COORDINATOR_LOAD_IN_PROGRESS. 20 is what Kafka's Java producer waits; smaller shows how soon the broker finishes a commit.
+    #[arg(long, default_value_t = tidelog_bench::txn::TXN_RETRY_BACKOFF_MS_DEFAULT)]
+    txn_retry_backoff_ms: u64,
     /// Prometheus endpoint(s) of the broker(s), e.g. http://127.0.0.1:9644/metrics, comma-separated: broker CPU from process_cpu_seconds_total and bytes written from tidelog_storage_bytes_written_total, summed (for a broker not on this host).
     #[arg(long, value_delimiter = ',')]
     metrics_url: Vec<String>,
@@ -539,6 +542,7 @@ fn cmd_txn(a: &RunArgs, w: Workload, sizes: &[u32], hiccup_interval: Option<Dura
             .clone()
             .unwrap_or_else(|| format!("tidelog-bench-txn-{started}")),
         transaction_timeout_ms: a.transaction_timeout_ms,
+        txn_retry_backoff_ms: a.txn_retry_backoff_ms,
         verify: a.verify,
         progress: !a.quiet,
         seed: a.seed,
@@ -562,6 +566,7 @@ fn cmd_txn(a: &RunArgs, w: Workload, sizes: &[u32], hiccup_interval: Option<Dura
             baseline: base,
             hiccups,
             transaction_timeout_ms: a.transaction_timeout_ms,
+            txn_retry_backoff_ms: a.txn_retry_backoff_ms,
         },
         &outcome,
     );

@@ -75,9 +75,10 @@ const KEY_TYPE_TRANSACTION: i8 = 1;
 /// How long coordinator discovery and InitProducerId retry transient answers
 /// (a Kafka broker creates `__transaction_state` on the first request).
 const COORDINATOR_WAIT: Duration = Duration::from_secs(15);
-/// Kafka's producer backs off this little on CONCURRENT_TRANSACTIONS: the
-/// previous EndTxn's markers are usually written within milliseconds.
-const TXN_RETRY_BACKOFF: Duration = Duration::from_millis(20);
+/// Kafka's producer backs off this little on CONCURRENT_TRANSACTIONS
+/// (`TransactionManager.ADD_PARTITIONS_RETRY_BACKOFF_MS`): the previous
+/// EndTxn's markers are usually written within milliseconds.
+pub const TXN_RETRY_BACKOFF_MS_DEFAULT: u64 = 20;
 /// retry.backoff.ms for Produce.
 const PRODUCE_RETRY_BACKOFF: Duration = Duration::from_millis(100);
 /// Largest Produce request built (Kafka's max.request.size).
@@ -235,6 +236,8 @@ pub struct TxnOptions {
     pub sizes: Vec<u32>,
     pub transactional_id_prefix: String,
     pub transaction_timeout_ms: i32,
+    /// Backoff before retrying a coordinator call (CONCURRENT_TRANSACTIONS ...).
+    pub txn_retry_backoff_ms: u64,
     pub verify: bool,
     pub progress: bool,
     pub seed: u64,
@@ -365,6 +368,8 @@ pub struct TxnSummary {
     pub host: HostInfo,
     pub baseline: Option<Baseline>,
     pub transaction_timeout_ms: i32,
+    #[serde(default)]
+    pub txn_retry_backoff_ms: u64,
     pub runs: Vec<ModeResult>,
     pub verify: Option<TxnVerify>,
     pub hiccups: Option<Hiccups>,
@@ -493,6 +498,7 @@ struct TxnSession {
     txn_id: String,
     producer_id: i64,
     epoch: i16,
+    retry_backoff: Duration,
 }
 
 impl TxnSession {
@@ -517,6 +523,7 @@ impl TxnSession {
                         txn_id: txn_id.to_string(),
                         producer_id: resp.producer_id.0,
                         epoch: resp.producer_epoch,
+                        retry_backoff: Duration::from_millis(TXN_RETRY_BACKOFF_MS_DEFAULT),
                     })
                 }
                 COORDINATOR_LOAD_IN_PROGRESS | CONCURRENT_TRANSACTIONS if Instant::now() < deadline => {
@@ -582,7 +589,7 @@ impl TxnSession {
                 );
             }
             stats.retries += 1;
-            std::thread::sleep(TXN_RETRY_BACKOFF);
+            std::thread::sleep(self.retry_backoff);
             if rediscover {
                 self.coord = find_coordinator(&self.bootstrap, &self.txn_id, &self.client_id)?;
             }
@@ -733,6 +740,7 @@ struct WorkerCfg {
     workload: Workload,
     transactional_id: Option<String>,
     transaction_timeout_ms: i32,
+    txn_retry_backoff_ms: u64,
     records_max: Option<u64>,
     live: Arc<TxnLive>,
     seed: u64,
@@ -793,7 +801,8 @@ impl Worker {
         let produce_version = leaders[0].conn.versions.get(ApiKey::Produce)?;
         let (session, producer_id, epoch) = match &cfg.transactional_id {
             Some(id) => {
-                let s = TxnSession::init(&cfg.bootstrap, id, cfg.transaction_timeout_ms, &client_id)?;
+                let mut s = TxnSession::init(&cfg.bootstrap, id, cfg.transaction_timeout_ms, &client_id)?;
+                s.retry_backoff = Duration::from_millis(cfg.txn_retry_backoff_ms);
                 let (pid, epoch) = (s.producer_id, s.epoch);
                 (Some(s), pid, epoch)
             }
@@ -1231,6 +1240,7 @@ fn run_mode(
                 Mode::Transactional { batches } => Some(format!("{id_stamp}-{batches}-{i}")),
             },
             transaction_timeout_ms: opts.transaction_timeout_ms,
+            txn_retry_backoff_ms: opts.txn_retry_backoff_ms,
             records_max,
             live: live.clone(),
             seed: opts.seed.wrapping_add(run_index as u64 * 1000 + i as u64),
@@ -1761,6 +1771,7 @@ pub struct TxnSummaryInputs {
     pub baseline: Option<Baseline>,
     pub hiccups: Option<Hiccups>,
     pub transaction_timeout_ms: i32,
+    pub txn_retry_backoff_ms: u64,
 }
 
 pub fn build_summary(inp: TxnSummaryInputs, o: &TxnOutcome) -> TxnSummary {
@@ -1792,6 +1803,7 @@ pub fn build_summary(inp: TxnSummaryInputs, o: &TxnOutcome) -> TxnSummary {
         host: inp.host,
         baseline: inp.baseline,
         transaction_timeout_ms: inp.transaction_timeout_ms,
+        txn_retry_backoff_ms: inp.txn_retry_backoff_ms,
         runs,
         verify: o.verify.clone(),
         hiccups: inp.hiccups,
@@ -1856,7 +1868,7 @@ pub fn render_table(s: &TxnSummary) -> String {
     };
     let _ = writeln!(
         out,
-        "workload: topic {}, {} partitions, {} producers, record {} B, batch {} B, {:?}, in-flight {}, acks all, transaction timeout {} ms, {per_run}",
+        "workload: topic {}, {} partitions, {} producers, record {} B, batch {} B, {:?}, in-flight {}, acks all, transaction timeout {} ms, coordinator retry backoff {} ms, {per_run}",
         s.topic,
         w.topic.partitions,
         w.producer.count,
@@ -1864,7 +1876,8 @@ pub fn render_table(s: &TxnSummary) -> String {
         w.producer.batch_size_bytes,
         w.producer.compression,
         w.producer.max_in_flight,
-        s.transaction_timeout_ms
+        s.transaction_timeout_ms,
+        s.txn_retry_backoff_ms
     );
     for n in &s.notes {
         let _ = writeln!(out, "\n*** {n}");

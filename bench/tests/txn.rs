@@ -109,6 +109,7 @@ fn options(bootstrap: &str, topic: &str, sizes: Vec<u32>) -> TxnOptions {
         sizes,
         transactional_id_prefix: format!("bench-txn-it-{}", std::process::id()),
         transaction_timeout_ms: 60_000,
+        txn_retry_backoff_ms: 20,
         verify: true,
         progress: false,
         seed: 7,
@@ -151,6 +152,7 @@ fn idempotent_run_reads_back_exactly_once_with_read_committed() {
         baseline: None,
         hiccups: None,
         transaction_timeout_ms: 60_000,
+        txn_retry_backoff_ms: 20,
     };
     let mut summary = txn::build_summary(inputs, &o);
     let dir = broker.dir.join("report");

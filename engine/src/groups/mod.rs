@@ -54,6 +54,26 @@ pub fn partition_for(group_id: &str, partitions: usize) -> i32 {
     (abs as i64 % partitions.max(1) as i64) as i32
 }
 
+/// The partition of internal topic `topic` that `key` (a group or
+/// transactional id) maps to, and the shard of this node leading it
+/// (`NO_SHARD` when another node does), if the topic exists.
+pub fn key_partition(shard: &Shard, topic: &str, key: &str) -> Option<(i32, u32)> {
+    let image = shard.image();
+    let t = image.topics.get(topic)?;
+    let p = partition_for(key, t.owners.len());
+    Some((p, image.owner(topic, p)?.0))
+}
+
+/// The broker id leading `key`'s partition of internal topic `topic` (the
+/// key's coordinator), if the topic exists and the partition has a leader.
+pub fn key_leader(shard: &Shard, topic: &str, key: &str) -> Option<i32> {
+    let image = shard.image();
+    let t = image.topics.get(topic)?;
+    let p = partition_for(key, t.owners.len());
+    let leader = image.partition_state(t, p as usize)?.leader;
+    (leader >= 0).then_some(leader)
+}
+
 /// Placement of internal topics: `__consumer_offsets` partition p on shard
 /// p (mod the shard count). `None` for every other topic.
 pub fn internal_placement(name: &str, partitions: usize, num_shards: usize) -> Option<Vec<u32>> {
@@ -143,20 +163,13 @@ impl Coordinator {
     /// The `__consumer_offsets` partition of `group_id` and the shard of this
     /// node that leads it (`NO_SHARD` when another node does), if that topic exists.
     pub fn partition_of(shard: &Shard, group_id: &str) -> Option<(i32, u32)> {
-        let image = shard.image();
-        let t = image.topics.get(OFFSETS_TOPIC)?;
-        let p = partition_for(group_id, t.owners.len());
-        Some((p, image.owner(OFFSETS_TOPIC, p)?.0))
+        key_partition(shard, OFFSETS_TOPIC, group_id)
     }
 
     /// The broker id leading `group_id`'s `__consumer_offsets` partition
     /// (its coordinator), if that topic exists and the partition has a leader.
     pub fn coordinator_broker(shard: &Shard, group_id: &str) -> Option<i32> {
-        let image = shard.image();
-        let t = image.topics.get(OFFSETS_TOPIC)?;
-        let p = partition_for(group_id, t.owners.len());
-        let leader = image.partition_state(t, p as usize)?.leader;
-        (leader >= 0).then_some(leader)
+        key_leader(shard, OFFSETS_TOPIC, group_id)
     }
 
     /// Whether this shard may serve `group_id` now: NOT_COORDINATOR when
@@ -430,9 +443,17 @@ pub fn append_batch(shard: &Rc<Shard>, log: &partition::SharedLog, batch: &[u8])
 /// `offsets.topic.replication.factor` asks for (or every voter has
 /// registered), replicated on that many nodes.
 pub async fn ensure_offsets_topic(shard: Rc<Shard>) {
+    let configured = shard.config.offsets_topic_replication_factor;
+    ensure_internal_topic(shard, OFFSETS_TOPIC, configured, "consumer groups").await
+}
+
+/// Creates the compacted internal topic `name` if it does not exist yet
+/// (see `ensure_offsets_topic`), with `replication_factor` replicas in a
+/// cluster (at most one per voter). `used_by` names what waits for it.
+pub async fn ensure_internal_topic(shard: Rc<Shard>, name: &str, replication_factor: i16, used_by: &str) {
     let (partitions, replication_factor) = loop {
         let image = shard.image();
-        if image.topics.contains_key(OFFSETS_TOPIC) || shard.stopping.get() {
+        if image.topics.contains_key(name) || shard.stopping.get() {
             return;
         }
         if !image.clustered() {
@@ -440,7 +461,7 @@ pub async fn ensure_offsets_topic(shard: Rc<Shard>) {
         }
         let alive: Vec<_> = image.nodes.values().filter(|n| !n.fenced).collect();
         let voters = shard.config.cluster.as_ref().map(|c| c.voters.len()).unwrap_or(1);
-        let wanted = (shard.config.offsets_topic_replication_factor.max(1) as usize).min(voters.max(1));
+        let wanted = (replication_factor.max(1) as usize).min(voters.max(1));
         if alive.len() >= wanted {
             let brokers: u32 = alive.iter().map(|n| n.num_shards).sum();
             break (brokers.max(1) as i32, wanted as i16);
@@ -450,8 +471,7 @@ pub async fn ensure_offsets_topic(shard: Rc<Shard>) {
     let mut configs = BTreeMap::new();
     configs.insert("cleanup.policy".to_string(), "compact".to_string());
     configs.insert("segment.bytes".to_string(), "104857600".to_string());
-    let topic =
-        NewTopic { name: OFFSETS_TOPIC.to_string(), partitions, replication_factor, assignments: Vec::new(), configs };
+    let topic = NewTopic { name: name.to_string(), partitions, replication_factor, assignments: Vec::new(), configs };
     for (name, r) in shard.create_topics(vec![topic]).await {
         match r {
             Ok(meta) => log::info!(
@@ -459,10 +479,9 @@ pub async fn ensure_offsets_topic(shard: Rc<Shard>) {
                 meta.owners.len()
             ),
             Err((ErrorCode::TopicAlreadyExists, _)) => {}
-            Err((code, msg)) => log::error!(
-                "cannot create {name}: {} ({msg}); consumer groups are unavailable until it exists",
-                code.name()
-            ),
+            Err((code, msg)) => {
+                log::error!("cannot create {name}: {} ({msg}); {used_by} are unavailable until it exists", code.name())
+            }
         }
     }
 }

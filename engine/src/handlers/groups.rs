@@ -407,11 +407,7 @@ pub async fn offset_commit(shard: Rc<Shard>, version: i16, cid: i32, req: Offset
             Ok(at) => coord.apply_commits(&gid, commits, at),
             Err(e) => {
                 log::warn!("OffsetCommit {gid}: cannot write __consumer_offsets: {}", e.name());
-                for c in codes.iter_mut().flatten() {
-                    if *c == ErrorCode::None {
-                        *c = e;
-                    }
-                }
+                fail_written(&mut codes, e);
             }
         }
     }
@@ -434,6 +430,15 @@ pub async fn offset_commit(shard: Rc<Shard>, version: i16, cid: i32, req: Offset
         })
         .collect();
     encode(ApiKey::OffsetCommit, version, cid, &OffsetCommitResponse::default().with_topics(topics))
+}
+
+/// The commit's write failed: every partition that was to be written gets `e`.
+fn fail_written(codes: &mut [Vec<ErrorCode>], e: ErrorCode) {
+    for c in codes.iter_mut().flatten() {
+        if *c == ErrorCode::None {
+            *c = e;
+        }
+    }
 }
 
 /// One group's committed offsets for the wanted topics (`None`: all).
@@ -829,11 +834,7 @@ pub async fn txn_offset_commit(shard: Rc<Shard>, version: i16, cid: i32, req: Tx
             Ok(_) => coord.add_pending_txn(pid, &gid, commits),
             Err(e) => {
                 log::warn!("TxnOffsetCommit {gid}: cannot write __consumer_offsets: {}", e.name());
-                for c in codes.iter_mut().flatten() {
-                    if *c == ErrorCode::None {
-                        *c = e;
-                    }
-                }
+                fail_written(&mut codes, e);
             }
         }
     }

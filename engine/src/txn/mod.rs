@@ -42,7 +42,7 @@ pub mod markers;
 pub mod state;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -51,7 +51,7 @@ use tidelog_protocol::ErrorCode;
 
 use crate::config::Config;
 use crate::groups::{now_ms, partition_for, OFFSETS_TOPIC};
-use crate::shard::{NewTopic, Shard};
+use crate::shard::Shard;
 use crate::storage::partition;
 pub use state::{TxnMeta, TxnState};
 
@@ -114,19 +114,12 @@ pub type TxnResult<T> = Result<T, ErrorCode>;
 /// The `__transaction_state` partition of `id` and the shard of this node
 /// leading it (`NO_SHARD` when another node does), if the topic exists.
 pub fn partition_of(shard: &Shard, id: &str) -> Option<(i32, u32)> {
-    let image = shard.image();
-    let t = image.topics.get(TXN_TOPIC)?;
-    let p = partition_for(id, t.owners.len());
-    Some((p, image.owner(TXN_TOPIC, p)?.0))
+    crate::groups::key_partition(shard, TXN_TOPIC, id)
 }
 
 /// The broker id leading `id`'s `__transaction_state` partition.
 pub fn coordinator_broker(shard: &Shard, id: &str) -> Option<i32> {
-    let image = shard.image();
-    let t = image.topics.get(TXN_TOPIC)?;
-    let p = partition_for(id, t.owners.len());
-    let leader = image.partition_state(t, p as usize)?.leader;
-    (leader >= 0).then_some(leader)
+    crate::groups::key_leader(shard, TXN_TOPIC, id)
 }
 
 impl Coordinator {
@@ -315,8 +308,9 @@ impl Coordinator {
         Ok(answer)
     }
 
-    /// Checks a request's producer id and epoch against the id's state.
-    fn check_producer(&self, id: &str, pid: i64, epoch: i16) -> TxnResult<TxnMeta> {
+    /// Checks a request's producer id and epoch against the id's state:
+    /// the state and whether a transition of it is being written.
+    fn producer_state(&self, id: &str, pid: i64, epoch: i16) -> TxnResult<(TxnMeta, bool)> {
         let txns = self.txns.borrow();
         let Some(e) = txns.get(id) else { return Err(ErrorCode::InvalidProducerIdMapping) };
         if e.meta.producer_id != pid {
@@ -325,10 +319,15 @@ impl Coordinator {
         if e.meta.producer_epoch != epoch {
             return Err(ErrorCode::ProducerFenced);
         }
-        if e.pending {
-            return Err(ErrorCode::ConcurrentTransactions);
+        Ok((e.meta.clone(), e.pending))
+    }
+
+    /// `producer_state`, with CONCURRENT_TRANSACTIONS while a transition is written.
+    fn check_producer(&self, id: &str, pid: i64, epoch: i16) -> TxnResult<TxnMeta> {
+        match self.producer_state(id, pid, epoch)? {
+            (_, true) => Err(ErrorCode::ConcurrentTransactions),
+            (m, false) => Ok(m),
         }
-        Ok(e.meta.clone())
     }
 
     /// AddPartitionsToTxn (and AddOffsetsToTxn's partition): the
@@ -375,36 +374,16 @@ impl Coordinator {
         parts: &[(String, i32)],
     ) -> TxnResult<Vec<bool>> {
         self.check(shard, id)?;
-        let txns = self.txns.borrow();
-        let Some(e) = txns.get(id) else { return Err(ErrorCode::InvalidProducerIdMapping) };
-        if e.meta.producer_id != pid {
-            return Err(ErrorCode::InvalidProducerIdMapping);
-        }
-        if e.meta.producer_epoch != epoch {
-            return Err(ErrorCode::ProducerFenced);
-        }
-        let open = e.meta.state == TxnState::Ongoing;
-        Ok(parts.iter().map(|x| open && e.meta.partitions.contains(x)).collect())
+        let (m, _) = self.producer_state(id, pid, epoch)?;
+        let open = m.state == TxnState::Ongoing;
+        Ok(parts.iter().map(|x| open && m.partitions.contains(x)).collect())
     }
 
     /// EndTxn: writes the decision, answers once it is durable, and writes
     /// the markers in the background.
     pub async fn end_txn(&self, shard: &Rc<Shard>, id: &str, pid: i64, epoch: i16, commit: bool) -> TxnResult<()> {
         let p = self.check(shard, id)?;
-        let m = {
-            let txns = self.txns.borrow();
-            let Some(e) = txns.get(id) else { return Err(ErrorCode::InvalidProducerIdMapping) };
-            if e.meta.producer_id != pid {
-                return Err(ErrorCode::InvalidProducerIdMapping);
-            }
-            if e.meta.producer_epoch != epoch {
-                return Err(ErrorCode::ProducerFenced);
-            }
-            if e.pending {
-                return Err(ErrorCode::ConcurrentTransactions);
-            }
-            e.meta.clone()
-        };
+        let m = self.check_producer(id, pid, epoch)?;
         match (m.state, commit) {
             (TxnState::Ongoing, _) => {}
             // A retry of an EndTxn whose answer was lost.
@@ -443,7 +422,7 @@ impl Coordinator {
         new.state = TxnState::PrepareAbort;
         new.last_update_ms = now_ms();
         self.transition(shard, id, p, new).await?;
-        let _ = spawn_completion(shard, id.to_string(), p);
+        drop(spawn_completion(shard, id.to_string(), p));
         Ok(())
     }
 
@@ -563,47 +542,13 @@ pub fn internal_placement(name: &str, partitions: usize, num_shards: usize) -> O
 /// `transaction.state.log.replication.factor` replicas in a cluster, once
 /// that many nodes are alive).
 pub async fn ensure_topic(shard: Rc<Shard>) {
-    let (partitions, replication_factor) = loop {
-        let image = shard.image();
-        if image.topics.contains_key(TXN_TOPIC) || shard.stopping.get() {
-            return;
-        }
-        if !image.clustered() {
-            break (shard.num_shards as i32, 1);
-        }
-        let alive: Vec<_> = image.nodes.values().filter(|n| !n.fenced).collect();
-        let voters = shard.config.cluster.as_ref().map(|c| c.voters.len()).unwrap_or(1);
-        let configured = shard
-            .config
-            .values
-            .get("transaction.state.log.replication.factor")
-            .and_then(|(v, _)| v.trim().parse::<usize>().ok())
-            .unwrap_or(3);
-        let wanted = configured.max(1).min(voters.max(1));
-        if alive.len() >= wanted {
-            let brokers: u32 = alive.iter().map(|n| n.num_shards).sum();
-            break (brokers.max(1) as i32, wanted as i16);
-        }
-        glommio::timer::sleep(Duration::from_millis(200)).await;
-    };
-    let mut configs = BTreeMap::new();
-    configs.insert("cleanup.policy".to_string(), "compact".to_string());
-    configs.insert("segment.bytes".to_string(), "104857600".to_string());
-    let topic =
-        NewTopic { name: TXN_TOPIC.to_string(), partitions, replication_factor, assignments: Vec::new(), configs };
-    for (name, r) in shard.create_topics(vec![topic]).await {
-        match r {
-            Ok(meta) => log::info!(
-                "created {name} with {} partition(s), replication factor {replication_factor}",
-                meta.owners.len()
-            ),
-            Err((ErrorCode::TopicAlreadyExists, _)) => {}
-            Err((code, msg)) => log::error!(
-                "cannot create {name}: {} ({msg}); transactions are unavailable until it exists",
-                code.name()
-            ),
-        }
-    }
+    let configured = shard
+        .config
+        .values
+        .get("transaction.state.log.replication.factor")
+        .and_then(|(v, _)| v.trim().parse::<i16>().ok())
+        .unwrap_or(3);
+    crate::groups::ensure_internal_topic(shard, TXN_TOPIC, configured, "transactions").await
 }
 
 /// The coordinator's task on its shard: load what it leads, then follow
@@ -676,7 +621,7 @@ async fn follow_leadership(shard: &Rc<Shard>) {
             unfinished.len()
         );
         for id in unfinished {
-            let _ = spawn_completion(shard, id, p);
+            drop(spawn_completion(shard, id, p));
         }
     }
 }

@@ -297,8 +297,10 @@ pub fn run(mut config: Config) -> Result<(), String> {
             glommio::spawn_local(shard.clone().run_flusher()).detach();
             if i == 0 {
                 glommio::spawn_local(crate::groups::ensure_offsets_topic(shard.clone())).detach();
+                glommio::spawn_local(crate::txn::ensure_topic(shard.clone())).detach();
             }
             glommio::spawn_local(crate::groups::run(shard.clone())).detach();
+            glommio::spawn_local(crate::txn::run(shard.clone())).detach();
             glommio::spawn_local(crate::handlers::producer_id::run_snapshots(shard.clone())).detach();
             glommio::spawn_local(shard.clone().run_follower(from_ctrl)).detach();
             glommio::spawn_local(crate::storage::retention::run(shard.clone())).detach();

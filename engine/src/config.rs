@@ -114,6 +114,10 @@ Setting { name: "fetch.max.wait.ms.max", default: "30000", doc: "Upper bound on 
     Setting { name: "offsets.retention.minutes", default: "10080", doc: "Committed offsets of a group that has been empty this long are deleted (with the group)." },
     Setting { name: "offset.metadata.max.bytes", default: "4096", doc: "Largest metadata string of a committed offset; larger gets OFFSET_METADATA_TOO_LARGE." },
     Setting { name: "producer.id.expiration.ms", default: "86400000", doc: "Idempotent producer state of a partition is dropped when the producer has not written to it for this long." },
+    Setting { name: "transaction.max.timeout.ms", default: "900000", doc: "Largest transaction.timeout.ms a transactional producer may ask for; larger gets INVALID_TRANSACTION_TIMEOUT from InitProducerId." },
+    Setting { name: "transaction.abort.timed.out.transaction.cleanup.interval.ms", default: "10000", doc: "How often each transaction coordinator aborts transactions open for longer than their timeout (their producer is fenced) and forgets idle transactional ids." },
+    Setting { name: "transactional.id.expiration.ms", default: "604800000", doc: "A transactional id with no open transaction and no request for this long is forgotten (its state record is deleted)." },
+    Setting { name: "transaction.state.log.replication.factor", default: "3", doc: "Replicas of each __transaction_state partition in a cluster (capped by the number of controller voters); the topic is created once that many nodes are alive. A single node uses 1." },
 ];
 
 /// `log.dirs`: comma-separated, none empty, no duplicates, none inside another.
@@ -611,6 +615,12 @@ impl Config {
                 }
             }
         }
+        // Read where they are used (`txn::Settings`); checked here so a bad
+        // value is a start-up error.
+        num(&values, "transaction.max.timeout.ms", 1i64, i32::MAX as i64)?;
+        num(&values, "transaction.abort.timed.out.transaction.cleanup.interval.ms", 1i64, i32::MAX as i64)?;
+        num(&values, "transactional.id.expiration.ms", 1i64, i32::MAX as i64)?;
+        num(&values, "transaction.state.log.replication.factor", 1i16, 32)?;
         let log_dirs = parse_log_dirs(get(&values, "log.dirs"))?;
         let io_properties = get(&values, "io.properties.file").trim();
         let cfg = Config {

@@ -23,6 +23,7 @@ pub mod server;
 pub mod shard;
 pub mod storage;
 pub mod topic_config;
+pub mod txn;
 
 /// A scratch dir for tests: `$TIDELOG_TEST_DIR` (e.g. an XFS mount) or
 /// `target/test-data`, never tmpfs (no O_DIRECT).

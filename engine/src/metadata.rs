@@ -278,3 +278,8 @@ mod tests {
         assert_eq!(back.topics["a"].owners, vec![0, 1, 0, 1]);
     }
 }
+
+/// Kafka's internal topics: `__consumer_offsets` and `__transaction_state`.
+pub fn is_internal_topic(name: &str) -> bool {
+    name == crate::groups::OFFSETS_TOPIC || name == crate::txn::TXN_TOPIC
+}

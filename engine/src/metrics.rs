@@ -233,6 +233,11 @@ pub struct ShardSnapshot {
     /// waited for that bound so far.
     pub unflushed_bytes: u64,
     pub unflushed_waits: u64,
+    /// Transactions this shard coordinates that are open now, and those it
+    /// completed (markers written everywhere) so far, by outcome.
+    pub txn_ongoing: u64,
+    pub txn_committed: u64,
+    pub txn_aborted: u64,
     /// `log.dirs` as this shard sees them (shared by all shards; rendered
     /// from the first snapshot): path, state, usable and total bytes.
     pub log_dirs: Vec<LogDirSnapshot>,
@@ -648,6 +653,30 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
         "counter",
         "Produce requests and replica fetches that waited for the flusher because the shard held more than log.unflushed.max.bytes unflushed.",
         |s| s.unflushed_waits,
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "tidelog_transactions_ongoing",
+        "gauge",
+        "Open transactions of the transactional ids this shard coordinates.",
+        |s| s.txn_ongoing,
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "tidelog_transactions_committed_total",
+        "counter",
+        "Transactions this shard coordinated that committed (every marker written).",
+        |s| s.txn_committed,
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "tidelog_transactions_aborted_total",
+        "counter",
+        "Transactions this shard coordinated that aborted (by the producer, a new producer instance, or the timeout; every marker written).",
+        |s| s.txn_aborted,
     );
     if let Some(first) = shards.first() {
         header(

@@ -141,6 +141,8 @@ pub struct Shard {
     pub stopping: Cell<bool>,
     /// The consumer group coordinator of this shard (see `groups`).
     pub groups: crate::groups::Coordinator,
+    /// The transaction coordinator of this shard (`crate::txn`).
+    pub txns: crate::txn::Coordinator,
     /// This shard's producer id range (see `storage::producer_state`).
     pub producer_ids: crate::storage::producer_state::PidAllocator,
     /// Leader and follower state of this shard's replicas (see `replication`).
@@ -184,6 +186,7 @@ impl Shard {
             Duration::from_millis(config.replica_lag_time_max_ms),
         );
         let groups = crate::groups::Coordinator::new(&config);
+        let txns = crate::txn::Coordinator::new(&config);
         // Producer ids carry the broker id (node.id x 1000 + shard) in their
         // top bits, so no two shards of a cluster ever hand out the same one.
         let pid_space = ShardId(crate::metadata::broker_id(config.node_id, id.0) as u32);
@@ -215,6 +218,7 @@ impl Shard {
             metrics: Default::default(),
             stopping: Cell::new(false),
             groups,
+            txns,
             producer_ids,
             replication,
             image_notify: Notify::default(),
@@ -664,6 +668,8 @@ impl Shard {
         }
         snap.unflushed_bytes = self.unflushed_bytes();
         snap.unflushed_waits = self.unflushed_waits.get();
+        snap.txn_ongoing = self.txns.ongoing() as u64;
+        (snap.txn_committed, snap.txn_aborted) = self.txns.completed();
         snap.log_dirs = (0..self.log_dirs.len())
             .map(|i| {
                 let path = self.log_dirs.path(i);

@@ -56,6 +56,17 @@ pub const SUPPORTED_APIS: &[ApiSupport] = &[
     api(ApiKey::AlterPartitionReassignments, 0, 1),
     api(ApiKey::ListPartitionReassignments, 0, 0),
     api(ApiKey::DescribeTopicPartitions, 0, 0),
+    // Transactions (KIP-98). Versions 5+ of AddPartitionsToTxn/EndTxn and
+    // the TV2 forms (KIP-890 part 2: an epoch bump per transaction) are not
+    // implemented; AddPartitionsToTxn v4 is the broker-to-broker batched
+    // form with `verify_only`.
+    api(ApiKey::AddPartitionsToTxn, 0, 4),
+    api(ApiKey::AddOffsetsToTxn, 0, 4),
+    api(ApiKey::EndTxn, 0, 4),
+    api(ApiKey::WriteTxnMarkers, 1, 1),
+    api(ApiKey::TxnOffsetCommit, 0, 4),
+    api(ApiKey::DescribeTransactions, 0, 0),
+    api(ApiKey::ListTransactions, 0, 1),
 ];
 
 /// The implemented version range of `api_key`, or `None` when the API is not

@@ -168,6 +168,11 @@ impl<'a> BatchHeader<'a> {
     pub fn record_count(&self) -> i32 {
         be_i32(self.bytes, 57)
     }
+    /// The bytes this header was parsed from (the batch, or a prefix of it,
+    /// and whatever follows it in the caller's buffer).
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
 }
 
 /// What the broker needs to know about one validated batch.
@@ -318,7 +323,7 @@ struct Reader<'a> {
     at: usize,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn varint(&mut self) -> Option<i64> {
         let (v, n) = get_varint(self.bytes.get(self.at..)?)?;
         self.at += n;
@@ -326,7 +331,7 @@ impl Reader<'_> {
     }
 
     /// A varint length then that many bytes; `Some(None)` for length -1.
-    fn bytes_field(&mut self) -> Option<Option<&[u8]>> {
+    fn bytes_field(&mut self) -> Option<Option<&'a [u8]>> {
         let len = self.varint()?;
         if len == -1 {
             return Some(None);
@@ -413,6 +418,15 @@ impl Default for ProducerFields {
 
 /// Builds an uncompressed record batch v2 with base offset 0.
 pub fn build_batch(records: &[RecordRef<'_>], base_timestamp_ms: i64, producer: ProducerFields) -> Bytes {
+    build_batch_with_attributes(records, base_timestamp_ms, producer, 0)
+}
+
+fn build_batch_with_attributes(
+    records: &[RecordRef<'_>],
+    base_timestamp_ms: i64,
+    producer: ProducerFields,
+    attributes: i16,
+) -> Bytes {
     let mut body = BytesMut::new();
     let mut max_ts = base_timestamp_ms;
     for (i, r) in records.iter().enumerate() {
@@ -438,7 +452,7 @@ pub fn build_batch(records: &[RecordRef<'_>], base_timestamp_ms: i64, producer: 
     buf.put_i32(-1);
     buf.put_i8(2);
     buf.put_u32(0);
-    buf.put_i16(0);
+    buf.put_i16(attributes);
     buf.put_i32(records.len().saturating_sub(1) as i32);
     buf.put_i64(base_timestamp_ms);
     buf.put_i64(max_ts);
@@ -450,6 +464,93 @@ pub fn build_batch(records: &[RecordRef<'_>], base_timestamp_ms: i64, producer: 
     let crc = crc32c::crc32c(&buf[CRC_COVERED_FROM..]);
     buf[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
     buf.freeze()
+}
+
+// ---------------------------------------------------------------------------
+// Control batches: transaction markers (KIP-98).
+//
+// A marker is a batch with the transactional and control attribute bits, the
+// producer's id and epoch, base sequence -1, and one record:
+//   key   = i16 version (0) | i16 type (0 ABORT, 1 COMMIT)
+//   value = i16 version (0) | i32 coordinator epoch
+
+/// Attributes bit: the batch belongs to a transaction.
+pub const ATTR_TRANSACTIONAL: i16 = 0x10;
+/// Attributes bit: the batch holds control records (transaction markers).
+pub const ATTR_CONTROL: i16 = 0x20;
+/// Bytes of a marker's key and of its value.
+const CONTROL_KEY_BYTES: usize = 4;
+const MARKER_VALUE_BYTES: usize = 6;
+
+/// The end of a transaction a marker writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlType {
+    Abort,
+    Commit,
+}
+
+impl ControlType {
+    /// The type in the control record's key (Kafka's `ControlRecordType`).
+    pub fn code(self) -> i16 {
+        match self {
+            ControlType::Abort => 0,
+            ControlType::Commit => 1,
+        }
+    }
+}
+
+/// Builds a transaction marker for `producer_id`/`producer_epoch` written by
+/// the coordinator at `coordinator_epoch` (base offset 0, to be assigned).
+pub fn build_control_batch(
+    control: ControlType,
+    producer_id: i64,
+    producer_epoch: i16,
+    coordinator_epoch: i32,
+    timestamp_ms: i64,
+) -> Bytes {
+    let mut key = [0u8; CONTROL_KEY_BYTES];
+    key[2..4].copy_from_slice(&control.code().to_be_bytes());
+    let mut value = [0u8; MARKER_VALUE_BYTES];
+    value[2..6].copy_from_slice(&coordinator_epoch.to_be_bytes());
+    let record = RecordRef { key: Some(&key), value: Some(&value), headers: &[], timestamp_delta_ms: 0 };
+    build_batch_with_attributes(
+        &[record],
+        timestamp_ms,
+        ProducerFields { producer_id, producer_epoch, base_sequence: -1 },
+        ATTR_TRANSACTIONAL | ATTR_CONTROL,
+    )
+}
+
+/// The marker a control batch holds: its type and coordinator epoch. `None`
+/// for anything else: not a control batch, compressed, no record, another
+/// control type (Kafka's KRaft records), or a malformed record. Reads only
+/// within `batch` and the batch's own length; never panics.
+pub fn control_record_type(batch: &[u8]) -> Option<(ControlType, i32)> {
+    let h = BatchHeader::parse(batch).ok()?;
+    if !h.is_control() || h.compression() != Compression::None || h.record_count() < 1 {
+        return None;
+    }
+    let records = batch.get(BATCH_HEADER_BYTES..h.size_bytes().min(batch.len()))?;
+    let (len, n) = get_varint(records)?;
+    let len = usize::try_from(len).ok()?;
+    let record = records.get(n..n.checked_add(len)?)?;
+    // attributes (1 byte), timestamp delta, offset delta, key, value.
+    let mut r = Reader { bytes: record, at: 1 };
+    r.varint()?;
+    r.varint()?;
+    let key = r.bytes_field()??;
+    let value = r.bytes_field()?;
+    if key.len() < CONTROL_KEY_BYTES {
+        return None;
+    }
+    // Kafka reads newer key and value versions with the fields it knows.
+    let control = match be_i16(key, 2) {
+        0 => ControlType::Abort,
+        1 => ControlType::Commit,
+        _ => return None,
+    };
+    let value = value.filter(|v| v.len() >= MARKER_VALUE_BYTES)?;
+    Some((control, be_i32(value, 2)))
 }
 
 fn put_opt_bytes(buf: &mut BytesMut, v: Option<&[u8]>) {
@@ -604,6 +705,57 @@ mod tests {
         let crc = crc32c::crc32c(&padded[CRC_COVERED_FROM..]);
         padded[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
         assert!(matches!(validate_record_set(&padded, 1 << 20), Err(BatchError::InvalidRecord { .. })));
+    }
+
+    #[test]
+    fn control_batch_roundtrip() {
+        for (control, ce) in [(ControlType::Commit, 7), (ControlType::Abort, -1), (ControlType::Commit, i32::MAX)] {
+            let b = build_control_batch(control, 42, 3, ce, 1_700_000_000_000);
+            let info = validate(&b, 1 << 20).expect("a valid batch");
+            assert_eq!((info.record_count, info.last_offset_delta), (1, 0));
+            assert!(validate_record_set(&b, 1 << 20).is_ok(), "its record is well formed");
+            let h = BatchHeader::parse(&b).unwrap();
+            assert!(h.is_control() && h.is_transactional());
+            assert_eq!(h.attributes(), ATTR_TRANSACTIONAL | ATTR_CONTROL);
+            assert_eq!((h.producer_id(), h.producer_epoch(), h.base_sequence()), (ProducerId(42), 3, -1));
+            assert_eq!((h.base_timestamp_ms(), h.max_timestamp_ms()), (1_700_000_000_000, 1_700_000_000_000));
+            assert_eq!(control_record_type(&b), Some((control, ce)));
+            // The marker's record as Kafka lays it out.
+            let facts = record_facts(&b[BATCH_HEADER_BYTES..], 1, 0).unwrap();
+            assert!(facts[0].has_key);
+            let mut moved = b.to_vec();
+            assign_offset(&mut moved, Offset(99), Epoch(4));
+            assert_eq!(control_record_type(&moved), Some((control, ce)));
+        }
+    }
+
+    #[test]
+    fn control_record_type_refuses_other_batches_without_panicking() {
+        assert_eq!(control_record_type(&sample(1)), None, "a data batch");
+        let b = build_control_batch(ControlType::Abort, 1, 0, 5, 0).to_vec();
+        // Every prefix, and every single-byte change, parses or is refused.
+        for n in 0..b.len() {
+            let _ = control_record_type(&b[..n]);
+        }
+        for at in 0..b.len() {
+            for v in [0u8, 0x7f, 0x80, 0xff] {
+                let mut m = b.clone();
+                m[at] = v;
+                let _ = control_record_type(&m);
+            }
+        }
+        // Another control type (KRaft's LeaderChange = 2).
+        let mut other = b.clone();
+        let key_type_at = b.len() - 1 - MARKER_VALUE_BYTES - 1 - 2;
+        assert_eq!(&other[key_type_at..key_type_at + 2], &[0, 0]);
+        other[key_type_at + 1] = 2;
+        assert_eq!(control_record_type(&other), None);
+        other[key_type_at + 1] = 1;
+        assert_eq!(control_record_type(&other), Some((ControlType::Commit, 5)));
+        // Compressed control batches are not read.
+        let mut gz = b.clone();
+        gz[ATTRIBUTES_OFFSET + 1] |= 1;
+        assert_eq!(control_record_type(&gz), None);
     }
 
     #[test]

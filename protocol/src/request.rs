@@ -84,6 +84,13 @@ requests! {
     AlterPartitionReassignments => AlterPartitionReassignmentsRequest,
     ListPartitionReassignments => ListPartitionReassignmentsRequest,
     DescribeTopicPartitions => DescribeTopicPartitionsRequest,
+    AddPartitionsToTxn => AddPartitionsToTxnRequest,
+    AddOffsetsToTxn => AddOffsetsToTxnRequest,
+    EndTxn => EndTxnRequest,
+    WriteTxnMarkers => WriteTxnMarkersRequest,
+    TxnOffsetCommit => TxnOffsetCommitRequest,
+    DescribeTransactions => DescribeTransactionsRequest,
+    ListTransactions => ListTransactionsRequest,
 }
 
 #[cfg(test)]
@@ -153,6 +160,7 @@ mod tests {
         OffsetCommit, OffsetFetch, FindCoordinator, JoinGroup, Heartbeat, LeaveGroup, SyncGroup, DescribeGroups,
         ListGroups, InitProducerId, DeleteGroups, OffsetDelete, AlterConfigs, IncrementalAlterConfigs,
         CreatePartitions, DeleteRecords, DescribeCluster, DescribeLogDirs, OffsetForLeaderEpoch, ElectLeaders,
-        AlterPartitionReassignments, ListPartitionReassignments, DescribeTopicPartitions,
+        AlterPartitionReassignments, ListPartitionReassignments, DescribeTopicPartitions, AddPartitionsToTxn,
+        AddOffsetsToTxn, EndTxn, WriteTxnMarkers, TxnOffsetCommit, DescribeTransactions, ListTransactions,
     }
 }

@@ -143,6 +143,7 @@ impl Controller {
             let meta = Arc::new(TopicMeta {
                 partitions: Vec::new(),
                 owners: crate::groups::internal_placement(&t.name, t.partitions as usize, self.to_shards.len())
+                    .or_else(|| crate::txn::internal_placement(&t.name, t.partitions as usize, self.to_shards.len()))
                     .unwrap_or_else(|| {
                         metadata::place_partitions(&t.name, t.partitions as usize, self.to_shards.len())
                     }),

@@ -110,6 +110,11 @@ pub struct Coordinator {
     /// known durable: answers that reveal that state wait for it
     /// (`wait_persisted`).
     persisting: RefCell<HashMap<String, (partition::SharedLog, Offset)>>,
+    /// Transactional offset commits (TxnOffsetCommit) whose transaction has
+    /// no marker yet: producer id -> group -> offsets. They become the
+    /// group's committed offsets when the COMMIT marker is written to the
+    /// group's partition, and are dropped on ABORT.
+    pending_txn: RefCell<HashMap<i64, HashMap<String, Vec<(String, i32, OffsetValue)>>>>,
 }
 
 /// What a change to a group looked like before, to tell whether it must be persisted.
@@ -124,6 +129,7 @@ impl Coordinator {
             loaded: Cell::new(false),
             serving: RefCell::new(Default::default()),
             persisting: RefCell::new(HashMap::new()),
+            pending_txn: RefCell::new(HashMap::new()),
         }
     }
 
@@ -243,6 +249,54 @@ impl Coordinator {
         }
     }
 
+    /// Remembers transactional offset commits of producer `pid` until its
+    /// transaction's marker.
+    pub fn add_pending_txn(&self, pid: i64, group_id: &str, commits: Vec<(String, i32, OffsetValue)>) {
+        let mut pending = self.pending_txn.borrow_mut();
+        let per_group = pending.entry(pid).or_default().entry(group_id.to_string()).or_default();
+        for c in commits {
+            per_group.retain(|(t, p, _)| !(t == &c.0 && *p == c.1));
+            per_group.push(c);
+        }
+    }
+
+    /// Whether a transaction has an offset for (topic, partition) of the
+    /// group pending (OffsetFetch with require_stable: UNSTABLE_OFFSET_COMMIT).
+    pub fn has_pending_txn_offset(&self, group_id: &str, topic: &str, partition: i32) -> bool {
+        self.pending_txn
+            .borrow()
+            .values()
+            .any(|groups| groups.get(group_id).is_some_and(|v| v.iter().any(|(t, p, _)| t == topic && *p == partition)))
+    }
+
+    /// A marker of producer `pid` was written (durably) at `marker_offset`
+    /// to `__consumer_offsets-partition` (of `partitions`): its pending
+    /// offsets for the groups of that partition are applied (commit) or
+    /// dropped (abort).
+    pub fn complete_txn(&self, partition: i32, partitions: usize, pid: i64, commit: bool, marker_offset: i64) {
+        let done: Vec<(String, Vec<(String, i32, OffsetValue)>)> = {
+            let mut pending = self.pending_txn.borrow_mut();
+            let Some(groups) = pending.get_mut(&pid) else { return };
+            let ids: Vec<String> =
+                groups.keys().filter(|g| partition_for(g, partitions) == partition).cloned().collect();
+            let done = ids.into_iter().filter_map(|g| groups.remove_entry(&g)).collect();
+            if groups.is_empty() {
+                pending.remove(&pid);
+            }
+            done
+        };
+        for (group, offsets) in done {
+            log::debug!(
+                "group {group}: transactional offsets of producer {pid} {} ({} partition(s))",
+                if commit { "committed" } else { "aborted" },
+                offsets.len()
+            );
+            if commit {
+                self.apply_commits(&group, offsets, marker_offset);
+            }
+        }
+    }
+
     /// Replays one record from `__consumer_offsets`.
     fn replay(&self, record: Record, log_offset: i64, now: Instant) {
         match record {
@@ -301,18 +355,8 @@ fn append_records(
         return Err(ErrorCode::NotCoordinator);
     }
     let log = shard.log(OFFSETS_TOPIC, p).ok_or(ErrorCode::CoordinatorNotAvailable)?;
-    if shard.dir_state(&log) != crate::storage::log_dirs::DirState::Online {
-        // Kafka answers a storage error on the offsets log with NOT_COORDINATOR.
-        log::debug!("group {group_id}: {OFFSETS_TOPIC}-{p} is in an offline log dir: NOT_COORDINATOR");
-        return Err(ErrorCode::NotCoordinator);
-    }
     let batch = records::build(recs, now_ms());
-    let infos = tidelog_protocol::batch::validate_record_set(&batch, usize::MAX).map_err(|e| {
-        log::error!("group {group_id}: built an invalid batch: {e}");
-        ErrorCode::UnknownServerError
-    })?;
-    let (_, last) = log.borrow_mut().append(bytes::BytesMut::from(&batch[..]), &infos, Epoch(0));
-    shard.mark_dirty(&log);
+    let last = append_batch(shard, &log, &batch)?;
     Ok((log, last))
 }
 
@@ -324,16 +368,61 @@ pub async fn append_and_wait(
     recs: &[(Bytes, Option<Bytes>)],
 ) -> Result<i64, ErrorCode> {
     let (log, last) = append_records(shard, group_id, recs)?;
+    wait_durable(shard, &log, last).await
+}
+
+/// Waits until the high watermark of `log` passes `last`. NOT_COORDINATOR
+/// when it cannot (its log dir failed).
+pub async fn wait_durable(shard: &Rc<Shard>, log: &partition::SharedLog, last: Offset) -> Result<i64, ErrorCode> {
     loop {
         let notified = shard.hw_notify.notified();
         if log.borrow().high_watermark > last {
             return Ok(last.0);
         }
-        if shard.dir_state(&log) == crate::storage::log_dirs::DirState::Failed {
+        if shard.dir_state(log) == crate::storage::log_dirs::DirState::Failed {
             return Err(ErrorCode::NotCoordinator);
         }
         notified.await;
     }
+}
+
+/// Appends one batch built by the broker itself to an internal topic's
+/// partition led here (`__transaction_state`, transactional offset
+/// commits) and waits until it is durable. Returns its last offset.
+pub async fn append_batch_and_wait(shard: &Rc<Shard>, log: &partition::SharedLog, batch: &[u8]) -> Result<i64, ErrorCode> {
+    let last = append_batch(shard, log, batch)?;
+    wait_durable(shard, log, last).await
+}
+
+/// Appends one broker-built batch (not waiting). NOT_COORDINATOR when the
+/// partition's log dir is offline.
+pub fn append_batch(shard: &Rc<Shard>, log: &partition::SharedLog, batch: &[u8]) -> Result<Offset, ErrorCode> {
+    if shard.dir_state(log) != crate::storage::log_dirs::DirState::Online {
+        let l = log.borrow();
+        log::debug!("{}-{} is in an offline log dir: NOT_COORDINATOR", l.topic, l.partition.0);
+        return Err(ErrorCode::NotCoordinator);
+    }
+    let infos = tidelog_protocol::batch::validate_record_set(batch, usize::MAX).map_err(|e| {
+        log::error!("built an invalid batch: {e}");
+        ErrorCode::UnknownServerError
+    })?;
+    let (_, last) = {
+        let mut l = log.borrow_mut();
+        let epoch = Epoch(shard.image().leader_epoch(&l.topic, l.partition.0).max(0));
+        let (first, last) = l.append(bytes::BytesMut::from(batch), &infos, epoch);
+        // Transactional offset commits: the partition's producer state
+        // learns of the open transaction (at the offset it was given).
+        let mut appended = bytes::BytesMut::from(batch);
+        appended[..8].copy_from_slice(&first.0.to_be_bytes());
+        if let Ok(h) = tidelog_protocol::batch::BatchHeader::parse(&appended) {
+            if h.producer_id().0 >= 0 {
+                l.producers.replay(&h);
+            }
+        }
+        (first, last)
+    };
+    shard.mark_dirty(log);
+    Ok(last)
 }
 
 /// Shard 0 at start-up: creates `__consumer_offsets` (compacted) if it does
@@ -422,6 +511,17 @@ pub async fn run(shard: Rc<Shard>) {
     }
 }
 
+/// One item of `__consumer_offsets` met while loading.
+enum Loaded {
+    Plain(Record),
+    /// A transactional offset commit of a producer.
+    Txn(i64, Record),
+    Marker {
+        pid: i64,
+        commit: bool,
+    },
+}
+
 async fn load_partition(shard: &Rc<Shard>, log: &partition::SharedLog) -> usize {
     // The whole durable log, as Kafka loads to the log end: a leader's high
     // watermark may still be held (after a restart, at its checkpoint)
@@ -448,19 +548,38 @@ async fn load_partition(shard: &Rc<Shard>, log: &partition::SharedLog) -> usize 
             break;
         }
         let mut next = offset;
+        let partitions = shard.image().topics.get(OFFSETS_TOPIC).map(|t| t.owners.len()).unwrap_or(1);
+        let p = log.borrow().partition.0;
         for chunk in &r.chunks {
-            let at = next.0;
-            let mut found = Vec::new();
-            if let Some(n) = records::for_each_record(chunk, |k, v| {
-                if let Some(rec) = records::decode(k, v) {
-                    found.push(rec);
+            let mut found: Vec<(i64, Loaded)> = Vec::new();
+            if let Some(n) = records::for_each_batch(chunk, |h, _, body| {
+                let at = h.base_offset().0;
+                let pid = h.producer_id().0;
+                if h.is_control() {
+                    if let Some(commit) = records::control_commits(h, body) {
+                        found.push((at, Loaded::Marker { pid, commit }));
+                    }
+                } else {
+                    let txn = h.is_transactional() && pid >= 0;
+                    records::for_each_keyed(h, body, |k, v| {
+                        if let Some(rec) = records::decode(k, v) {
+                            found.push((at, if txn { Loaded::Txn(pid, rec) } else { Loaded::Plain(rec) }));
+                        }
+                    });
                 }
             }) {
                 next = Offset(n);
             }
             count += found.len();
-            for rec in found {
-                shard.groups.replay(rec, at, now);
+            for (at, item) in found {
+                match item {
+                    Loaded::Plain(rec) => shard.groups.replay(rec, at, now),
+                    Loaded::Txn(pid, Record::Offset { group, topic, partition, value: Some(v) }) => {
+                        shard.groups.add_pending_txn(pid, &group, vec![(topic, partition, v)]);
+                    }
+                    Loaded::Txn(..) => {}
+                    Loaded::Marker { pid, commit } => shard.groups.complete_txn(p, partitions, pid, commit, at),
+                }
             }
         }
         if next <= offset {
@@ -495,6 +614,10 @@ async fn follow_leadership(shard: &Rc<Shard>) {
     let reset: std::collections::BTreeSet<i32> = lost.iter().chain(gained.iter()).copied().collect();
     coord.groups.borrow_mut().retain(|g, _| !in_partition(&reset, g));
     coord.offsets.borrow_mut().retain(|g, _| !in_partition(&reset, g));
+    for groups in coord.pending_txn.borrow_mut().values_mut() {
+        groups.retain(|g, _| !in_partition(&reset, g));
+    }
+    coord.pending_txn.borrow_mut().retain(|_, groups| !groups.is_empty());
     for p in &lost {
         coord.serving.borrow_mut().remove(p);
         log::info!("shard {}: no longer the group coordinator of {OFFSETS_TOPIC}-{p} (led elsewhere now)", shard.id.0);

@@ -224,11 +224,52 @@ pub fn build(records: &[(Bytes, Option<Bytes>)], now_ms: i64) -> Bytes {
     batch::build_batch(&refs, now_ms, batch::ProducerFields::default())
 }
 
-/// Calls `f(key, value)` for every record of the uncompressed batches in
-/// `chunk` (back-to-back batches as the log returns them). Compressed or
+/// A batch of `records` written as part of producer `pid`'s transaction
+/// (TxnOffsetCommit): the transactional attribute set, CRC recomputed.
+pub fn build_transactional(records: &[(Bytes, Option<Bytes>)], now_ms: i64, pid: i64, epoch: i16) -> Bytes {
+    let refs: Vec<batch::RecordRef<'_>> = records
+        .iter()
+        .map(|(k, v)| batch::RecordRef { key: Some(k), value: v.as_deref(), headers: &[], timestamp_delta_ms: 0 })
+        .collect();
+    let producer = batch::ProducerFields { producer_id: pid, producer_epoch: epoch, base_sequence: -1 };
+    let mut b = BytesMut::from(&batch::build_batch(&refs, now_ms, producer)[..]);
+    // attributes at 21..23, CRC-32C of everything from them on at 17..21.
+    const ATTRIBUTES: usize = 21;
+    const TRANSACTIONAL: i16 = 0x10;
+    let attributes = i16::from_be_bytes([b[ATTRIBUTES], b[ATTRIBUTES + 1]]) | TRANSACTIONAL;
+    b[ATTRIBUTES..ATTRIBUTES + 2].copy_from_slice(&attributes.to_be_bytes());
+    let crc = crc32c::crc32c(&b[ATTRIBUTES..]);
+    b[17..21].copy_from_slice(&crc.to_be_bytes());
+    b.freeze()
+}
+
+/// Calls `f(key, value)` for every record of the uncompressed data batches
+/// in `chunk` (back-to-back batches as the log returns them). Compressed or
 /// malformed batches are skipped with a warning. Returns the offset after
 /// the last whole batch seen.
 pub fn for_each_record(chunk: &[u8], mut f: impl FnMut(&[u8], Option<&[u8]>)) -> Option<i64> {
+    for_each_batch(chunk, |h, _, records| {
+        if !h.is_control() {
+            walk_records(records, h.record_count(), &mut f);
+        }
+    })
+}
+
+/// What a control batch says (the key of its one record): commit or abort.
+pub fn control_commits(h: &BatchHeader<'_>, records: &[u8]) -> Option<bool> {
+    let mut kind = None;
+    walk_records(records, h.record_count().min(1), &mut |k: &[u8], _| {
+        if k.len() >= 4 {
+            kind = Some(i16::from_be_bytes([k[2], k[3]]) == 1);
+        }
+    });
+    kind
+}
+
+/// Calls `f(header, batch bytes, record bytes)` for every whole,
+/// uncompressed batch in `chunk`; returns the offset after the last whole
+/// batch seen.
+pub fn for_each_batch(chunk: &[u8], mut f: impl FnMut(&BatchHeader<'_>, &[u8], &[u8])) -> Option<i64> {
     let mut at = 0;
     let mut next = None;
     while at + BATCH_HEADER_BYTES <= chunk.len() {
@@ -239,13 +280,18 @@ pub fn for_each_record(chunk: &[u8], mut f: impl FnMut(&[u8], Option<&[u8]>)) ->
         }
         next = Some(h.last_offset().next().0);
         if h.compression() != Compression::None {
-            log::warn!("__consumer_offsets: skipping a compressed batch at offset {}", h.base_offset().0);
-        } else if !h.is_control() {
-            walk_records(&chunk[at + BATCH_HEADER_BYTES..at + size], h.record_count(), &mut f);
+            log::warn!("internal topic: skipping a compressed batch at offset {}", h.base_offset().0);
+        } else {
+            f(&h, &chunk[at..at + size], &chunk[at + BATCH_HEADER_BYTES..at + size]);
         }
         at += size;
     }
     next
+}
+
+/// Calls `f(key, value)` for each keyed record of a batch's record bytes.
+pub fn for_each_keyed(h: &BatchHeader<'_>, records: &[u8], mut f: impl FnMut(&[u8], Option<&[u8]>)) {
+    walk_records(records, h.record_count(), &mut f);
 }
 
 fn walk_records(mut b: &[u8], count: i32, f: &mut impl FnMut(&[u8], Option<&[u8]>)) {

@@ -58,7 +58,7 @@ fn topic_entry(image: &MetadataImage, t: &TopicMeta, version: i16) -> MetadataRe
     MetadataResponseTopic::default()
         .with_name(Some(TopicName(str_bytes(&t.name))))
         .with_topic_id(if version >= 10 { t.uuid() } else { uuid::Uuid::nil() })
-        .with_is_internal(version >= 1 && t.name == crate::groups::OFFSETS_TOPIC)
+        .with_is_internal(version >= 1 && crate::metadata::is_internal_topic(&t.name))
         .with_partitions(partitions)
 }
 

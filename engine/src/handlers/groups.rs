@@ -22,6 +22,9 @@ use tidelog_protocol::messages::leave_group_response::MemberResponse;
 use tidelog_protocol::messages::list_groups_response::ListedGroup;
 use tidelog_protocol::messages::offset_commit_response::{OffsetCommitResponsePartition, OffsetCommitResponseTopic};
 use tidelog_protocol::messages::offset_delete_response::{OffsetDeleteResponsePartition, OffsetDeleteResponseTopic};
+use tidelog_protocol::messages::txn_offset_commit_response::{
+    TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
+};
 use tidelog_protocol::messages::offset_fetch_response::{
     OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions, OffsetFetchResponseTopic,
     OffsetFetchResponseTopics,
@@ -31,7 +34,8 @@ use tidelog_protocol::messages::{
     FindCoordinatorRequest, FindCoordinatorResponse, GroupId, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
     JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest, ListGroupsResponse,
     OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest, OffsetDeleteResponse, OffsetFetchRequest,
-    OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse, TopicName,
+    OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse, TopicName, TxnOffsetCommitRequest,
+    TxnOffsetCommitResponse,
 };
 use tidelog_protocol::{ErrorCode, StrBytes};
 
@@ -68,10 +72,15 @@ pub fn find_coordinator(shard: &Rc<Shard>, version: i16, cid: i32, req: FindCoor
                         "__consumer_offsets is not created yet, or its partition has no live leader; retry".to_string(),
                     )
                 }),
-            KEY_TYPE_TRANSACTION => Err((
-                ErrorCode::CoordinatorNotAvailable,
-                "transactions are not supported by this broker yet".to_string(),
-            )),
+            KEY_TYPE_TRANSACTION => crate::txn::coordinator_broker(shard, key)
+                .and_then(|id| image.broker_endpoint(&shard.config, shard.num_shards, id))
+                .map(|b| (b.id, b.host, b.port))
+                .ok_or_else(|| {
+                    (
+                        ErrorCode::CoordinatorNotAvailable,
+                        "__transaction_state is not created yet, or its partition has no live leader; retry".to_string(),
+                    )
+                }),
             other => Err((ErrorCode::InvalidRequest, format!("unknown coordinator key type {other}"))),
         }
     };
@@ -483,11 +492,17 @@ pub fn offset_fetch(shard: &Rc<Shard>, version: i16, cid: i32, req: OffsetFetchR
                         OffsetFetchResponseTopics::default().with_name(TopicName(str_bytes(&t))).with_partitions(
                             ps.into_iter()
                                 .map(|(p, o, e, m)| {
-                                    OffsetFetchResponsePartitions::default()
+                                    let r = OffsetFetchResponsePartitions::default()
                                         .with_partition_index(p)
                                         .with_committed_offset(o)
                                         .with_committed_leader_epoch(e)
-                                        .with_metadata(Some(str_bytes(&m)))
+                                        .with_metadata(Some(str_bytes(&m)));
+                                    // KIP-447: a transaction's offset is still pending.
+                                    if req.require_stable && coord.has_pending_txn_offset(&gid, &t, p) {
+                                        r.with_error_code(ErrorCode::UnstableOffsetCommit.code())
+                                    } else {
+                                        r
+                                    }
                                 })
                                 .collect(),
                         )
@@ -534,7 +549,14 @@ pub fn offset_fetch(shard: &Rc<Shard>, version: i16, cid: i32, req: OffsetFetchR
                 .into_iter()
                 .map(|(t, ps)| {
                     OffsetFetchResponseTopic::default().with_name(TopicName(str_bytes(&t))).with_partitions(
-                        ps.into_iter().map(|(p, o, e, m)| partition(p, o, e, &m, ErrorCode::None)).collect(),
+                        ps.into_iter()
+                            .map(|(p, o, e, m)| {
+                                let unstable =
+                                    version >= 7 && req.require_stable && coord.has_pending_txn_offset(&gid, &t, p);
+                                let code = if unstable { ErrorCode::UnstableOffsetCommit } else { ErrorCode::None };
+                                partition(p, o, e, &m, code)
+                            })
+                            .collect(),
                     )
                 })
                 .collect();
@@ -712,4 +734,117 @@ pub async fn offset_delete(shard: Rc<Shard>, version: i16, cid: i32, req: Offset
         }
     }
     encode(ApiKey::OffsetDelete, version, cid, &resp.with_topics(topics))
+}
+
+/// TxnOffsetCommit (KIP-98, KIP-447): offsets written to the group's
+/// `__consumer_offsets` partition as part of the producer's transaction.
+/// They become the group's committed offsets only when the transaction
+/// commits (its marker reaches that partition: `Coordinator::complete_txn`).
+/// The transaction coordinator is asked first whether the group's partition
+/// is in the producer's open transaction (KIP-890's verification), so a
+/// producer that did not call AddOffsetsToTxn, or was fenced, writes
+/// nothing.
+pub async fn txn_offset_commit(shard: Rc<Shard>, version: i16, cid: i32, req: TxnOffsetCommitRequest) -> Response {
+    let gid = req.group_id.0.to_string();
+    let tid = req.transactional_id.0.to_string();
+    let coord = &shard.groups;
+    let image = shard.image();
+    let pid = req.producer_id.0;
+    let epoch = req.producer_epoch;
+    let mut group_error = coord.check(&shard, &gid);
+    if group_error.is_ok() && version >= 3 {
+        let instance = req.group_instance_id.as_deref();
+        group_error = validate_commit(coord, &gid, req.member_id.as_str(), instance, req.generation_id);
+    }
+    if group_error.is_ok() {
+        group_error = match crate::txn::offsets_partition(&shard, &gid) {
+            None => Err(ErrorCode::CoordinatorNotAvailable),
+            Some(part) => crate::txn::verify_partition(&shard, &tid, pid, epoch, part).await,
+        };
+        if let Err(e) = group_error {
+            log::info!("TxnOffsetCommit {gid} from transactional id {tid:?} producer {pid} epoch {epoch}: {}", e.name());
+        }
+    }
+    let group_error = group_error.map_err(|e| match e {
+        ErrorCode::ProducerFenced if version < 3 => ErrorCode::InvalidProducerEpoch,
+        e => e,
+    });
+    let now = now_ms();
+    let max_meta = coord.settings.metadata_max_bytes;
+    let mut codes: Vec<Vec<ErrorCode>> = Vec::with_capacity(req.topics.len());
+    let mut commits: Vec<(String, i32, OffsetValue)> = Vec::new();
+    for t in &req.topics {
+        let topic = t.name.0.to_string();
+        let meta = image.topics.get(&topic);
+        let tc = t
+            .partitions
+            .iter()
+            .map(|p| {
+                let metadata = p.committed_metadata.as_ref().map(|m| m.to_string()).unwrap_or_default();
+                if let Err(e) = group_error {
+                    e
+                } else if meta.is_none_or(|m| p.partition_index < 0 || p.partition_index as usize >= m.owners.len()) {
+                    ErrorCode::UnknownTopicOrPartition
+                } else if metadata.len() > max_meta {
+                    ErrorCode::OffsetMetadataTooLarge
+                } else {
+                    commits.push((
+                        topic.clone(),
+                        p.partition_index,
+                        OffsetValue {
+                            offset: p.committed_offset,
+                            leader_epoch: if version >= 2 { p.committed_leader_epoch } else { -1 },
+                            metadata,
+                            commit_timestamp_ms: now,
+                        },
+                    ));
+                    ErrorCode::None
+                }
+            })
+            .collect();
+        codes.push(tc);
+    }
+    if !commits.is_empty() {
+        let recs: Vec<(Bytes, Option<Bytes>)> = commits
+            .iter()
+            .map(|(t, p, v)| (records::offset_key(&gid, t, *p), Some(records::offset_value(v))))
+            .collect();
+        let written = match (Coordinator::partition_of(&shard, &gid), crate::groups::records::build_transactional(&recs, now, pid, epoch)) {
+            (Some((p, _)), batch) => match shard.log(crate::groups::OFFSETS_TOPIC, p) {
+                Some(log) => crate::groups::append_batch_and_wait(&shard, &log, &batch).await,
+                None => Err(ErrorCode::NotCoordinator),
+            },
+            (None, _) => Err(ErrorCode::CoordinatorNotAvailable),
+        };
+        match written {
+            Ok(_) => coord.add_pending_txn(pid, &gid, commits),
+            Err(e) => {
+                log::warn!("TxnOffsetCommit {gid}: cannot write __consumer_offsets: {}", e.name());
+                for c in codes.iter_mut().flatten() {
+                    if *c == ErrorCode::None {
+                        *c = e;
+                    }
+                }
+            }
+        }
+    }
+    let topics = req
+        .topics
+        .iter()
+        .zip(codes)
+        .map(|(t, tc)| {
+            TxnOffsetCommitResponseTopic::default().with_name(t.name.clone()).with_partitions(
+                t.partitions
+                    .iter()
+                    .zip(tc)
+                    .map(|(p, code)| {
+                        TxnOffsetCommitResponsePartition::default()
+                            .with_partition_index(p.partition_index)
+                            .with_error_code(code.code())
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    encode(ApiKey::TxnOffsetCommit, version, cid, &TxnOffsetCommitResponse::default().with_topics(topics))
 }

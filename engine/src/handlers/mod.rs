@@ -14,6 +14,7 @@ mod partitions;
 mod produce;
 pub mod producer_id;
 mod replicas;
+mod txn;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -160,5 +161,12 @@ fn route(
         Request::ListPartitionReassignments(req) => {
             ready(replicas::list_partition_reassignments(shard, version, cid, req))
         }
+        Request::AddPartitionsToTxn(req) => Box::pin(txn::add_partitions_to_txn(shard.clone(), version, cid, req)),
+        Request::AddOffsetsToTxn(req) => Box::pin(txn::add_offsets_to_txn(shard.clone(), version, cid, req)),
+        Request::EndTxn(req) => Box::pin(txn::end_txn(shard.clone(), version, cid, req)),
+        Request::WriteTxnMarkers(req) => Box::pin(txn::write_txn_markers(shard.clone(), version, cid, req)),
+        Request::TxnOffsetCommit(req) => Box::pin(groups::txn_offset_commit(shard.clone(), version, cid, req)),
+        Request::DescribeTransactions(req) => ready(txn::describe_transactions(shard, version, cid, req)),
+        Request::ListTransactions(req) => ready(txn::list_transactions(shard, version, cid, req)),
     })
 }

@@ -1,5 +1,6 @@
-//! InitProducerId for idempotent (non-transactional) producers, and the
-//! shard task that snapshots producer state.
+//! InitProducerId for idempotent producers (transactional ones go to the
+//! transaction coordinator, `handlers::txn`), and the shard task that
+//! snapshots producer state.
 //!
 //! Runs on the shard that received the request: ids come from that shard's
 //! own range (`PidAllocator`), so no other core is asked.
@@ -20,13 +21,17 @@ const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(10);
 
 pub async fn init_producer_id(shard: Rc<Shard>, version: i16, cid: i32, req: InitProducerIdRequest) -> Response {
     let resp = InitProducerIdResponse::default().with_producer_id(messages::ProducerId(-1)).with_producer_epoch(-1);
-    if req.transactional_id.as_ref().is_some_and(|t| !t.0.is_empty()) {
-        log::warn!(
-            "InitProducerId for transactional.id {:?}: transactions are not supported yet; answering COORDINATOR_NOT_AVAILABLE",
-            req.transactional_id.as_ref().map(|t| t.0.to_string())
-        );
-        let resp = resp.with_error_code(ErrorCode::CoordinatorNotAvailable.code());
-        return encode(ApiKey::InitProducerId, version, cid, &resp);
+    if let Some(id) = req.transactional_id.as_ref().filter(|t| !t.0.is_empty()) {
+        let expected = (version >= 3 && req.producer_id.0 >= 0).then_some((req.producer_id.0, req.producer_epoch));
+        return super::txn::init_producer_id_transactional(
+            shard,
+            version,
+            cid,
+            id.0.to_string(),
+            req.transaction_timeout_ms,
+            expected,
+        )
+        .await;
     }
     // KIP-360 (v3+): an idempotent producer may ask to bump its epoch.
     if req.producer_id.0 >= 0 && req.producer_epoch >= 0 && req.producer_epoch < i16::MAX - 1 {

@@ -215,7 +215,7 @@ fn describe_topic(
         .with_error_code(ErrorCode::None.code())
         .with_name(Some(TopicName(str_bytes(&t.name))))
         .with_topic_id(t.uuid())
-        .with_is_internal(t.name == crate::groups::OFFSETS_TOPIC)
+        .with_is_internal(crate::metadata::is_internal_topic(&t.name))
         .with_partitions(partitions)
 }
 
@@ -223,7 +223,7 @@ fn topic_error(name: &str, code: ErrorCode) -> DescribeTopicPartitionsResponseTo
     DescribeTopicPartitionsResponseTopic::default()
         .with_error_code(code.code())
         .with_name(Some(TopicName(str_bytes(name))))
-        .with_is_internal(name == crate::groups::OFFSETS_TOPIC)
+        .with_is_internal(crate::metadata::is_internal_topic(&name))
 }
 
 /// Kafka's paging: topics in name order from the cursor's topic (its

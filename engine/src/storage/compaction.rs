@@ -61,9 +61,15 @@
 //! a record goes, rewritten with the same codec and attributes and only the
 //! records section recompressed; should recompression fail, the batch is
 //! written uncompressed with the codec bits cleared. Kept as they are, and
-//! left out of the key map: control batches, transactional batches (simplest
-//! correct rule for open and aborted transactions) and batches with an
-//! unknown codec. Records without a key are kept.
+//! left out of the key map: control batches, transactional batches and
+//! batches with an unknown codec. For transactions this is the simplest
+//! correct rule: a record of an aborted transaction never becomes a key's
+//! "latest value" (so never removes an older committed one), and a
+//! committed transactional record only keeps older values of its key
+//! around, which read_committed and read_uncommitted consumers both read
+//! past in order. Markers stay, so producer state and the aborted list
+//! rebuild the same after a clean. Nothing at or above the last stable
+//! offset is cleaned. Records without a key are kept.
 //!
 //! Tombstones (null value) are kept until `delete.retention.ms` after their
 //! segment was first cleaned, then dropped — but never while the part of the
@@ -1024,7 +1030,9 @@ struct LogView {
     limits: GroupLimits,
     inactive: Vec<SegmentInfo>,
     active: SegmentInfo,
-    high_watermark: Offset,
+    /// Where cleaning stops: the last stable offset (the high watermark
+    /// without open transactions).
+    last_stable_offset: Offset,
     truncations: u64,
 }
 
@@ -1038,16 +1046,19 @@ impl LogView {
             limits: GroupLimits::for_segment_bytes(l.settings.segment.segment_bytes),
             inactive: l.inactive_segments(),
             active: l.active_segment_info(),
-            high_watermark: l.high_watermark,
+            last_stable_offset: l.last_stable_offset(),
             truncations: l.truncations,
         }
     }
 
     /// The segments this pass may rewrite: cleanable and, as in Kafka, below
-    /// the high watermark (a replicated log's tail may still be truncated).
+    /// the last stable offset (a replicated log's tail may still be
+    /// truncated, and an open transaction's outcome is unknown). Segments
+    /// from there on keep their batch positions, which producer state holds
+    /// for the first batch of each unstable transaction.
     fn cleanable(&self, p: &CleanParams) -> Vec<SegmentInfo> {
         let mut segments = cleanable(&self.inactive, &self.active, p.now_ms, p.min_compaction_lag_ms);
-        segments.retain(|s| s.next_offset <= self.high_watermark);
+        segments.retain(|s| s.next_offset <= self.last_stable_offset);
         segments
     }
 

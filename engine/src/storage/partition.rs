@@ -17,6 +17,13 @@
 //! high watermark; follower replicas are served up to the durable end
 //! (`ReadLimit`).
 //!
+//! Transactions: the last stable offset (`last_stable_offset`) is the high
+//! watermark, or lower: the first offset of the oldest transaction that is
+//! ongoing or whose marker is not yet under the high watermark (producer
+//! state knows them, and where each one's first batch is). read_committed
+//! consumers read below it (`ReadLimit::LastStable`). Markers are appended
+//! by `append_txn_marker`.
+//!
 //! Replication primitives: `append_replicated` (a follower appends the
 //! leader's batches as they are), `truncate_to` (a follower drops its
 //! diverged tail), and the leader epoch cache (`epochs`).
@@ -42,9 +49,10 @@ use glommio::io::DmaBuffer;
 use tidelog_protocol::batch::{
     self, BatchHeader, BatchInfo, Compression, BATCH_HEADER_BYTES, BATCH_LOG_OVERHEAD_BYTES,
 };
-use tidelog_protocol::{Epoch, Offset, PartitionId};
+use tidelog_protocol::{Epoch, ErrorCode, Offset, PartitionId, ProducerId};
 
 use super::epochs::LeaderEpochCache;
+use super::producer_state::BatchPosition;
 use super::segment::{PendingBatch, Segment, SegmentSettings};
 
 /// Per-log settings resolved from broker defaults and topic overrides.
@@ -127,6 +135,8 @@ pub enum ReadLimit {
     HighWatermark,
     /// Below the durable end: what a follower replica is served.
     DurableEnd,
+    /// Below the last stable offset: what read_committed consumers see.
+    LastStable,
 }
 
 /// Why `append_replicated` refused a record set (nothing was appended).
@@ -359,6 +369,7 @@ impl PartitionLog {
         if target > self.high_watermark {
             self.high_watermark = target;
         }
+        self.producers.on_high_watermark(self.high_watermark);
         while self.above_hw.front().is_some_and(|b| b.next_offset <= self.high_watermark) {
             self.above_hw.pop_front();
             self.above_hw_coarse = false;
@@ -406,20 +417,72 @@ impl PartitionLog {
         match limit {
             ReadLimit::HighWatermark => self.high_watermark,
             ReadLimit::DurableEnd => self.durable_end,
+            ReadLimit::LastStable => self.last_stable_offset(),
         }
+    }
+
+    /// The last stable offset (KIP-98): read_committed consumers read below
+    /// it. The high watermark, or the first offset of the oldest transaction
+    /// that is ongoing or whose marker is not under the high watermark yet
+    /// (never below the log start offset), as Kafka's
+    /// `fetchLastStableOffsetMetadata`. It only moves when the high
+    /// watermark does (a marker's append does not move it), so the
+    /// high-watermark wake-ups of long polls cover it.
+    pub fn last_stable_offset(&self) -> Offset {
+        self.first_unstable_below_hw().map_or(self.high_watermark, |(offset, _)| offset)
+    }
+
+    /// The first unstable offset when it is below the high watermark (and
+    /// at least the log start offset), with the position of its batch.
+    fn first_unstable_below_hw(&self) -> Option<(Offset, Option<BatchPosition>)> {
+        let hw = self.high_watermark;
+        self.producers.first_unstable(hw).filter(|(offset, _)| *offset < hw).map(|(offset, position)| {
+            match offset < self.log_start_offset {
+                true => (self.log_start_offset, None),
+                false => (offset, position),
+            }
+        })
+    }
+
+    /// Transactions ongoing on this partition (for the shard's gauge).
+    pub fn ongoing_txns(&self) -> usize {
+        self.producers.ongoing_txns()
+    }
+
+    /// Aborted transactions a read_committed fetch of `[from, upper)` must
+    /// report, as (producer id, first offset), oldest marker first.
+    pub fn aborted_txns(&self, from: Offset, upper: Offset) -> Vec<(ProducerId, Offset)> {
+        self.producers.aborted_overlapping(from, upper).into_iter().map(|t| (t.pid, t.first_offset)).collect()
     }
 
     /// Bytes of segment `i` that reads with `limit` may return: its durable
     /// size, or for consumers, up to the first durable batch not wholly
-    /// under the high watermark.
+    /// under the high watermark (read_committed: nor under the last stable offset).
     fn readable_bytes(&self, i: usize, limit: ReadLimit) -> u64 {
         let seg = &self.segments[i];
-        match (limit, self.above_hw.front()) {
-            (ReadLimit::DurableEnd, _) | (ReadLimit::HighWatermark, None) => seg.durable_bytes,
-            (ReadLimit::HighWatermark, Some(b)) if seg.base_offset < b.segment_base => seg.durable_bytes,
-            (ReadLimit::HighWatermark, Some(b)) if seg.base_offset == b.segment_base => b.position,
-            (ReadLimit::HighWatermark, Some(_)) => 0,
+        let hw_bytes = match (limit, self.above_hw.front()) {
+            (ReadLimit::DurableEnd, _) | (_, None) => seg.durable_bytes,
+            (_, Some(b)) if seg.base_offset < b.segment_base => seg.durable_bytes,
+            (_, Some(b)) if seg.base_offset == b.segment_base => b.position,
+            (_, Some(_)) => 0,
+        };
+        if limit != ReadLimit::LastStable {
+            return hw_bytes;
         }
+        let Some((offset, position)) = self.first_unstable_below_hw() else { return hw_bytes };
+        // Without its exact position (only until `rebuild` has located it):
+        // the index entry at or before the batch, which stops reads early.
+        let at = position.unwrap_or_else(|| {
+            let j = self.segments.partition_point(|s| s.base_offset <= offset).saturating_sub(1);
+            let s = &self.segments[j];
+            BatchPosition { segment_base: s.base_offset, position: s.index.position_for(s.base_offset, offset) }
+        });
+        let lso_bytes = match seg.base_offset.cmp(&at.segment_base) {
+            std::cmp::Ordering::Less => seg.durable_bytes,
+            std::cmp::Ordering::Equal => at.position.min(seg.durable_bytes),
+            std::cmp::Ordering::Greater => 0,
+        };
+        hw_bytes.min(lso_bytes)
     }
 
     /// OffsetForLeaderEpoch on this log: the largest epoch <= `epoch` and
@@ -471,11 +534,59 @@ impl PartitionLog {
             let mut batch = records.split_to(info.size_bytes.min(records.len()));
             let base = self.log_end_offset();
             batch::assign_offset(&mut batch, base, leader_epoch);
+            self.note_txn_start(&batch, base);
             let settings = self.settings.segment;
             let charge = self.unflushed.as_ref().map(|u| u.charge(batch.len()));
             self.active_mut().append(batch.freeze(), info, &settings, charge);
         }
         (first, Offset(self.log_end_offset().0 - 1))
+    }
+
+    /// A transactional data batch about to be appended at `base` (in the
+    /// active segment, at its end) starts its producer's transaction here
+    /// unless one is ongoing. One header read and a bit test for the others.
+    fn note_txn_start(&mut self, batch: &[u8], base: Offset) {
+        let Ok(h) = BatchHeader::parse(batch) else { return };
+        if !h.is_transactional() || h.is_control() || h.producer_id().0 < 0 {
+            return;
+        }
+        let at = BatchPosition { segment_base: self.active().base_offset, position: self.active().end_bytes };
+        self.producers.begin_txn_batch(h.producer_id(), h.producer_epoch(), base, h.max_timestamp_ms(), Some(at));
+    }
+
+    /// Appends a COMMIT (`commit`) or ABORT marker for `pid` at `epoch`,
+    /// written by a transaction coordinator at `coordinator_epoch`, through
+    /// the same path as `append` (so it is flushed and replicated like any
+    /// batch), and ends the producer's transaction here. Kafka refuses a
+    /// marker whose producer epoch is older than the producer's here with
+    /// INVALID_PRODUCER_EPOCH, and one from an older coordinator epoch with
+    /// TRANSACTION_COORDINATOR_FENCED; nothing is written then. A marker for a
+    /// producer with no ongoing transaction here is written all the same.
+    /// Returns the marker's offset. The caller marks the log dirty
+    /// (`Shard::mark_dirty`), as after `append`, and waits for the high
+    /// watermark to pass the offset; the last stable offset moves then.
+    pub fn append_txn_marker(
+        &mut self,
+        pid: ProducerId,
+        epoch: i16,
+        commit: bool,
+        coordinator_epoch: i32,
+        leader_epoch: Epoch,
+    ) -> Result<Offset, ErrorCode> {
+        if pid.0 < 0 || epoch < 0 {
+            return Err(ErrorCode::InvalidRequest);
+        }
+        self.producers.check_marker(pid, epoch, coordinator_epoch)?;
+        let control = if commit { batch::ControlType::Commit } else { batch::ControlType::Abort };
+        let now = now_ms();
+        let marker = batch::build_control_batch(control, pid.0, epoch, coordinator_epoch, now);
+        let info = batch::validate(&marker, usize::MAX).map_err(|e| {
+            log::error!("{}-{}: built transaction marker is invalid: {e}", self.topic, self.partition.0);
+            ErrorCode::UnknownServerError
+        })?;
+        let (offset, _) = self.append(BytesMut::from(&marker[..]), &[info], leader_epoch);
+        self.producers.end_txn(pid, epoch, coordinator_epoch, control, offset, now);
+        Ok(offset)
     }
 
     /// A follower's append: batches fetched from the leader, stored as they
@@ -534,7 +645,8 @@ impl PartitionLog {
                 if self.epochs.is_newer(epoch) {
                     self.epochs.assign(epoch, h.base_offset());
                 }
-                self.producers.replay(&h);
+                let at = BatchPosition { segment_base: self.active().base_offset, position: self.active().end_bytes };
+                self.producers.replay_at(&h, Some(at));
             }
             let settings = self.settings.segment;
             let charge = self.unflushed.as_ref().map(|u| u.charge(bytes.len()));
@@ -939,6 +1051,51 @@ pub async fn for_each_durable_batch(
         }
         offset = next;
     }
+}
+
+/// Where the batch holding `offset` starts (pending or durable); `None`
+/// when the log does not hold it. Reads batch headers from the index
+/// position on for a durable one.
+pub async fn locate_batch(log: &SharedLog, offset: Offset) -> io::Result<Option<BatchPosition>> {
+    let (dma, segment_base, pos, limit) = {
+        let l = log.borrow();
+        if offset < l.log_start_offset || offset >= l.log_end_offset() {
+            return Ok(None);
+        }
+        let i = l.segments.partition_point(|s| s.base_offset <= offset).saturating_sub(1);
+        let seg = &l.segments[i];
+        if offset >= seg.durable_next_offset {
+            let mut position = seg.durable_bytes;
+            for p in &seg.pending {
+                if p.last_offset >= offset {
+                    return Ok(Some(BatchPosition { segment_base: seg.base_offset, position }));
+                }
+                position += p.bytes.len() as u64;
+            }
+            return Ok(None);
+        }
+        let Some(dma) = seg.file.clone() else { return Ok(None) };
+        (dma, seg.base_offset, seg.index.position_for(seg.base_offset, offset), seg.durable_bytes)
+    };
+    let (found, _) = find_batch(&dma, pos, limit, offset).await?;
+    Ok(found.map(|f| BatchPosition { segment_base, position: f.position }))
+}
+
+/// Finds where the first batch of every unstable transaction whose
+/// position producer state does not know is (after `producer_state::rebuild`,
+/// which replays headers without positions), so read_committed reads stop
+/// exactly at the last stable offset.
+pub async fn locate_txn_starts(log: &SharedLog) -> io::Result<()> {
+    let offsets = log.borrow().producers.unpositioned_txns();
+    for offset in offsets {
+        let truncations = log.borrow().truncations;
+        let found = locate_batch(log, offset).await?;
+        let mut l = log.borrow_mut();
+        if let Some(at) = found.filter(|_| l.truncations == truncations) {
+            l.producers.set_txn_position(offset, at);
+        }
+    }
+    Ok(())
 }
 
 fn with_segment(log: &SharedLog, base: Offset, f: impl FnOnce(&mut Segment)) {
@@ -1558,6 +1715,7 @@ impl PartitionLog {
         if to > self.log_start_offset {
             self.log_start_offset = to;
             self.epochs.truncate_from_start(to);
+            self.producers.on_log_start(to);
             while self.cache.front().is_some_and(|b| b.last_offset < to) {
                 if let Some(old) = self.cache.pop_front() {
                     self.cache_bytes -= old.bytes.len();

@@ -4,6 +4,19 @@
 //! written twice, and a gap or an old epoch is refused as Kafka refuses it.
 //! Also the per-shard producer id allocator.
 //!
+//! Transactions (KIP-98, Kafka's `ProducerStateManager`): a producer's
+//! first transactional batch on this partition starts its ongoing
+//! transaction (`txn_first_offset`); a marker (control batch, COMMIT or
+//! ABORT, written by the coordinator through `PartitionLog::append_txn_marker`)
+//! ends it. An ended transaction stays *unstable* until its marker is under
+//! the high watermark; the first unstable offset bounds the last stable
+//! offset (LSO) that read_committed consumers read up to. An ABORT adds
+//! {producer, first offset, marker offset} to the aborted list, which
+//! read_committed fetches return for the range they read. A marker with a
+//! newer producer epoch bumps the producer's epoch here, fencing a zombie.
+//! `replay` applies markers exactly as the live append does, so followers
+//! and restarted brokers reach the same state.
+//!
 //! Shard-local: a `ProducerStateTable` is a field of its `PartitionLog` (on
 //! the owning shard); a `PidAllocator` belongs to one shard.
 //!
@@ -15,10 +28,14 @@
 //! usable snapshot the whole log is scanned.
 //!
 //! ```text
-//! snapshot = "TLPS" | u16 version (1) | i64 covered_to | u32 count | entries | u32 crc32c (of all before)
+//! snapshot = "TLPS" | u16 version (2) | i64 covered_to | u32 count | entries
+//!            | u32 aborted count | aborted | u32 crc32c (of all before)
 //! entry    = i64 pid | i16 epoch | i32 last seq | i64 last timestamp | u8 n | n x (i32 first seq
 //!            | i32 last seq | i64 base offset | i64 last offset)
+//!            | i32 coordinator epoch | i64 ongoing txn first offset (-1: none)     (v2 only)
+//! aborted  = i64 pid | i64 first offset | i64 last offset (the marker) | i64 LSO when it ended
 //! ```
+//! Version 1 (no transaction fields, no aborted list) is still read.
 //!
 //! Producer ids: `shard << 40 | counter`, so shards never collide without
 //! talking; the counter is reserved in blocks of 1000 in
@@ -26,12 +43,12 @@
 //! used), so ids are unique across restarts and crashes.
 
 use std::cell::Cell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
 
 use bytes::{Buf, BufMut, BytesMut};
-use tidelog_protocol::batch::{BatchHeader, BatchInfo};
+use tidelog_protocol::batch::{self, BatchHeader, BatchInfo, ControlType};
 use tidelog_protocol::{ErrorCode, Offset, ProducerId, ShardId};
 
 use super::partition::{self, SharedLog};
@@ -41,7 +58,8 @@ use super::partition::{self, SharedLog};
 pub const BATCHES_KEPT: usize = 5;
 pub const SNAPSHOT_FILE: &str = "producer-state.snapshot";
 const SNAPSHOT_MAGIC: &[u8; 4] = b"TLPS";
-const SNAPSHOT_VERSION: u16 = 1;
+const SNAPSHOT_VERSION: u16 = 2;
+const SNAPSHOT_VERSION_V1: u16 = 1;
 /// Producers remembered per partition at most; the least recently active
 /// are dropped beyond it.
 pub const PRODUCERS_MAX: usize = 100_000;
@@ -60,6 +78,65 @@ pub struct ProducerEntry {
     pub last_seq: i32,
     pub last_timestamp_ms: i64,
     pub batches: VecDeque<BatchMeta>,
+    /// The coordinator epoch of the last marker for this producer (-1: none);
+    /// a marker from an older coordinator is refused.
+    pub coordinator_epoch: i32,
+    /// First offset of the producer's ongoing transaction on this partition.
+    pub txn_first_offset: Option<Offset>,
+}
+
+impl ProducerEntry {
+    fn new(epoch: i16, timestamp_ms: i64) -> ProducerEntry {
+        ProducerEntry {
+            epoch,
+            last_seq: -1,
+            last_timestamp_ms: timestamp_ms,
+            batches: VecDeque::new(),
+            coordinator_epoch: -1,
+            txn_first_offset: None,
+        }
+    }
+}
+
+/// Where a batch starts: its segment (by base offset) and byte position in
+/// that segment's file. Known for the first batch of every unstable
+/// transaction, so that a read_committed read can stop in the middle of
+/// durable data without reading headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchPosition {
+    pub segment_base: Offset,
+    pub position: u64,
+}
+
+/// A transaction whose marker is written: unstable until the marker is
+/// under the high watermark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompletedTxn {
+    pub pid: ProducerId,
+    pub first_offset: Offset,
+    /// The marker's offset.
+    pub last_offset: Offset,
+    pub position: Option<BatchPosition>,
+}
+
+/// An aborted transaction, as read_committed fetches report it (Kafka's
+/// `AbortedTxn` of the transaction index).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AbortedTxn {
+    pub pid: ProducerId,
+    pub first_offset: Offset,
+    /// The ABORT marker's offset.
+    pub last_offset: Offset,
+    /// The LSO right after this transaction ended: every transaction that
+    /// ends later starts at or after it (ends the overlap search early).
+    pub last_stable_offset: Offset,
+}
+
+/// An ongoing transaction, keyed by its first offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct OngoingTxn {
+    pid: ProducerId,
+    position: Option<BatchPosition>,
 }
 
 /// What to do with an incoming batch.
@@ -87,6 +164,13 @@ pub fn seq_add(seq: i32, delta: i32) -> i32 {
 #[derive(Debug, Default)]
 pub struct ProducerStateTable {
     producers: HashMap<ProducerId, ProducerEntry>,
+    /// Ongoing transactions by first offset.
+    ongoing: BTreeMap<Offset, OngoingTxn>,
+    /// Ended transactions whose marker may not be under the high watermark
+    /// yet, in marker order (pruned by `on_high_watermark`).
+    unstable: VecDeque<CompletedTxn>,
+    /// Aborted transactions in marker order, down to the log start offset.
+    aborted: VecDeque<AbortedTxn>,
     /// Changed since the last snapshot.
     pub dirty: bool,
 }
@@ -104,12 +188,31 @@ impl ProducerStateTable {
         self.producers.get(&pid)
     }
 
-    /// Kafka's checks for a batch of `count` records from `pid`/`epoch`
-    /// starting at sequence `first_seq`.
+    /// Kafka's checks for a non-transactional batch of `count` records
+    /// from `pid`/`epoch` starting at sequence `first_seq`.
     pub fn check(&self, pid: ProducerId, epoch: i16, first_seq: i32, count: i32) -> Check {
+        self.check_batch(pid, epoch, first_seq, count, false)
+    }
+
+    /// `check` for a batch that is `transactional` or not: a producer with an
+    /// ongoing transaction here may only write transactional batches
+    /// (INVALID_TXN_STATE otherwise, as Kafka's `ProducerAppendInfo`).
+    pub fn check_batch(&self, pid: ProducerId, epoch: i16, first_seq: i32, count: i32, transactional: bool) -> Check {
         if pid.0 < 0 {
             return Check::Append;
         }
+        let check = self.check_sequence(pid, epoch, first_seq, count);
+        if check == Check::Append && !transactional {
+            if let Some(e) = self.producers.get(&pid) {
+                if e.txn_first_offset.is_some() {
+                    return Check::Reject(ErrorCode::InvalidTxnState);
+                }
+            }
+        }
+        check
+    }
+
+    fn check_sequence(&self, pid: ProducerId, epoch: i16, first_seq: i32, count: i32) -> Check {
         let last_seq = seq_add(first_seq, count.max(1) - 1);
         let Some(e) = self.producers.get(&pid) else {
             // Unknown producer: it must start at 0 (KIP-360: else UNKNOWN_PRODUCER_ID,
@@ -137,15 +240,7 @@ impl ProducerStateTable {
         if pid.0 < 0 {
             return;
         }
-        if !self.producers.contains_key(&pid) && self.producers.len() >= PRODUCERS_MAX {
-            self.evict_oldest();
-        }
-        let e = self.producers.entry(pid).or_insert(ProducerEntry {
-            epoch,
-            last_seq: -1,
-            last_timestamp_ms: timestamp_ms,
-            batches: VecDeque::new(),
-        });
+        let e = self.entry_mut(pid, epoch, timestamp_ms);
         if epoch != e.epoch {
             e.epoch = epoch;
             e.batches.clear();
@@ -159,11 +254,200 @@ impl ProducerStateTable {
         self.dirty = true;
     }
 
-    /// Replays one batch header from the log.
-    pub fn replay(&mut self, h: &BatchHeader<'_>) {
-        let pid = h.producer_id();
-        if pid.0 < 0 || h.is_control() {
+    /// The entry of `pid`, created (at `epoch`) if it has none; the least
+    /// recently active producer without an ongoing transaction makes room
+    /// beyond `PRODUCERS_MAX`.
+    fn entry_mut(&mut self, pid: ProducerId, epoch: i16, timestamp_ms: i64) -> &mut ProducerEntry {
+        if !self.producers.contains_key(&pid) && self.producers.len() >= PRODUCERS_MAX {
+            self.evict_oldest();
+        }
+        self.producers.entry(pid).or_insert_with(|| ProducerEntry::new(epoch, timestamp_ms))
+    }
+
+    /// A transactional (non-control) batch of `pid` at `first_offset` was
+    /// appended (at `position`, when known): it starts the producer's
+    /// transaction here unless one is ongoing. Sequence state is `record`'s.
+    pub fn begin_txn_batch(
+        &mut self,
+        pid: ProducerId,
+        epoch: i16,
+        first_offset: Offset,
+        timestamp_ms: i64,
+        position: Option<BatchPosition>,
+    ) {
+        if pid.0 < 0 {
             return;
+        }
+        let e = self.entry_mut(pid, epoch, timestamp_ms);
+        if e.txn_first_offset.is_none() {
+            e.txn_first_offset = Some(first_offset);
+            self.ongoing.insert(first_offset, OngoingTxn { pid, position });
+            self.dirty = true;
+        }
+    }
+
+    /// Whether a marker from `pid`/`epoch` written by a coordinator at
+    /// `coordinator_epoch` may be appended: Kafka refuses an older producer
+    /// epoch (INVALID_PRODUCER_EPOCH) and an older coordinator epoch
+    /// (TRANSACTION_COORDINATOR_FENCED).
+    pub fn check_marker(&self, pid: ProducerId, epoch: i16, coordinator_epoch: i32) -> Result<(), ErrorCode> {
+        let Some(e) = self.producers.get(&pid) else { return Ok(()) };
+        if epoch < e.epoch {
+            return Err(ErrorCode::InvalidProducerEpoch);
+        }
+        if coordinator_epoch < e.coordinator_epoch {
+            return Err(ErrorCode::TransactionCoordinatorFenced);
+        }
+        Ok(())
+    }
+
+    /// A marker of `pid` at `marker_offset` was appended: ends the
+    /// producer's ongoing transaction (if any; a marker for a producer with
+    /// none here is written all the same and changes only its epochs), and
+    /// for an ABORT enters it in the aborted list. A newer producer epoch
+    /// replaces the producer's (its remembered batches go, as Kafka's).
+    /// Returns the transaction it ended.
+    pub fn end_txn(
+        &mut self,
+        pid: ProducerId,
+        epoch: i16,
+        coordinator_epoch: i32,
+        control: ControlType,
+        marker_offset: Offset,
+        timestamp_ms: i64,
+    ) -> Option<CompletedTxn> {
+        if pid.0 < 0 {
+            return None;
+        }
+        self.dirty = true;
+        let e = self.entry_mut(pid, epoch, timestamp_ms);
+        if epoch > e.epoch {
+            e.epoch = epoch;
+            e.last_seq = -1;
+            e.batches.clear();
+        }
+        e.coordinator_epoch = coordinator_epoch;
+        e.last_timestamp_ms = e.last_timestamp_ms.max(timestamp_ms);
+        let first_offset = e.txn_first_offset.take()?;
+        let position = self.ongoing.remove(&first_offset).and_then(|t| t.position);
+        let done = CompletedTxn { pid, first_offset, last_offset: marker_offset, position };
+        self.unstable.push_back(done);
+        if control == ControlType::Abort {
+            let lso = self.ongoing.keys().next().copied().unwrap_or(marker_offset.next()).min(marker_offset.next());
+            self.aborted.push_back(AbortedTxn {
+                pid,
+                first_offset,
+                last_offset: marker_offset,
+                last_stable_offset: lso,
+            });
+        }
+        Some(done)
+    }
+
+    /// The high watermark moved to `hw`: transactions whose marker is now
+    /// under it are stable.
+    pub fn on_high_watermark(&mut self, hw: Offset) {
+        while self.unstable.front().is_some_and(|t| t.last_offset < hw) {
+            self.unstable.pop_front();
+        }
+    }
+
+    /// The log start offset moved to `start`: aborted transactions whose
+    /// marker is below it are forgotten (retention, DeleteRecords).
+    pub fn on_log_start(&mut self, start: Offset) {
+        while self.aborted.front().is_some_and(|t| t.last_offset < start) {
+            self.aborted.pop_front();
+            self.dirty = true;
+        }
+        while self.unstable.front().is_some_and(|t| t.last_offset < start) {
+            self.unstable.pop_front();
+        }
+    }
+
+    /// The first offset not yet stable with the high watermark at `hw`:
+    /// the first offset of the oldest ongoing transaction, or of the oldest
+    /// ended one whose marker is not under `hw`; with where its batch is.
+    pub fn first_unstable(&self, hw: Offset) -> Option<(Offset, Option<BatchPosition>)> {
+        let ongoing = self.ongoing.iter().next().map(|(o, t)| (*o, t.position));
+        let ended = self
+            .unstable
+            .iter()
+            .filter(|t| t.last_offset >= hw)
+            .map(|t| (t.first_offset, t.position))
+            .min_by_key(|t| t.0);
+        match (ongoing, ended) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Transactions ongoing on this partition.
+    pub fn ongoing_txns(&self) -> usize {
+        self.ongoing.len()
+    }
+
+    /// Aborted transactions a read of `[from, upper)` must report, as Kafka's
+    /// `collectAbortedTxns`: every one whose marker is at or after `from` and
+    /// that starts before `upper`, oldest marker first.
+    pub fn aborted_overlapping(&self, from: Offset, upper: Offset) -> Vec<AbortedTxn> {
+        let start = self.aborted.partition_point(|t| t.last_offset < from);
+        let mut out = Vec::new();
+        for t in self.aborted.iter().skip(start) {
+            if t.first_offset < upper {
+                out.push(*t);
+            }
+            if t.last_stable_offset >= upper {
+                break;
+            }
+        }
+        out
+    }
+
+    /// The aborted list, oldest marker first.
+    pub fn aborted(&self) -> impl Iterator<Item = &AbortedTxn> {
+        self.aborted.iter()
+    }
+
+    /// First offsets of the unstable transactions (ongoing, and ended with
+    /// the marker not yet under the high watermark) whose position is unknown.
+    pub fn unpositioned_txns(&self) -> Vec<Offset> {
+        let ongoing = self.ongoing.iter().filter(|(_, t)| t.position.is_none()).map(|(o, _)| *o);
+        ongoing.chain(self.unstable.iter().filter(|t| t.position.is_none()).map(|t| t.first_offset)).collect()
+    }
+
+    /// Records where the first batch of the transaction starting at `first_offset` is.
+    pub fn set_txn_position(&mut self, first_offset: Offset, position: BatchPosition) {
+        if let Some(t) = self.ongoing.get_mut(&first_offset) {
+            t.position = Some(position);
+        }
+        for t in self.unstable.iter_mut().filter(|t| t.first_offset == first_offset) {
+            t.position = Some(position);
+        }
+    }
+
+    /// Replays one batch header from the log (its position unknown).
+    pub fn replay(&mut self, h: &BatchHeader<'_>) {
+        self.replay_at(h, None)
+    }
+
+    /// Replays one batch from the log, as its append did: sequence state,
+    /// the start of a transaction (at `position` when known), and markers.
+    /// `h` must view the whole batch for a marker to be read.
+    pub fn replay_at(&mut self, h: &BatchHeader<'_>, position: Option<BatchPosition>) {
+        let pid = h.producer_id();
+        if pid.0 < 0 {
+            return;
+        }
+        if h.is_control() {
+            // An unreadable control batch (not a marker, or emptied) changes nothing, as in Kafka.
+            if let Some((control, coordinator_epoch)) = batch::control_record_type(h.as_bytes()) {
+                let epoch = h.producer_epoch();
+                self.end_txn(pid, epoch, coordinator_epoch, control, h.base_offset(), h.max_timestamp_ms());
+            }
+            return;
+        }
+        if h.is_transactional() {
+            self.begin_txn_batch(pid, h.producer_epoch(), h.base_offset(), h.max_timestamp_ms(), position);
         }
         let count = h.last_offset_delta() + 1;
         let meta = BatchMeta {
@@ -178,14 +462,16 @@ impl ProducerStateTable {
     /// Drops producers idle for longer than `expiration_ms` (producer.id.expiration.ms).
     pub fn expire(&mut self, now_ms: i64, expiration_ms: i64) {
         let before = self.producers.len();
-        self.producers.retain(|_, e| now_ms - e.last_timestamp_ms < expiration_ms);
+        // Kafka never expires a producer with an ongoing transaction.
+        self.producers.retain(|_, e| e.txn_first_offset.is_some() || now_ms - e.last_timestamp_ms < expiration_ms);
         if self.producers.len() != before {
             self.dirty = true;
         }
     }
 
     fn evict_oldest(&mut self) {
-        if let Some(pid) = self.producers.iter().min_by_key(|(_, e)| e.last_timestamp_ms).map(|(p, _)| *p) {
+        let idle = self.producers.iter().filter(|(_, e)| e.txn_first_offset.is_none());
+        if let Some(pid) = idle.min_by_key(|(_, e)| e.last_timestamp_ms).map(|(p, _)| *p) {
             self.producers.remove(&pid);
         }
     }
@@ -211,6 +497,15 @@ impl ProducerStateTable {
                 b.put_i64(m.base_offset.0);
                 b.put_i64(m.last_offset.0);
             }
+            b.put_i32(e.coordinator_epoch);
+            b.put_i64(e.txn_first_offset.map_or(-1, |o| o.0));
+        }
+        b.put_u32(self.aborted.len() as u32);
+        for t in &self.aborted {
+            b.put_i64(t.pid.0);
+            b.put_i64(t.first_offset.0);
+            b.put_i64(t.last_offset.0);
+            b.put_i64(t.last_stable_offset.0);
         }
         let crc = crc32c::crc32c(&b);
         b.put_u32(crc);
@@ -231,9 +526,11 @@ impl ProducerStateTable {
             return None;
         }
         b.advance(4);
-        if b.get_u16() != SNAPSHOT_VERSION {
+        let version = b.get_u16();
+        if version != SNAPSHOT_VERSION && version != SNAPSHOT_VERSION_V1 {
             return None;
         }
+        let v2 = version == SNAPSHOT_VERSION;
         let covered_to = Offset(b.get_i64());
         let count = b.get_u32() as usize;
         let mut table = ProducerStateTable::default();
@@ -257,7 +554,39 @@ impl ProducerStateTable {
                     last_offset: Offset(b.get_i64()),
                 })
                 .collect();
-            table.producers.insert(pid, ProducerEntry { epoch, last_seq, last_timestamp_ms, batches });
+            let mut entry =
+                ProducerEntry { epoch, last_seq, last_timestamp_ms, batches, ..ProducerEntry::new(epoch, 0) };
+            if v2 {
+                if b.remaining() < 4 + 8 {
+                    return None;
+                }
+                entry.coordinator_epoch = b.get_i32();
+                let first = b.get_i64();
+                if first >= 0 {
+                    entry.txn_first_offset = Some(Offset(first));
+                    if table.ongoing.insert(Offset(first), OngoingTxn { pid, position: None }).is_some() {
+                        return None;
+                    }
+                }
+            }
+            table.producers.insert(pid, entry);
+        }
+        if v2 {
+            if b.remaining() < 4 {
+                return None;
+            }
+            let n = b.get_u32() as usize;
+            if b.remaining() != n.checked_mul(32)? {
+                return None;
+            }
+            for _ in 0..n {
+                table.aborted.push_back(AbortedTxn {
+                    pid: ProducerId(b.get_i64()),
+                    first_offset: Offset(b.get_i64()),
+                    last_offset: Offset(b.get_i64()),
+                    last_stable_offset: Offset(b.get_i64()),
+                });
+            }
         }
         (b.remaining() == 0).then_some((table, covered_to))
     }
@@ -340,7 +669,8 @@ pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
         );
     }
     l.producers = table;
-    Ok(())
+    drop(l);
+    partition::locate_txn_starts(log).await
 }
 
 /// Writes the snapshot of a log whose appends are all durable (skipped

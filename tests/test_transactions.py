@@ -569,8 +569,8 @@ def test_consume_transform_produce_exactly_once_across_kill9(broker, tmp_path):
                     pipe = start()
                 assert time.monotonic() < deadline, "pipeline stuck below %d: %r\n%s" % (
                     target,
-                    pipe.events()[-3:],
-                    pipe.stderr(),
+                    [e for q in pipes for e in q.events()][-5:],
+                    "\n".join(q.stderr() for q in pipes),
                 )
                 time.sleep(0.05)
             time.sleep(rnd.uniform(0, 0.3))
@@ -587,7 +587,10 @@ def test_consume_transform_produce_exactly_once_across_kill9(broker, tmp_path):
                 break
             if rc is not None:
                 pipe = start()
-            assert time.monotonic() < deadline, "pipeline did not finish: %r\n%s" % (pipe.events()[-3:], pipe.stderr())
+            assert time.monotonic() < deadline, "pipeline did not finish: %r\n%s" % (
+                [e for q in pipes for e in q.events()][-5:],
+                "\n".join(q.stderr() for q in pipes),
+            )
             time.sleep(0.1)
     finally:
         for p in pipes:

@@ -421,7 +421,9 @@ pub fn build_batch(records: &[RecordRef<'_>], base_timestamp_ms: i64, producer: 
     build_batch_with_attributes(records, base_timestamp_ms, producer, 0)
 }
 
-fn build_batch_with_attributes(
+/// `build_batch` with `attributes` (compression bits aside: the records are
+/// never compressed), e.g. `ATTR_TRANSACTIONAL` for a transactional batch.
+pub fn build_batch_with_attributes(
     records: &[RecordRef<'_>],
     base_timestamp_ms: i64,
     producer: ProducerFields,

@@ -1,5 +1,12 @@
 //! Produce: validate each partition's record set, append it on this shard,
 //! answer per partition; acks=-1 waits for the high watermark.
+//!
+//! Transactions (KIP-98): a transactional batch must come from an idempotent
+//! producer in a request that carries its transactional id; clients never
+//! write control batches (markers come from the coordinator through
+//! `PartitionLog::append_txn_marker`). The log notes where each
+//! transaction starts as it appends; a producer with a transaction open on
+//! the partition may only write transactional batches there.
 
 use std::ops::Range;
 use std::rc::Rc;
@@ -57,6 +64,7 @@ struct TopicInput {
 /// The request without its record bytes: each record set as a range of the
 /// frame, so that the decoded request can be dropped and the frame is again
 /// owned by this handler alone.
+/// Returns the topics and whether the request names a transactional id.
 fn locate_records(req: ProduceRequest, frame: &Bytes) -> (Vec<TopicInput>, bool) {
     let base = frame.as_ptr() as usize;
     let mut next = 0usize;
@@ -152,6 +160,38 @@ fn check_record_set(records: &[u8], max_bytes: usize) -> Result<Vec<BatchInfo>, 
         return Err((ErrorCode::CorruptMessage, format!("empty record batch of {} bytes", info.size_bytes)));
     }
     Ok(infos)
+}
+
+/// Kafka's transaction rules for a record set (LogValidator, KafkaApis):
+/// clients never write control batches (INVALID_RECORD); a transactional
+/// batch comes from an idempotent producer (INVALID_RECORD otherwise) in a
+/// request that names a transactional id (else
+/// TRANSACTIONAL_ID_AUTHORIZATION_FAILED, as Kafka answers). Returns whether
+/// the record set is transactional. Reads one header per batch, allocates
+/// nothing.
+fn check_txn_rules(records: &[u8], infos: &[BatchInfo], has_txn_id: bool) -> Result<bool, (ErrorCode, String)> {
+    let mut at = 0;
+    let mut transactional = false;
+    for info in infos {
+        let Some(Ok(h)) = records.get(at..).map(batch::BatchHeader::parse) else { break };
+        if h.is_control() {
+            return Err((ErrorCode::InvalidRecord, "clients may not write control records".into()));
+        }
+        if h.is_transactional() {
+            if h.producer_id().0 < 0 {
+                return Err((ErrorCode::InvalidRecord, "a transactional batch needs a producer id".into()));
+            }
+            if !has_txn_id {
+                return Err((
+                    ErrorCode::TransactionalIdAuthorizationFailed,
+                    "transactional records in a produce request without a transactional id".into(),
+                ));
+            }
+            transactional = true;
+        }
+        at += info.size_bytes;
+    }
+    Ok(transactional)
 }
 
 /// Record-level rules of a topic that Produce enforces (Kafka's
@@ -276,24 +316,23 @@ pub fn validate_only(
     log_append_time_ms: Option<i64>,
     producers: &mut producer_state::ProducerStateTable,
 ) -> Vec<Verdict> {
-    let (topics, transactional) = locate_records(req, &frame);
+    let (topics, has_txn_id) = locate_records(req, &frame);
     let mut frame = FrameCutter::new(frame);
     let mut out = Vec::new();
     let mut next_offset = 0i64;
     for topic in topics {
         for p in topic.partitions {
             let mut records = frame.take(p.records);
-            let outcome = if transactional {
-                Err(ErrorCode::InvalidRequest)
-            } else {
+            let outcome = {
                 check_record_set(&records, max_bytes).map_err(|(code, _)| code).and_then(|mut infos| {
                     if let Some(now_ms) = log_append_time_ms {
                         crate::storage::timestamps::stamp_log_append_time(&mut records, &mut infos, now_ms);
                     }
+                    let txn = check_txn_rules(&records, &infos, has_txn_id).map_err(|(code, _)| code)?;
                     let producer =
                         producer_state::idempotent_batch(&records, &infos).map_err(|_| ErrorCode::InvalidRecord)?;
                     if let Some(b) = producer {
-                        match producers.check(b.pid, b.epoch, b.first_seq, b.count) {
+                        match producers.check_batch(b.pid, b.epoch, b.first_seq, b.count, txn) {
                             Check::Append => {
                                 let count = infos.iter().map(|i| i64::from(i.last_offset_delta) + 1).sum::<i64>();
                                 let meta = BatchMeta {
@@ -302,6 +341,10 @@ pub fn validate_only(
                                     base_offset: Offset(next_offset),
                                     last_offset: Offset(next_offset + count - 1),
                                 };
+                                if txn {
+                                    let first = Offset(next_offset);
+                                    producers.begin_txn_batch(b.pid, b.epoch, first, b.max_timestamp_ms, None);
+                                }
                                 next_offset += count;
                                 producers.record(b.pid, b.epoch, meta, b.max_timestamp_ms);
                             }
@@ -322,7 +365,7 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, f
     let acks = req.acks;
     let timeout_ms = req.timeout_ms;
     let image = shard.image();
-    let (topics, transactional) = locate_records(req, &frame);
+    let (topics, has_txn_id) = locate_records(req, &frame);
     let mut frame = FrameCutter::new(frame);
     let mut responses = Vec::with_capacity(topics.len());
     let mut waiting = Vec::new();
@@ -349,10 +392,6 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, f
             };
             if !(acks == 0 || acks == 1 || acks == -1) {
                 parts.push(fail(r, ErrorCode::InvalidRequiredAcks, format!("acks={acks} must be 0, 1 or -1")));
-                continue;
-            }
-            if transactional {
-                parts.push(fail(r, ErrorCode::InvalidRequest, "transactions are not supported yet".into()));
                 continue;
             }
             let owner = image.owner(name, p.index);
@@ -446,6 +485,13 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, f
                 crate::storage::timestamps::stamp_log_append_time(&mut records, &mut infos, now_ms);
                 r = r.with_log_append_time_ms(now_ms);
             }
+            let txn = match check_txn_rules(&records, &infos, has_txn_id) {
+                Ok(txn) => txn,
+                Err((code, msg)) => {
+                    parts.push(fail(r, code, msg));
+                    continue;
+                }
+            };
             // Idempotent producers: Kafka's epoch and sequence checks before the append.
             let producer = match producer_state::idempotent_batch(&records, &infos) {
                 Ok(p) => p,
@@ -455,7 +501,7 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, f
                 }
             };
             if let Some(b) = &producer {
-                let check = log.borrow().producers.check(b.pid, b.epoch, b.first_seq, b.count);
+                let check = log.borrow().producers.check_batch(b.pid, b.epoch, b.first_seq, b.count, txn);
                 match check {
                     Check::Append => {}
                     Check::Duplicate { base_offset, last_offset } => {
@@ -602,6 +648,7 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, f
 mod tests {
     use super::*;
     use tidelog_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use tidelog_protocol::messages::TransactionalId;
     use tidelog_protocol::{Decodable, Encodable};
 
     fn request_frame(sets: &[(&str, i32, &[u8])]) -> Bytes {
@@ -684,5 +731,48 @@ mod tests {
         );
         assert_eq!(verdicts[0].outcome.as_ref().map(|i| i[0].max_timestamp_ms), Ok(5), "stamped");
         assert_eq!(producers.len(), 1, "the retry is a duplicate of the first append");
+    }
+
+    fn decoded(frame: &Bytes, txn_id: Option<&str>) -> (ProduceRequest, Bytes) {
+        let mut body = frame.clone();
+        let req = ProduceRequest::decode(&mut body, 9).expect("decode");
+        drop(body);
+        let req = req.with_transactional_id(txn_id.map(|t| TransactionalId(str_bytes(t))));
+        (req, frame.clone())
+    }
+
+    #[test]
+    fn transactional_produce_rules() {
+        let recs = [batch::RecordRef { key: None, value: Some(b"v"), headers: &[], timestamp_delta_ms: 0 }];
+        let fields = |pid, seq| batch::ProducerFields { producer_id: pid, producer_epoch: 0, base_sequence: seq };
+        let txn = |pid, seq| batch::build_batch_with_attributes(&recs, 1, fields(pid, seq), batch::ATTR_TRANSACTIONAL);
+        let marker = batch::build_control_batch(batch::ControlType::Commit, 7, 0, 0, 1);
+        let plain_idempotent = batch::build_batch(&recs, 1, fields(7, 2));
+        let frame = request_frame(&[
+            ("t", 0, &txn(7, 0)),
+            ("t", 1, &txn(-1, -1)),
+            ("t", 2, &marker),
+            ("t", 0, &txn(7, 1)),
+            ("t", 0, &plain_idempotent),
+        ]);
+        let outcomes = |txn_id| {
+            let (req, frame) = decoded(&frame, txn_id);
+            let mut producers = producer_state::ProducerStateTable::default();
+            let verdicts = validate_only(req, frame, 1 << 20, None, &mut producers);
+            verdicts.into_iter().map(|v| v.outcome.map(|i| i.len())).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            outcomes(Some("app")),
+            vec![
+                Ok(1),
+                Err(ErrorCode::InvalidRecord),
+                Err(ErrorCode::InvalidRecord),
+                Ok(1),
+                // Producer 7's transaction is open on t-0: only transactional batches.
+                Err(ErrorCode::InvalidTxnState),
+            ]
+        );
+        assert_eq!(outcomes(None)[0], Err(ErrorCode::TransactionalIdAuthorizationFailed));
+        assert_eq!(outcomes(None)[2], Err(ErrorCode::InvalidRecord), "control batches are refused either way");
     }
 }

@@ -132,6 +132,10 @@ pub struct AbortedTxn {
     pub last_stable_offset: Offset,
 }
 
+/// Ongoing transactions (first offset, producer, position) and the aborted list.
+#[cfg(test)]
+pub type TxnState = (Vec<(Offset, ProducerId, Option<BatchPosition>)>, Vec<AbortedTxn>);
+
 /// An ongoing transaction, keyed by its first offset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct OngoingTxn {
@@ -379,6 +383,13 @@ impl ProducerStateTable {
             (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
             (a, b) => a.or(b),
         }
+    }
+
+    /// The transaction state, for tests to compare: ongoing transactions
+    /// (first offset, producer, position) and the aborted list.
+    #[cfg(test)]
+    pub fn txn_state(&self) -> TxnState {
+        (self.ongoing.iter().map(|(o, t)| (*o, t.pid, t.position)).collect(), self.aborted.iter().copied().collect())
     }
 
     /// Transactions ongoing on this partition.
@@ -654,22 +665,25 @@ pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
     let batches =
         if offset < hw { partition::for_each_durable_batch(log, offset, |h| table.replay(h)).await? } else { 0 };
     table.dirty = batches > 0;
-    let mut l = log.borrow_mut();
-    l.for_each_pending(|h| {
-        table.replay(h);
-        table.dirty = true;
-    });
-    if !table.is_empty() {
-        log::info!(
-            "{}-{}: producer state of {} producer(s) rebuilt ({batches} batch header(s) from offset {})",
-            l.topic,
-            l.partition.0,
-            table.len(),
-            from.0
-        );
+    {
+        let mut l = log.borrow_mut();
+        l.for_each_pending(|h| {
+            table.replay(h);
+            table.dirty = true;
+        });
+        if !table.is_empty() {
+            log::info!(
+                "{}-{}: producer state of {} producer(s) rebuilt ({batches} batch header(s) from offset {}; {} open transaction(s))",
+                l.topic,
+                l.partition.0,
+                table.len(),
+                from.0,
+                table.ongoing_txns()
+            );
+        }
+        l.producers = table;
     }
-    l.producers = table;
-    drop(l);
+    // Replayed headers come without positions: find where each unstable transaction starts.
     partition::locate_txn_starts(log).await
 }
 
@@ -875,6 +889,268 @@ mod tests {
             Check::Duplicate { base_offset: Offset(40), last_offset: Offset(42) }
         );
         assert_eq!(t.check(ProducerId(9), 1, 13, 1), Check::Append);
+    }
+
+    // -----------------------------------------------------------------
+    // Transactions.
+
+    const P1: ProducerId = ProducerId(1);
+    const P2: ProducerId = ProducerId(2);
+
+    fn at(segment_base: i64, position: u64) -> Option<BatchPosition> {
+        Some(BatchPosition { segment_base: Offset(segment_base), position })
+    }
+
+    /// A transactional batch of `pid` appended at `base` as the produce path does it.
+    fn txn_batch(t: &mut ProducerStateTable, pid: ProducerId, epoch: i16, seq: i32, base: i64, n: i32) {
+        assert_eq!(t.check_batch(pid, epoch, seq, n, true), Check::Append);
+        t.begin_txn_batch(pid, epoch, Offset(base), base, at(0, base as u64 * 100));
+        t.record(pid, epoch, meta(seq, seq + n - 1, base), base);
+    }
+
+    #[test]
+    fn transactions_start_end_and_stay_unstable_until_the_marker_is_under_the_high_watermark() {
+        let mut t = ProducerStateTable::default();
+        assert_eq!(t.first_unstable(Offset(0)), None);
+        txn_batch(&mut t, P1, 0, 0, 10, 2);
+        txn_batch(&mut t, P2, 0, 0, 12, 1);
+        // A second batch of P1's transaction does not move its start.
+        txn_batch(&mut t, P1, 0, 2, 13, 1);
+        assert_eq!(t.ongoing_txns(), 2);
+        assert_eq!(t.get(P1).and_then(|e| e.txn_first_offset), Some(Offset(10)));
+        assert_eq!(t.first_unstable(Offset(20)), Some((Offset(10), at(0, 1000))));
+
+        let done = t.end_txn(P1, 0, 3, ControlType::Commit, Offset(14), 14).expect("P1 had a transaction");
+        assert_eq!((done.first_offset, done.last_offset), (Offset(10), Offset(14)));
+        assert_eq!(t.get(P1).map(|e| (e.txn_first_offset, e.coordinator_epoch)), Some((None, 3)));
+        assert_eq!(t.ongoing_txns(), 1);
+        // Committed, but the marker is not under the high watermark: still unstable.
+        assert_eq!(t.first_unstable(Offset(14)), Some((Offset(10), at(0, 1000))));
+        // Once it is, P2's open transaction is the first unstable offset.
+        assert_eq!(t.first_unstable(Offset(15)), Some((Offset(12), at(0, 1200))));
+        t.on_high_watermark(Offset(15));
+        assert_eq!(t.first_unstable(Offset(0)), Some((Offset(12), at(0, 1200))));
+        assert!(t.aborted_overlapping(Offset(0), Offset(100)).is_empty(), "a commit is not aborted");
+
+        let done = t.end_txn(P2, 0, 3, ControlType::Abort, Offset(15), 15).expect("P2 had a transaction");
+        assert_eq!(done.first_offset, Offset(12));
+        let aborted =
+            AbortedTxn { pid: P2, first_offset: Offset(12), last_offset: Offset(15), last_stable_offset: Offset(16) };
+        assert_eq!(t.aborted_overlapping(Offset(0), Offset(100)), vec![aborted]);
+        assert_eq!(t.first_unstable(Offset(15)), Some((Offset(12), at(0, 1200))));
+        assert_eq!(t.first_unstable(Offset(16)), None);
+        assert_eq!(t.ongoing_txns(), 0);
+        // Sequences go on across transactions of one epoch.
+        assert_eq!(t.check_batch(P1, 0, 3, 1, true), Check::Append);
+    }
+
+    #[test]
+    fn a_producer_in_a_transaction_may_only_write_transactional_batches() {
+        let mut t = ProducerStateTable::default();
+        txn_batch(&mut t, P1, 0, 0, 0, 1);
+        assert_eq!(t.check_batch(P1, 0, 1, 1, false), Check::Reject(ErrorCode::InvalidTxnState));
+        assert_eq!(t.check(P1, 0, 1, 1), Check::Reject(ErrorCode::InvalidTxnState));
+        // A retry of a batch already in the log is still a duplicate.
+        assert!(matches!(t.check_batch(P1, 0, 0, 1, false), Check::Duplicate { .. }));
+        t.end_txn(P1, 0, 0, ControlType::Commit, Offset(1), 1);
+        assert_eq!(t.check_batch(P1, 0, 1, 1, false), Check::Append);
+    }
+
+    #[test]
+    fn markers_fence_older_producer_and_coordinator_epochs() {
+        let mut t = ProducerStateTable::default();
+        txn_batch(&mut t, P1, 2, 0, 0, 3);
+        assert_eq!(t.check_marker(P1, 1, 0), Err(ErrorCode::InvalidProducerEpoch));
+        assert_eq!(t.check_marker(P1, 2, 0), Ok(()));
+        assert_eq!(t.check_marker(P1, 3, 0), Ok(()));
+        assert_eq!(t.check_marker(ProducerId(99), 0, 0), Ok(()), "an unknown producer's marker is written");
+        // The coordinator bumped the epoch while aborting (a zombie was fenced).
+        t.end_txn(P1, 3, 5, ControlType::Abort, Offset(3), 3);
+        let e = t.get(P1).expect("entry");
+        assert_eq!((e.epoch, e.last_seq, e.batches.len(), e.coordinator_epoch), (3, -1, 0, 5));
+        // The zombie's next write, and an older coordinator's marker, are refused.
+        assert_eq!(t.check_batch(P1, 2, 3, 1, true), Check::Reject(ErrorCode::InvalidProducerEpoch));
+        assert_eq!(t.check_marker(P1, 3, 4), Err(ErrorCode::TransactionCoordinatorFenced));
+        assert_eq!(t.check_marker(P1, 2, 5), Err(ErrorCode::InvalidProducerEpoch));
+        // The producer at the new epoch starts over at sequence 0.
+        assert_eq!(t.check_batch(P1, 3, 0, 1, true), Check::Append);
+        assert_eq!(t.check_batch(P1, 3, 3, 1, true), Check::Reject(ErrorCode::OutOfOrderSequenceNumber));
+    }
+
+    #[test]
+    fn a_marker_without_a_transaction_changes_only_epochs() {
+        let mut t = ProducerStateTable::default();
+        t.record(P1, 0, meta(0, 4, 0), 1);
+        assert_eq!(t.end_txn(P1, 0, 7, ControlType::Commit, Offset(5), 2), None);
+        assert_eq!(t.end_txn(ProducerId(3), 4, 7, ControlType::Abort, Offset(6), 2), None);
+        assert!(t.aborted_overlapping(Offset(0), Offset(100)).is_empty());
+        assert_eq!(t.first_unstable(Offset(0)), None);
+        assert_eq!(t.get(P1).map(|e| (e.epoch, e.last_seq, e.coordinator_epoch)), Some((0, 4, 7)));
+        assert_eq!(t.get(ProducerId(3)).map(|e| (e.epoch, e.coordinator_epoch)), Some((4, 7)));
+        assert_eq!(t.check(P1, 0, 5, 1), Check::Append, "same epoch: the sequence goes on");
+    }
+
+    #[test]
+    fn aborted_transactions_overlapping_a_read() {
+        let mut t = ProducerStateTable::default();
+        // P1 aborts [10, 20], P2 aborts [15, 30] (P1's ended while P2's was open), P1 aborts [40, 41].
+        txn_batch(&mut t, P1, 0, 0, 10, 1);
+        txn_batch(&mut t, P2, 0, 0, 15, 1);
+        t.end_txn(P1, 0, 0, ControlType::Abort, Offset(20), 0);
+        t.end_txn(P2, 0, 0, ControlType::Abort, Offset(30), 0);
+        txn_batch(&mut t, P1, 0, 1, 40, 1);
+        t.end_txn(P1, 0, 0, ControlType::Abort, Offset(41), 0);
+        let all: Vec<AbortedTxn> = t.aborted().copied().collect();
+        assert_eq!(
+            all.iter()
+                .map(|a| (a.pid.0, a.first_offset.0, a.last_offset.0, a.last_stable_offset.0))
+                .collect::<Vec<_>>(),
+            vec![(1, 10, 20, 15), (2, 15, 30, 31), (1, 40, 41, 42)]
+        );
+        let firsts = |t: &ProducerStateTable, from: i64, upper: i64| -> Vec<i64> {
+            t.aborted_overlapping(Offset(from), Offset(upper)).iter().map(|a| a.first_offset.0).collect()
+        };
+        assert_eq!(firsts(&t, 0, 100), vec![10, 15, 40]);
+        assert_eq!(firsts(&t, 0, 10), Vec::<i64>::new(), "ends before the first aborted batch");
+        assert_eq!(firsts(&t, 0, 11), vec![10]);
+        assert_eq!(firsts(&t, 0, 16), vec![10, 15]);
+        assert_eq!(firsts(&t, 20, 25), vec![10, 15], "marker offsets count as part of the transaction");
+        assert_eq!(firsts(&t, 21, 25), vec![15]);
+        assert_eq!(firsts(&t, 31, 40), Vec::<i64>::new());
+        assert_eq!(firsts(&t, 31, 45), vec![40]);
+        assert_eq!(firsts(&t, 42, 100), Vec::<i64>::new());
+        // The log start passing a marker forgets that transaction.
+        t.on_log_start(Offset(21));
+        assert_eq!(firsts(&t, 0, 100), vec![15, 40]);
+    }
+
+    #[test]
+    fn producers_with_open_transactions_never_expire() {
+        let mut t = ProducerStateTable::default();
+        txn_batch(&mut t, P1, 0, 0, 0, 1);
+        t.record(P2, 0, meta(0, 0, 1), 1);
+        t.expire(1_000_000, 5_000);
+        assert!(t.get(P1).is_some() && t.get(P2).is_none());
+    }
+
+    /// A version 1 snapshot as the previous release wrote it.
+    fn encode_v1(entries: &[(i64, i16, i32, i64, &[BatchMeta])], covered_to: i64) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_slice(SNAPSHOT_MAGIC);
+        b.put_u16(1);
+        b.put_i64(covered_to);
+        b.put_u32(entries.len() as u32);
+        for (pid, epoch, last_seq, ts, batches) in entries {
+            b.put_i64(*pid);
+            b.put_i16(*epoch);
+            b.put_i32(*last_seq);
+            b.put_i64(*ts);
+            b.put_u8(batches.len() as u8);
+            for m in batches.iter() {
+                b.put_i32(m.first_seq);
+                b.put_i32(m.last_seq);
+                b.put_i64(m.base_offset.0);
+                b.put_i64(m.last_offset.0);
+            }
+        }
+        let crc = crc32c::crc32c(&b);
+        b.put_u32(crc);
+        b.to_vec()
+    }
+
+    #[test]
+    fn snapshot_v2_carries_transactions_and_v1_is_still_read() {
+        let mut t = ProducerStateTable::default();
+        txn_batch(&mut t, P1, 1, 0, 10, 2);
+        txn_batch(&mut t, P2, 0, 0, 12, 1);
+        t.end_txn(P2, 0, 9, ControlType::Abort, Offset(13), 5);
+        txn_batch(&mut t, ProducerId(5), 0, 0, 14, 1);
+        let snap = t.encode_snapshot(Offset(15));
+        let (back, covered) = ProducerStateTable::decode_snapshot(&snap).expect("valid");
+        assert_eq!(covered, Offset(15));
+        for pid in [P1, P2, ProducerId(5)] {
+            assert_eq!(back.get(pid), t.get(pid), "{pid:?}");
+        }
+        let (ongoing, aborted) = back.txn_state();
+        // Positions are not in the snapshot: `rebuild` locates them.
+        assert_eq!(ongoing, vec![(Offset(10), P1, None), (Offset(14), ProducerId(5), None)]);
+        assert_eq!(aborted, t.txn_state().1);
+        assert_eq!(back.unpositioned_txns(), vec![Offset(10), Offset(14)]);
+        assert_eq!(back.check_marker(P2, 0, 8), Err(ErrorCode::TransactionCoordinatorFenced));
+        for n in [snap.len() - 5, snap.len() - 37] {
+            let mut cut = snap[..n].to_vec();
+            let crc = crc32c::crc32c(&cut);
+            cut.put_u32(crc);
+            assert!(ProducerStateTable::decode_snapshot(&cut).is_none(), "cut at {n}");
+        }
+
+        let v1 = encode_v1(&[(3, 2, 9, 77, &[meta(0, 9, 50)]), (4, 0, 0, 78, &[meta(0, 0, 60)])], 61);
+        let (old, covered) = ProducerStateTable::decode_snapshot(&v1).expect("v1 is read");
+        assert_eq!(covered, Offset(61));
+        let e = old.get(ProducerId(3)).expect("entry");
+        assert_eq!(
+            (e.epoch, e.last_seq, e.last_timestamp_ms, e.coordinator_epoch, e.txn_first_offset),
+            (2, 9, 77, -1, None)
+        );
+        assert_eq!(
+            old.check(ProducerId(3), 2, 0, 10),
+            Check::Duplicate { base_offset: Offset(50), last_offset: Offset(59) }
+        );
+        assert_eq!(old.txn_state(), (vec![], vec![]));
+    }
+
+    fn txn_header_batch(pid: i64, epoch: i16, seq: i32, n: usize, base: i64) -> Vec<u8> {
+        use tidelog_protocol::batch::{
+            assign_offset, build_batch_with_attributes, ProducerFields, RecordRef, ATTR_TRANSACTIONAL,
+        };
+        let recs: Vec<RecordRef<'_>> =
+            (0..n).map(|_| RecordRef { key: None, value: Some(b"v"), headers: &[], timestamp_delta_ms: 0 }).collect();
+        let fields = ProducerFields { producer_id: pid, producer_epoch: epoch, base_sequence: seq };
+        let mut b = build_batch_with_attributes(&recs, 5, fields, ATTR_TRANSACTIONAL).to_vec();
+        assign_offset(&mut b, Offset(base), tidelog_protocol::Epoch(0));
+        b
+    }
+
+    fn marker_batch(pid: i64, epoch: i16, control: ControlType, coordinator_epoch: i32, base: i64) -> Vec<u8> {
+        let mut b = batch::build_control_batch(control, pid, epoch, coordinator_epoch, 5).to_vec();
+        batch::assign_offset(&mut b, Offset(base), tidelog_protocol::Epoch(0));
+        b
+    }
+
+    #[test]
+    fn replay_of_data_batches_and_markers_equals_the_live_state() {
+        let mut live = ProducerStateTable::default();
+        txn_batch(&mut live, P1, 0, 0, 0, 2);
+        txn_batch(&mut live, P2, 0, 0, 2, 1);
+        live.end_txn(P1, 0, 1, ControlType::Commit, Offset(3), 5);
+        txn_batch(&mut live, P1, 0, 2, 4, 1);
+        live.end_txn(P2, 1, 1, ControlType::Abort, Offset(5), 5);
+        let log = [
+            txn_header_batch(1, 0, 0, 2, 0),
+            txn_header_batch(2, 0, 0, 1, 2),
+            marker_batch(1, 0, ControlType::Commit, 1, 3),
+            txn_header_batch(1, 0, 2, 1, 4),
+            marker_batch(2, 1, ControlType::Abort, 1, 5),
+        ];
+        let mut replayed = ProducerStateTable::default();
+        for (i, b) in log.iter().enumerate() {
+            let base = BatchHeader::parse(b).unwrap().base_offset().0;
+            let position = at(0, base as u64 * 100);
+            replayed.replay_at(&BatchHeader::parse(b).unwrap(), position);
+            assert!(i < 2 || replayed.get(P1).is_some());
+        }
+        assert_eq!(replayed.txn_state(), live.txn_state());
+        for pid in [P1, P2] {
+            let (r, l) = (replayed.get(pid).unwrap(), live.get(pid).unwrap());
+            assert_eq!(
+                (r.epoch, r.last_seq, r.coordinator_epoch, r.txn_first_offset),
+                (l.epoch, l.last_seq, l.coordinator_epoch, l.txn_first_offset),
+                "{pid:?}"
+            );
+        }
+        assert_eq!(replayed.first_unstable(Offset(6)), live.first_unstable(Offset(6)));
+        assert_eq!(replayed.first_unstable(Offset(6)), Some((Offset(4), at(0, 400))));
+        assert_eq!(replayed.get(P2).map(|e| e.epoch), Some(1), "the abort bumped P2's epoch");
     }
 
     #[test]

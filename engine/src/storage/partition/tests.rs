@@ -865,3 +865,248 @@ fn high_watermark_held_at_the_checkpoint_after_reopen() {
         std::fs::remove_dir_all(&dir).unwrap();
     });
 }
+
+// ---------------------------------------------------------------------------
+// Transactions: markers, the last stable offset, read_committed reads,
+// rebuild and replication of transaction state.
+
+/// A transactional batch of `pid` with the values `make_batch` gives.
+fn txn_batch(pid: i64, epoch: i16, seq: i32, first: usize, n: usize) -> Bytes {
+    let values: Vec<Vec<u8>> =
+        (first..first + n).map(|i| format!("value-{i:06}-{}", "x".repeat(i % 50)).into_bytes()).collect();
+    let recs: Vec<RecordRef<'_>> = values
+        .iter()
+        .map(|v| RecordRef { key: Some(b"k"), value: Some(v), headers: &[], timestamp_delta_ms: 0 })
+        .collect();
+    let fields = ProducerFields { producer_id: pid, producer_epoch: epoch, base_sequence: seq };
+    batch::build_batch_with_attributes(&recs, 1000, fields, batch::ATTR_TRANSACTIONAL)
+}
+
+/// Appends a transactional batch and records its sequences, as produce does.
+async fn append_txn(log: &SharedLog, pid: i64, epoch: i16, seq: i32, first: usize, n: usize) -> (Offset, Offset) {
+    let (f, l) = append(log, &txn_batch(pid, epoch, seq, first, n)).await;
+    let meta = BatchMeta { first_seq: seq, last_seq: seq + n as i32 - 1, base_offset: f, last_offset: l };
+    log.borrow_mut().producers.record(ProducerId(pid), epoch, meta, 1000);
+    (f, l)
+}
+
+fn marker(log: &SharedLog, pid: i64, epoch: i16, commit: bool) -> Offset {
+    log.borrow_mut().append_txn_marker(ProducerId(pid), epoch, commit, 0, Epoch(0)).expect("marker appended")
+}
+
+/// Everything a read_committed consumer would be served from `offset`.
+async fn committed_bytes(log: &SharedLog, offset: Offset) -> Vec<u8> {
+    fetch_all(log, offset, ReadLimit::LastStable).await
+}
+
+/// (base, last) offsets of the batches a read_committed fetch and an
+/// in-memory read up to the LSO return from 0; asserts both agree.
+async fn committed_batches(log: &SharedLog) -> Vec<(i64, i64)> {
+    let fetched: Vec<(i64, i64)> =
+        batches_of(&committed_bytes(log, Offset(0)).await).iter().map(|b| (b.0, b.1)).collect();
+    let mut read_back = Vec::new();
+    let mut offset = Offset(0);
+    loop {
+        let r = read_with(log, offset, 1 << 20, true, ReadLimit::LastStable).await.unwrap();
+        if r.bytes == 0 {
+            break;
+        }
+        for chunk in &r.chunks {
+            for (b, l, _) in batches_of(chunk) {
+                read_back.push((b, l));
+                offset = Offset(l + 1);
+            }
+        }
+    }
+    assert_eq!(fetched, read_back, "fetch and read agree");
+    fetched
+}
+
+fn last_stable_follows_markers_under_the_high_watermark(s: LogSettings, name: &str) {
+    let dir = crate::test_dir(name);
+    run(move || async move {
+        let log = open_log(&dir, s).await;
+        log.borrow_mut().set_replication_bound(Some(Offset(0)));
+        append(&log, &make_batch(0, 5, 1000)).await;
+        assert_eq!(append_txn(&log, 7, 0, 0, 5, 5).await, (Offset(5), Offset(9)));
+        append(&log, &make_batch(10, 5, 1000)).await;
+        flush(&log).await.unwrap();
+        assert_eq!(log.borrow().last_stable_offset(), Offset(0), "nothing is under the high watermark yet");
+        log.borrow_mut().set_replication_bound(Some(Offset(15)));
+        assert_eq!((log.borrow().high_watermark, log.borrow().last_stable_offset()), (Offset(15), Offset(5)));
+        assert_eq!(log.borrow().ongoing_txns(), 1);
+        // read_uncommitted sees everything under the high watermark, read_committed stops at the open transaction.
+        assert_eq!(batches_of(&consumer_bytes(&log, Offset(0)).await).len(), 3);
+        assert_eq!(committed_batches(&log).await, vec![(0, 4)]);
+        assert!(committed_bytes(&log, Offset(5)).await.is_empty());
+        assert!(committed_bytes(&log, Offset(12)).await.is_empty());
+
+        // The commit marker: written, durable, but not under the high watermark: still unstable.
+        assert_eq!(marker(&log, 7, 0, true), Offset(15));
+        assert_eq!(log.borrow().ongoing_txns(), 0);
+        flush(&log).await.unwrap();
+        assert_eq!((log.borrow().durable_end, log.borrow().last_stable_offset()), (Offset(16), Offset(5)));
+        assert_eq!(committed_batches(&log).await, vec![(0, 4)]);
+        log.borrow_mut().set_replication_bound(Some(Offset(16)));
+        assert_eq!(log.borrow().last_stable_offset(), Offset(16));
+        assert_eq!(committed_batches(&log).await, vec![(0, 4), (5, 9), (10, 14), (15, 15)]);
+        assert!(log.borrow().aborted_txns(Offset(0), Offset(16)).is_empty());
+
+        // Two open transactions; the older one aborts, then the other commits.
+        append_txn(&log, 8, 0, 0, 16, 5).await;
+        append(&log, &make_batch(21, 5, 1000)).await;
+        append_txn(&log, 7, 0, 5, 26, 5).await;
+        flush(&log).await.unwrap();
+        log.borrow_mut().set_replication_bound(Some(Offset(31)));
+        assert_eq!(log.borrow().last_stable_offset(), Offset(16));
+        assert_eq!(log.borrow().ongoing_txns(), 2);
+        assert_eq!(marker(&log, 8, 0, false), Offset(31));
+        flush(&log).await.unwrap();
+        log.borrow_mut().set_replication_bound(Some(Offset(32)));
+        assert_eq!(log.borrow().last_stable_offset(), Offset(26), "pid 7's transaction is still open");
+        assert_eq!(committed_batches(&log).await.last(), Some(&(21, 25)));
+        assert_eq!(log.borrow().aborted_txns(Offset(0), Offset(26)), vec![(ProducerId(8), Offset(16))]);
+        assert_eq!(log.borrow().aborted_txns(Offset(0), Offset(16)), vec![]);
+        assert_eq!(log.borrow().aborted_txns(Offset(32), Offset(40)), vec![]);
+        assert_eq!(marker(&log, 7, 0, true), Offset(32));
+        flush(&log).await.unwrap();
+        log.borrow_mut().set_replication_bound(None);
+        assert_eq!(log.borrow().last_stable_offset(), Offset(33));
+        assert_eq!(committed_batches(&log).await.len(), 9);
+        assert_eq!(committed_bytes(&log, Offset(0)).await, consumer_bytes(&log, Offset(0)).await);
+        // The markers are control batches of the producer, at its epoch.
+        let bytes = consumer_bytes(&log, Offset(31)).await;
+        let h = BatchHeader::parse(&bytes).unwrap();
+        assert!(h.is_control() && h.is_transactional());
+        assert_eq!((h.producer_id(), h.producer_epoch(), h.base_offset()), (ProducerId(8), 0, Offset(31)));
+        assert_eq!(batch::control_record_type(&bytes), Some((batch::ControlType::Abort, 0)));
+    });
+}
+
+#[test]
+fn last_stable_offset_follows_markers_under_the_high_watermark_file_reads() {
+    last_stable_follows_markers_under_the_high_watermark(settings(1 << 30), "txn-lso-file");
+}
+
+#[test]
+fn last_stable_offset_follows_markers_under_the_high_watermark_cached_reads() {
+    last_stable_follows_markers_under_the_high_watermark(cached(settings(1 << 30)), "txn-lso-cache");
+}
+
+/// A log of small segments with an open transaction in the middle of a later
+/// segment, then reopened (with or without a producer state snapshot): the
+/// read_committed reads stop exactly before the transaction, before and after.
+fn read_committed_stops_mid_segment(snapshot: bool, name: &str) {
+    let dir = crate::test_dir(name);
+    run(move || async move {
+        let log = open_log(&dir, settings(4096)).await;
+        let mut n = 0;
+        while log.borrow().segment_count() < 3 {
+            append(&log, &make_batch(n, 7, 1000)).await;
+            n += 7;
+        }
+        append(&log, &make_batch(n, 7, 1000)).await;
+        n += 7;
+        // An aborted transaction, then an open one in the middle of a segment.
+        let aborted_at = n as i64;
+        append_txn(&log, 3, 0, 0, n, 7).await;
+        n += 7;
+        assert_eq!(marker(&log, 3, 0, false), Offset(n as i64));
+        n += 1;
+        append(&log, &make_batch(n, 7, 1000)).await;
+        n += 7;
+        let open_at = n as i64;
+        append_txn(&log, 9, 2, 0, n, 7).await;
+        n += 7;
+        for _ in 0..5 {
+            append(&log, &make_batch(n, 7, 1000)).await;
+            n += 7;
+        }
+        flush(&log).await.unwrap();
+        assert!(log.borrow().segment_count() >= 3);
+        let segment_of_txn =
+            log.borrow().segments.iter().rev().find(|s| s.base_offset.0 <= open_at).map(|s| s.base_offset);
+        assert!(segment_of_txn.is_some_and(|b| b.0 < open_at), "the transaction starts inside a segment");
+        assert_eq!(log.borrow().last_stable_offset(), Offset(open_at));
+        let before = committed_batches(&log).await;
+        assert_eq!(before.last().map(|b| b.1), Some(open_at - 1));
+        let live_state = log.borrow().producers.txn_state();
+        assert_eq!(live_state.0.len(), 1);
+        assert!(live_state.0[0].2.is_some(), "the live append knows where the transaction starts");
+        assert_eq!(live_state.1.len(), 1);
+        if snapshot {
+            assert!(crate::storage::producer_state::snapshot(&log).await.unwrap());
+        }
+        let consumer_before = consumer_bytes(&log, Offset(0)).await;
+        drop(log);
+
+        let log = open_log(&dir, settings(4096)).await;
+        assert_eq!(log.borrow().producers.txn_state(), live_state, "rebuilt as it was live (positions too)");
+        assert_eq!(log.borrow().last_stable_offset(), Offset(open_at));
+        assert_eq!(committed_batches(&log).await, before);
+        assert_eq!(log.borrow().aborted_txns(Offset(0), Offset(open_at)), vec![(ProducerId(3), Offset(aborted_at))]);
+        // The epoch of the open transaction's producer survives: a zombie marker is refused, nothing written.
+        let end = log.borrow().log_end_offset();
+        let zombie = log.borrow_mut().append_txn_marker(ProducerId(9), 1, true, 0, Epoch(0));
+        assert_eq!(zombie, Err(tidelog_protocol::ErrorCode::InvalidProducerEpoch));
+        assert_eq!(log.borrow().log_end_offset(), end);
+        assert_eq!(marker(&log, 9, 2, true), end);
+        flush(&log).await.unwrap();
+        let all = committed_bytes(&log, Offset(0)).await;
+        assert_eq!(&all[..consumer_before.len()], &consumer_before[..]);
+        assert_eq!(all, consumer_bytes(&log, Offset(0)).await);
+        assert_eq!(log.borrow().last_stable_offset(), log.borrow().log_end_offset());
+    });
+}
+
+#[test]
+fn read_committed_stops_mid_segment_and_after_reopen() {
+    read_committed_stops_mid_segment(false, "txn-mid-segment");
+}
+
+#[test]
+fn read_committed_stops_mid_segment_after_reopen_from_a_snapshot() {
+    read_committed_stops_mid_segment(true, "txn-mid-segment-snapshot");
+}
+
+#[test]
+fn follower_replays_transactions_as_the_leader_wrote_them() {
+    let dir = crate::test_dir("txn-follower");
+    run(move || async move {
+        let leader = open_log(&dir.join("leader"), settings(4096)).await;
+        let follower = open_log(&dir.join("follower"), settings(4096)).await;
+        let mut n = 0;
+        for round in 0..6 {
+            append_txn(&leader, 5, 0, round * 3, n, 3).await;
+            n += 3;
+            append(&leader, &make_batch(n, 4, 1000)).await;
+            n += 4;
+            if round < 5 {
+                marker(&leader, 5, 0, round % 2 == 0);
+                n += 1;
+            }
+        }
+        // A marker that bumps the epoch of a producer without a transaction here.
+        leader.borrow_mut().append_txn_marker(ProducerId(6), 4, false, 2, Epoch(0)).unwrap();
+        flush(&leader).await.unwrap();
+        let leo = leader.borrow().log_end_offset();
+        while follower.borrow().log_end_offset() < leo {
+            let at = follower.borrow().log_end_offset();
+            let (records, infos) = fetch_as_follower(&leader, at, 500).await;
+            follower.borrow_mut().append_replicated(&records, &infos).unwrap();
+            flush(&follower).await.unwrap();
+        }
+        assert_eq!(replica_bytes(&follower, Offset(0)).await, replica_bytes(&leader, Offset(0)).await);
+        let (l, f) = (leader.borrow(), follower.borrow());
+        assert_eq!(f.producers.txn_state(), l.producers.txn_state());
+        assert_eq!(l.producers.txn_state().1.len(), 2, "rounds 1 and 3 abort");
+        assert_eq!(f.last_stable_offset(), l.last_stable_offset());
+        for pid in [ProducerId(5), ProducerId(6)] {
+            assert_eq!(f.producers.get(pid), l.producers.get(pid), "{pid:?}");
+        }
+        assert_eq!(
+            f.producers.check_marker(ProducerId(6), 3, 2),
+            Err(tidelog_protocol::ErrorCode::InvalidProducerEpoch)
+        );
+    });
+}

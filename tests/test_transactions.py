@@ -234,7 +234,8 @@ def test_commit_and_abort_visibility(broker):
     topic = uid("txvis")
     create_topic(broker, topic, 3)
     plain = plain_producer(broker)
-    tp = txn_producer(broker, uid("vis"))
+    txn_id = uid("vis")
+    tp = txn_producer(broker, txn_id)
     tp.init_transactions(60)
     cb = Deliveries()
     log = {p: [] for p in P}  # (value, txn index or None), in produce = offset order
@@ -300,6 +301,24 @@ def test_commit_and_abort_visibility(broker):
         offs = [o for o, _ in ru[p]]
         assert offs == sorted(offs) and len(set(offs)) == len(offs)
         assert hw[p] - len(offs) == markers[p]
+
+    # On the wire: a read_committed Fetch lists each aborted transaction in
+    # range as (producer id, its first offset on the partition); a
+    # read_uncommitted one lists none.
+    txn_port = tw.txn_coordinator_port(broker, txn_id)
+    pid = tw.describe_transactions(txn_port, [txn_id])[txn_id].producer_id
+    leaders = tw.leader_ports(broker, topic, P)
+    for p in P:
+        first = {}
+        for v, k in log[p]:
+            if k is not None and not outcome[k]:
+                first.setdefault(k, cb.at[v][1])
+        want = sorted((pid, o) for o in first.values())
+        err, phw, lso, ab = tw.fetch_aborted(leaders[p], topic, p, 1)
+        assert (err, phw, lso) == (0, hw[p], hw[p])
+        assert sorted(ab or []) == want, (p, ab, want)
+        err, _, _, ab = tw.fetch_aborted(leaders[p], topic, p, 0)
+        assert err == 0 and not ab, (p, ab)
 
     # kafka-python's consumer agrees (it filters aborted records itself from
     # the Fetch response's aborted_transactions).

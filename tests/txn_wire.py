@@ -309,3 +309,26 @@ def leader_ports(broker, topic, partitions):
     port_of = {b[0]: b[2] for b in md["brokers"]}
     (t,) = md["topics"]
     return {p.index: port_of[p.leader] for p in t.partitions if p.index in partitions}
+
+
+def fetch_aborted(port, topic, partition, isolation_level, offset=0):
+    """Fetch v4 of one partition from `offset`: (error_code, high watermark,
+    last stable offset, aborted_transactions as [(producer_id, first_offset)]
+    or None)."""
+    body = kw.fetch_body_v4([(topic, [(partition, offset, 8 << 20)])], max_wait_ms=100, isolation_level=isolation_level)
+    with kw.Conn(port) as conn:
+        r = conn.request(kw.FETCH, 4, body)
+        r.i32()  # throttle
+        out = None
+        for _ in range(r.i32()):
+            assert r.string() == topic
+            for _ in range(r.i32()):
+                p = r.i32()
+                err = r.i16()
+                hw = r.i64()
+                lso = r.i64()
+                aborted = r.array(lambda x: (x.i64(), x.i64()))
+                r.kbytes()  # records
+                if p == partition:
+                    out = (err, hw, lso, aborted)
+        return out

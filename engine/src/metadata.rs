@@ -237,6 +237,11 @@ pub fn place_partitions(name: &str, partitions: usize, num_shards: usize) -> Vec
     (0..partitions).map(|p| ((start + p) % num_shards) as u32).collect()
 }
 
+/// Kafka's internal topics: `__consumer_offsets` and `__transaction_state`.
+pub fn is_internal_topic(name: &str) -> bool {
+    name == crate::groups::OFFSETS_TOPIC || name == crate::txn::TXN_TOPIC
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,9 +282,4 @@ mod tests {
         assert_eq!(back.cluster_id, image.cluster_id);
         assert_eq!(back.topics["a"].owners, vec![0, 1, 0, 1]);
     }
-}
-
-/// Kafka's internal topics: `__consumer_offsets` and `__transaction_state`.
-pub fn is_internal_topic(name: &str) -> bool {
-    name == crate::groups::OFFSETS_TOPIC || name == crate::txn::TXN_TOPIC
 }

@@ -189,6 +189,10 @@ pub struct PartitionSnapshot {
     /// False for a partition that only has counters (not owned any more).
     pub open: bool,
     pub high_watermark: i64,
+    /// Next offset read_committed consumers may read up to (KIP-98).
+    pub last_stable_offset: i64,
+    /// Transactions open on the partition.
+    pub ongoing_txns: u64,
     pub log_start_offset: i64,
     pub log_end_offset: i64,
     pub segments: u64,
@@ -479,8 +483,14 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
         }
     }
     type GetI = fn(&PartitionSnapshot) -> i64;
-    let partition_gauges: [(&str, &str, GetI); 5] = [
+    let partition_gauges: [(&str, &str, GetI); 7] = [
         ("tidelog_high_watermark", "High watermark (next offset visible to consumers).", |p| p.high_watermark),
+        (
+            "tidelog_last_stable_offset",
+            "Last stable offset (read_committed consumers read below it; the high watermark without open transactions).",
+            |p| p.last_stable_offset,
+        ),
+        ("tidelog_ongoing_transactions", "Transactions open on the partition.", |p| p.ongoing_txns as i64),
         ("tidelog_log_start_offset", "First offset of the log.", |p| p.log_start_offset),
         ("tidelog_log_end_offset", "Next offset to be assigned.", |p| p.log_end_offset),
         ("tidelog_log_segments", "Segment files of the partition.", |p| p.segments as i64),

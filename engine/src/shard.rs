@@ -695,6 +695,8 @@ impl Shard {
                 topic,
                 partition,
                 high_watermark: l.high_watermark.0,
+                last_stable_offset: l.last_stable_offset().0,
+                ongoing_txns: l.ongoing_txns() as u64,
                 log_start_offset: l.log_start_offset.0,
                 log_end_offset: l.log_end_offset().0,
                 segments: stats.segments,

@@ -72,9 +72,20 @@ pub fn record_bytes(data: &[u8]) {
         let again = batch::validate_record_set(&stamped, MESSAGE_MAX_BYTES);
         assert!(again.is_ok(), "stamping broke a valid record set: {again:?}");
     }
+    let _ = batch::control_record_type(data);
     let (valid, found) = batch::scan_valid_prefix(data);
     assert!(valid <= data.len());
     assert_eq!(found.iter().map(|(_, i, _)| i.size_bytes).sum::<usize>(), valid);
+    // Producer state replays whatever recovery accepts (transaction markers
+    // included), and its snapshot reads back.
+    let mut table = ProducerStateTable::default();
+    for (at, _, _) in &found {
+        if let Ok(h) = batch::BatchHeader::parse(&data[*at..]) {
+            table.replay(&h);
+        }
+    }
+    let snapshot = table.encode_snapshot(tidelog_protocol::Offset(valid as i64));
+    assert!(ProducerStateTable::decode_snapshot(&snapshot).is_some(), "a snapshot did not read back");
     let (report, _next, index) = tidelog_engine::storage::segment::scan_image(data, tidelog_protocol::Offset(0), 4096);
     assert!(report.valid_bytes <= data.len() as u64);
     assert!(report.batches <= found.len(), "recovery accepted a batch the validator refuses");

@@ -5,8 +5,9 @@
 //! memory (`Bytes` slices) or from a segment file (sendfile), interleaved.
 //! This module encodes everything but the records (versions 4–16, the ones
 //! tidelog advertises: topics by id from v13, the partition tagged fields
-//! `diverging_epoch` (KIP-320) and `current_leader` (v12+), and v16's
-//! top-level `node_endpoints` (KIP-951)) and says where each partition's
+//! `diverging_epoch` (KIP-320) and `current_leader` (v12+), v16's
+//! top-level `node_endpoints` (KIP-951), and each partition's aborted
+//! transactions for read_committed fetches (KIP-98)) and says where each partition's
 //! records go; the records are never copied into the encoding.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -29,6 +30,10 @@ pub struct PartitionHeader {
     /// that asked the wrong broker; tagged field 1 from v12 (KIP-951 uses
     /// it with v16's `node_endpoints`), ignored before.
     pub current_leader: Option<(i32, i32)>,
+    /// KIP-98: the aborted transactions overlapping the records, as
+    /// (producer id, first offset), for a read_committed fetch; empty
+    /// otherwise (sent as an empty array, as before).
+    pub aborted_transactions: Vec<(i64, i64)>,
 }
 
 /// A topic of the response: by name up to v12, by id from v13 (KIP-516).
@@ -122,7 +127,14 @@ pub fn encode_fetch_frame(
             if version >= 5 {
                 buf.put_i64(p.log_start_offset);
             }
-            put_array_len(&mut buf, flexible, 0); // aborted transactions: none
+            put_array_len(&mut buf, flexible, p.aborted_transactions.len());
+            for (producer_id, first_offset) in &p.aborted_transactions {
+                buf.put_i64(*producer_id);
+                buf.put_i64(*first_offset);
+                if flexible {
+                    put_uvarint(&mut buf, 0); // the AbortedTransaction's tagged fields
+                }
+            }
             if version >= 11 {
                 buf.put_i32(-1); // preferred read replica
             }
@@ -225,6 +237,7 @@ mod tests {
                         records_bytes: 0,
                         diverging_epoch: Some((4, 17)),
                         current_leader: Some((2001, 9)),
+                        aborted_transactions: Vec::new(),
                     },
                 ],
             },
@@ -234,9 +247,10 @@ mod tests {
                 partitions: vec![PartitionHeader {
                     partition_index: 1,
                     high_watermark: 99,
-                    last_stable_offset: 99,
+                    last_stable_offset: 80,
                     log_start_offset: 5,
                     records_bytes: 300,
+                    aborted_transactions: vec![(7, 12), (1 << 40, 60)],
                     ..Default::default()
                 }],
             },
@@ -308,6 +322,11 @@ mod tests {
             if version >= 5 {
                 assert_eq!(b.log_start_offset, 5);
             }
+            assert_eq!(b.last_stable_offset, 80);
+            let aborted: Vec<(i64, i64)> =
+                b.aborted_transactions.iter().flatten().map(|a| (a.producer_id.0, a.first_offset)).collect();
+            assert_eq!(aborted, vec![(7, 12), (1 << 40, 60)], "v{version}: aborted transactions");
+            assert_eq!(p0.aborted_transactions.as_ref().map(|a| a.len()), Some(0), "v{version}: empty, not null");
             assert!(resp.responses[2].partitions.is_empty());
         }
     }

@@ -94,6 +94,9 @@ impl Settings {
     }
 }
 
+/// Offsets a transaction commits for one group: (topic, partition, value).
+pub type TxnOffsets = Vec<(String, i32, OffsetValue)>;
+
 /// One group's committed offsets by (topic, partition).
 pub type GroupOffsets = BTreeMap<(String, i32), Committed>;
 
@@ -114,7 +117,7 @@ pub struct Coordinator {
     /// no marker yet: producer id -> group -> offsets. They become the
     /// group's committed offsets when the COMMIT marker is written to the
     /// group's partition, and are dropped on ABORT.
-    pending_txn: RefCell<HashMap<i64, HashMap<String, Vec<(String, i32, OffsetValue)>>>>,
+    pending_txn: RefCell<HashMap<i64, HashMap<String, TxnOffsets>>>,
 }
 
 /// What a change to a group looked like before, to tell whether it must be persisted.
@@ -274,7 +277,7 @@ impl Coordinator {
     /// offsets for the groups of that partition are applied (commit) or
     /// dropped (abort).
     pub fn complete_txn(&self, partition: i32, partitions: usize, pid: i64, commit: bool, marker_offset: i64) {
-        let done: Vec<(String, Vec<(String, i32, OffsetValue)>)> = {
+        let done: Vec<(String, TxnOffsets)> = {
             let mut pending = self.pending_txn.borrow_mut();
             let Some(groups) = pending.get_mut(&pid) else { return };
             let ids: Vec<String> =
@@ -389,7 +392,11 @@ pub async fn wait_durable(shard: &Rc<Shard>, log: &partition::SharedLog, last: O
 /// Appends one batch built by the broker itself to an internal topic's
 /// partition led here (`__transaction_state`, transactional offset
 /// commits) and waits until it is durable. Returns its last offset.
-pub async fn append_batch_and_wait(shard: &Rc<Shard>, log: &partition::SharedLog, batch: &[u8]) -> Result<i64, ErrorCode> {
+pub async fn append_batch_and_wait(
+    shard: &Rc<Shard>,
+    log: &partition::SharedLog,
+    batch: &[u8],
+) -> Result<i64, ErrorCode> {
     let last = append_batch(shard, log, batch)?;
     wait_durable(shard, log, last).await
 }

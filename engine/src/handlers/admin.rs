@@ -146,15 +146,21 @@ pub async fn list_offsets(shard: Rc<Shard>, version: i16, cid: i32, req: ListOff
                 parts.push(out.with_error_code(ErrorCode::LeaderNotAvailable.code()));
                 continue;
             };
-            let (start, hw) = {
+            // LATEST is the high watermark, or for read_committed (isolation
+            // level 1, v2+) the last stable offset, as Kafka answers.
+            let (start, latest) = {
                 let l = log.borrow();
-                (l.log_start_offset, l.high_watermark)
+                let latest = if req.isolation_level == 1 { l.last_stable_offset() } else { l.high_watermark };
+                (l.log_start_offset, latest)
             };
             let found: Result<Option<(Offset, i64)>, std::io::Error> = match p.timestamp {
                 -2 => Ok(Some((start, -1))),
-                -1 => Ok(Some((hw, -1))),
-                ts if ts >= 0 => partition::offset_for_timestamp(&log, ts).await,
-                -3 => max_timestamp(&log).await,
+                -1 => Ok(Some((latest, -1))),
+                // Kafka answers only offsets below what the isolation level may read.
+                ts if ts >= 0 => {
+                    partition::offset_for_timestamp(&log, ts).await.map(|o| o.filter(|(at, _)| *at < latest))
+                }
+                -3 => max_timestamp(&log).await.map(|o| o.filter(|(at, _)| *at < latest)),
                 other => {
                     log::warn!("list offsets {name}-{}: unsupported timestamp {other}", p.partition_index);
                     parts.push(out.with_error_code(ErrorCode::InvalidRequest.code()));

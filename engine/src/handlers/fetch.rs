@@ -22,6 +22,15 @@
 //! gets its `current_leader` (v12+) and, from v16, the leader's endpoint in
 //! `node_endpoints` (KIP-951), so the client need not ask Metadata first.
 //!
+//! Isolation (KIP-98): a read_committed consumer (isolation_level 1) reads
+//! below the partition's last stable offset only (whole batches; cold reads
+//! stay sendfile regions, cut at the byte position of the first unstable
+//! transaction's batch), and gets the aborted transactions that overlap
+//! what it read, so it can drop their records. Every fetch reports the real
+//! last stable offset. min_bytes and long-poll wake-ups count only what the
+//! fetcher may read; the LSO moves only with the high watermark, whose
+//! moves wake waiting fetches.
+//!
 //! A partition that carries `last_fetched_epoch` (v12, KIP-320) is checked
 //! against the leader epoch cache first (`replication::check_fetch_epoch`):
 //! a fetcher whose log diverged gets `diverging_epoch`, error NONE and no
@@ -36,7 +45,7 @@ use tidelog_protocol::{ErrorCode, Offset};
 
 use super::{OutPart, Outgoing, Response};
 use crate::shard::Shard;
-use crate::storage::partition::{self, RecordsPart};
+use crate::storage::partition::{self, ReadLimit, RecordsPart};
 
 pub async fn fetch(shard: Rc<Shard>, version: i16, cid: i32, req: FetchRequest) -> Response {
     let max_wait = Duration::from_millis(req.max_wait_ms.max(0) as u64)
@@ -154,6 +163,9 @@ async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes:
     let image = shard.image();
     let replica = fetching_replica(version, req);
     let replica_id = replica.map(|(id, _)| id);
+    // Followers replicate everything; isolation is the consumers'.
+    let read_committed = replica.is_none() && req.isolation_level == 1;
+    let limit = if read_committed { ReadLimit::LastStable } else { ReadLimit::HighWatermark };
     let mut c =
         Collected { topics: Vec::with_capacity(req.topics.len()), records: Vec::new(), bytes: 0, any_error: false };
     let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(req.topics.len());
@@ -205,9 +217,9 @@ async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes:
                 topic_slots.push(Slot::Failed(header));
                 continue;
             };
-            let (hw, leo, start) = {
+            let (hw, lso, leo, start) = {
                 let l = log.borrow();
-                (l.high_watermark, l.log_end_offset(), l.log_start_offset)
+                (l.high_watermark, l.last_stable_offset(), l.log_end_offset(), l.log_start_offset)
             };
             let offset = Offset(p.fetch_offset);
             // KIP-320: a fetcher that says which epoch its log ends in is
@@ -228,7 +240,7 @@ async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes:
                     end_offset.0
                 );
                 header.high_watermark = hw.0;
-                header.last_stable_offset = hw.0;
+                header.last_stable_offset = lso.0;
                 header.log_start_offset = start.0;
                 header.diverging_epoch = Some((epoch, end_offset.0));
                 topic_slots.push(Slot::Failed(header));
@@ -273,7 +285,7 @@ async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes:
                     }
                 );
                 header.high_watermark = hw.0;
-                header.last_stable_offset = hw.0;
+                header.last_stable_offset = lso.0;
                 header.log_start_offset = start.0;
                 header.error_code = ErrorCode::OffsetOutOfRange.code();
                 topic_slots.push(Slot::Failed(header));
@@ -287,7 +299,7 @@ async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes:
         match slot {
             Slot::Read { log, offset, .. } => Some(match replica {
                 Some(_) => crate::replication::locate_for_replica(log, *offset).await,
-                None => partition::locate(log, *offset).await,
+                None => partition::locate_with(log, *offset, limit).await,
             }),
             Slot::Failed(_) => None,
         }
@@ -307,14 +319,6 @@ async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes:
                 }
                 Slot::Read { header, log, offset } => (header, log, offset),
             };
-            // Read after locating: the data planned below is all <= this watermark.
-            let (hw, start) = {
-                let l = log.borrow();
-                (l.high_watermark, l.log_start_offset)
-            };
-            header.high_watermark = hw.0;
-            header.last_stable_offset = hw.0;
-            header.log_start_offset = start.0;
             let budget = (p.partition_max_bytes.max(0) as usize).min(max_bytes.saturating_sub(c.bytes));
             let at_least_one = c.bytes == 0;
             let read = if budget == 0 && !at_least_one {
@@ -327,12 +331,29 @@ async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes:
                         None if replica.is_some() => {
                             crate::replication::read_for_replica(&log, offset, budget, at_least_one).await
                         }
-                        None => partition::read_for_fetch(&log, offset, budget, at_least_one).await,
+                        None => partition::read_for_fetch_with(&log, offset, budget, at_least_one, limit).await,
                     },
                     Some(Err(e)) => Err(e),
                     None => Ok(partition::FetchRead::default()),
                 }
             };
+            // Read after the read: the data planned is all below these
+            // watermarks (they only move up), and the aborted transactions
+            // cover it.
+            {
+                let l = log.borrow();
+                let lso = l.last_stable_offset();
+                header.high_watermark = l.high_watermark.0;
+                header.last_stable_offset = lso.0;
+                header.log_start_offset = l.log_start_offset.0;
+                if read_committed && read.as_ref().is_ok_and(|r| r.bytes > 0) {
+                    // Kafka's bound is an index entry at or past the end of
+                    // what was read; the LSO is one too (extra entries past
+                    // the records are ignored by clients).
+                    header.aborted_transactions =
+                        l.aborted_txns(offset, lso).into_iter().map(|(pid, first)| (pid.0, first.0)).collect();
+                }
+            }
             match read {
                 Ok(r) => {
                     let stats = &shard.fetch_stats.located_bytes;

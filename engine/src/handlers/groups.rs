@@ -22,12 +22,12 @@ use tidelog_protocol::messages::leave_group_response::MemberResponse;
 use tidelog_protocol::messages::list_groups_response::ListedGroup;
 use tidelog_protocol::messages::offset_commit_response::{OffsetCommitResponsePartition, OffsetCommitResponseTopic};
 use tidelog_protocol::messages::offset_delete_response::{OffsetDeleteResponsePartition, OffsetDeleteResponseTopic};
-use tidelog_protocol::messages::txn_offset_commit_response::{
-    TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
-};
 use tidelog_protocol::messages::offset_fetch_response::{
     OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions, OffsetFetchResponseTopic,
     OffsetFetchResponseTopics,
+};
+use tidelog_protocol::messages::txn_offset_commit_response::{
+    TxnOffsetCommitResponsePartition, TxnOffsetCommitResponseTopic,
 };
 use tidelog_protocol::messages::{
     ApiKey, BrokerId, DeleteGroupsRequest, DeleteGroupsResponse, DescribeGroupsRequest, DescribeGroupsResponse,
@@ -78,7 +78,8 @@ pub fn find_coordinator(shard: &Rc<Shard>, version: i16, cid: i32, req: FindCoor
                 .ok_or_else(|| {
                     (
                         ErrorCode::CoordinatorNotAvailable,
-                        "__transaction_state is not created yet, or its partition has no live leader; retry".to_string(),
+                        "__transaction_state is not created yet, or its partition has no live leader; retry"
+                            .to_string(),
                     )
                 }),
             other => Err((ErrorCode::InvalidRequest, format!("unknown coordinator key type {other}"))),
@@ -762,7 +763,10 @@ pub async fn txn_offset_commit(shard: Rc<Shard>, version: i16, cid: i32, req: Tx
             Some(part) => crate::txn::verify_partition(&shard, &tid, pid, epoch, part).await,
         };
         if let Err(e) = group_error {
-            log::info!("TxnOffsetCommit {gid} from transactional id {tid:?} producer {pid} epoch {epoch}: {}", e.name());
+            log::info!(
+                "TxnOffsetCommit {gid} from transactional id {tid:?} producer {pid} epoch {epoch}: {}",
+                e.name()
+            );
         }
     }
     let group_error = group_error.map_err(|e| match e {
@@ -809,7 +813,10 @@ pub async fn txn_offset_commit(shard: Rc<Shard>, version: i16, cid: i32, req: Tx
             .iter()
             .map(|(t, p, v)| (records::offset_key(&gid, t, *p), Some(records::offset_value(v))))
             .collect();
-        let written = match (Coordinator::partition_of(&shard, &gid), crate::groups::records::build_transactional(&recs, now, pid, epoch)) {
+        let written = match (
+            Coordinator::partition_of(&shard, &gid),
+            crate::groups::records::build_transactional(&recs, now, pid, epoch),
+        ) {
             (Some((p, _)), batch) => match shard.log(crate::groups::OFFSETS_TOPIC, p) {
                 Some(log) => crate::groups::append_batch_and_wait(&shard, &log, &batch).await,
                 None => Err(ErrorCode::NotCoordinator),

@@ -524,7 +524,10 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, f
                         continue;
                     }
                     Check::Reject(code) => {
-                        let msg = format!("producer {} epoch {} sequence {}", b.pid.0, b.epoch, b.first_seq);
+                        let mut msg = format!("producer {} epoch {} sequence {}", b.pid.0, b.epoch, b.first_seq);
+                        if code == ErrorCode::InvalidTxnState {
+                            msg += ": its transaction is open on this partition, so only transactional batches";
+                        }
                         parts.push(fail(r, code, msg));
                         continue;
                     }

@@ -223,7 +223,7 @@ fn topic_error(name: &str, code: ErrorCode) -> DescribeTopicPartitionsResponseTo
     DescribeTopicPartitionsResponseTopic::default()
         .with_error_code(code.code())
         .with_name(Some(TopicName(str_bytes(name))))
-        .with_is_internal(crate::metadata::is_internal_topic(&name))
+        .with_is_internal(crate::metadata::is_internal_topic(name))
 }
 
 /// Kafka's paging: topics in name order from the cursor's topic (its

@@ -18,10 +18,10 @@ use tidelog_protocol::messages::write_txn_markers_response::{
     WritableTxnMarkerPartitionResult, WritableTxnMarkerResult, WritableTxnMarkerTopicResult,
 };
 use tidelog_protocol::messages::{
-    AddOffsetsToTxnRequest, AddOffsetsToTxnResponse, AddPartitionsToTxnRequest, AddPartitionsToTxnResponse,
-    ApiKey, DescribeTransactionsRequest, DescribeTransactionsResponse, EndTxnRequest, EndTxnResponse,
-    InitProducerIdResponse, ListTransactionsRequest, ListTransactionsResponse, ProducerId, TopicName,
-    TransactionalId, WriteTxnMarkersRequest, WriteTxnMarkersResponse,
+    AddOffsetsToTxnRequest, AddOffsetsToTxnResponse, AddPartitionsToTxnRequest, AddPartitionsToTxnResponse, ApiKey,
+    DescribeTransactionsRequest, DescribeTransactionsResponse, EndTxnRequest, EndTxnResponse, InitProducerIdResponse,
+    ListTransactionsRequest, ListTransactionsResponse, ProducerId, TopicName, TransactionalId, WriteTxnMarkersRequest,
+    WriteTxnMarkersResponse,
 };
 use tidelog_protocol::ErrorCode;
 
@@ -63,11 +63,12 @@ pub async fn init_producer_id_transactional(
 /// for those that do not exist.
 fn unknown_partitions(shard: &Shard, parts: &[(String, i32)]) -> Vec<bool> {
     let image = shard.image();
-    parts
-        .iter()
-        .map(|(t, p)| image.topics.get(t).is_none_or(|m| *p < 0 || *p as usize >= m.owners.len()))
-        .collect()
+    parts.iter().map(|(t, p)| image.topics.get(t).is_none_or(|m| *p < 0 || *p as usize >= m.owners.len())).collect()
 }
+
+/// One transaction of an AddPartitionsToTxn: id, producer id, epoch,
+/// verify_only, and its partitions by topic.
+type TxnPartitions = (String, i64, i16, bool, Vec<(String, Vec<i32>)>);
 
 pub async fn add_partitions_to_txn(
     shard: Rc<Shard>,
@@ -75,8 +76,7 @@ pub async fn add_partitions_to_txn(
     cid: i32,
     req: AddPartitionsToTxnRequest,
 ) -> Response {
-    // (id, pid, epoch, verify_only, topics)
-    let txns: Vec<(String, i64, i16, bool, Vec<(String, Vec<i32>)>)> = if version >= 4 {
+    let txns: Vec<TxnPartitions> = if version >= 4 {
         req.transactions
             .iter()
             .map(|t| {
@@ -85,8 +85,7 @@ pub async fn add_partitions_to_txn(
             })
             .collect()
     } else {
-        let topics =
-            req.v3_and_below_topics.iter().map(|x| (x.name.0.to_string(), x.partitions.clone())).collect();
+        let topics = req.v3_and_below_topics.iter().map(|x| (x.name.0.to_string(), x.partitions.clone())).collect();
         vec![(
             req.v3_and_below_transactional_id.0.to_string(),
             req.v3_and_below_producer_id.0,
@@ -167,10 +166,12 @@ pub async fn add_offsets_to_txn(shard: Rc<Shard>, version: i16, cid: i32, req: A
     let group = req.group_id.0.to_string();
     let code = match txn::offsets_partition(&shard, &group) {
         None => ErrorCode::CoordinatorNotAvailable,
-        Some(part) => match shard.txns.add_partitions(&shard, &id, req.producer_id.0, req.producer_epoch, &[part]).await {
-            Ok(()) => ErrorCode::None,
-            Err(code) => fenced_for(code, version, 2),
-        },
+        Some(part) => {
+            match shard.txns.add_partitions(&shard, &id, req.producer_id.0, req.producer_epoch, &[part]).await {
+                Ok(()) => ErrorCode::None,
+                Err(code) => fenced_for(code, version, 2),
+            }
+        }
     };
     if code != ErrorCode::None {
         log::debug!("AddOffsetsToTxn {id:?} group {group:?}: {}", code.name());
@@ -199,38 +200,39 @@ pub async fn end_txn(shard: Rc<Shard>, version: i16, cid: i32, req: EndTxnReques
 }
 
 pub fn describe_transactions(shard: &Rc<Shard>, version: i16, cid: i32, req: DescribeTransactionsRequest) -> Response {
-    let states = req
-        .transactional_ids
-        .iter()
-        .map(|tid| {
-            let id = tid.0.to_string();
-            let out = dtr::TransactionState::default()
-                .with_transactional_id(tid.clone())
-                .with_transaction_state(str_bytes(""))
-                .with_producer_id(ProducerId(-1))
-                .with_producer_epoch(-1)
-                .with_transaction_start_time_ms(-1);
-            if let Err(code) = shard.txns.check(shard, &id) {
-                return out.with_error_code(code.code());
-            }
-            let Some(m) = shard.txns.get(&id) else {
-                return out.with_error_code(ErrorCode::TransactionalIdNotFound.code());
-            };
-            let mut topics: Vec<TopicData> = Vec::new();
-            for (t, p) in &m.partitions {
-                match topics.last_mut() {
-                    Some(last) if last.topic.0.as_str() == t => last.partitions.push(*p),
-                    _ => topics.push(TopicData::default().with_topic(TopicName(str_bytes(t))).with_partitions(vec![*p])),
+    let states =
+        req.transactional_ids
+            .iter()
+            .map(|tid| {
+                let id = tid.0.to_string();
+                let out = dtr::TransactionState::default()
+                    .with_transactional_id(tid.clone())
+                    .with_transaction_state(str_bytes(""))
+                    .with_producer_id(ProducerId(-1))
+                    .with_producer_epoch(-1)
+                    .with_transaction_start_time_ms(-1);
+                if let Err(code) = shard.txns.check(shard, &id) {
+                    return out.with_error_code(code.code());
                 }
-            }
-            out.with_transaction_state(str_bytes(m.state.name()))
-                .with_transaction_timeout_ms(m.timeout_ms)
-                .with_transaction_start_time_ms(if m.state == TxnState::Ongoing { m.start_ms } else { -1 })
-                .with_producer_id(ProducerId(m.producer_id))
-                .with_producer_epoch(m.producer_epoch)
-                .with_topics(topics)
-        })
-        .collect();
+                let Some(m) = shard.txns.get(&id) else {
+                    return out.with_error_code(ErrorCode::TransactionalIdNotFound.code());
+                };
+                let mut topics: Vec<TopicData> = Vec::new();
+                for (t, p) in &m.partitions {
+                    match topics.last_mut() {
+                        Some(last) if last.topic.0.as_str() == t => last.partitions.push(*p),
+                        _ => topics
+                            .push(TopicData::default().with_topic(TopicName(str_bytes(t))).with_partitions(vec![*p])),
+                    }
+                }
+                out.with_transaction_state(str_bytes(m.state.name()))
+                    .with_transaction_timeout_ms(m.timeout_ms)
+                    .with_transaction_start_time_ms(if m.state == TxnState::Ongoing { m.start_ms } else { -1 })
+                    .with_producer_id(ProducerId(m.producer_id))
+                    .with_producer_epoch(m.producer_epoch)
+                    .with_topics(topics)
+            })
+            .collect();
     encode(
         ApiKey::DescribeTransactions,
         version,
@@ -259,7 +261,9 @@ pub fn list_transactions(shard: &Rc<Shard>, version: i16, cid: i32, req: ListTra
         .all()
         .into_iter()
         .filter(|(_, m)| filters.is_empty() || filters.iter().any(|f| f == m.state.name()))
-        .filter(|(_, m)| req.producer_id_filters.is_empty() || req.producer_id_filters.iter().any(|p| p.0 == m.producer_id))
+        .filter(|(_, m)| {
+            req.producer_id_filters.is_empty() || req.producer_id_filters.iter().any(|p| p.0 == m.producer_id)
+        })
         // v1 (KIP-994): only transactions running for longer than the filter.
         .filter(|(_, m)| {
             version < 1
@@ -320,7 +324,14 @@ pub async fn write_txn_markers(shard: Rc<Shard>, version: i16, cid: i32, req: Wr
                             match r {
                                 Ok(offset) => {
                                     shard.mark_dirty(&log);
-                                    written.push((log, offset, name.to_string(), p, m.producer_id.0, m.transaction_result));
+                                    written.push((
+                                        log,
+                                        offset,
+                                        name.to_string(),
+                                        p,
+                                        m.producer_id.0,
+                                        m.transaction_result,
+                                    ));
                                     ErrorCode::None
                                 }
                                 Err(code) => {
@@ -349,7 +360,8 @@ pub async fn write_txn_markers(shard: Rc<Shard>, version: i16, cid: i32, req: Wr
     let mut failed: Vec<(String, i32)> = Vec::new();
     for (log, offset, topic, p, pid, commit) in &written {
         let wait = crate::groups::wait_durable(&shard, log, *offset);
-        let r = glommio::timer::timeout(deadline.saturating_duration_since(Instant::now()), async { Ok(wait.await) }).await;
+        let r =
+            glommio::timer::timeout(deadline.saturating_duration_since(Instant::now()), async { Ok(wait.await) }).await;
         match r {
             Ok(Ok(_)) => {
                 if topic == crate::groups::OFFSETS_TOPIC {

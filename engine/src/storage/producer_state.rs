@@ -136,13 +136,6 @@ pub struct AbortedTxn {
 #[cfg(test)]
 pub type TxnState = (Vec<(Offset, ProducerId, Option<BatchPosition>)>, Vec<AbortedTxn>);
 
-/// An ongoing transaction, keyed by its first offset.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct OngoingTxn {
-    pid: ProducerId,
-    position: Option<BatchPosition>,
-}
-
 /// What to do with an incoming batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Check {
@@ -168,8 +161,9 @@ pub fn seq_add(seq: i32, delta: i32) -> i32 {
 #[derive(Debug, Default)]
 pub struct ProducerStateTable {
     producers: HashMap<ProducerId, ProducerEntry>,
-    /// Ongoing transactions by first offset.
-    ongoing: BTreeMap<Offset, OngoingTxn>,
+    /// Ongoing transactions by first offset (and producer: a damaged log
+    /// may repeat an offset), with where their first batch is.
+    ongoing: BTreeMap<(Offset, ProducerId), Option<BatchPosition>>,
     /// Ended transactions whose marker may not be under the high watermark
     /// yet, in marker order (pruned by `on_high_watermark`).
     unstable: VecDeque<CompletedTxn>,
@@ -285,7 +279,7 @@ impl ProducerStateTable {
         let e = self.entry_mut(pid, epoch, timestamp_ms);
         if e.txn_first_offset.is_none() {
             e.txn_first_offset = Some(first_offset);
-            self.ongoing.insert(first_offset, OngoingTxn { pid, position });
+            self.ongoing.insert((first_offset, pid), position);
             self.dirty = true;
         }
     }
@@ -333,11 +327,11 @@ impl ProducerStateTable {
         e.coordinator_epoch = coordinator_epoch;
         e.last_timestamp_ms = e.last_timestamp_ms.max(timestamp_ms);
         let first_offset = e.txn_first_offset.take()?;
-        let position = self.ongoing.remove(&first_offset).and_then(|t| t.position);
+        let position = self.ongoing.remove(&(first_offset, pid)).flatten();
         let done = CompletedTxn { pid, first_offset, last_offset: marker_offset, position };
         self.unstable.push_back(done);
         if control == ControlType::Abort {
-            let lso = self.ongoing.keys().next().copied().unwrap_or(marker_offset.next()).min(marker_offset.next());
+            let lso = self.ongoing.keys().next().map_or(marker_offset.next(), |k| k.0).min(marker_offset.next());
             self.aborted.push_back(AbortedTxn {
                 pid,
                 first_offset,
@@ -372,7 +366,7 @@ impl ProducerStateTable {
     /// the first offset of the oldest ongoing transaction, or of the oldest
     /// ended one whose marker is not under `hw`; with where its batch is.
     pub fn first_unstable(&self, hw: Offset) -> Option<(Offset, Option<BatchPosition>)> {
-        let ongoing = self.ongoing.iter().next().map(|(o, t)| (*o, t.position));
+        let ongoing = self.ongoing.iter().next().map(|(k, position)| (k.0, *position));
         let ended = self
             .unstable
             .iter()
@@ -389,7 +383,10 @@ impl ProducerStateTable {
     /// (first offset, producer, position) and the aborted list.
     #[cfg(test)]
     pub fn txn_state(&self) -> TxnState {
-        (self.ongoing.iter().map(|(o, t)| (*o, t.pid, t.position)).collect(), self.aborted.iter().copied().collect())
+        (
+            self.ongoing.iter().map(|(k, position)| (k.0, k.1, *position)).collect(),
+            self.aborted.iter().copied().collect(),
+        )
     }
 
     /// Transactions ongoing on this partition.
@@ -422,14 +419,15 @@ impl ProducerStateTable {
     /// First offsets of the unstable transactions (ongoing, and ended with
     /// the marker not yet under the high watermark) whose position is unknown.
     pub fn unpositioned_txns(&self) -> Vec<Offset> {
-        let ongoing = self.ongoing.iter().filter(|(_, t)| t.position.is_none()).map(|(o, _)| *o);
+        let ongoing = self.ongoing.iter().filter(|(_, position)| position.is_none()).map(|(k, _)| k.0);
         ongoing.chain(self.unstable.iter().filter(|t| t.position.is_none()).map(|t| t.first_offset)).collect()
     }
 
     /// Records where the first batch of the transaction starting at `first_offset` is.
     pub fn set_txn_position(&mut self, first_offset: Offset, position: BatchPosition) {
-        if let Some(t) = self.ongoing.get_mut(&first_offset) {
-            t.position = Some(position);
+        let at = (first_offset, ProducerId(i64::MIN))..=(first_offset, ProducerId(i64::MAX));
+        for (_, p) in self.ongoing.range_mut(at) {
+            *p = Some(position);
         }
         for t in self.unstable.iter_mut().filter(|t| t.first_offset == first_offset) {
             t.position = Some(position);
@@ -460,7 +458,11 @@ impl ProducerStateTable {
         if h.is_transactional() {
             self.begin_txn_batch(pid, h.producer_epoch(), h.base_offset(), h.max_timestamp_ms(), position);
         }
-        let count = h.last_offset_delta() + 1;
+        // Header fields off the disk or the wire: no overflow on hostile values.
+        if h.last_offset_delta() < 0 {
+            return;
+        }
+        let count = h.last_offset_delta().saturating_add(1);
         let meta = BatchMeta {
             first_seq: h.base_sequence(),
             last_seq: seq_add(h.base_sequence(), count - 1),
@@ -575,9 +577,7 @@ impl ProducerStateTable {
                 let first = b.get_i64();
                 if first >= 0 {
                     entry.txn_first_offset = Some(Offset(first));
-                    if table.ongoing.insert(Offset(first), OngoingTxn { pid, position: None }).is_some() {
-                        return None;
-                    }
+                    table.ongoing.insert((Offset(first), pid), None);
                 }
             }
             table.producers.insert(pid, entry);
@@ -639,9 +639,9 @@ pub fn idempotent_batch(records: &[u8], infos: &[BatchInfo]) -> Result<Option<Id
 /// snapshot if it is usable, then every batch header from there to the
 /// durable end, then the batches still pending.
 pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
-    let (path, start, hw) = {
+    let (path, start, hw, visible) = {
         let l = log.borrow();
-        (l.dir.join(SNAPSHOT_FILE), l.log_start_offset, l.durable_end)
+        (l.dir.join(SNAPSHOT_FILE), l.log_start_offset, l.durable_end, l.high_watermark)
     };
     let snapshot = glommio::executor()
         .spawn_blocking(move || match std::fs::read(&path) {
@@ -661,9 +661,21 @@ pub async fn rebuild(log: &SharedLog) -> io::Result<()> {
         }
         None => (ProducerStateTable::default(), start),
     };
+    // Aborted transactions whose marker retention or DeleteRecords removed since the snapshot.
+    table.on_log_start(start);
     let from = offset;
-    let batches =
-        if offset < hw { partition::for_each_durable_batch(log, offset, |h| table.replay(h)).await? } else { 0 };
+    // Transactions whose marker is under the high watermark are stable:
+    // dropping them as we go (at open, every durable one) keeps a whole-log
+    // replay from holding, and then locating, each of them.
+    let batches = if offset < hw {
+        partition::for_each_durable_batch(log, offset, |h| {
+            table.replay(h);
+            table.on_high_watermark(visible);
+        })
+        .await?
+    } else {
+        0
+    };
     table.dirty = batches > 0;
     {
         let mut l = log.borrow_mut();
@@ -1022,6 +1034,23 @@ mod tests {
         // The log start passing a marker forgets that transaction.
         t.on_log_start(Offset(21));
         assert_eq!(firsts(&t, 0, 100), vec![15, 40]);
+    }
+
+    /// A damaged log can hold two batches at one offset: both transactions
+    /// are tracked, and the snapshot still reads back (the fuzzer checks it).
+    #[test]
+    fn transactions_starting_at_the_same_offset_stay_apart() {
+        let mut t = ProducerStateTable::default();
+        t.begin_txn_batch(P1, 0, Offset(5), 0, None);
+        t.begin_txn_batch(P2, 0, Offset(5), 0, None);
+        assert_eq!(t.ongoing_txns(), 2);
+        t.set_txn_position(Offset(5), BatchPosition { segment_base: Offset(0), position: 7 });
+        assert_eq!(t.txn_state().0.iter().filter(|o| o.2.is_some()).count(), 2);
+        let (back, _) = ProducerStateTable::decode_snapshot(&t.encode_snapshot(Offset(6))).expect("reads back");
+        assert_eq!(back.ongoing_txns(), 2);
+        t.end_txn(P1, 0, 0, ControlType::Abort, Offset(6), 0);
+        assert_eq!(t.first_unstable(Offset(100)), Some((Offset(5), at(0, 7))), "P2's is still open");
+        assert_eq!(t.aborted_overlapping(Offset(0), Offset(10)).len(), 1);
     }
 
     #[test]

@@ -364,7 +364,14 @@ impl Coordinator {
 
     /// KIP-890 verification: whether every one of `parts` is in `id`'s open
     /// transaction of producer `pid` at `epoch` (per partition).
-    pub fn verify(&self, shard: &Shard, id: &str, pid: i64, epoch: i16, parts: &[(String, i32)]) -> TxnResult<Vec<bool>> {
+    pub fn verify(
+        &self,
+        shard: &Shard,
+        id: &str,
+        pid: i64,
+        epoch: i16,
+        parts: &[(String, i32)],
+    ) -> TxnResult<Vec<bool>> {
         self.check(shard, id)?;
         let txns = self.txns.borrow();
         let Some(e) = txns.get(id) else { return Err(ErrorCode::InvalidProducerIdMapping) };
@@ -442,7 +449,9 @@ impl Coordinator {
         };
         let coordinator_epoch = coordinator_epoch(shard, p);
         let started = Instant::now();
-        let done = markers::write_all(shard, id, p, m.producer_id, m.producer_epoch, commit, coordinator_epoch, &m.partitions).await;
+        let done =
+            markers::write_all(shard, id, p, m.producer_id, m.producer_epoch, commit, coordinator_epoch, &m.partitions)
+                .await;
         if !done {
             return;
         }
@@ -508,12 +517,7 @@ fn spawn_completion(shard: &Rc<Shard>, id: String, p: i32) {
 /// coordinator's `__transaction_state` partition.
 fn coordinator_epoch(shard: &Shard, p: i32) -> i32 {
     let image = shard.image();
-    image
-        .topics
-        .get(TXN_TOPIC)
-        .and_then(|t| image.partition_state(t, p as usize))
-        .map(|s| s.leader_epoch)
-        .unwrap_or(0)
+    image.topics.get(TXN_TOPIC).and_then(|t| image.partition_state(t, p as usize)).map(|s| s.leader_epoch).unwrap_or(0)
 }
 
 async fn allocate(shard: &Rc<Shard>) -> TxnResult<i64> {
@@ -574,7 +578,8 @@ pub async fn ensure_topic(shard: Rc<Shard>) {
     let mut configs = BTreeMap::new();
     configs.insert("cleanup.policy".to_string(), "compact".to_string());
     configs.insert("segment.bytes".to_string(), "104857600".to_string());
-    let topic = NewTopic { name: TXN_TOPIC.to_string(), partitions, replication_factor, assignments: Vec::new(), configs };
+    let topic =
+        NewTopic { name: TXN_TOPIC.to_string(), partitions, replication_factor, assignments: Vec::new(), configs };
     for (name, r) in shard.create_topics(vec![topic]).await {
         match r {
             Ok(meta) => log::info!(
@@ -673,10 +678,15 @@ async fn load_partition(shard: &Rc<Shard>, p: i32) -> usize {
     };
     let mut count = 0usize;
     while offset < end {
-        let r = match partition::read_with(&log, offset, LOAD_READ_BYTES, true, partition::ReadLimit::DurableEnd).await {
+        let r = match partition::read_with(&log, offset, LOAD_READ_BYTES, true, partition::ReadLimit::DurableEnd).await
+        {
             Ok(r) => r,
             Err(e) => {
-                log::error!("shard {}: reading {TXN_TOPIC}-{p} at {}: {e}; stopping the load there", shard.id.0, offset.0);
+                log::error!(
+                    "shard {}: reading {TXN_TOPIC}-{p} at {}: {e}; stopping the load there",
+                    shard.id.0,
+                    offset.0
+                );
                 break;
             }
         };

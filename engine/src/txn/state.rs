@@ -87,7 +87,9 @@ pub struct TxnMeta {
 impl TxnMeta {
     /// Whether the open transaction has run past its timeout at `now_ms`.
     pub fn expired(&self, now_ms: i64) -> bool {
-        self.state == TxnState::Ongoing && self.start_ms >= 0 && now_ms.saturating_sub(self.start_ms) > self.timeout_ms as i64
+        self.state == TxnState::Ongoing
+            && self.start_ms >= 0
+            && now_ms.saturating_sub(self.start_ms) > self.timeout_ms as i64
     }
 }
 

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use tidelog_protocol::batch::{ProducerFields, RecordRef};
-use tidelog_protocol::{Epoch, PartitionId};
+use tidelog_protocol::{Epoch, PartitionId, ProducerId};
 
 use super::*;
 use crate::storage::partition::{self, LogSettings, PartitionLog};
@@ -783,4 +783,61 @@ fn checkpoint_roundtrip_and_garbage() {
     assert_eq!(recover_dir(&dir).unwrap(), 0, "idempotent");
     assert_eq!(parse_swap_name("00000000000000000009-00000000000000000009.swap"), None);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Transactions: nothing at or above the last stable offset is cleaned, and
+/// transactional batches (aborted or not) and markers are kept as they are,
+/// never used as a key's latest value.
+#[test]
+fn compaction_stops_at_the_last_stable_offset_and_keeps_transactions() {
+    run(|| async {
+        let dir = crate::test_dir("compaction-txn");
+        let log = PartitionLog::open("t".into(), PartitionId(0), dir.to_path_buf(), settings()).await.unwrap();
+        log.borrow_mut().settings.segment.segment_bytes = 1;
+        let append = |b: Bytes| {
+            let infos = batch::validate_record_set(&b, usize::MAX).unwrap();
+            log.borrow_mut().append(bytes::BytesMut::from(&b[..]), &infos, Epoch(0));
+        };
+        // Offsets 0-11: k0 k1 k2 k0 ..., offset 4 is pid 9's open transaction writing k1.
+        for i in 0..12i64 {
+            let (k, v) = (format!("k{}", i % 3), format!("v{i}"));
+            let rec =
+                [RecordRef { key: Some(k.as_bytes()), value: Some(v.as_bytes()), headers: &[], timestamp_delta_ms: 0 }];
+            let b = if i == 4 {
+                let fields = ProducerFields { producer_id: 9, producer_epoch: 0, base_sequence: 0 };
+                batch::build_batch_with_attributes(&rec, TS, fields, batch::ATTR_TRANSACTIONAL)
+            } else {
+                batch::build_batch(&rec, TS, ProducerFields::default())
+            };
+            append(b);
+            partition::flush(&log).await.unwrap();
+        }
+        assert_eq!(log.borrow().last_stable_offset(), Offset(4));
+        let all: Vec<Row> = (0..12).map(|i| (i, format!("k{}", i % 3), Some(format!("v{i}")))).collect();
+        clean_log(&log, &params(TS), &|| false).await.unwrap().unwrap();
+        // 0-3 go (newer plain values of their keys); from the LSO on nothing is touched.
+        assert_eq!(read_all(&log).await, all[4..].to_vec());
+
+        // The transaction aborts: its record stays (not a latest value), the marker too.
+        let marker = log.borrow_mut().append_txn_marker(ProducerId(9), 0, false, 0, Epoch(0)).unwrap();
+        assert_eq!(marker, Offset(12));
+        append(keyed(&[("k0", Some("v13"))], TS, ProducerFields::default()));
+        partition::flush(&log).await.unwrap();
+        assert_eq!(log.borrow().last_stable_offset(), Offset(14));
+        let done = clean_log(&log, &params(TS), &|| false).await.unwrap().unwrap();
+        assert!(done.records_removed > 0);
+        let kept: Vec<i64> = read_all(&log).await.iter().map(|r| r.0).collect();
+        // 4 (aborted, kept as is), 10 and 11 the latest k1 and k2, 12 the marker, 13 active (9: an older k0).
+        assert_eq!(kept, vec![4, 10, 11, 12, 13]);
+        let batches = all_batches(&log).await;
+        let marker_batch = batches.iter().find(|b| BatchHeader::parse(b).unwrap().base_offset() == Offset(12));
+        assert!(marker_batch.is_some_and(|b| BatchHeader::parse(b).unwrap().is_control()), "the marker stays");
+        // Reopened: the aborted transaction and the producer's state come back from the cleaned log.
+        drop(log);
+        let log = PartitionLog::open("t".into(), PartitionId(0), dir.clone(), settings()).await.unwrap();
+        assert_eq!(log.borrow().aborted_txns(Offset(0), Offset(100)), vec![(ProducerId(9), Offset(4))]);
+        assert_eq!(log.borrow().last_stable_offset(), Offset(14));
+        drop(log);
+        std::fs::remove_dir_all(dir).unwrap();
+    });
 }

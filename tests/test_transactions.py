@@ -595,6 +595,7 @@ def test_consume_transform_produce_exactly_once_across_kill9(broker, tmp_path):
     assert not cb.errors and len(cb.at) == n
 
     runs = 0
+    kills_done = 0
     pipes = []
 
     def start():
@@ -610,6 +611,8 @@ def test_consume_transform_produce_exactly_once_across_kill9(broker, tmp_path):
             pipe = start()
             deadline = time.monotonic() + 90
             while pipe.committed() < target:
+                if pipe.proc.poll() == 0:
+                    break  # finished before the target: no kill this round
                 if pipe.proc.poll() is not None:
                     # A client error (e.g. right after the restart): a fresh
                     # process carries on, as an operator's supervisor would.
@@ -620,8 +623,12 @@ def test_consume_transform_produce_exactly_once_across_kill9(broker, tmp_path):
                     "\n".join(q.stderr() for q in pipes),
                 )
                 time.sleep(0.05)
+            if pipe.proc.poll() == 0:
+                print("pipeline finished before kill -9 #%d" % (k + 1))
+                break
             time.sleep(rnd.uniform(0, 0.3))
             broker.kill9()
+            kills_done += 1
             pipe.kill()
             print("kill -9 #%d at committed=%d" % (k + 1, pipe.committed()))
             broker.start()
@@ -642,7 +649,8 @@ def test_consume_transform_produce_exactly_once_across_kill9(broker, tmp_path):
     finally:
         for p in pipes:
             p.kill()
-    print("pipeline processes: %d" % runs)
+    print("pipeline processes: %d, kill -9s: %d" % (runs, kills_done))
+    assert kills_done >= 1, "the pipeline finished before the first kill -9"
 
     rc = read_partitions(broker, out_topic, P, "read_committed")
     got = values(rc)

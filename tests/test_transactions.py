@@ -506,6 +506,10 @@ def test_transaction_timeout_aborts(broker_factory, binary):
     assert not cb.errors
     assert list_offsets(broker, topic, [0], "read_committed") == {0: 0}
     assert list_offsets(broker, topic, [0], "read_uncommitted") == {0: 6}
+    port = tw.txn_coordinator_port(broker, tp_id)
+    st = tw.describe_transactions(port, [tp_id])[tp_id]
+    assert (st.error_code, st.transaction_state, st.transaction_timeout_ms) == (0, "Ongoing", 2000), st
+    pid, epoch = st.producer_id, st.producer_epoch
 
     # The abort marker (offset 6) lets the LSO reach the high watermark 7:
     # within the timeout plus Kafka's check interval (10 s default).
@@ -522,9 +526,15 @@ def test_transaction_timeout_aborts(broker_factory, binary):
         0: ["stalled-0", "stalled-1", "stalled-2"] + after
     }
 
-    port = tw.txn_coordinator_port(broker, tp_id)
-    st = tw.describe_transactions(port, [tp_id])[tp_id]
-    assert st.error_code == 0 and st.transaction_state == "CompleteAbort", st
+    # Kafka fences the producer as it aborts on timeout: the epoch is bumped.
+    st = wait_until(
+        lambda: (lambda x: x if x.transaction_state == "CompleteAbort" else None)(
+            tw.describe_transactions(port, [tp_id])[tp_id]
+        ),
+        10,
+        "CompleteAbort",
+    )
+    assert (st.error_code, st.producer_id, st.producer_epoch) == (0, pid, epoch + 1), st
 
     with pytest.raises(KafkaException):
         tp.commit_transaction(10)

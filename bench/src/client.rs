@@ -48,6 +48,13 @@ pub const CLIENT_APIS: &[(ApiKey, i16, i16)] = &[
     (ApiKey::LeaveGroup, 0, 5),
     (ApiKey::OffsetCommit, 2, 9),
     (ApiKey::OffsetFetch, 1, 9),
+    // Idempotent and transactional producers (`run --transactions`).
+    // AddPartitionsToTxn stops at 3, the client form (4+ batches several
+    // transactional ids, broker to broker); EndTxn at 4: 5 makes the
+    // coordinator bump the epoch at every commit (KIP-890).
+    (ApiKey::InitProducerId, 0, 5),
+    (ApiKey::AddPartitionsToTxn, 0, 3),
+    (ApiKey::EndTxn, 0, 4),
 ];
 
 /// Kafka error codes the bench treats as transient.

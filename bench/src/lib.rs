@@ -7,7 +7,8 @@
 //! encode/decode, compression), `client` (connections, setup calls),
 //! `group` (consumer-group membership and assignment), `stats` (histograms,
 //! pacing), `producer`/`consumer` (worker threads), `run` (orchestration),
-//! `report`/`svg` (outputs), `baseline`/`host` (what a result is a ratio of),
+//! `report`/`svg` (outputs), `txn` (transactional against idempotent
+//! produce, its own runner and report), `baseline`/`host` (what a result is a ratio of),
 //! `efficiency` (the broker's CPU time and bytes written per byte produced).
 
 pub mod baseline;
@@ -24,5 +25,6 @@ pub mod report;
 pub mod run;
 pub mod stats;
 pub mod svg;
+pub mod txn;
 pub mod util;
 pub mod workload;

@@ -193,6 +193,18 @@ struct RunArgs {
     /// Broker process id(s) on this host, comma-separated (a local cluster: one per node), for broker CPU-s per GB and write amplification from /proc/PID/stat and /proc/PID/io. Default: the local processes listening on the brokers' ports. 0 turns the broker figures off.
     #[arg(long, value_delimiter = ',', conflicts_with = "metrics_url")]
     broker_pid: Vec<u32>,
+    /// Transactional produce comparison instead of the usual run: transaction sizes in record batches, comma-separated, e.g. 1,10,100. First an idempotent producer (enable.idempotence, no transactions) writes, then for each size transactional producers (FindCoordinator, InitProducerId, then per transaction AddPartitionsToTxn, that many Produce batches, EndTxn commit), each run for --duration-s after --warmup-s (or --records, in whole transactions), all on one topic. Reports records and MB/s of committed records, commit latency (EndTxn round trip) and transaction latency (first Produce written to EndTxn answered) per size next to the idempotent run. Uses --producers, --partitions, --record-size, --batch-size, --compression, --max-in-flight; acks is always all, no consumers run; --verify reads everything back with read_committed. Writes txn-summary.json, report.txt, .hgrm files and latency.svg.
+    #[arg(long, value_parser = parse_txn_sizes)]
+    transactions: Option<TxnSizes>,
+    /// With --transactions: transactional ids are PREFIX-<size>-<producer>. Default tidelog-bench-txn-<unix time>, fresh ids, so no earlier producer is fenced and no open transaction of an earlier run is recovered.
+    #[arg(long, requires = "transactions")]
+    transactional_id_prefix: Option<String>,
+    /// With --transactions: transaction.timeout.ms sent in InitProducerId; the coordinator aborts a transaction open longer than this.
+    #[arg(long, default_value_t = 60_000)]
+    transaction_timeout_ms: i32,
+    /// With --transactions: wait before retrying AddPartitionsToTxn or EndTxn answered CONCURRENT_TRANSACTIONS (the previous commit's markers are still being written) or COORDINATOR_LOAD_IN_PROGRESS. 20 is what Kafka's Java producer waits; smaller shows how soon the broker finishes a commit.
+    #[arg(long, default_value_t = tidelog_bench::txn::TXN_RETRY_BACKOFF_MS_DEFAULT)]
+    txn_retry_backoff_ms: u64,
     /// Prometheus endpoint(s) of the broker(s), e.g. http://127.0.0.1:9644/metrics, comma-separated: broker CPU from process_cpu_seconds_total and bytes written from tidelog_storage_bytes_written_total, summed (for a broker not on this host).
     #[arg(long, value_delimiter = ',')]
     metrics_url: Vec<String>,
@@ -231,6 +243,14 @@ struct CompareArgs {
     /// Where to write the combined latency chart.
     #[arg(long, default_value = "compare.svg")]
     svg: PathBuf,
+}
+
+/// `--transactions`: batches per transaction, one run per size.
+#[derive(Clone, Debug)]
+struct TxnSizes(Vec<u32>);
+
+fn parse_txn_sizes(s: &str) -> Result<TxnSizes, String> {
+    tidelog_bench::txn::parse_sizes(s).map(TxnSizes)
 }
 
 fn parse_mode(s: &str) -> Result<ConsumerMode, String> {
@@ -410,6 +430,9 @@ fn cmd_run(a: &RunArgs) -> anyhow::Result<bool> {
         us => Some(Duration::from_micros(us)),
     };
     let w = build_workload(a)?;
+    if let Some(sizes) = &a.transactions {
+        return cmd_txn(a, w, &sizes.0, hiccup_interval);
+    }
     let all_cores: Vec<usize> =
         core_affinity::get_core_ids().map(|v| v.into_iter().map(|c| c.id).collect()).unwrap_or_default();
     let cores = match &a.cores {
@@ -491,6 +514,78 @@ fn cmd_run(a: &RunArgs) -> anyhow::Result<bool> {
         if r.failed_records > 0 {
             eprintln!("{} records failed", r.failed_records);
             ok = false;
+        }
+    }
+    Ok(ok)
+}
+
+/// `run --transactions`: the idempotent run and one transactional run per
+/// size, one report.
+fn cmd_txn(a: &RunArgs, w: Workload, sizes: &[u32], hiccup_interval: Option<Duration>) -> anyhow::Result<bool> {
+    use tidelog_bench::txn;
+    if w.consumer.count > 0 && a.consumers.is_some() {
+        eprintln!("note: --transactions runs no consumers; --consumers is ignored");
+    }
+    let all_cores: Vec<usize> =
+        core_affinity::get_core_ids().map(|v| v.into_iter().map(|c| c.id).collect()).unwrap_or_default();
+    let base = get_baseline(a)?;
+    let data_dir = a.data_dir.clone().or_else(|| a.baseline_dir.clone()).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let started = wall_now_us() / 1_000_000;
+    let name = a.name.clone().unwrap_or_else(|| format!("{}-transactions", w.name));
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("results/{name}-{started}")));
+    let opts = txn::TxnOptions {
+        bootstrap: a.bootstrap.clone(),
+        workload: w.clone(),
+        sizes: sizes.to_vec(),
+        transactional_id_prefix: a
+            .transactional_id_prefix
+            .clone()
+            .unwrap_or_else(|| format!("tidelog-bench-txn-{started}")),
+        transaction_timeout_ms: a.transaction_timeout_ms,
+        txn_retry_backoff_ms: a.txn_retry_backoff_ms,
+        verify: a.verify,
+        progress: !a.quiet,
+        seed: a.seed,
+    };
+    let meter = match hiccup_interval {
+        Some(interval) => Some(HiccupMeter::start(&all_cores, interval)?),
+        None => None,
+    };
+    let outcome = txn::run_comparison(&opts);
+    let hiccups = meter.map(HiccupMeter::finish);
+    let outcome = outcome?;
+    let mut summary = txn::build_summary(
+        txn::TxnSummaryInputs {
+            name,
+            started_at_unix_s: started,
+            workload: w,
+            bootstrap: a.bootstrap.clone(),
+            broker_label: a.broker_label.clone(),
+            broker_version: a.broker_version.clone(),
+            host: host_info(&data_dir),
+            baseline: base,
+            hiccups,
+            transaction_timeout_ms: a.transaction_timeout_ms,
+            txn_retry_backoff_ms: a.txn_retry_backoff_ms,
+        },
+        &outcome,
+    );
+    let files = txn::write_run_dir(&out, &mut summary, &outcome)?;
+    print!("{}", txn::render_table(&summary));
+    println!("reports:");
+    for f in files {
+        println!("  {}", f.display());
+    }
+    let mut ok = true;
+    if a.strict {
+        if !summary.notes.is_empty() {
+            ok = false;
+        }
+        if let Some(v) = &summary.verify {
+            if v.problems > 0 {
+                eprintln!("verification failed: {}", v.first_problems.first().map(String::as_str).unwrap_or("?"));
+                ok = false;
+            }
         }
     }
     Ok(ok)

@@ -34,6 +34,31 @@ fn record_body_len(ts_delta: i64, offset_delta: i64, key: Option<&[u8]>, value_l
     1 + varint_len(ts_delta) + varint_len(offset_delta) + key_len + varint_len(value_len as i64) + value_len + 1
 }
 
+/// Attributes bit of a batch written inside a transaction (Kafka's
+/// `RecordBatch.TRANSACTIONAL_FLAG_MASK`).
+pub const TRANSACTIONAL_BIT: i16 = 0x10;
+
+/// The attributes field of a batch a producer writes: compression codec in
+/// bits 0-2, create time (bit 3 clear), the transactional bit, never the
+/// control bit (0x20, broker-written markers only).
+pub fn batch_attributes(codec: Codec, transactional: bool) -> i16 {
+    codec.attribute_bits() | if transactional { TRANSACTIONAL_BIT } else { 0 }
+}
+
+/// Producer identity a batch carries; `NONE` (all -1) for a plain producer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProducerStamp {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
+    pub transactional: bool,
+}
+
+impl ProducerStamp {
+    pub const NONE: ProducerStamp =
+        ProducerStamp { producer_id: -1, producer_epoch: -1, base_sequence: -1, transactional: false };
+}
+
 /// An open batch for one partition.
 pub struct BatchBuilder {
     records: BytesMut,
@@ -90,6 +115,13 @@ impl BatchBuilder {
     /// Closes the batch: compresses the records section and writes the header
     /// and CRC. Base offset is 0; the broker assigns it.
     pub fn finish(self, codec: Codec) -> anyhow::Result<Bytes> {
+        self.finish_as(codec, ProducerStamp::NONE)
+    }
+
+    /// `finish` for an idempotent or transactional producer: the batch
+    /// carries its producer id, epoch and base sequence, and the
+    /// transactional attribute bit when `stamp.transactional`.
+    pub fn finish_as(self, codec: Codec, stamp: ProducerStamp) -> anyhow::Result<Bytes> {
         let compressed;
         let body: &[u8] = match codec {
             Codec::None => &self.records,
@@ -104,13 +136,13 @@ impl BatchBuilder {
         buf.put_i32(-1);
         buf.put_i8(2);
         buf.put_u32(0);
-        buf.put_i16(codec.attribute_bits());
+        buf.put_i16(batch_attributes(codec, stamp.transactional));
         buf.put_i32((self.count - 1).max(0));
         buf.put_i64(self.base_ts_ms);
         buf.put_i64(self.max_ts_ms);
-        buf.put_i64(-1);
-        buf.put_i16(-1);
-        buf.put_i32(-1);
+        buf.put_i64(stamp.producer_id);
+        buf.put_i16(stamp.producer_epoch);
+        buf.put_i32(stamp.base_sequence);
         buf.put_i32(self.count);
         buf.put_slice(body);
         let crc = crc32c::crc32c(&buf[ATTRIBUTES_OFFSET..]);
@@ -326,6 +358,47 @@ mod tests {
             ProducerFields::default(),
         );
         assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn producer_stamp_matches_protocol_builder_and_sets_transactional_bit() {
+        let records = [RecordRef { key: None, value: Some(b"value"), headers: &[], timestamp_delta_ms: 0 }];
+        let fields = ProducerFields { producer_id: 4242, producer_epoch: 7, base_sequence: 300 };
+        let theirs = build_batch(&records, 1000, fields);
+        let build = |transactional| {
+            let mut b = BatchBuilder::new(1000, 64);
+            b.append(1000, None, b"val", b"ue");
+            let stamp = ProducerStamp { producer_id: 4242, producer_epoch: 7, base_sequence: 300, transactional };
+            b.finish_as(Codec::None, stamp).unwrap()
+        };
+        assert_eq!(build(false), theirs, "idempotent batch = the protocol crate's batch with the same fields");
+        let txn = build(true);
+        let h = BatchHeader::parse(&txn).unwrap();
+        assert!(h.is_transactional() && !h.is_control());
+        assert_eq!((h.producer_id().0, h.producer_epoch(), h.base_sequence()), (4242, 7, 300));
+        assert_eq!(h.attributes(), 0x10);
+        // Only the attributes (and so the CRC) differ from the idempotent batch.
+        let diff: Vec<usize> = (0..txn.len()).filter(|&i| txn[i] != theirs[i]).collect();
+        assert!(diff.iter().all(|&i| (CRC_OFFSET..ATTRIBUTES_OFFSET + 2).contains(&i)), "{diff:?}");
+        validate(&txn, 1 << 20).unwrap();
+    }
+
+    #[test]
+    fn attributes_combine_codec_and_transactional_bit() {
+        assert_eq!(batch_attributes(Codec::None, false), 0);
+        assert_eq!(batch_attributes(Codec::None, true), 0x10);
+        assert_eq!(batch_attributes(Codec::Zstd, true), 0x14);
+        assert_eq!(batch_attributes(Codec::Lz4, false), 0x03);
+        for codec in [Codec::Gzip, Codec::Snappy, Codec::Lz4, Codec::Zstd] {
+            let mut b = BatchBuilder::new(5, 256);
+            b.append(5, None, &[9u8; 40], b"");
+            let stamp = ProducerStamp { producer_id: 1, producer_epoch: 0, base_sequence: 0, transactional: true };
+            let batch = b.finish_as(codec, stamp).unwrap();
+            let h = BatchHeader::parse(&batch).unwrap();
+            assert!(h.is_transactional(), "{codec:?}");
+            assert_eq!(h.attributes() & 0x07, codec.attribute_bits(), "{codec:?}");
+            validate(&batch, 1 << 20).unwrap();
+        }
     }
 
     #[test]

@@ -324,7 +324,24 @@ pub fn parse_hgrm(text: &str) -> anyhow::Result<Vec<(f64, f64)>> {
     Ok(pts)
 }
 
-fn hgrm_points(h: &Histogram<u64>) -> Vec<(f64, f64)> {
+/// The baseline line of a report: what the hardware can do.
+pub fn render_baseline(b: &Baseline) -> String {
+    format!(
+        "baseline: {} write {:.1} MB/s | read {:.1} MB/s (x{} {:.1}) | fdatasync p50 {} ms p99 {} ms | loopback {:.1} MB/s ({})",
+        if b.o_direct { "O_DIRECT" } else { "buffered" },
+        b.o_direct_write_mb_per_s,
+        b.o_direct_read_mb_per_s,
+        crate::baseline::READ_PARALLEL,
+        b.o_direct_read_parallel_mb_per_s,
+        fmt_ms(b.fdatasync_latency_us.p50),
+        fmt_ms(b.fdatasync_latency_us.p99),
+        b.loopback_mb_per_s,
+        b.dir
+    )
+}
+
+/// A histogram's (percentile, ms) points for a latency chart.
+pub fn hgrm_points(h: &Histogram<u64>) -> Vec<(f64, f64)> {
     if h.is_empty() {
         return Vec::new();
     }
@@ -444,19 +461,7 @@ pub fn render_table(s: &Summary) -> String {
     }
     match &s.baseline {
         Some(b) => {
-            let _ = writeln!(
-                out,
-                "baseline: {} write {:.1} MB/s | read {:.1} MB/s (x{} {:.1}) | fdatasync p50 {} ms p99 {} ms | loopback {:.1} MB/s ({})",
-                if b.o_direct { "O_DIRECT" } else { "buffered" },
-                b.o_direct_write_mb_per_s,
-                b.o_direct_read_mb_per_s,
-                crate::baseline::READ_PARALLEL,
-                b.o_direct_read_parallel_mb_per_s,
-                fmt_ms(b.fdatasync_latency_us.p50),
-                fmt_ms(b.fdatasync_latency_us.p99),
-                b.loopback_mb_per_s,
-                b.dir
-            );
+            let _ = writeln!(out, "{}", render_baseline(b));
             let ratios: Vec<String> = s.ratios.iter().map(|(k, v)| format!("{k} = {v:.3}")).collect();
             let _ = writeln!(out, "ratios: {}", ratios.join(" | "));
         }
@@ -549,7 +554,8 @@ fn latency_row(out: &mut String, name: &str, p: &Percentiles) {
 
 /// The hiccup meter's rows under the latency table, in the same columns,
 /// then steal time and the longest hiccups with when they happened.
-fn render_hiccups(out: &mut String, h: &Hiccups, started_ms: u64) {
+/// The host hiccup meter's line of a report.
+pub fn render_hiccups(out: &mut String, h: &Hiccups, started_ms: u64) {
     for c in &h.per_cpu {
         latency_row(out, &format!("host hiccup (cpu {})", c.cpu), &c.late_us);
     }

@@ -416,17 +416,9 @@ pub fn append_batch(shard: &Rc<Shard>, log: &partition::SharedLog, batch: &[u8])
     let (_, last) = {
         let mut l = log.borrow_mut();
         let epoch = Epoch(shard.image().leader_epoch(&l.topic, l.partition.0).max(0));
-        let (first, last) = l.append(bytes::BytesMut::from(batch), &infos, epoch);
-        // Transactional offset commits: the partition's producer state
-        // learns of the open transaction (at the offset it was given).
-        let mut appended = bytes::BytesMut::from(batch);
-        appended[..8].copy_from_slice(&first.0.to_be_bytes());
-        if let Ok(h) = tidelog_protocol::batch::BatchHeader::parse(&appended) {
-            if h.producer_id().0 >= 0 {
-                l.producers.replay(&h);
-            }
-        }
-        (first, last)
+        // A transactional offset commit opens its producer's transaction
+        // in the partition's producer state (`append` notes it).
+        l.append(bytes::BytesMut::from(batch), &infos, epoch)
     };
     shard.mark_dirty(log);
     Ok(last)

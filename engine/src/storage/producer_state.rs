@@ -755,6 +755,8 @@ pub struct PidAllocator {
     next: Cell<i64>,
     reserved_to: Cell<i64>,
     loaded: Cell<bool>,
+    /// Held while the counter file is read or a block is reserved.
+    reserving: glommio::sync::Semaphore,
 }
 
 const PID_SHARD_SHIFT: u32 = 40;
@@ -768,12 +770,28 @@ impl PidAllocator {
             next: Cell::new(0),
             reserved_to: Cell::new(0),
             loaded: Cell::new(false),
+            reserving: glommio::sync::Semaphore::new(1),
         }
     }
 
     /// A producer id never handed out before by this data dir.
     pub async fn allocate(&self) -> io::Result<ProducerId> {
         loop {
+            let next = self.next.get();
+            if self.loaded.get() && next < self.reserved_to.get() {
+                self.next.set(next + 1);
+                return Ok(ProducerId(((self.shard.0 as i64) << PID_SHARD_SHIFT) | next));
+            }
+            // One load or reservation at a time: two concurrent ones would
+            // write the same temporary file and one rename would fail.
+            let _permit = self
+                .reserving
+                .acquire_permit(1)
+                .await
+                .map_err(|e| io::Error::other(format!("producer id reservation: {e}")))?;
+            if self.loaded.get() && self.next.get() < self.reserved_to.get() {
+                continue;
+            }
             if !self.loaded.get() {
                 let path = self.path.clone();
                 let stored = glommio::executor()
@@ -785,16 +803,10 @@ impl PidAllocator {
                         Err(e) => Err(e),
                     })
                     .await?;
-                if !self.loaded.get() {
-                    self.next.set(stored);
-                    self.reserved_to.set(stored);
-                    self.loaded.set(true);
-                }
-            }
-            let next = self.next.get();
-            if next < self.reserved_to.get() {
-                self.next.set(next + 1);
-                return Ok(ProducerId(((self.shard.0 as i64) << PID_SHARD_SHIFT) | next));
+                self.next.set(stored);
+                self.reserved_to.set(stored);
+                self.loaded.set(true);
+                continue;
             }
             let to = self.reserved_to.get() + PID_BLOCK;
             if to >= 1i64 << PID_SHARD_SHIFT {
@@ -803,9 +815,7 @@ impl PidAllocator {
             let dir = self.path.parent().map(|p| p.to_path_buf()).unwrap_or_default();
             let name = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             glommio::executor().spawn_blocking(move || write_durably(&dir, &name, to.to_string().as_bytes())).await?;
-            if to > self.reserved_to.get() {
-                self.reserved_to.set(to);
-            }
+            self.reserved_to.set(to);
         }
     }
 }

@@ -59,6 +59,8 @@ pub use state::{TxnMeta, TxnState};
 pub const TXN_TOPIC: &str = "__transaction_state";
 /// Bytes read per step while replaying `__transaction_state`.
 const LOAD_READ_BYTES: usize = 4 << 20;
+/// The longest an EndTxn waits for its markers before it is answered.
+const END_TXN_WAIT: Duration = Duration::from_secs(5);
 /// How often leadership of `__transaction_state` partitions is followed.
 const LEADERSHIP_TICK: Duration = Duration::from_millis(100);
 
@@ -416,7 +418,14 @@ impl Coordinator {
         new.state = if commit { TxnState::PrepareCommit } else { TxnState::PrepareAbort };
         new.last_update_ms = now_ms();
         self.transition(shard, id, p, new).await?;
-        spawn_completion(shard, id.to_string(), p);
+        // Answered once the markers are written, so that the producer's
+        // next transaction starts at once: Kafka answers at the decision
+        // and the client's next AddPartitionsToTxn then gets
+        // CONCURRENT_TRANSACTIONS and retries after a backoff (20-100 ms).
+        // Never later than END_TXN_WAIT: the decision is durable and the
+        // markers follow in the background.
+        let done = spawn_completion(shard, id.to_string(), p);
+        let _ = glommio::timer::timeout(END_TXN_WAIT, async { Ok(done.await) }).await;
         Ok(())
     }
 
@@ -434,7 +443,7 @@ impl Coordinator {
         new.state = TxnState::PrepareAbort;
         new.last_update_ms = now_ms();
         self.transition(shard, id, p, new).await?;
-        spawn_completion(shard, id.to_string(), p);
+        let _ = spawn_completion(shard, id.to_string(), p);
         Ok(())
     }
 
@@ -508,9 +517,11 @@ impl Coordinator {
     }
 }
 
-fn spawn_completion(shard: &Rc<Shard>, id: String, p: i32) {
+/// Writes a decided transaction's markers and its Complete state in the
+/// background; the handle resolves when that is done (or given up).
+fn spawn_completion(shard: &Rc<Shard>, id: String, p: i32) -> glommio::task::JoinHandle<()> {
     let shard = shard.clone();
-    glommio::spawn_local(async move { shard.txns.complete(&shard, &id, p).await }).detach();
+    glommio::spawn_local(async move { shard.txns.complete(&shard, &id, p).await }).detach()
 }
 
 /// The coordinator epoch written in markers: the leader epoch of the
@@ -665,7 +676,7 @@ async fn follow_leadership(shard: &Rc<Shard>) {
             unfinished.len()
         );
         for id in unfinished {
-            spawn_completion(shard, id, p);
+            let _ = spawn_completion(shard, id, p);
         }
     }
 }

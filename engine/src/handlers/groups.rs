@@ -769,8 +769,10 @@ pub async fn txn_offset_commit(shard: Rc<Shard>, version: i16, cid: i32, req: Tx
             );
         }
     }
+    // As Kafka's verification answers a fenced producer's write (its
+    // AddPartitionsToTxnManager): INVALID_PRODUCER_EPOCH, at every version.
     let group_error = group_error.map_err(|e| match e {
-        ErrorCode::ProducerFenced if version < 3 => ErrorCode::InvalidProducerEpoch,
+        ErrorCode::ProducerFenced => ErrorCode::InvalidProducerEpoch,
         e => e,
     });
     let now = now_ms();

@@ -1,7 +1,7 @@
 """Consume-transform-produce loop for test_transactions.py, run as its own
 process so the test can kill it (-9) with the broker and start a fresh one.
 
-    txn_pipeline.py BOOTSTRAP IN_TOPIC OUT_TOPIC GROUP TRANSACTIONAL_ID TOTAL PROGRESS_FILE
+    txn_pipeline.py BOOTSTRAP IN_TOPIC OUT_TOPIC GROUP TRANSACTIONAL_ID TOTAL PROGRESS_FILE [PAUSE_S]
 
 A read_committed consumer in GROUP (subscribed to IN_TOPIC) and a
 transactional producer: every input record becomes one output record
@@ -27,6 +27,10 @@ BATCH = 50
 def main():
     bootstrap, in_topic, out_topic, group, txn_id, total, progress = sys.argv[1:8]
     total = int(total)
+    # Optional pause between writing a batch and committing it, so that the
+    # test's kills land mid-run (and mostly inside a transaction whose records
+    # are in the log) rather than after a fast pipeline has finished.
+    pause = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
     log = open(progress, "a")
 
     def note(**kv):
@@ -85,6 +89,10 @@ def main():
                 )
                 pending += 1
             assignment = consumer.assignment()
+            if pending and pause:
+                # the batch's records reach the log, uncommitted, for a while
+                producer.flush(30)
+                time.sleep(pause)
             if pending:
                 positions = consumer.position(assignment)
                 producer.send_offsets_to_transaction(positions, consumer.consumer_group_metadata(), 30)

@@ -489,41 +489,49 @@ def test_zombie_is_fenced(broker):
 
 
 def test_transaction_timeout_aborts(broker_factory, binary):
+    timeout_ms = 3000
     broker = txn_broker(broker_factory, binary)
     fast = ABORT_CHECK_FLAG in broker_help(binary)
     topic = uid("txtimeout")
     create_topic(broker, topic, 1)
+    (leader,) = tw.leader_ports(broker, topic, [0]).values()
     cb = Deliveries()
     tp_id = uid("timeout")
-    tp = txn_producer(broker, tp_id, errors=[], **{"transaction.timeout.ms": 2000})
+    port = tw.txn_coordinator_port(broker, tp_id)
+    # Clients connected and warmed up before the clock starts: the checks
+    # of the open transaction below are raw requests, well inside the timeout.
+    plain = plain_producer(broker)
+    produce_all(plain, topic, [(0, "before-0")], cb)
+    tp = txn_producer(broker, tp_id, errors=[], **{"transaction.timeout.ms": timeout_ms})
     tp.init_transactions(60)
     tp.begin_transaction()
     started = time.monotonic()
     produce_all(tp, topic, [(0, "stalled-%d" % i) for i in range(3)], cb)
-    plain = plain_producer(broker)
     after = ["after-%d" % i for i in range(3)]
     produce_all(plain, topic, [(0, v) for v in after], cb)
-    assert not cb.errors
-    assert list_offsets(broker, topic, [0], "read_committed") == {0: 0}
-    assert list_offsets(broker, topic, [0], "read_uncommitted") == {0: 6}
-    port = tw.txn_coordinator_port(broker, tp_id)
     st = tw.describe_transactions(port, [tp_id])[tp_id]
-    assert (st.error_code, st.transaction_state, st.transaction_timeout_ms) == (0, "Ongoing", 2000), st
+    lso = tw.list_offsets_latest(leader, topic, [0], 1)
+    hw = tw.list_offsets_latest(leader, topic, [0], 0)
+    checked = time.monotonic() - started
+    assert checked < timeout_ms / 1000.0, "checks of the open transaction took %.2f s" % checked
+    assert not cb.errors
+    assert (st.error_code, st.transaction_state, st.transaction_timeout_ms) == (0, "Ongoing", timeout_ms), st
+    assert (lso, hw) == ({0: (0, 1)}, {0: (0, 7)})
     pid, epoch = st.producer_id, st.producer_epoch
 
-    # The abort marker (offset 6) lets the LSO reach the high watermark 7:
+    # The abort marker (offset 7) lets the LSO reach the high watermark 8:
     # within the timeout plus Kafka's check interval (10 s default).
-    bound = 2 + (0.5 if fast else 10) + 8
+    bound = timeout_ms / 1000.0 + (0.5 if fast else 10) + 8
     wait_until(
-        lambda: list_offsets(broker, topic, [0], "read_committed") == {0: 7},
+        lambda: list_offsets(broker, topic, [0], "read_committed") == {0: 8},
         bound,
         "LSO past the timed-out transaction",
     )
-    assert time.monotonic() - started >= 2 - 0.2, "aborted before transaction.timeout.ms"
-    assert list_offsets(broker, topic, [0], "read_uncommitted") == {0: 7}
-    assert values(read_partitions(broker, topic, [0], "read_committed")) == {0: after}
+    assert time.monotonic() - started >= timeout_ms / 1000.0 - 0.2, "aborted before transaction.timeout.ms"
+    assert list_offsets(broker, topic, [0], "read_uncommitted") == {0: 8}
+    assert values(read_partitions(broker, topic, [0], "read_committed")) == {0: ["before-0"] + after}
     assert values(read_partitions(broker, topic, [0], "read_uncommitted")) == {
-        0: ["stalled-0", "stalled-1", "stalled-2"] + after
+        0: ["before-0", "stalled-0", "stalled-1", "stalled-2"] + after
     }
 
     # Kafka fences the producer as it aborts on timeout: the epoch is bumped.
@@ -538,7 +546,7 @@ def test_transaction_timeout_aborts(broker_factory, binary):
 
     with pytest.raises(KafkaException):
         tp.commit_transaction(10)
-    assert values(read_partitions(broker, topic, [0], "read_committed")) == {0: after}
+    assert values(read_partitions(broker, topic, [0], "read_committed")) == {0: ["before-0"] + after}
 
 
 # --------------------------------------------------------------------------

@@ -264,12 +264,9 @@ pub fn list_transactions(shard: &Rc<Shard>, version: i16, cid: i32, req: ListTra
         .filter(|(_, m)| {
             req.producer_id_filters.is_empty() || req.producer_id_filters.iter().any(|p| p.0 == m.producer_id)
         })
-        // v1 (KIP-994): only transactions running for longer than the filter.
-        .filter(|(_, m)| {
-            version < 1
-                || req.duration_filter < 0
-                || (m.state == TxnState::Ongoing && now.saturating_sub(m.start_ms) > req.duration_filter)
-        })
+        // v1 (KIP-994): only transactions started longer ago than the
+        // filter (Kafka compares the start timestamp whatever the state).
+        .filter(|(_, m)| version < 1 || req.duration_filter < 0 || now.saturating_sub(m.start_ms) > req.duration_filter)
         .map(|(id, m)| {
             ltr::TransactionState::default()
                 .with_transactional_id(TransactionalId(str_bytes(&id)))

@@ -226,6 +226,16 @@ impl Conn {
         !self.wbuf.is_empty()
     }
 
+    /// What to poll this connection for: input always, output while a
+    /// request waits to be written.
+    pub fn pollfd(&self) -> libc::pollfd {
+        libc::pollfd {
+            fd: self.raw_fd(),
+            events: libc::POLLIN | if self.wants_write() { libc::POLLOUT } else { 0 },
+            revents: 0,
+        }
+    }
+
     /// Writes what the socket takes now; true when the buffer is empty.
     pub fn flush(&mut self) -> anyhow::Result<bool> {
         while !self.wbuf.is_empty() {

@@ -367,15 +367,7 @@ pub fn run_consumer(cfg: ConsumerConfig) -> anyhow::Result<ConsumerResult> {
         if let Some(m) = &member {
             wait = wait.min(m.next_heartbeat.min(m.next_commit).saturating_duration_since(Instant::now()));
         }
-        let mut fds: Vec<libc::pollfd> = owned
-            .leaders
-            .iter()
-            .map(|l| libc::pollfd {
-                fd: l.conn.raw_fd(),
-                events: libc::POLLIN | if l.conn.wants_write() { libc::POLLOUT } else { 0 },
-                revents: 0,
-            })
-            .collect();
+        let mut fds: Vec<libc::pollfd> = owned.leaders.iter().map(|l| l.conn.pollfd()).collect();
         if fds.is_empty() {
             std::thread::sleep(wait.min(Duration::from_millis(50)));
             continue;

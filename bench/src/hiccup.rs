@@ -105,6 +105,22 @@ fn ticks_per_second() -> f64 {
     }
 }
 
+/// Runs `f` with a meter on `cores` when `interval` is set, and stops the
+/// meter when `f` returns, whatever it returns.
+pub fn measure_during<T>(
+    cores: &[usize],
+    interval: Option<Duration>,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, Option<Hiccups>)> {
+    let meter = match interval {
+        Some(interval) => Some(HiccupMeter::start(cores, interval)?),
+        None => None,
+    };
+    let outcome = f();
+    let hiccups = meter.map(HiccupMeter::finish);
+    Ok((outcome?, hiccups))
+}
+
 impl HiccupMeter {
     /// Starts one sleeper per core in `cores`.
     pub fn start(cores: &[usize], interval: Duration) -> anyhow::Result<HiccupMeter> {

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 use tidelog_bench::baseline::{self, Baseline, BaselineOptions};
 use tidelog_bench::efficiency;
-use tidelog_bench::hiccup::HiccupMeter;
+use tidelog_bench::hiccup;
 use tidelog_bench::host::host_info;
 use tidelog_bench::report::{self, SummaryInputs};
 use tidelog_bench::run::{self, RunOptions};
@@ -463,13 +463,7 @@ fn cmd_run(a: &RunArgs) -> anyhow::Result<bool> {
         data_dir: data_dir.clone(),
     };
     // Every core of the host, not only the bench's: the broker's cores matter most.
-    let meter = match hiccup_interval {
-        Some(interval) => Some(HiccupMeter::start(&all_cores, interval)?),
-        None => None,
-    };
-    let outcome = run::run(&opts);
-    let hiccups = meter.map(HiccupMeter::finish);
-    let outcome = outcome?;
+    let (outcome, hiccups) = hiccup::measure_during(&all_cores, hiccup_interval, || run::run(&opts))?;
     let mut summary = report::build_summary(
         SummaryInputs {
             name: a.name.clone().unwrap_or_else(|| w.name.clone()),
@@ -547,13 +541,7 @@ fn cmd_txn(a: &RunArgs, w: Workload, sizes: &[u32], hiccup_interval: Option<Dura
         progress: !a.quiet,
         seed: a.seed,
     };
-    let meter = match hiccup_interval {
-        Some(interval) => Some(HiccupMeter::start(&all_cores, interval)?),
-        None => None,
-    };
-    let outcome = txn::run_comparison(&opts);
-    let hiccups = meter.map(HiccupMeter::finish);
-    let outcome = outcome?;
+    let (outcome, hiccups) = hiccup::measure_during(&all_cores, hiccup_interval, || txn::run_comparison(&opts))?;
     let mut summary = txn::build_summary(
         txn::TxnSummaryInputs {
             name,

@@ -21,7 +21,7 @@ use anyhow::{anyhow, Context};
 use bytes::Bytes;
 use tidelog_protocol::header::decode_response;
 use tidelog_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-use tidelog_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicName};
+use tidelog_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicName, TransactionalId};
 use tidelog_protocol::StrBytes;
 
 use crate::client::{frame_correlation_id, is_retriable, poll_fds, Cluster, Conn};
@@ -30,9 +30,9 @@ use crate::records::BatchBuilder;
 use crate::run::{Live, RunClock};
 use crate::stats::{keep_slowest, record_us, record_us_n, Pacer, Slow, ThreadStats, SLOW_US};
 use crate::util::{wall_now_us, Rng};
-use crate::workload::{KeyMode, ProducerSpec, SizeDist, PAYLOAD_HEADER_BYTES};
+use crate::workload::{payload_filler, payload_header, payload_tail, KeyMode, ProducerSpec};
 
-/// Largest Produce request the producer builds (Kafka's max.request.size).
+/// Largest Produce request the producers build (Kafka's max.request.size).
 const REQUEST_BYTES_MAX: usize = 1024 * 1024;
 /// Most records generated per loop turn, so responses are read in between.
 const RECORDS_PER_TURN_MAX: usize = 4096;
@@ -67,22 +67,187 @@ struct ReadyBatch {
     attempts: u32,
 }
 
-struct InFlight {
-    correlation_id: i32,
-    sent: Instant,
-    batches: Vec<ReadyBatch>,
+/// A batch that waits for, or travels in, a Produce request.
+pub(crate) trait QueuedBatch {
+    fn partition(&self) -> i32;
+    fn bytes(&self) -> &Bytes;
 }
 
-struct Leader {
-    conn: Conn,
-    ready: VecDeque<ReadyBatch>,
-    in_flight: VecDeque<InFlight>,
+impl QueuedBatch for ReadyBatch {
+    fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+}
+
+/// A Produce request written and not yet answered.
+pub(crate) struct InFlight<B> {
+    pub(crate) correlation_id: i32,
+    pub(crate) sent: Instant,
+    pub(crate) batches: Vec<B>,
+}
+
+/// One connection to a partition leader with its queue of ready batches
+/// and its requests in flight.
+pub(crate) struct Leader<B> {
+    pub(crate) conn: Conn,
+    pub(crate) ready: VecDeque<B>,
+    pub(crate) in_flight: VecDeque<InFlight<B>>,
     /// retry.backoff.ms: no new request before this after a retriable error.
-    backoff_until: Option<Instant>,
+    pub(crate) backoff_until: Option<Instant>,
+}
+
+/// Connects (non-blocking), once per broker, to the leader of every
+/// partition in `cluster`. Returns the connections and, per partition, the
+/// index of its leader's.
+pub(crate) fn connect_leaders<B>(
+    cluster: &Cluster,
+    topic: &str,
+    client_id: &str,
+) -> anyhow::Result<(Vec<Leader<B>>, Vec<usize>)> {
+    let mut leaders: Vec<Leader<B>> = Vec::new();
+    let mut node_to_leader = std::collections::BTreeMap::new();
+    let n = cluster.partitions.iter().map(|p| p.index + 1).max().unwrap_or(0) as usize;
+    let mut leader_of = vec![usize::MAX; n];
+    for p in &cluster.partitions {
+        let idx = match node_to_leader.get(&p.leader) {
+            Some(&i) => i,
+            None => {
+                let mut conn = Conn::connect(cluster.broker_addr(p.leader)?, client_id)?;
+                conn.set_nonblocking()?;
+                leaders.push(Leader { conn, ready: VecDeque::new(), in_flight: VecDeque::new(), backoff_until: None });
+                node_to_leader.insert(p.leader, leaders.len() - 1);
+                leaders.len() - 1
+            }
+        };
+        leader_of[p.index as usize] = idx;
+    }
+    anyhow::ensure!(!leaders.is_empty(), "topic {topic} has no partitions");
+    anyhow::ensure!(leader_of.iter().all(|&l| l != usize::MAX), "topic {topic} has gaps in its partitions");
+    Ok((leaders, leader_of))
+}
+
+impl<B: QueuedBatch> Leader<B> {
+    /// The batches of this leader's next Produce request, or `None` while
+    /// it backs off after a retriable error, has `max_in_flight` requests
+    /// out (no cap when `None`), or has nothing ready. One batch per
+    /// partition, in queue order, up to REQUEST_BYTES_MAX; the rest stays
+    /// queued in its order. `in_order`: once a partition's batch is passed
+    /// over, none of its later ones goes in this request either (they would
+    /// overtake it).
+    pub(crate) fn next_request(&mut self, max_in_flight: Option<usize>, in_order: bool) -> Option<Vec<B>> {
+        if let Some(t) = self.backoff_until {
+            if Instant::now() < t {
+                return None;
+            }
+            self.backoff_until = None;
+        }
+        if self.ready.is_empty() || max_in_flight.is_some_and(|max| self.in_flight.len() >= max) {
+            return None;
+        }
+        let mut batches: Vec<B> = Vec::new();
+        let mut skipped: VecDeque<B> = VecDeque::new();
+        let mut size = 0;
+        while let Some(b) = self.ready.pop_front() {
+            let blocked = batches.iter().any(|x| x.partition() == b.partition())
+                || (in_order && skipped.iter().any(|x| x.partition() == b.partition()));
+            if blocked || (!batches.is_empty() && size + b.bytes().len() > REQUEST_BYTES_MAX) {
+                skipped.push_back(b);
+                if size + 100 > REQUEST_BYTES_MAX {
+                    break;
+                }
+                continue;
+            }
+            size += b.bytes().len();
+            batches.push(b);
+        }
+        while let Some(b) = skipped.pop_back() {
+            self.ready.push_front(b);
+        }
+        Some(batches)
+    }
+
+    /// Reads the next Produce response, if a whole one has arrived, with
+    /// the request it answers and each partition's error code.
+    pub(crate) fn next_produce_response(
+        &mut self,
+        version: i16,
+    ) -> anyhow::Result<Option<(Instant, InFlight<B>, PartitionCodes)>> {
+        let Some(mut frame) = self.conn.next_frame()? else { return Ok(None) };
+        let now = Instant::now();
+        let cid = frame_correlation_id(&frame).ok_or_else(|| anyhow!("short response frame"))?;
+        let inflight = self.in_flight.pop_front().ok_or_else(|| anyhow!("response {cid} with no request in flight"))?;
+        anyhow::ensure!(
+            inflight.correlation_id == cid,
+            "{}: response correlation id {cid}, expected {}",
+            self.conn.addr,
+            inflight.correlation_id
+        );
+        let (_, resp) = decode_response::<ProduceResponse>(ApiKey::Produce, version, &mut frame)
+            .map_err(|e| anyhow!("{e}"))
+            .context("decoding ProduceResponse")?;
+        let codes =
+            resp.responses.iter().flat_map(|t| t.partition_responses.iter().map(|p| (p.index, p.error_code))).collect();
+        Ok(Some((now, inflight, PartitionCodes(codes))))
+    }
+}
+
+/// The error code per partition of a Produce response.
+pub(crate) struct PartitionCodes(Vec<(i32, i16)>);
+
+impl PartitionCodes {
+    /// -1 (UNKNOWN_SERVER_ERROR) for a partition the response left out.
+    pub(crate) fn get(&self, partition: i32) -> i16 {
+        self.0.iter().find(|c| c.0 == partition).map(|c| c.1).unwrap_or(-1)
+    }
+}
+
+/// A Produce request for `batches` of `topic`.
+pub(crate) fn produce_request<B: QueuedBatch>(
+    topic: &TopicName,
+    acks: i16,
+    timeout_ms: i32,
+    transactional_id: Option<TransactionalId>,
+    batches: &[B],
+) -> ProduceRequest {
+    ProduceRequest::default()
+        .with_transactional_id(transactional_id)
+        .with_acks(acks)
+        .with_timeout_ms(timeout_ms)
+        .with_topic_data(vec![TopicProduceData::default().with_name(topic.clone()).with_partition_data(
+            batches
+                .iter()
+                .map(|b| {
+                    PartitionProduceData::default().with_index(b.partition()).with_records(Some(b.bytes().clone()))
+                })
+                .collect(),
+        )])
+}
+
+/// Polls the leaders' connections for up to `timeout`, writes what waits
+/// on the writable ones and reads the readable ones (or those that hung
+/// up). Returns the indexes of the latter, whose responses are to handle.
+pub(crate) fn poll_leaders<B>(leaders: &mut [Leader<B>], timeout: Duration) -> anyhow::Result<Vec<usize>> {
+    let mut fds: Vec<libc::pollfd> = leaders.iter().map(|l| l.conn.pollfd()).collect();
+    poll_fds(&mut fds, timeout)?;
+    let mut readable = Vec::new();
+    for (li, fd) in fds.iter().enumerate() {
+        if fd.revents & libc::POLLOUT != 0 {
+            leaders[li].conn.flush()?;
+        }
+        if fd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0 {
+            leaders[li].conn.read_some()?;
+            readable.push(li);
+        }
+    }
+    Ok(readable)
 }
 
 /// Kafka's retry.backoff.ms default.
-const RETRY_BACKOFF: Duration = Duration::from_millis(100);
+pub(crate) const RETRY_BACKOFF: Duration = Duration::from_millis(100);
 
 pub fn run_producer(cfg: ProducerConfig) -> anyhow::Result<ThreadStats> {
     let mut p = Producer::new(cfg)?;
@@ -95,7 +260,7 @@ struct Producer {
     version: i16,
     /// leader index per partition (into `leaders`)
     leader_of: Vec<usize>,
-    leaders: Vec<Leader>,
+    leaders: Vec<Leader<ReadyBatch>>,
     open: Vec<Option<OpenBatch>>,
     sticky: i32,
     rng: Rng,
@@ -113,39 +278,12 @@ struct Producer {
 
 impl Producer {
     fn new(cfg: ProducerConfig) -> anyhow::Result<Producer> {
-        let mut leaders: Vec<Leader> = Vec::new();
-        let mut node_to_leader = std::collections::BTreeMap::new();
-        let n = cfg.cluster.partitions.iter().map(|p| p.index + 1).max().unwrap_or(0) as usize;
-        let mut leader_of = vec![usize::MAX; n];
-        for p in &cfg.cluster.partitions {
-            let idx = match node_to_leader.get(&p.leader) {
-                Some(&i) => i,
-                None => {
-                    let addr = cfg.cluster.broker_addr(p.leader)?;
-                    let mut conn = Conn::connect(addr, &format!("tidelog-bench-producer-{}", cfg.index))?;
-                    conn.set_nonblocking()?;
-                    leaders.push(Leader {
-                        conn,
-                        ready: VecDeque::new(),
-                        in_flight: VecDeque::new(),
-                        backoff_until: None,
-                    });
-                    node_to_leader.insert(p.leader, leaders.len() - 1);
-                    leaders.len() - 1
-                }
-            };
-            leader_of[p.index as usize] = idx;
-        }
-        anyhow::ensure!(!leaders.is_empty(), "topic {} has no partitions", cfg.topic);
-        anyhow::ensure!(leader_of.iter().all(|&l| l != usize::MAX), "topic {} has gaps in its partitions", cfg.topic);
+        let (leaders, leader_of) =
+            connect_leaders(&cfg.cluster, &cfg.topic, &format!("tidelog-bench-producer-{}", cfg.index))?;
+        let n = leader_of.len();
         let version = leaders[0].conn.versions.get(ApiKey::Produce)?;
         let mut rng = Rng::new(cfg.seed);
-        let max_value = match cfg.spec.size_dist() {
-            SizeDist::Fixed { bytes } => bytes,
-            SizeDist::Uniform { max_bytes, .. } | SizeDist::Normal { max_bytes, .. } => max_bytes,
-        };
-        let mut filler = vec![0u8; max_value + 4096];
-        rng.fill(&mut filler);
+        let filler = payload_filler(cfg.spec.size_dist(), &mut rng);
         let sticky = rng.below(n as u64) as i32;
         Ok(Producer {
             pacer: Pacer::new(cfg.clock.start, cfg.rate_per_s),
@@ -222,19 +360,6 @@ impl Producer {
         self.buffered_bytes >= self.cfg.spec.buffer_memory_bytes
     }
 
-    fn value_len(&mut self) -> usize {
-        match self.cfg.spec.size_dist() {
-            SizeDist::Fixed { bytes } => bytes,
-            SizeDist::Uniform { min_bytes, max_bytes } => {
-                min_bytes + self.rng.below((max_bytes - min_bytes + 1) as u64) as usize
-            }
-            SizeDist::Normal { mean_bytes, stddev_bytes, min_bytes, max_bytes } => {
-                let v = mean_bytes as f64 + self.rng.normal() * stddev_bytes as f64;
-                (v.round().max(0.0) as usize).clamp(min_bytes, max_bytes)
-            }
-        }
-    }
-
     /// Generates every record that is due (bounded per turn).
     fn generate(&mut self, now: Instant) -> anyhow::Result<()> {
         for _ in 0..RECORDS_PER_TURN_MAX {
@@ -255,7 +380,7 @@ impl Producer {
     fn append_record(&mut self, intended: Instant) -> anyhow::Result<()> {
         let ts_us = self.wall_start_us + intended.saturating_duration_since(self.cfg.clock.start).as_micros() as u64;
         let ts_ms = (ts_us / 1000) as i64;
-        let value_len = self.value_len();
+        let value_len = self.cfg.spec.size_dist().draw(&mut self.rng);
         let keyed = match self.cfg.spec.keys {
             KeyMode::None => None,
             KeyMode::Random => Some(self.rng.below(self.cfg.spec.key_count)),
@@ -274,12 +399,8 @@ impl Producer {
             }
             None => self.sticky,
         };
-        let mut header = [0u8; PAYLOAD_HEADER_BYTES];
-        header[0..8].copy_from_slice(&ts_us.to_be_bytes());
-        header[8..12].copy_from_slice(&self.cfg.index.to_be_bytes());
-        header[12..20].copy_from_slice(&self.seq.to_be_bytes());
+        let header = payload_header(ts_us, self.cfg.index, self.seq);
         self.seq += 1;
-        let offset = (self.seq as usize * 7) % 4096;
         let key = if keyed.is_some() { Some(self.key_buf.as_slice()) } else { None };
         let slot = partition as usize;
         let batch_max = self.cfg.spec.batch_size_bytes;
@@ -304,7 +425,7 @@ impl Producer {
         // A new batch's header counts too: `close` takes off the whole
         // uncompressed size.
         let before = if opened { 0 } else { ob.builder.size_bytes() };
-        let tail = &self.filler[offset..offset + value_len - PAYLOAD_HEADER_BYTES];
+        let tail = payload_tail(&self.filler, self.seq, value_len);
         ob.builder.append(ts_ms, if keyed.is_some() { Some(self.key_buf.as_slice()) } else { None }, &header, tail);
         ob.intended.push(intended);
         ob.value_bytes += value_len as u64;
@@ -361,51 +482,10 @@ impl Producer {
         let max_in_flight = self.cfg.spec.max_in_flight;
         let acks = self.cfg.spec.acks;
         for li in 0..self.leaders.len() {
-            loop {
+            // acks=0: no response comes, nothing stays in flight.
+            while let Some(batches) = self.leaders[li].next_request((acks != 0).then_some(max_in_flight), false) {
+                let req = produce_request(&self.topic_name, acks, self.cfg.spec.request_timeout_ms, None, &batches);
                 let leader = &mut self.leaders[li];
-                if let Some(t) = leader.backoff_until {
-                    if Instant::now() < t {
-                        break;
-                    }
-                    leader.backoff_until = None;
-                }
-                if leader.ready.is_empty() || (acks != 0 && leader.in_flight.len() >= max_in_flight) {
-                    break;
-                }
-                // One batch per partition per request, up to the size cap.
-                let mut batches: Vec<ReadyBatch> = Vec::new();
-                let mut size = 0;
-                let mut skipped: VecDeque<ReadyBatch> = VecDeque::new();
-                while let Some(b) = leader.ready.pop_front() {
-                    let dup = batches.iter().any(|x| x.partition == b.partition);
-                    if dup || (!batches.is_empty() && size + b.bytes.len() > REQUEST_BYTES_MAX) {
-                        skipped.push_back(b);
-                        if size + 100 > REQUEST_BYTES_MAX {
-                            break;
-                        }
-                        continue;
-                    }
-                    size += b.bytes.len();
-                    batches.push(b);
-                }
-                while let Some(b) = skipped.pop_back() {
-                    leader.ready.push_front(b);
-                }
-                let req = ProduceRequest::default()
-                    .with_acks(acks)
-                    .with_timeout_ms(self.cfg.spec.request_timeout_ms)
-                    .with_topic_data(vec![TopicProduceData::default()
-                        .with_name(self.topic_name.clone())
-                        .with_partition_data(
-                            batches
-                                .iter()
-                                .map(|b| {
-                                    PartitionProduceData::default()
-                                        .with_index(b.partition)
-                                        .with_records(Some(b.bytes.clone()))
-                                })
-                                .collect(),
-                        )]);
                 let cid = leader.conn.queue(ApiKey::Produce, self.version, &req)?;
                 leader.conn.flush()?;
                 let now = Instant::now();
@@ -465,25 +545,9 @@ impl Producer {
             until = until.min(self.next_linger_check);
         }
         let timeout = until.saturating_duration_since(now);
-        let mut fds: Vec<libc::pollfd> = self
-            .leaders
-            .iter()
-            .map(|l| libc::pollfd {
-                fd: l.conn.raw_fd(),
-                events: libc::POLLIN | if l.conn.wants_write() { libc::POLLOUT } else { 0 },
-                revents: 0,
-            })
-            .collect();
         let any_waiting = self.leaders.iter().any(|l| !l.in_flight.is_empty() || l.conn.wants_write());
         if any_waiting || !timeout.is_zero() {
-            poll_fds(&mut fds, timeout)?;
-        }
-        for (li, fd) in fds.iter().enumerate() {
-            if fd.revents & libc::POLLOUT != 0 {
-                self.leaders[li].conn.flush()?;
-            }
-            if fd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0 {
-                self.leaders[li].conn.read_some()?;
+            for li in poll_leaders(&mut self.leaders, timeout)? {
                 self.handle_responses(li, interval)?;
             }
         }
@@ -491,30 +555,9 @@ impl Producer {
     }
 
     fn handle_responses(&mut self, li: usize, interval: &mut hdrhistogram::Histogram<u64>) -> anyhow::Result<()> {
-        while let Some(mut frame) = self.leaders[li].conn.next_frame()? {
-            let now = Instant::now();
-            let cid = frame_correlation_id(&frame).ok_or_else(|| anyhow!("short response frame"))?;
-            let inflight = self.leaders[li]
-                .in_flight
-                .pop_front()
-                .ok_or_else(|| anyhow!("response {cid} with no request in flight"))?;
-            anyhow::ensure!(
-                inflight.correlation_id == cid,
-                "{}: response correlation id {cid}, expected {}",
-                self.leaders[li].conn.addr,
-                inflight.correlation_id
-            );
-            let (_, resp) = decode_response::<ProduceResponse>(ApiKey::Produce, self.version, &mut frame)
-                .map_err(|e| anyhow!("{e}"))
-                .context("decoding ProduceResponse")?;
-            let mut codes: Vec<(i32, i16)> = Vec::new();
-            for t in &resp.responses {
-                for p in &t.partition_responses {
-                    codes.push((p.index, p.error_code));
-                }
-            }
+        while let Some((now, inflight, codes)) = self.leaders[li].next_produce_response(self.version)? {
             for b in inflight.batches {
-                let code = codes.iter().find(|c| c.0 == b.partition).map(|c| c.1).unwrap_or(-1);
+                let code = codes.get(b.partition);
                 if code == 0 {
                     if now >= self.cfg.clock.warmup_end {
                         for &t in &b.intended {

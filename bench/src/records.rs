@@ -6,6 +6,7 @@
 //!
 //! Thread-local: each producer/consumer thread owns its builders.
 
+use std::borrow::Cow;
 use std::io::{Read, Write};
 
 use anyhow::{anyhow, bail};
@@ -286,6 +287,25 @@ pub fn for_each_fetched_record(
     check_crc: bool,
     mut f: impl FnMut(RecordView<'_>),
 ) -> anyhow::Result<Option<i64>> {
+    for_each_fetched_batch(set, check_crc, |h, body| {
+        if h.is_control() {
+            return Ok(());
+        }
+        let records = batch_records(h, body)?;
+        for_each_record(&records, h.record_count(), h.base_offset().0, h.base_timestamp_ms(), &mut f)
+    })
+}
+
+/// Calls `f` with the header and the (maybe compressed) records section of
+/// each whole batch in a fetched record set, after checking its CRC if
+/// `check_crc`. Returns the offset after the last complete batch (or `None`
+/// if there was none); a partial batch at the end (fetch max bytes cut it)
+/// is left for the next fetch.
+pub fn for_each_fetched_batch(
+    set: &[u8],
+    check_crc: bool,
+    mut f: impl FnMut(&BatchHeader<'_>, &[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<Option<i64>> {
     let mut at = 0;
     let mut next = None;
     while at + BATCH_HEADER_BYTES <= set.len() {
@@ -298,22 +318,19 @@ pub fn for_each_fetched_record(
         if check_crc {
             tidelog_protocol::batch::validate(batch, usize::MAX).map_err(|e| anyhow!("{e}"))?;
         }
-        if !h.is_control() {
-            let body = &batch[BATCH_HEADER_BYTES..];
-            match h.compression() {
-                Compression::None => {
-                    for_each_record(body, h.record_count(), h.base_offset().0, h.base_timestamp_ms(), &mut f)?
-                }
-                c => {
-                    let plain = decompress(c, body)?;
-                    for_each_record(&plain, h.record_count(), h.base_offset().0, h.base_timestamp_ms(), &mut f)?
-                }
-            }
-        }
+        f(&h, &batch[BATCH_HEADER_BYTES..])?;
         next = Some(h.last_offset().0 + 1);
         at += size;
     }
     Ok(next)
+}
+
+/// A batch's records section, decompressed if it is compressed.
+pub fn batch_records<'a>(h: &BatchHeader<'_>, body: &'a [u8]) -> anyhow::Result<Cow<'a, [u8]>> {
+    Ok(match h.compression() {
+        Compression::None => Cow::Borrowed(body),
+        c => Cow::Owned(decompress(c, body)?),
+    })
 }
 
 /// How many data records at or after offset `from` the complete batches of

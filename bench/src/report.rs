@@ -629,11 +629,26 @@ pub fn write_run_dir(dir: &Path, summary: &mut Summary, o: &RunOutcome) -> anyho
         throughput_over_time(&format!("{}: throughput over time", summary.name), "MB/s", &tp_series),
     )?;
     files.push(tput);
+    let table = render_table(summary);
+    finish_run_dir(dir, files, &table, SUMMARY_FILE, summary, |s| &mut s.files)
+}
+
+/// The last files of a run directory: `table` as report.txt, then
+/// `summary` as `json_name`, its file list (`listed`) set first to the
+/// names of all the files, itself included. Returns `files` with both.
+pub(crate) fn finish_run_dir<S: Serialize>(
+    dir: &Path,
+    mut files: Vec<PathBuf>,
+    table: &str,
+    json_name: &str,
+    summary: &mut S,
+    listed: impl FnOnce(&mut S) -> &mut Vec<String>,
+) -> anyhow::Result<Vec<PathBuf>> {
     let report = dir.join("report.txt");
-    std::fs::write(&report, render_table(summary))?;
+    std::fs::write(&report, table)?;
     files.push(report);
-    let json_path = dir.join(SUMMARY_FILE);
-    summary.files = files
+    let json_path = dir.join(json_name);
+    *listed(summary) = files
         .iter()
         .chain(std::iter::once(&json_path))
         .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))

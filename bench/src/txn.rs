@@ -29,7 +29,7 @@
 //! joining them. With `--verify` every record is read back afterwards with
 //! Fetch isolation_level=1 (read_committed) and counted.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -41,31 +41,27 @@ use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use tidelog_protocol::batch::{BatchHeader, Compression, BATCH_HEADER_BYTES};
-use tidelog_protocol::header::decode_response;
 use tidelog_protocol::messages::add_partitions_to_txn_request::AddPartitionsToTxnTopic;
 use tidelog_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-use tidelog_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use tidelog_protocol::messages::{
     AddPartitionsToTxnRequest, AddPartitionsToTxnResponse, ApiKey, EndTxnRequest, EndTxnResponse, FetchRequest,
     FetchResponse, FindCoordinatorRequest, FindCoordinatorResponse, InitProducerIdRequest, InitProducerIdResponse,
-    ProduceRequest, ProduceResponse, ProducerId, TopicName, TransactionalId,
+    ProducerId, TopicName, TransactionalId,
 };
 use tidelog_protocol::{ErrorCode, StrBytes};
 
 use crate::baseline::Baseline;
-use crate::client::{
-    ensure_topic, frame_correlation_id, is_retriable, list_offsets, poll_fds, Cluster, Conn, Versions,
-};
+use crate::client::{ensure_topic, is_retriable, list_offsets, Cluster, Conn, Versions};
 use crate::hiccup::Hiccups;
 use crate::host::HostInfo;
-use crate::records::{decompress, for_each_record, BatchBuilder, ProducerStamp};
-use crate::report::{hgrm, hgrm_points, render_baseline, render_hiccups, BrokerInfo, Throughput};
+use crate::producer::{connect_leaders, poll_leaders, produce_request, InFlight, Leader, QueuedBatch, RETRY_BACKOFF};
+use crate::records::{batch_records, for_each_fetched_batch, for_each_record, BatchBuilder, ProducerStamp};
+use crate::report::{finish_run_dir, hgrm, hgrm_points, render_baseline, render_hiccups, BrokerInfo, Throughput};
 use crate::run::RunClock;
 use crate::stats::{new_latency_histogram, record_us, Percentiles};
 use crate::svg::{latency_by_percentile, Series, PALETTE};
 use crate::util::{wall_now_us, Rng};
-use crate::workload::{SizeDist, Workload, PAYLOAD_HEADER_BYTES};
+use crate::workload::{payload_filler, payload_header, payload_tail, Workload, PAYLOAD_HEADER_BYTES};
 
 pub const TXN_SUMMARY_SCHEMA: &str = "tidelog-bench/txn-summary/v1";
 pub const TXN_SUMMARY_FILE: &str = "txn-summary.json";
@@ -79,10 +75,6 @@ const COORDINATOR_WAIT: Duration = Duration::from_secs(15);
 /// (`TransactionManager.ADD_PARTITIONS_RETRY_BACKOFF_MS`): the previous
 /// EndTxn's markers are usually written within milliseconds.
 pub const TXN_RETRY_BACKOFF_MS_DEFAULT: u64 = 20;
-/// retry.backoff.ms for Produce.
-const PRODUCE_RETRY_BACKOFF: Duration = Duration::from_millis(100);
-/// Largest Produce request built (Kafka's max.request.size).
-const REQUEST_BYTES_MAX: usize = 1024 * 1024;
 /// Largest transaction size accepted, in batches (a 100 000-batch
 /// transaction of 128 KiB batches would hold 13 GB in memory).
 pub const TXN_BATCHES_MAX: u32 = 10_000;
@@ -678,17 +670,14 @@ struct Batch {
     attempts: u32,
 }
 
-struct InFlight {
-    correlation_id: i32,
-    sent: Instant,
-    batches: Vec<Batch>,
-}
+impl QueuedBatch for Batch {
+    fn partition(&self) -> i32 {
+        self.partition
+    }
 
-struct Leader {
-    conn: Conn,
-    ready: VecDeque<Batch>,
-    in_flight: VecDeque<InFlight>,
-    backoff_until: Option<Instant>,
+    fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
 }
 
 /// One producer thread's figures.
@@ -749,7 +738,7 @@ struct WorkerCfg {
 struct Worker {
     cfg: WorkerCfg,
     produce_version: i16,
-    leaders: Vec<Leader>,
+    leaders: Vec<Leader<Batch>>,
     leader_of: Vec<usize>,
     partitions: usize,
     session: Option<TxnSession>,
@@ -774,30 +763,8 @@ struct Worker {
 impl Worker {
     fn init(cfg: WorkerCfg) -> anyhow::Result<Worker> {
         let client_id = format!("tidelog-bench-{}-{}", cfg.mode.label(), cfg.stream & 0xff);
-        let mut leaders: Vec<Leader> = Vec::new();
-        let mut node_to_leader = BTreeMap::new();
-        let partitions = cfg.cluster.partitions.iter().map(|p| p.index + 1).max().unwrap_or(0) as usize;
-        let mut leader_of = vec![usize::MAX; partitions];
-        for p in &cfg.cluster.partitions {
-            let idx = match node_to_leader.get(&p.leader) {
-                Some(&i) => i,
-                None => {
-                    let mut conn = Conn::connect(cfg.cluster.broker_addr(p.leader)?, &client_id)?;
-                    conn.set_nonblocking()?;
-                    leaders.push(Leader {
-                        conn,
-                        ready: VecDeque::new(),
-                        in_flight: VecDeque::new(),
-                        backoff_until: None,
-                    });
-                    node_to_leader.insert(p.leader, leaders.len() - 1);
-                    leaders.len() - 1
-                }
-            };
-            leader_of[p.index as usize] = idx;
-        }
-        anyhow::ensure!(!leaders.is_empty(), "topic {} has no partitions", cfg.topic);
-        anyhow::ensure!(leader_of.iter().all(|&l| l != usize::MAX), "topic {} has gaps in its partitions", cfg.topic);
+        let (leaders, leader_of) = connect_leaders(&cfg.cluster, &cfg.topic, &client_id)?;
+        let partitions = leader_of.len();
         let produce_version = leaders[0].conn.versions.get(ApiKey::Produce)?;
         let (session, producer_id, epoch) = match &cfg.transactional_id {
             Some(id) => {
@@ -816,12 +783,7 @@ impl Worker {
             "InitProducerId answered producer id {producer_id} epoch {epoch}"
         );
         let mut rng = Rng::new(cfg.seed ^ u64::from(cfg.stream));
-        let max_value = match cfg.workload.producer.size_dist() {
-            SizeDist::Fixed { bytes } => bytes,
-            SizeDist::Uniform { max_bytes, .. } | SizeDist::Normal { max_bytes, .. } => max_bytes,
-        };
-        let mut filler = vec![0u8; max_value + 4096];
-        rng.fill(&mut filler);
+        let filler = payload_filler(cfg.workload.producer.size_dist(), &mut rng);
         Ok(Worker {
             topic_name: TopicName(StrBytes::from_string(cfg.topic.clone())),
             cursor: (cfg.stream & 0xff) as usize % partitions.max(1),
@@ -861,19 +823,6 @@ impl Worker {
         })
     }
 
-    fn value_len(&mut self) -> usize {
-        match self.cfg.workload.producer.size_dist() {
-            SizeDist::Fixed { bytes } => bytes,
-            SizeDist::Uniform { min_bytes, max_bytes } => {
-                min_bytes + self.rng.below((max_bytes - min_bytes + 1) as u64) as usize
-            }
-            SizeDist::Normal { mean_bytes, stddev_bytes, min_bytes, max_bytes } => {
-                let v = mean_bytes as f64 + self.rng.normal() * stddev_bytes as f64;
-                (v.round().max(0.0) as usize).clamp(min_bytes, max_bytes)
-            }
-        }
-    }
-
     /// Builds one full batch (batch.size) for `partition` and queues it.
     fn queue_batch(&mut self, partition: usize) -> anyhow::Result<()> {
         let batch_max = self.cfg.workload.producer.batch_size_bytes;
@@ -882,16 +831,12 @@ impl Worker {
         let mut b = BatchBuilder::new(ts_ms, batch_max);
         let mut value_bytes = 0u64;
         loop {
-            let len = self.value_len();
+            let len = self.cfg.workload.producer.size_dist().draw(&mut self.rng);
             if b.count() > 0 && b.size_bytes() + b.record_size_bytes(ts_ms, None, len) > batch_max {
                 break;
             }
-            let mut header = [0u8; PAYLOAD_HEADER_BYTES];
-            header[0..8].copy_from_slice(&ts_us.to_be_bytes());
-            header[8..12].copy_from_slice(&self.cfg.stream.to_be_bytes());
-            header[12..20].copy_from_slice(&self.next_record.to_be_bytes());
-            let offset = (self.next_record as usize * 7) % 4096;
-            b.append(ts_ms, None, &header, &self.filler[offset..offset + len - PAYLOAD_HEADER_BYTES]);
+            let header = payload_header(ts_us, self.cfg.stream, self.next_record);
+            b.append(ts_ms, None, &header, payload_tail(&self.filler, self.next_record, len));
             self.next_record += 1;
             value_bytes += len as u64;
         }
@@ -1015,53 +960,16 @@ impl Worker {
         let max_in_flight = self.cfg.workload.producer.max_in_flight.max(1);
         let transactional_id = self.session.as_ref().map(|s| TransactionalId(StrBytes::from_string(s.txn_id.clone())));
         for li in 0..self.leaders.len() {
-            loop {
-                let leader = &mut self.leaders[li];
-                if let Some(t) = leader.backoff_until {
-                    if Instant::now() < t {
-                        break;
-                    }
-                    leader.backoff_until = None;
-                }
-                if leader.ready.is_empty() || leader.in_flight.len() >= max_in_flight {
-                    break;
-                }
-                // One batch per partition per request, in queue order (which
-                // is sequence order per partition), up to the size cap.
-                let mut batches: Vec<Batch> = Vec::new();
-                let mut skipped: VecDeque<Batch> = VecDeque::new();
-                let mut size = 0;
-                while let Some(b) = leader.ready.pop_front() {
-                    let blocked = batches.iter().chain(skipped.iter()).any(|x| x.partition == b.partition);
-                    if blocked || (!batches.is_empty() && size + b.bytes.len() > REQUEST_BYTES_MAX) {
-                        skipped.push_back(b);
-                        if size + 100 > REQUEST_BYTES_MAX {
-                            break;
-                        }
-                        continue;
-                    }
-                    size += b.bytes.len();
-                    batches.push(b);
-                }
-                while let Some(b) = skipped.pop_back() {
-                    leader.ready.push_front(b);
-                }
-                let req = ProduceRequest::default()
-                    .with_transactional_id(transactional_id.clone())
-                    .with_acks(-1)
-                    .with_timeout_ms(self.cfg.workload.producer.request_timeout_ms)
-                    .with_topic_data(vec![TopicProduceData::default()
-                        .with_name(self.topic_name.clone())
-                        .with_partition_data(
-                            batches
-                                .iter()
-                                .map(|b| {
-                                    PartitionProduceData::default()
-                                        .with_index(b.partition)
-                                        .with_records(Some(b.bytes.clone()))
-                                })
-                                .collect(),
-                        )]);
+            let leader = &mut self.leaders[li];
+            // Queue order is sequence order per partition: keep it.
+            while let Some(batches) = leader.next_request(Some(max_in_flight), true) {
+                let req = produce_request(
+                    &self.topic_name,
+                    -1,
+                    self.cfg.workload.producer.request_timeout_ms,
+                    transactional_id.clone(),
+                    &batches,
+                );
                 let cid = leader.conn.queue(ApiKey::Produce, self.produce_version, &req)?;
                 leader.conn.flush()?;
                 leader.in_flight.push_back(InFlight { correlation_id: cid, sent: Instant::now(), batches });
@@ -1072,15 +980,6 @@ impl Worker {
     }
 
     fn wait_and_read(&mut self) -> anyhow::Result<()> {
-        let mut fds: Vec<libc::pollfd> = self
-            .leaders
-            .iter()
-            .map(|l| libc::pollfd {
-                fd: l.conn.raw_fd(),
-                events: libc::POLLIN | if l.conn.wants_write() { libc::POLLOUT } else { 0 },
-                revents: 0,
-            })
-            .collect();
         // Wake for a backoff's end too.
         let now = Instant::now();
         let wait = self
@@ -1091,43 +990,16 @@ impl Worker {
             .min()
             .unwrap_or(Duration::from_millis(100))
             .min(Duration::from_millis(100));
-        poll_fds(&mut fds, wait)?;
-        for (li, fd) in fds.iter().enumerate() {
-            if fd.revents & libc::POLLOUT != 0 {
-                self.leaders[li].conn.flush()?;
-            }
-            if fd.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0 {
-                self.leaders[li].conn.read_some()?;
-                self.handle_responses(li)?;
-            }
+        for li in poll_leaders(&mut self.leaders, wait)? {
+            self.handle_responses(li)?;
         }
         Ok(())
     }
 
     fn handle_responses(&mut self, li: usize) -> anyhow::Result<()> {
-        while let Some(mut frame) = self.leaders[li].conn.next_frame()? {
-            let now = Instant::now();
-            let cid = frame_correlation_id(&frame).ok_or_else(|| anyhow!("short response frame"))?;
-            let inflight = self.leaders[li]
-                .in_flight
-                .pop_front()
-                .ok_or_else(|| anyhow!("response {cid} with no request in flight"))?;
-            anyhow::ensure!(
-                inflight.correlation_id == cid,
-                "{}: response correlation id {cid}, expected {}",
-                self.leaders[li].conn.addr,
-                inflight.correlation_id
-            );
-            let (_, resp) = decode_response::<ProduceResponse>(ApiKey::Produce, self.produce_version, &mut frame)
-                .map_err(|e| anyhow!("{e}"))
-                .context("decoding ProduceResponse")?;
-            let codes: Vec<(i32, i16)> = resp
-                .responses
-                .iter()
-                .flat_map(|t| t.partition_responses.iter().map(|p| (p.index, p.error_code)))
-                .collect();
+        while let Some((now, inflight, codes)) = self.leaders[li].next_produce_response(self.produce_version)? {
             for b in inflight.batches {
-                let code = codes.iter().find(|c| c.0 == b.partition).map(|c| c.1).unwrap_or(-1);
+                let code = codes.get(b.partition);
                 if code != 0 {
                     self.stats.count_error(code);
                     self.cfg.live.errors.fetch_add(1, Ordering::Relaxed);
@@ -1152,7 +1024,7 @@ impl Worker {
                         b.base_sequence,
                     );
                     leader.ready.insert(at, b);
-                    leader.backoff_until = Some(now + PRODUCE_RETRY_BACKOFF);
+                    leader.backoff_until = Some(now + RETRY_BACKOFF);
                     continue;
                 }
                 bail!(
@@ -1640,43 +1512,24 @@ enum BatchItem<'a> {
 /// commit), data batches record by record. Returns the offset after the
 /// last complete batch.
 fn walk_batches(set: &[u8], mut f: impl FnMut(BatchItem<'_>)) -> anyhow::Result<Option<i64>> {
-    let mut at = 0;
-    let mut next = None;
-    while at + BATCH_HEADER_BYTES <= set.len() {
-        let h = BatchHeader::parse(&set[at..]).map_err(|e| anyhow!("{e}"))?;
-        let size = h.size_bytes();
-        if at + size > set.len() {
-            break;
-        }
-        let batch = &set[at..at + size];
-        tidelog_protocol::batch::validate(batch, usize::MAX).map_err(|e| anyhow!("{e}"))?;
-        let body = &batch[BATCH_HEADER_BYTES..];
-        let plain;
-        let records: &[u8] = match h.compression() {
-            Compression::None => body,
-            c => {
-                plain = decompress(c, body)?;
-                &plain
-            }
-        };
+    for_each_fetched_batch(set, true, |h, body| {
+        let records = batch_records(h, body)?;
         let transactional = h.is_transactional();
         if h.is_control() {
             let mut commit = None;
-            for_each_record(records, h.record_count(), h.base_offset().0, h.base_timestamp_ms(), |r| {
+            for_each_record(&records, h.record_count(), h.base_offset().0, h.base_timestamp_ms(), |r| {
                 if let Some(k) = r.key.filter(|k| k.len() >= 4) {
                     commit = Some(i16::from_be_bytes([k[2], k[3]]) == 1);
                 }
             })?;
             f(BatchItem::Marker { commit: commit.ok_or_else(|| anyhow!("control batch without a marker key"))? });
         } else {
-            for_each_record(records, h.record_count(), h.base_offset().0, h.base_timestamp_ms(), |r| {
+            for_each_record(&records, h.record_count(), h.base_offset().0, h.base_timestamp_ms(), |r| {
                 f(BatchItem::Record { offset: r.offset, transactional, value: r.value.unwrap_or(&[]) })
             })?;
         }
-        next = Some(h.last_offset().0 + 1);
-        at += size;
-    }
-    Ok(next)
+        Ok(())
+    })
 }
 
 /// The live progress line on stderr, once a second.
@@ -2018,18 +1871,8 @@ pub fn write_run_dir(dir: &Path, summary: &mut TxnSummary, o: &TxnOutcome) -> an
         ),
     )?;
     files.push(lat);
-    let report = dir.join("report.txt");
-    std::fs::write(&report, render_table(summary))?;
-    files.push(report);
-    let json_path = dir.join(TXN_SUMMARY_FILE);
-    summary.files = files
-        .iter()
-        .chain(std::iter::once(&json_path))
-        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .collect();
-    std::fs::write(&json_path, serde_json::to_string_pretty(summary)?)?;
-    files.push(json_path);
-    Ok(files)
+    let table = render_table(summary);
+    finish_run_dir(dir, files, &table, TXN_SUMMARY_FILE, summary, |s| &mut s.files)
 }
 
 #[cfg(test)]

@@ -18,9 +18,36 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::util::Rng;
+
 /// Bytes at the front of every value: send time (µs since the Unix epoch),
 /// producer index, per-producer sequence. Records are never smaller.
 pub const PAYLOAD_HEADER_BYTES: usize = 8 + 4 + 8;
+
+/// The header of a value: `ts_us` (µs since the Unix epoch), `producer`,
+/// `seq`, big-endian.
+pub fn payload_header(ts_us: u64, producer: u32, seq: u64) -> [u8; PAYLOAD_HEADER_BYTES] {
+    let mut header = [0u8; PAYLOAD_HEADER_BYTES];
+    header[0..8].copy_from_slice(&ts_us.to_be_bytes());
+    header[8..12].copy_from_slice(&producer.to_be_bytes());
+    header[12..20].copy_from_slice(&seq.to_be_bytes());
+    header
+}
+
+/// Random bytes the rest of every value is cut from: room for the largest
+/// value `dist` draws at any of the 4096 offsets `payload_tail` uses.
+pub fn payload_filler(dist: SizeDist, rng: &mut Rng) -> Vec<u8> {
+    let mut filler = vec![0u8; dist.max_bytes() + 4096];
+    rng.fill(&mut filler);
+    filler
+}
+
+/// What follows the header in a `value_len`-byte value: `filler` from an
+/// offset that moves with `n`, so consecutive values differ.
+pub fn payload_tail(filler: &[u8], n: u64, value_len: usize) -> &[u8] {
+    let offset = (n as usize * 7) % 4096;
+    &filler[offset..offset + value_len - PAYLOAD_HEADER_BYTES]
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -114,6 +141,30 @@ pub enum SizeDist {
         min_bytes: usize,
         max_bytes: usize,
     },
+}
+
+impl SizeDist {
+    /// The largest value length this draws.
+    pub fn max_bytes(&self) -> usize {
+        match *self {
+            SizeDist::Fixed { bytes } => bytes,
+            SizeDist::Uniform { max_bytes, .. } | SizeDist::Normal { max_bytes, .. } => max_bytes,
+        }
+    }
+
+    /// Draws one value length.
+    pub fn draw(&self, rng: &mut Rng) -> usize {
+        match *self {
+            SizeDist::Fixed { bytes } => bytes,
+            SizeDist::Uniform { min_bytes, max_bytes } => {
+                min_bytes + rng.below((max_bytes - min_bytes + 1) as u64) as usize
+            }
+            SizeDist::Normal { mean_bytes, stddev_bytes, min_bytes, max_bytes } => {
+                let v = mean_bytes as f64 + rng.normal() * stddev_bytes as f64;
+                (v.round().max(0.0) as usize).clamp(min_bytes, max_bytes)
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -7,13 +7,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: a failed unwrap is a failed test
 
+mod common;
+
+use common::{start_broker_or_skip, Broker};
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 use tidelog_bench::client::{ensure_topic, list_offsets, Conn};
 use tidelog_bench::murmur2::partition_for_key;
@@ -22,90 +21,9 @@ use tidelog_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use tidelog_protocol::messages::{ApiKey, FetchRequest, FetchResponse, TopicName};
 use tidelog_protocol::StrBytes;
 
-fn broker_bin() -> Option<PathBuf> {
-    let p = std::env::var_os("TIDELOG_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/tidelog"));
-    p.exists().then_some(p)
-}
-
-/// Two consecutive free ports (shard i listens on port + i).
-fn free_port_pair() -> u16 {
-    for _ in 0..50 {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        if port < 65000 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port pair");
-}
-
-struct Broker {
-    child: Child,
-    dir: PathBuf,
-    port: u16,
-    /// The broker's /metrics endpoint (Prometheus text).
-    metrics_port: u16,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn start_broker(bin: &std::path::Path) -> Broker {
-    let port = free_port_pair();
-    let metrics_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    // Not tmpfs: the broker needs O_DIRECT.
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/bench-it-{}-{port}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut child = Command::new(bin)
-        .arg(format!("--log.dirs={}", dir.display()))
-        .arg(format!("--listeners=PLAINTEXT://127.0.0.1:{port}"))
-        .arg("--num.shards=2")
-        .arg(format!("--metrics.listeners=127.0.0.1:{metrics_port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tidelog");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut log = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("tidelog ready") {
-                let _ = tx.send(Ok(()));
-            }
-            log.push(line);
-            if log.len() > 200 {
-                log.remove(0);
-            }
-        }
-        let _ = tx.send(Err(log.join("\n")));
-    });
-    let broker = Broker { child, dir, port, metrics_port };
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok(())) => broker,
-        Ok(Err(log)) => panic!("tidelog exited before it was ready:\n{log}"),
-        Err(_) => panic!("tidelog did not log 'tidelog ready' within 60 s"),
-    }
-}
-
 #[test]
 fn bench_against_real_broker_counts_order_and_key_placement() {
-    let Some(bin) = broker_bin() else {
-        eprintln!(
-            "SKIPPED: tidelog broker binary not found (set TIDELOG_BIN or run `cargo build --release -p tidelog-engine`)"
-        );
-        return;
-    };
-    let broker = start_broker(&bin);
+    let Some(broker) = start_broker_or_skip("bench-it") else { return };
     let bootstrap = format!("127.0.0.1:{}", broker.port);
     let out = broker.dir.join("run");
     let topic = "bench-it";
@@ -300,11 +218,7 @@ fn committed_offsets(bootstrap: &str, group: &str, topic: &str, partitions: i32)
 
 #[test]
 fn consumer_groups_read_every_record_once_per_group() {
-    let Some(bin) = broker_bin() else {
-        eprintln!("SKIPPED: tidelog broker binary not found (set TIDELOG_BIN)");
-        return;
-    };
-    let broker = start_broker(&bin);
+    let Some(broker) = start_broker_or_skip("bench-it") else { return };
     let bootstrap = format!("127.0.0.1:{}", broker.port);
     let (topic, partitions, records) = ("bench-groups", 6, 60_000u64);
     // Paced, so all nine members are in their groups while records flow and
@@ -376,11 +290,7 @@ fn consumer_groups_read_every_record_once_per_group() {
 
 #[test]
 fn consumer_only_run_reads_an_existing_backlog() {
-    let Some(bin) = broker_bin() else {
-        eprintln!("SKIPPED: tidelog broker binary not found (set TIDELOG_BIN)");
-        return;
-    };
-    let broker = start_broker(&bin);
+    let Some(broker) = start_broker_or_skip("bench-it") else { return };
     let backlog = 50_000u64;
     let metrics_url = format!("http://127.0.0.1:{}/metrics", broker.metrics_port);
     let fill = bench_run(
@@ -505,11 +415,7 @@ fn consumer_only_run_reads_an_existing_backlog() {
 
 #[test]
 fn records_run_inside_its_warmup_says_nothing_was_measured() {
-    let Some(bin) = broker_bin() else {
-        eprintln!("SKIPPED: tidelog broker binary not found (set TIDELOG_BIN)");
-        return;
-    };
-    let broker = start_broker(&bin);
+    let Some(broker) = start_broker_or_skip("bench-it") else { return };
     // 2000 records go out in well under the 30 s warm-up (records runs stop
     // at their count, whatever the warm-up).
     let args = ["--no-baseline", "--topic", "short", "--producers", "1", "--consumers", "1", "--records", "2000"];

@@ -7,90 +7,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test crate: a failed unwrap is a failed test
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+mod common;
+
+use common::start_broker_or_skip;
 
 use tidelog_bench::client::Conn;
 use tidelog_bench::txn::{self, TxnOptions};
 use tidelog_bench::workload::Workload;
 use tidelog_protocol::messages::ApiKey;
-
-fn broker_bin() -> Option<PathBuf> {
-    let p = std::env::var_os("TIDELOG_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/tidelog"));
-    p.exists().then_some(p)
-}
-
-/// Two consecutive free ports (shard i listens on port + i).
-fn free_port_pair() -> u16 {
-    for _ in 0..50 {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        if port < 65000 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port pair");
-}
-
-struct Broker {
-    child: Child,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn start_broker(bin: &std::path::Path) -> Broker {
-    let port = free_port_pair();
-    let metrics_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    // Not tmpfs: the broker needs O_DIRECT.
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../target/bench-txn-{}-{port}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut child = Command::new(bin)
-        .arg(format!("--log.dirs={}", dir.display()))
-        .arg(format!("--listeners=PLAINTEXT://127.0.0.1:{port}"))
-        .arg("--num.shards=2")
-        .arg(format!("--metrics.listeners=127.0.0.1:{metrics_port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tidelog");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut log = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("tidelog ready") {
-                let _ = tx.send(Ok(()));
-            }
-            log.push(line);
-            if log.len() > 200 {
-                log.remove(0);
-            }
-        }
-        let _ = tx.send(Err(log.join("\n")));
-    });
-    let broker = Broker { child, dir, port };
-    match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(Ok(())) => broker,
-        Ok(Err(log)) => panic!("tidelog exited before it was ready:\n{log}"),
-        Err(_) => panic!("tidelog did not log 'tidelog ready' within 60 s"),
-    }
-}
 
 fn options(bootstrap: &str, topic: &str, sizes: Vec<u32>) -> TxnOptions {
     let mut w = Workload::default();
@@ -118,11 +42,7 @@ fn options(bootstrap: &str, topic: &str, sizes: Vec<u32>) -> TxnOptions {
 
 #[test]
 fn idempotent_run_reads_back_exactly_once_with_read_committed() {
-    let Some(bin) = broker_bin() else {
-        eprintln!("SKIPPED: tidelog broker binary not found (set TIDELOG_BIN or run `cargo build --release -p tidelog-engine`)");
-        return;
-    };
-    let broker = start_broker(&bin);
+    let Some(broker) = start_broker_or_skip("bench-txn") else { return };
     let bootstrap = format!("127.0.0.1:{}", broker.port);
     let o = txn::run_comparison(&options(&bootstrap, "txn-it-idem", Vec::new())).unwrap();
     assert_eq!(o.runs.len(), 1);
@@ -173,11 +93,7 @@ fn idempotent_run_reads_back_exactly_once_with_read_committed() {
 
 #[test]
 fn transactions_verify_or_fail_with_the_reason() {
-    let Some(bin) = broker_bin() else {
-        eprintln!("SKIPPED: tidelog broker binary not found (set TIDELOG_BIN or run `cargo build --release -p tidelog-engine`)");
-        return;
-    };
-    let broker = start_broker(&bin);
+    let Some(broker) = start_broker_or_skip("bench-txn") else { return };
     let bootstrap = format!("127.0.0.1:{}", broker.port);
     let versions = Conn::connect(&bootstrap, "probe").unwrap().versions;
     let supported = versions.broker_supports(ApiKey::AddPartitionsToTxn) && versions.broker_supports(ApiKey::EndTxn);

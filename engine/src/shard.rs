@@ -271,6 +271,7 @@ impl Shard {
             segment: SegmentSettings {
                 index_interval_bytes: get("index.interval.bytes", c.index_interval_bytes),
                 preallocate_bytes: c.preallocate_bytes,
+                zero_ahead_bytes: c.zero_ahead_bytes,
                 segment_bytes: get("segment.bytes", c.segment_bytes),
                 flush_write_bytes_max: c.flush_write_bytes_max,
             },

@@ -773,6 +773,7 @@ mod tests {
             segment: SegmentSettings {
                 index_interval_bytes: 256,
                 preallocate_bytes: 64 * 1024,
+                zero_ahead_bytes: 0,
                 segment_bytes: 1 << 20,
                 flush_write_bytes_max: 8192,
             },

@@ -851,29 +851,58 @@ async fn flush_segments(log: &SharedLog, on_durable: &dyn Fn(u64, std::time::Dur
                 None
             };
             let write_file = dsync.clone().unwrap_or_else(|| file.clone());
-            let mut writes = std::mem::take(&mut plan.writes).into_iter().peekable();
-            while writes.peek().is_some() {
-                let wave: Vec<(u64, DmaBuffer)> = writes.by_ref().take(inflight_max).collect();
-                let results = join_all(wave.into_iter().map(|(pos, buf)| {
-                    let file = write_file.clone();
-                    async move {
-                        let len = buf.len();
-                        let n = file.write_at(buf, pos).await.map_err(io::Error::from)?;
-                        if n != len {
-                            return Err(io::Error::new(
-                                io::ErrorKind::WriteZero,
-                                format!("short write {n}/{len} at {pos}"),
-                            ));
+            let zero = plan.zero.take().map(|(pos, buf)| {
+                let file = file.clone();
+                let path = &path;
+                async move {
+                    let len = buf.len();
+                    match file.write_at(buf, pos).await {
+                        Ok(n) => {
+                            super::note_segment_write(n as u64);
+                            (n == len).then_some(pos + len as u64)
                         }
-                        super::note_segment_write(n as u64);
-                        Ok(())
+                        // Zeros only save the next rounds a conversion: a
+                        // failure here loses nothing (and a failing disk
+                        // shows in the data writes).
+                        Err(e) => {
+                            log::debug!("{}: zero-ahead write at {pos} failed: {e}", path.display());
+                            None
+                        }
                     }
-                }))
-                .await;
-                for r in results {
-                    r?;
                 }
-            }
+            });
+            let data = async {
+                let mut writes = std::mem::take(&mut plan.writes).into_iter().peekable();
+                while writes.peek().is_some() {
+                    let wave: Vec<(u64, DmaBuffer)> = writes.by_ref().take(inflight_max).collect();
+                    let results = join_all(wave.into_iter().map(|(pos, buf)| {
+                        let file = write_file.clone();
+                        async move {
+                            let len = buf.len();
+                            let n = file.write_at(buf, pos).await.map_err(io::Error::from)?;
+                            if n != len {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::WriteZero,
+                                    format!("short write {n}/{len} at {pos}"),
+                                ));
+                            }
+                            super::note_segment_write(n as u64);
+                            Ok(())
+                        }
+                    }))
+                    .await;
+                    for r in results {
+                        r?;
+                    }
+                }
+                io::Result::Ok(())
+            };
+            let (data, zeroed_to) = match zero {
+                Some(zero) => futures::join!(data, zero),
+                None => (data.await, None),
+            };
+            data?;
+            plan.zeroed_to = zeroed_to;
             let written = std::time::Instant::now();
             if dsync.is_none() {
                 file.fdatasync().await.map_err(io::Error::from)?;

@@ -237,6 +237,12 @@ impl Coordinator {
         let new = match current {
             None => {
                 let pid = allocate(shard).await?;
+                // Another first InitProducerId for this id may have been
+                // written while we waited for the producer id: it wins, and
+                // this one retries against its entry.
+                if self.txns.borrow().contains_key(id) {
+                    return Err(ErrorCode::ConcurrentTransactions);
+                }
                 TxnMeta {
                     producer_id: pid,
                     producer_epoch: 0,

@@ -15,6 +15,7 @@ fn settings() -> LogSettings {
         segment: SegmentSettings {
             index_interval_bytes: 1,
             preallocate_bytes: 64 * 1024,
+            zero_ahead_bytes: 0,
             // Every batch below is ~100 bytes: one batch per segment.
             segment_bytes: 150,
             flush_write_bytes_max: 8192,

@@ -16,6 +16,7 @@ fn settings(segment_bytes: u64) -> LogSettings {
         segment: SegmentSettings {
             index_interval_bytes: 256,
             preallocate_bytes: 64 * 1024,
+            zero_ahead_bytes: 16 * 1024,
             segment_bytes,
             flush_write_bytes_max: 8192,
         },
@@ -1108,5 +1109,92 @@ fn follower_replays_transactions_as_the_leader_wrote_them() {
             f.producers.check_marker(ProducerId(6), 3, 2),
             Err(tidelog_protocol::ErrorCode::InvalidProducerEpoch)
         );
+    });
+}
+
+/// `(logical start, length, unwritten)` of each extent of `path` that
+/// overlaps `[start, start + len)`, from FIEMAP (synced first).
+fn extents(path: &std::path::Path, start: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    use std::os::fd::AsRawFd;
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+    const FIEMAP_FLAG_SYNC: u32 = 0x1;
+    const FIEMAP_EXTENT_UNWRITTEN: u32 = 0x800;
+    const MAX: usize = 64;
+    // struct fiemap (32 bytes) followed by MAX struct fiemap_extent (56 bytes each).
+    let mut buf = vec![0u64; (32 + 56 * MAX) / 8];
+    buf[0] = start;
+    buf[1] = len;
+    // SAFETY: the buffer is u64-aligned and sized for the header and MAX extents.
+    let header = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u32, 8) };
+    header[4] = FIEMAP_FLAG_SYNC;
+    header[6] = MAX as u32;
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: FS_IOC_FIEMAP reads and fills the struct laid out above.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FIEMAP, buf.as_mut_ptr()) };
+    assert_eq!(rc, 0, "FIEMAP on {}: {}", path.display(), std::io::Error::last_os_error());
+    let mapped = (buf[2] >> 32) as usize;
+    (0..mapped.min(MAX))
+        .map(|i| {
+            let e = &buf[4 + i * 7..4 + (i + 1) * 7];
+            let flags = e[5] as u32;
+            (e[0], e[2], flags & FIEMAP_EXTENT_UNWRITTEN != 0)
+        })
+        .collect()
+}
+
+#[test]
+fn zero_ahead_writes_zeros_past_the_log_end_and_never_over_it() {
+    let dir = crate::test_dir("partition-zero-ahead");
+    run(move || async move {
+        // 64 KiB preallocated (unwritten), 16 KiB kept zeroed ahead by small rounds.
+        let log = PartitionLog::open(Rc::from("t"), PartitionId(0), dir.clone(), settings(1 << 30)).await.unwrap();
+        let written_before = crate::storage::segment_bytes_written();
+        let mut data = Vec::new();
+        let mut n = 0;
+        // Small rounds, one batch each, across several zero-ahead windows.
+        while data.len() < 40 * 1024 {
+            let b = make_batch(n, 3, 1000);
+            data.extend_from_slice(&b);
+            append(&log, &b).await;
+            flush(&log).await.unwrap();
+            n += 3;
+        }
+        let path = crate::storage::segment::log_path(&dir, Offset(0));
+        let file = std::fs::read(&path).unwrap();
+        let end = data.len();
+        // Every batch is intact (CRC) at its place, with its offsets.
+        let mut at = 0;
+        let mut next = 0i64;
+        while at < end {
+            let h = BatchHeader::parse(&file[at..]).unwrap();
+            let size = h.size_bytes();
+            assert!(batch::validate(&file[at..at + size], usize::MAX).is_ok(), "batch at {at} damaged");
+            assert_eq!(h.base_offset().0, next, "batch at {at}");
+            next = h.last_offset().next().0;
+            at += size;
+        }
+        assert_eq!((at, next), (end, n as i64), "the file holds exactly the log");
+        let data_end = crate::storage::align_up(end as u64);
+        // Zeros were written: more than the data's pages (rewritten tails included).
+        let written = crate::storage::segment_bytes_written() - written_before;
+        assert!(written > data_end + 8 * 1024, "{written} bytes written for {data_end} bytes of pages");
+        // The file past the log's end reads zeros, and the next rounds' pages
+        // are written blocks, not unwritten extents.
+        assert!(file[end..].iter().all(|b| *b == 0), "bytes past the log end are zeros");
+        let ahead = extents(&path, data_end, 8 * 1024);
+        assert!(!ahead.is_empty(), "the 8 KiB past the log end are allocated: {ahead:?}");
+        for (start, len, unwritten) in &ahead {
+            if *start < data_end + 8 * 1024 && start + len > data_end {
+                assert!(!unwritten, "extent {start}+{len} past the log end is still unwritten: {ahead:?}");
+            }
+        }
+        // Recovery reads the zeros as the end of the log, and appends go on.
+        drop(log);
+        let log = PartitionLog::open(Rc::from("t"), PartitionId(0), dir.clone(), settings(1 << 30)).await.unwrap();
+        assert_eq!(log.borrow().high_watermark, Offset(n as i64));
+        assert_eq!(read_all(&log).await, expected(n));
+        append(&log, &make_batch(n, 3, 1000)).await;
+        flush(&log).await.unwrap();
+        assert_eq!(read_all(&log).await, expected(n + 3));
     });
 }

@@ -50,6 +50,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "message.max.bytes", default: "1048588", doc: "Largest record batch a producer may send; larger gets MESSAGE_TOO_LARGE." },
     Setting { name: "socket.request.max.bytes", default: "104857600", doc: "Largest request frame; a larger length prefix closes the connection before anything is allocated." },
     Setting { name: "queued.max.request.bytes", default: "536870912", doc: "Bytes of request frames the broker holds while reading and dispatching them, split evenly across shards (Kafka's memory pool). A connection whose next frame does not fit waits before reading it, which pushes back on the client through TCP; a frame larger than a shard's share waits for all of it. -1: no limit." },
+    Setting { name: "queued.max.requests", default: "500", doc: "Requests the broker holds read and not yet dispatched, split evenly across shards (at least 1 each), as Kafka's request queue: a frame is held from its length prefix until its handler starts (a Produce also waits there for log.unflushed.max.bytes). A connection whose next frame finds the shard's share full waits before reading it, which pushes back on the client through TCP." },
     Setting { name: "log.unflushed.max.bytes", default: "134217728", doc: "Record bytes a shard holds appended but not yet written to disk, per data directory (the accumulator). When a shard's online directories hold more, its connections wait before dispatching the next Produce, which pushes back on producers through TCP instead of growing memory when the disk is slower than the network. A directory that is offline (full) does not hold up the others. -1: no limit." },
     Setting { name: "max.connections", default: "10000", doc: "Connections accepted per shard; more are closed at accept with a log line." },
     Setting { name: "max.inflight.requests.per.connection", default: "64", doc: "Requests read ahead of their responses on one connection; the reader waits (back-pressure) beyond this." },
@@ -185,6 +186,8 @@ pub struct Config {
     pub request_max_bytes: usize,
     /// `queued.max.request.bytes`; `None` for -1 (no limit).
     pub queued_max_request_bytes: Option<u64>,
+    /// `queued.max.requests`, for the whole broker.
+    pub queued_max_requests: u64,
     /// `log.unflushed.max.bytes`; `None` for -1 (no limit).
     pub unflushed_max_bytes: Option<u64>,
     pub max_connections: usize,
@@ -654,6 +657,7 @@ impl Config {
             zero_ahead_bytes: num(&values, "log.zero.ahead.bytes", 0u64, 1 << 30)?,
             message_max_bytes: num(&values, "message.max.bytes", 61usize, 1 << 30)?,
             request_max_bytes: num(&values, "socket.request.max.bytes", 1024usize, i32::MAX as usize)?,
+            queued_max_requests: num(&values, "queued.max.requests", 1u64, 1 << 30)?,
             queued_max_request_bytes: match num(&values, "queued.max.request.bytes", -1i64, 1 << 50)? {
                 -1 => None,
                 n if n >= 65536 => Some(n as u64),

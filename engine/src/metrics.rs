@@ -232,6 +232,11 @@ pub struct ShardSnapshot {
     /// frames that waited for room so far.
     pub request_memory_bytes: u64,
     pub request_memory_waits: u64,
+    /// Requests held read and not yet dispatched now (bounded by the
+    /// shard's share of `queued.max.requests`), and frames that waited for
+    /// a slot so far.
+    pub queued_requests: u64,
+    pub queued_requests_waits: u64,
     /// Record bytes appended and not yet written in online data directories
     /// (bounded by `log.unflushed.max.bytes`), and produce requests that
     /// waited for that bound so far.
@@ -647,6 +652,22 @@ pub fn render(shards: &[ShardSnapshot], process: ProcessInfo) -> String {
         "counter",
         "Request frames whose connection waited for room under queued.max.request.bytes before reading them.",
         |s| s.request_memory_waits,
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "tidelog_queued_requests",
+        "gauge",
+        "Requests the shard holds read (or being read) and not yet dispatched (its share of queued.max.requests bounds it).",
+        |s| s.queued_requests,
+    );
+    per_shard(
+        &mut out,
+        shards,
+        "tidelog_queued_requests_waits_total",
+        "counter",
+        "Request frames whose connection waited for a slot under queued.max.requests before reading them.",
+        |s| s.queued_requests_waits,
     );
     per_shard(
         &mut out,

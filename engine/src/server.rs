@@ -4,9 +4,10 @@
 //! sends responses strictly in request order, as Kafka requires. Requests are
 //! pipelined up to `max.inflight.requests.per.connection`; beyond that the
 //! reader waits, which pushes back on the client through TCP. Across the
-//! shard's connections, the frames being read and dispatched hold at most the
-//! shard's share of `queued.max.request.bytes`: a connection whose next frame
-//! does not fit waits before reading it, the same push-back.
+//! shard's connections, the frames being read and dispatched are at most the
+//! shard's share of `queued.max.requests` and hold at most its share of
+//! `queued.max.request.bytes`: a connection whose next frame finds no slot
+//! or does not fit waits before reading it, the same push-back.
 //!
 //! Bad input never panics: an oversized or garbage frame, an unknown API or
 //! an unsupported version is logged with the peer and closes the connection;
@@ -104,10 +105,29 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
                 break;
             }
         };
-        // Room for the frame before reading it, held until it is dispatched
+        // A slot in the shard's request queue, then room for the frame,
+        // before reading it; both are held until it is dispatched
         // (by then a produce's records belong to the log, and every other
         // request is decoded): when the shard is full, this connection stops
         // reading and TCP pushes back on the client.
+        let slot = {
+            let q = &shard.request_queue;
+            match q.slots.try_acquire_static_permit(1) {
+                Ok(p) => p,
+                Err(_) => {
+                    q.waits.set(q.waits.get() + 1);
+                    log::debug!(
+                        "shard {}: {peer}: a request waits for a slot under queued.max.requests ({} per shard)",
+                        shard.id.0,
+                        q.capacity
+                    );
+                    match q.slots.acquire_static_permit(1).await {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    }
+                }
+            }
+        };
         let permit = match &shard.request_memory {
             None => None,
             Some(m) => {
@@ -155,6 +175,7 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
         }
         let dispatched = handlers::dispatch(&shard, peer, key, &req_header, frame);
         drop(permit);
+        drop(slot);
         match dispatched {
             Ok(pending) => {
                 if tx.send(glommio::spawn_local(pending)).await.is_err() {

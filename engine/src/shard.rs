@@ -153,6 +153,8 @@ pub struct Shard {
     pub log_dirs: Arc<LogDirs>,
     /// This shard's share of `queued.max.request.bytes` (see `server`).
     pub request_memory: Option<RequestMemory>,
+    /// This shard's share of `queued.max.requests` (see `server`).
+    pub request_queue: RequestQueue,
     /// Record bytes appended and not yet written, per data directory (the
     /// index of `log_dirs`): the accumulator, which `log.unflushed.max.bytes`
     /// bounds (`wait_for_unflushed_room`).
@@ -163,6 +165,15 @@ pub struct Shard {
 
 /// The bytes of request frames a shard holds while reading and dispatching
 /// them, at most (Kafka's memory pool, `queued.max.request.bytes`).
+/// Requests read (or being read) and not yet dispatched, bounded by the
+/// shard's share of `queued.max.requests`.
+pub struct RequestQueue {
+    pub slots: Rc<glommio::sync::Semaphore>,
+    pub capacity: u64,
+    /// Frames whose connection had to wait for a slot.
+    pub waits: Cell<u64>,
+}
+
 pub struct RequestMemory {
     pub budget: Rc<glommio::sync::Semaphore>,
     pub capacity: u64,
@@ -195,6 +206,10 @@ impl Shard {
             let capacity = (total / config.num_shards.max(1) as u64).max(65536);
             RequestMemory { budget: Rc::new(glommio::sync::Semaphore::new(capacity)), capacity, waits: Cell::new(0) }
         });
+        let request_queue = {
+            let capacity = (config.queued_max_requests / config.num_shards.max(1) as u64).max(1);
+            RequestQueue { slots: Rc::new(glommio::sync::Semaphore::new(capacity)), capacity, waits: Cell::new(0) }
+        };
         Rc::new(Shard {
             id,
             fetch_stats: FetchStats::default(),
@@ -226,6 +241,7 @@ impl Shard {
             unflushed_waits: Cell::new(0),
             log_dirs,
             request_memory,
+            request_queue,
         })
     }
 
@@ -666,6 +682,11 @@ impl Shard {
         if let Some(m) = &self.request_memory {
             snap.request_memory_bytes = m.capacity.saturating_sub(m.budget.available());
             snap.request_memory_waits = m.waits.get();
+        }
+        {
+            let q = &self.request_queue;
+            snap.queued_requests = q.capacity.saturating_sub(q.slots.available());
+            snap.queued_requests_waits = q.waits.get();
         }
         snap.unflushed_bytes = self.unflushed_bytes();
         snap.unflushed_waits = self.unflushed_waits.get();

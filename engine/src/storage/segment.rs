@@ -334,7 +334,7 @@ impl Segment {
         })
     }
 
-    /// Zero-ahead: a small round (new bytes under a quarter of
+    /// Zero-ahead: a small round (new bytes under a sixteenth of
     /// `zero_ahead_bytes`, the latency-bound case) that finds fewer than
     /// half of `zero_ahead_bytes` written past its data also writes zeros
     /// up to `zero_ahead_bytes` past it. An O_DIRECT write into a preallocated (unwritten) extent
@@ -353,7 +353,7 @@ impl Segment {
         settings: &SegmentSettings,
     ) -> Option<(u64, DmaBuffer)> {
         let ahead = align_up(settings.zero_ahead_bytes);
-        if ahead == 0 || round_bytes >= ahead / 4 {
+        if ahead == 0 || round_bytes >= ahead / 16 {
             return None;
         }
         let from = self.zeroed_bytes.max(data_end);

@@ -17,6 +17,26 @@ def scrape(port):
         return r.read().decode()
 
 
+def wait_for_metric(metrics_port, line):
+    deadline = time.time() + 10
+    while line not in scrape(metrics_port):
+        assert time.time() < deadline, scrape(metrics_port)
+        time.sleep(0.1)
+
+
+def send_unanswered_api_versions(c, why):
+    """Sends ApiVersions on `c` and checks that no answer comes for 1.5 s;
+    returns its correlation id."""
+    corr = c.send_request(kw.API_VERSIONS, 0, kw.api_versions_v0_body())
+    c.sock.settimeout(1.5)
+    try:
+        c.sock.recv(1)
+        raise AssertionError("answered while " + why)
+    except socket.timeout:
+        pass
+    return corr
+
+
 def test_a_frame_waits_for_room_and_gets_it_when_the_hog_goes(broker_factory):
     metrics_port = pick_ports(1)
     budget = 1 << 20
@@ -28,20 +48,11 @@ def test_a_frame_waits_for_room_and_gets_it_when_the_hog_goes(broker_factory):
     # while its body is being read, it holds all of it.
     hog = socket.create_connection(("127.0.0.1", b.port), timeout=10)
     hog.sendall(struct.pack(">i", budget) + b"\x00" * (budget // 2))
-    deadline = time.time() + 10
-    while "tidelog_request_memory_bytes{shard=\"0\"} %d" % budget not in scrape(metrics_port):
-        assert time.time() < deadline, scrape(metrics_port)
-        time.sleep(0.1)
+    wait_for_metric(metrics_port, 'tidelog_request_memory_bytes{shard="0"} %d' % budget)
 
     # Another connection's small request waits: it is not read, so not answered.
     with kw.Conn(b.port, timeout=10) as c:
-        corr = c.send_request(kw.API_VERSIONS, 0, kw.api_versions_v0_body())
-        c.sock.settimeout(1.5)
-        try:
-            c.sock.recv(1)
-            raise AssertionError("answered while the shard's request memory was full")
-        except socket.timeout:
-            pass
+        corr = send_unanswered_api_versions(c, "the shard's request memory was full")
         assert 'tidelog_request_memory_waits_total{shard="0"} 1' in scrape(metrics_port)
 
         # The hog finishes its frame (garbage: the broker closes it) and the
@@ -52,10 +63,7 @@ def test_a_frame_waits_for_room_and_gets_it_when_the_hog_goes(broker_factory):
         error, table, _ = kw.parse_api_versions_v0(r)
         assert error == 0 and kw.PRODUCE in table
     hog.close()
-    deadline = time.time() + 10
-    while 'tidelog_request_memory_bytes{shard="0"} 0' not in scrape(metrics_port):
-        assert time.time() < deadline, scrape(metrics_port)
-        time.sleep(0.1)
+    wait_for_metric(metrics_port, 'tidelog_request_memory_bytes{shard="0"} 0')
 
     # Ordinary clients are unaffected once there is room.
     topic = unique_topic("mem")
@@ -81,19 +89,10 @@ def test_a_request_waits_for_a_queue_slot_and_gets_it_when_one_frees(broker_fact
         h = socket.create_connection(("127.0.0.1", b.port), timeout=10)
         h.sendall(struct.pack(">i", 65536) + b"\x00" * 1000)
         hogs.append(h)
-    deadline = time.time() + 10
-    while 'tidelog_queued_requests{shard="0"} 2' not in scrape(metrics_port):
-        assert time.time() < deadline, scrape(metrics_port)
-        time.sleep(0.1)
+    wait_for_metric(metrics_port, 'tidelog_queued_requests{shard="0"} 2')
 
     with kw.Conn(b.port, timeout=10) as c:
-        corr = c.send_request(kw.API_VERSIONS, 0, kw.api_versions_v0_body())
-        c.sock.settimeout(1.5)
-        try:
-            c.sock.recv(1)
-            raise AssertionError("answered while the shard's request queue was full")
-        except socket.timeout:
-            pass
+        corr = send_unanswered_api_versions(c, "the shard's request queue was full")
         assert 'tidelog_queued_requests_waits_total{shard="0"} 1' in scrape(metrics_port)
         # One hog goes away: its slot frees and the waiting request is read.
         hogs.pop().close()
@@ -102,10 +101,7 @@ def test_a_request_waits_for_a_queue_slot_and_gets_it_when_one_frees(broker_fact
         assert error == 0 and kw.PRODUCE in table
     for h in hogs:
         h.close()
-    deadline = time.time() + 10
-    while 'tidelog_queued_requests{shard="0"} 0' not in scrape(metrics_port):
-        assert time.time() < deadline, scrape(metrics_port)
-        time.sleep(0.1)
+    wait_for_metric(metrics_port, 'tidelog_queued_requests{shard="0"} 0')
 
     # Real clients with pipelined requests still get through two slots.
     topic = unique_topic("queue")

@@ -826,6 +826,66 @@ def test_bad_transaction_requests(broker):
     assert values(read_partitions(broker, topic, [0, 1], "read_uncommitted", settle=0.5)) == {0: [], 1: []}
 
 
+def test_unverified_transactional_write_is_refused(broker_factory):
+    """KIP-890: a transactional batch for a partition that is not in the
+    producer's open transaction is refused before it is appended, so it can
+    never leave a transaction that no coordinator will end."""
+    b = broker_factory(shards=2)
+    topic = uid("txverify")
+    create_topic(b, topic, 2)
+    txn_id = uid("verify")
+    port = tw.txn_coordinator_port(b, txn_id)
+    err, pid, epoch = tw.init_producer_id(port, txn_id)
+    assert err == 0, err
+    leaders = tw.leader_ports(b, topic, [0, 1])
+
+    # Partition 0 was never added: INVALID_TXN_STATE, and nothing is written.
+    batch = tw.txn_batch(pid, epoch, 0, [b"stray-0", b"stray-1"])
+    r = tw.txn_produce(leaders[0], txn_id, topic, 0, batch)
+    assert r.error_code == tw.INVALID_TXN_STATE, r
+    assert "not in the open transaction" in (r.error_message or ""), r
+    assert tw.list_offsets_latest(leaders[0], topic, [0], 0) == {0: (0, 0)}
+
+    # Once added, the same batch goes in; committing it makes it readable.
+    assert tw.add_partitions(port, txn_id, pid, epoch, topic, [0]) == {0: 0}
+    r = tw.txn_produce(leaders[0], txn_id, topic, 0, batch)
+    assert (r.error_code, r.base_offset) == (0, 0), r
+    assert tw.end_txn(port, txn_id, pid, epoch, True) == 0
+    wait_until(lambda: tw.list_offsets_latest(leaders[0], topic, [0], 1) == {0: (0, 3)}, 15, "LSO past the marker")
+
+    # A fenced producer (its epoch bumped by a new InitProducerId) is refused
+    # on a partition it never wrote: INVALID_PRODUCER_EPOCH (Produce predates
+    # PRODUCER_FENCED), and nothing is written.
+    err, pid2, epoch2 = tw.init_producer_id(port, txn_id)
+    assert (err, pid2) == (0, pid) and epoch2 == epoch + 1, (err, pid2, epoch2)
+    stale = tw.txn_batch(pid, epoch, 2, [b"zombie"])
+    r = tw.txn_produce(leaders[1], txn_id, topic, 1, stale)
+    assert r.error_code == tw.INVALID_PRODUCER_EPOCH, r
+    assert tw.list_offsets_latest(leaders[1], topic, [1], 0) == {1: (0, 0)}
+    assert values(read_partitions(b, topic, [0, 1], "read_committed", settle=0.5)) == {
+        0: ["stray-0", "stray-1"],
+        1: [],
+    }
+
+
+def test_without_verification_a_stray_write_hangs_the_partition(broker_factory):
+    """The same stray write with transaction.partition.verification.enable=false
+    is appended and opens a transaction that nothing ends: the last stable
+    offset stays behind it (what verification prevents)."""
+    b = broker_factory(shards=1, args=["--transaction.partition.verification.enable=false"])
+    topic = uid("txhang")
+    create_topic(b, topic, 1)
+    txn_id = uid("hang")
+    port = tw.txn_coordinator_port(b, txn_id)
+    err, pid, epoch = tw.init_producer_id(port, txn_id)
+    assert err == 0, err
+    (leader,) = tw.leader_ports(b, topic, [0]).values()
+    r = tw.txn_produce(leader, txn_id, topic, 0, tw.txn_batch(pid, epoch, 0, [b"stray"]))
+    assert (r.error_code, r.base_offset) == (0, 0), r
+    assert tw.list_offsets_latest(leader, topic, [0], 0) == {0: (0, 1)}
+    assert tw.list_offsets_latest(leader, topic, [0], 1) == {0: (0, 0)}, "the stray transaction holds the LSO"
+
+
 # --------------------------------------------------------------------------
 # 8. FindCoordinator, DescribeTransactions, ListTransactions
 

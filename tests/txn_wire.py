@@ -332,3 +332,32 @@ def fetch_aborted(port, topic, partition, isolation_level, offset=0):
                 if p == partition:
                     out = (err, hw, lso, aborted)
         return out
+
+
+def txn_batch(producer_id, epoch, base_sequence, values):
+    """A transactional v2 record batch of `values` (bytes), base offset 0."""
+    from kafka.record.default_records import DefaultRecordBatchBuilder
+
+    b = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=0,
+        is_transactional=True,
+        producer_id=producer_id,
+        producer_epoch=epoch,
+        base_sequence=base_sequence,
+        batch_size=1 << 30,
+    )
+    for i, v in enumerate(values):
+        assert b.append(i, timestamp=None, key=None, value=v, headers=[]) is not None
+    return bytes(b.build())
+
+
+def txn_produce(port, transactional_id, topic, partition, batch, version=8):
+    """One transactional Produce (acks=-1) of `batch` to `topic`-`partition`:
+    its PartitionProduceResponse."""
+    body = kw.produce_body(topic, partition, batch, transactional_id=transactional_id)
+    with kw.Conn(port) as conn:
+        r = conn.request(kw.PRODUCE, version, body)
+    topics, _ = kw.parse_produce_response(r, version)
+    ((_, (part,)),) = topics
+    return part

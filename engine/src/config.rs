@@ -118,6 +118,7 @@ Setting { name: "fetch.max.wait.ms.max", default: "30000", doc: "Upper bound on 
     Setting { name: "producer.id.expiration.ms", default: "86400000", doc: "Idempotent producer state of a partition is dropped when the producer has not written to it for this long." },
     Setting { name: "transaction.max.timeout.ms", default: "900000", doc: "Largest transaction.timeout.ms a transactional producer may ask for; larger gets INVALID_TRANSACTION_TIMEOUT from InitProducerId." },
     Setting { name: "transaction.abort.timed.out.transaction.cleanup.interval.ms", default: "10000", doc: "How often each transaction coordinator aborts transactions open for longer than their timeout (their producer is fenced) and forgets idle transactional ids." },
+    Setting { name: "transaction.partition.verification.enable", default: "true", doc: "KIP-890: before a transactional producer's first batch on a partition is appended, the partition leader asks the transaction coordinator (AddPartitionsToTxn verify_only) whether the partition is in that producer's open transaction, and refuses the batch (INVALID_TXN_STATE) when it is not, so a late or stray write cannot open a transaction no coordinator will ever end (a hanging transaction holds the last stable offset, and read_committed consumers, back forever)." },
     Setting { name: "transactional.id.expiration.ms", default: "604800000", doc: "A transactional id with no open transaction and no request for this long is forgotten (its state record is deleted)." },
     Setting { name: "transaction.state.log.replication.factor", default: "3", doc: "Replicas of each __transaction_state partition in a cluster (capped by the number of controller voters); the topic is created once that many nodes are alive. A single node uses 1." },
 ];
@@ -626,6 +627,7 @@ impl Config {
         num(&values, "transaction.abort.timed.out.transaction.cleanup.interval.ms", 1i64, i32::MAX as i64)?;
         num(&values, "transactional.id.expiration.ms", 1i64, i32::MAX as i64)?;
         num(&values, "transaction.state.log.replication.factor", 1i16, 32)?;
+        boolean(&values, "transaction.partition.verification.enable")?;
         let log_dirs = parse_log_dirs(get(&values, "log.dirs"))?;
         let io_properties = get(&values, "io.properties.file").trim();
         let cfg = Config {

@@ -163,8 +163,6 @@ pub struct Shard {
     pub unflushed_waits: Cell<u64>,
 }
 
-/// The bytes of request frames a shard holds while reading and dispatching
-/// them, at most (Kafka's memory pool, `queued.max.request.bytes`).
 /// Requests read (or being read) and not yet dispatched, bounded by the
 /// shard's share of `queued.max.requests`.
 pub struct RequestQueue {
@@ -174,6 +172,8 @@ pub struct RequestQueue {
     pub waits: Cell<u64>,
 }
 
+/// The bytes of request frames a shard holds while reading and dispatching
+/// them, at most (Kafka's memory pool, `queued.max.request.bytes`).
 pub struct RequestMemory {
     pub budget: Rc<glommio::sync::Semaphore>,
     pub capacity: u64,

@@ -6,7 +6,11 @@
 //! write control batches (markers come from the coordinator through
 //! `PartitionLog::append_txn_marker`). The log notes where each
 //! transaction starts as it appends; a producer with a transaction open on
-//! the partition may only write transactional batches there.
+//! the partition may only write transactional batches there. With
+//! `transaction.partition.verification.enable` (KIP-890), a producer's
+//! first transactional batch on a partition is held until the transaction
+//! coordinator confirms the partition is in its open transaction (see
+//! `verify_first_batches`).
 
 use std::ops::Range;
 use std::rc::Rc;
@@ -64,8 +68,8 @@ struct TopicInput {
 /// The request without its record bytes: each record set as a range of the
 /// frame, so that the decoded request can be dropped and the frame is again
 /// owned by this handler alone.
-/// Returns the topics and whether the request names a transactional id.
-fn locate_records(req: ProduceRequest, frame: &Bytes) -> (Vec<TopicInput>, bool) {
+/// Returns the topics and the request's transactional id.
+fn locate_records(req: ProduceRequest, frame: &Bytes) -> (Vec<TopicInput>, Option<String>) {
     let base = frame.as_ptr() as usize;
     let mut next = 0usize;
     let topics = req
@@ -96,7 +100,7 @@ fn locate_records(req: ProduceRequest, frame: &Bytes) -> (Vec<TopicInput>, bool)
                 .collect(),
         })
         .collect();
-    (topics, req.transactional_id.is_some())
+    (topics, req.transactional_id.map(|t| t.0.to_string()))
 }
 
 /// Hands out the request's record sets as mutable pieces of the frame, front
@@ -316,7 +320,8 @@ pub fn validate_only(
     log_append_time_ms: Option<i64>,
     producers: &mut producer_state::ProducerStateTable,
 ) -> Vec<Verdict> {
-    let (topics, has_txn_id) = locate_records(req, &frame);
+    let (topics, txn_id) = locate_records(req, &frame);
+    let has_txn_id = txn_id.is_some();
     let mut frame = FrameCutter::new(frame);
     let mut out = Vec::new();
     let mut next_offset = 0i64;
@@ -361,11 +366,118 @@ pub fn validate_only(
     out
 }
 
+/// A Produce request whose record sets are located in its frame.
+struct Located {
+    version: i16,
+    cid: i32,
+    acks: i16,
+    timeout_ms: i32,
+    topics: Vec<TopicInput>,
+    has_txn_id: bool,
+    frame: Bytes,
+}
+
+/// A partition refused before its records are looked at.
+struct Refused {
+    topic: String,
+    partition: i32,
+    code: ErrorCode,
+    message: String,
+}
+
 pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, frame: Bytes) -> Pending {
-    let acks = req.acks;
-    let timeout_ms = req.timeout_ms;
+    let (acks, timeout_ms) = (req.acks, req.timeout_ms);
+    let (topics, txn_id) = locate_records(req, &frame);
+    let request = Located { version, cid, acks, timeout_ms, topics, has_txn_id: txn_id.is_some(), frame };
+    if let Some(id) = txn_id.filter(|_| shard.txns.settings.verify_partitions) {
+        let first = first_txn_batches(shard, &request);
+        if !first.is_empty() {
+            let shard = shard.clone();
+            return Box::pin(async move {
+                let refused = verify_first_batches(&shard, &id, first).await;
+                produce_located(&shard, request, refused).await
+            });
+        }
+    }
+    produce_located(shard, request, Vec::new())
+}
+
+/// The partitions of this shard where the request's record set starts with
+/// a transactional batch of a producer that has no transaction open there
+/// yet: `(producer id, epoch, topic, partition)`. Only these need KIP-890
+/// verification; later batches of the same transaction find it open.
+fn first_txn_batches(shard: &Shard, request: &Located) -> Vec<(i64, i16, String, i32)> {
+    let mut out = Vec::new();
+    for t in &request.topics {
+        for p in &t.partitions {
+            let bytes: &[u8] = match &p.records {
+                RecordsAt::Absent => continue,
+                RecordsAt::Frame(range) => &request.frame[range.clone()],
+                RecordsAt::Elsewhere(b) => b,
+            };
+            let Ok(h) = batch::BatchHeader::parse(bytes) else { continue };
+            let pid = h.producer_id();
+            if !h.is_transactional() || h.is_control() || pid.0 < 0 {
+                continue;
+            }
+            let Some(log) = shard.log(&t.name, p.index) else { continue };
+            let open = log.borrow().producers.get(pid).is_some_and(|e| e.txn_first_offset.is_some());
+            if !open {
+                out.push((pid.0, h.producer_epoch(), t.name.clone(), p.index));
+            }
+        }
+    }
+    out
+}
+
+/// Asks the transaction coordinator of `id` whether each partition of
+/// `first` is in its producer's open transaction (one question per producer
+/// id and epoch, normally one). Refused: a partition that is not
+/// (INVALID_TXN_STATE, as Kafka), a fenced producer (INVALID_PRODUCER_EPOCH:
+/// Produce has no PRODUCER_FENCED), and partitions whose coordinator could
+/// not answer (NOT_ENOUGH_REPLICAS with the reason, which every client
+/// retries: Kafka's KAFKA-15459 mapping).
+async fn verify_first_batches(shard: &Rc<Shard>, id: &str, mut first: Vec<(i64, i16, String, i32)>) -> Vec<Refused> {
+    first.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let mut refused = Vec::new();
+    for group in first.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+        let (pid, epoch) = (group[0].0, group[0].1);
+        let parts: Vec<(String, i32)> = group.iter().map(|(_, _, t, p)| (t.clone(), *p)).collect();
+        let outcome = crate::txn::verify_partitions(shard, id, pid, epoch, &parts).await;
+        for (i, (topic, partition)) in parts.into_iter().enumerate() {
+            let (code, message) = match &outcome {
+                Ok(included) if included.get(i).copied().unwrap_or(false) => continue,
+                Ok(_) => (
+                    ErrorCode::InvalidTxnState,
+                    format!(
+                        "{topic}-{partition} is not in the open transaction of transactional id {id} \
+                         (producer {pid} epoch {epoch}): AddPartitionsToTxn must come first"
+                    ),
+                ),
+                Err(ErrorCode::ProducerFenced | ErrorCode::InvalidProducerEpoch) => (
+                    ErrorCode::InvalidProducerEpoch,
+                    format!("producer {pid} epoch {epoch} of transactional id {id} is fenced"),
+                ),
+                Err(
+                    e @ (ErrorCode::NotCoordinator
+                    | ErrorCode::CoordinatorNotAvailable
+                    | ErrorCode::CoordinatorLoadInProgress
+                    | ErrorCode::ConcurrentTransactions),
+                ) => (
+                    ErrorCode::NotEnoughReplicas,
+                    format!("could not verify the transaction of {id} with its coordinator ({}); retry", e.name()),
+                ),
+                Err(e) => (*e, format!("verifying the transaction of {id} with its coordinator: {}", e.name())),
+            };
+            refused.push(Refused { topic, partition, code, message });
+        }
+    }
+    refused
+}
+
+fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -> Pending {
+    let Located { version, cid, acks, timeout_ms, topics, has_txn_id, frame } = request;
     let image = shard.image();
-    let (topics, has_txn_id) = locate_records(req, &frame);
     let mut frame = FrameCutter::new(frame);
     let mut responses = Vec::with_capacity(topics.len());
     let mut waiting = Vec::new();
@@ -428,6 +540,10 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, f
                     r = r.with_error_message(Some(str_bytes(&msg)));
                 }
                 parts.push(r);
+                continue;
+            }
+            if let Some(x) = refused.iter().find(|x| x.topic == name && x.partition == p.index) {
+                parts.push(fail(r, x.code, x.message.clone()));
                 continue;
             }
             if acks == -1 {
@@ -679,8 +795,8 @@ mod tests {
         let mut body = frame.clone();
         let req = ProduceRequest::decode(&mut body, 9).expect("decode");
         drop(body);
-        let (topics, transactional) = locate_records(req, &frame);
-        assert!(!transactional);
+        let (topics, transactional_id) = locate_records(req, &frame);
+        assert!(transactional_id.is_none());
         let mut cutter = FrameCutter::new(frame);
         assert!(cutter.frame.is_ok(), "the handler should own the frame alone");
         let mut got = Vec::new();

@@ -337,14 +337,18 @@ impl Segment {
     /// Zero-ahead: a small round (new bytes under a sixteenth of
     /// `zero_ahead_bytes`, the latency-bound case) that finds fewer than
     /// half of `zero_ahead_bytes` written past its data also writes zeros
-    /// up to `zero_ahead_bytes` past it. An O_DIRECT write into a preallocated (unwritten) extent
-    /// makes the file system convert the extent at completion, and the
-    /// fdatasync (or O_DSYNC) after it must then commit the journal: on
-    /// ext4 here a 12 KiB write + fdatasync took 0.16 ms into unwritten
-    /// blocks and 0.08 ms into written ones. Large rounds (bandwidth-bound)
-    /// skip it: their conversion is one per round and the zeros would cost
-    /// device bandwidth. The zeros start at `data_end`, the page after this
-    /// round's data, so they never cover a byte of the log.
+    /// up to `zero_ahead_bytes` past it. An O_DIRECT write into a
+    /// preallocated (unwritten) extent needs the extent converted at
+    /// completion, which ext4 and XFS refuse to do under io_uring's
+    /// non-blocking attempt, so the write goes to an io-wq worker thread
+    /// (and the O_DSYNC/fdatasync after it commits the journal); into
+    /// written blocks it is a plain overwrite, issued inline. Large rounds
+    /// (bandwidth-bound) skip it: the zeros would cost device bandwidth for
+    /// a hop that is small next to their writes. The zeros start at
+    /// `data_end`, the page after this round's data, so they never cover a
+    /// byte of the log, and they need no sync: the conversion they cause is
+    /// metadata the next round's O_DSYNC write or fdatasync makes durable
+    /// with its data, as it must for any data it reads back.
     fn plan_zero_ahead(
         &self,
         file: &DmaFile,

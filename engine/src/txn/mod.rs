@@ -73,6 +73,9 @@ pub struct Settings {
     pub abort_interval: Duration,
     /// `transactional.id.expiration.ms`: ids idle this long are forgotten.
     pub id_expiration_ms: i64,
+    /// `transaction.partition.verification.enable`: partition leaders verify
+    /// a producer's first transactional batch with the coordinator.
+    pub verify_partitions: bool,
 }
 
 impl Settings {
@@ -86,6 +89,10 @@ impl Settings {
                 num("transaction.abort.timed.out.transaction.cleanup.interval.ms", 10_000).max(1) as u64,
             ),
             id_expiration_ms: num("transactional.id.expiration.ms", 604_800_000).max(1),
+            verify_partitions: config
+                .values
+                .get("transaction.partition.verification.enable")
+                .is_none_or(|(v, _)| !v.trim().eq_ignore_ascii_case("false")),
         }
     }
 }
@@ -740,22 +747,35 @@ async fn expire_ids(shard: &Rc<Shard>) {
     }
 }
 
+/// For each of `parts`, whether it is in transactional id `id`'s open
+/// transaction of producer `pid` at `epoch`, asked locally when this shard
+/// coordinates `id`, else with AddPartitionsToTxn v4 `verify_only` to its
+/// coordinator; the coordinator's error (fenced, not coordinator, ...) when
+/// it cannot say.
+pub async fn verify_partitions(
+    shard: &Rc<Shard>,
+    id: &str,
+    pid: i64,
+    epoch: i16,
+    parts: &[(String, i32)],
+) -> TxnResult<Vec<bool>> {
+    match shard.txns.check(shard, id) {
+        Ok(_) => shard.txns.verify(shard, id, pid, epoch, parts),
+        Err(ErrorCode::NotCoordinator) => {
+            let Some(broker) = coordinator_broker(shard, id) else { return Err(ErrorCode::CoordinatorNotAvailable) };
+            markers::verify_remote(shard, broker, id, pid, epoch, parts).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// KIP-890 verification from another coordinator (the group coordinator for
 /// TxnOffsetCommit): is `part` in transactional id `id`'s open transaction
 /// of producer `pid` at `epoch`? Asked locally when this shard coordinates
 /// `id`, else with AddPartitionsToTxn v4 `verify_only` to its coordinator.
 /// INVALID_TXN_STATE when it is not; the coordinator's error otherwise.
 pub async fn verify_partition(shard: &Rc<Shard>, id: &str, pid: i64, epoch: i16, part: (String, i32)) -> TxnResult<()> {
-    let parts = [part];
-    let local = shard.txns.check(shard, id);
-    let included = match local {
-        Ok(_) => shard.txns.verify(shard, id, pid, epoch, &parts)?,
-        Err(ErrorCode::NotCoordinator) => {
-            let Some(broker) = coordinator_broker(shard, id) else { return Err(ErrorCode::CoordinatorNotAvailable) };
-            markers::verify_remote(shard, broker, id, pid, epoch, &parts).await?
-        }
-        Err(e) => return Err(e),
-    };
+    let included = verify_partitions(shard, id, pid, epoch, &[part]).await?;
     if included.iter().all(|x| *x) {
         Ok(())
     } else {

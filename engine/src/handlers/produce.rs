@@ -438,7 +438,7 @@ fn first_txn_batches(shard: &Shard, request: &Located) -> Vec<(i64, i16, String,
 /// not answer (NOT_ENOUGH_REPLICAS with the reason, which every client
 /// retries: Kafka's KAFKA-15459 mapping).
 async fn verify_first_batches(shard: &Rc<Shard>, id: &str, mut first: Vec<(i64, i16, String, i32)>) -> Vec<Refused> {
-    first.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    first.sort_by_key(|x| (x.0, x.1));
     let mut refused = Vec::new();
     for group in first.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
         let (pid, epoch) = (group[0].0, group[0].1);

@@ -377,6 +377,17 @@ struct Located {
     frame: Bytes,
 }
 
+/// A producer's first transactional batch on a partition, to verify.
+struct FirstBatch {
+    pid: i64,
+    epoch: i16,
+    topic: String,
+    partition: i32,
+    /// The log's `markers_appended` before verifying: if a marker is
+    /// appended meanwhile, the transaction may have ended under us.
+    markers: u64,
+}
+
 /// A partition refused before its records are looked at.
 struct Refused {
     topic: String,
@@ -402,11 +413,30 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, f
     produce_located(shard, request, Vec::new())
 }
 
+/// KIP-890's verification guard: a marker appended to the partition while
+/// its first batch was verified may have ended the very transaction the
+/// coordinator confirmed (a client that gave up on this request and
+/// aborted). Appending then would open a transaction no one ends, so the
+/// batch is refused with a retriable error; the retry verifies again.
+fn raced_marker(shard: &Shard, first: &FirstBatch) -> Option<Refused> {
+    let log = shard.log(&first.topic, first.partition)?;
+    let moved = log.borrow().markers_appended != first.markers;
+    moved.then(|| Refused {
+        topic: first.topic.clone(),
+        partition: first.partition,
+        code: ErrorCode::NotEnoughReplicas,
+        message: format!(
+            "a transaction marker was written to {}-{} while producer {}'s first batch was being verified; retry",
+            first.topic, first.partition, first.pid
+        ),
+    })
+}
+
 /// The partitions of this shard where the request's record set starts with
 /// a transactional batch of a producer that has no transaction open there
-/// yet: `(producer id, epoch, topic, partition)`. Only these need KIP-890
-/// verification; later batches of the same transaction find it open.
-fn first_txn_batches(shard: &Shard, request: &Located) -> Vec<(i64, i16, String, i32)> {
+/// yet. Only these need KIP-890 verification; later batches of the same
+/// transaction find it open.
+fn first_txn_batches(shard: &Shard, request: &Located) -> Vec<FirstBatch> {
     let mut out = Vec::new();
     for t in &request.topics {
         for p in &t.partitions {
@@ -421,9 +451,15 @@ fn first_txn_batches(shard: &Shard, request: &Located) -> Vec<(i64, i16, String,
                 continue;
             }
             let Some(log) = shard.log(&t.name, p.index) else { continue };
-            let open = log.borrow().producers.get(pid).is_some_and(|e| e.txn_first_offset.is_some());
-            if !open {
-                out.push((pid.0, h.producer_epoch(), t.name.clone(), p.index));
+            let l = log.borrow();
+            if l.producers.get(pid).is_none_or(|e| e.txn_first_offset.is_none()) {
+                out.push(FirstBatch {
+                    pid: pid.0,
+                    epoch: h.producer_epoch(),
+                    topic: t.name.clone(),
+                    partition: p.index,
+                    markers: l.markers_appended,
+                });
             }
         }
     }
@@ -437,12 +473,14 @@ fn first_txn_batches(shard: &Shard, request: &Located) -> Vec<(i64, i16, String,
 /// Produce has no PRODUCER_FENCED), and partitions whose coordinator could
 /// not answer (NOT_ENOUGH_REPLICAS with the reason, which every client
 /// retries: Kafka's KAFKA-15459 mapping).
-async fn verify_first_batches(shard: &Rc<Shard>, id: &str, mut first: Vec<(i64, i16, String, i32)>) -> Vec<Refused> {
-    first.sort_by_key(|x| (x.0, x.1));
+/// The refused include those whose partition got a marker meanwhile
+/// (`raced_marker`): the caller appends right after, with no await between.
+async fn verify_first_batches(shard: &Rc<Shard>, id: &str, mut first: Vec<FirstBatch>) -> Vec<Refused> {
+    first.sort_by_key(|x| (x.pid, x.epoch));
     let mut refused = Vec::new();
-    for group in first.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
-        let (pid, epoch) = (group[0].0, group[0].1);
-        let parts: Vec<(String, i32)> = group.iter().map(|(_, _, t, p)| (t.clone(), *p)).collect();
+    for group in first.chunk_by(|a, b| (a.pid, a.epoch) == (b.pid, b.epoch)) {
+        let (pid, epoch) = (group[0].pid, group[0].epoch);
+        let parts: Vec<(String, i32)> = group.iter().map(|x| (x.topic.clone(), x.partition)).collect();
         let outcome = crate::txn::verify_partitions(shard, id, pid, epoch, &parts).await;
         for (i, (topic, partition)) in parts.into_iter().enumerate() {
             let (code, message) = match &outcome {
@@ -470,6 +508,13 @@ async fn verify_first_batches(shard: &Rc<Shard>, id: &str, mut first: Vec<(i64, 
                 Err(e) => (*e, format!("verifying the transaction of {id} with its coordinator: {}", e.name())),
             };
             refused.push(Refused { topic, partition, code, message });
+        }
+    }
+    // Checked after every question is answered, so that nothing awaits
+    // between this check and the append.
+    for x in &first {
+        if !refused.iter().any(|r| r.topic == x.topic && r.partition == x.partition) {
+            refused.extend(raced_marker(shard, x));
         }
     }
     refused

@@ -114,6 +114,10 @@ pub struct PartitionLog {
     pub unflushed: Option<Rc<super::segment::Unflushed>>,
     /// Idempotent producers' sequence state (see `producer_state`).
     pub producers: super::producer_state::ProducerStateTable,
+    /// Transaction markers appended since the log was opened: a produce
+    /// that verified its transaction (KIP-890) while this moved may have
+    /// raced the transaction's end, and is refused for a retry.
+    pub markers_appended: u64,
     /// Most O_DIRECT writes of one segment in flight at once (`flush.writes.inflight.max`).
     pub writes_inflight_max: usize,
 }
@@ -346,6 +350,7 @@ impl PartitionLog {
             unflushed: None,
             writes_inflight_max: WRITES_INFLIGHT_DEFAULT,
             producers: Default::default(),
+            markers_appended: 0,
         }));
         load_epochs(&log, saved_epochs).await?;
         super::producer_state::rebuild(&log).await?;
@@ -586,6 +591,7 @@ impl PartitionLog {
         })?;
         let (offset, _) = self.append(BytesMut::from(&marker[..]), &[info], leader_epoch);
         self.producers.end_txn(pid, epoch, coordinator_epoch, control, offset, now);
+        self.markers_appended += 1;
         Ok(offset)
     }
 

@@ -452,10 +452,13 @@ fn first_txn_batches(shard: &Shard, request: &Located) -> Vec<FirstBatch> {
             }
             let Some(log) = shard.log(&t.name, p.index) else { continue };
             let l = log.borrow();
-            if l.producers.get(pid).is_none_or(|e| e.txn_first_offset.is_none()) {
+            let epoch = h.producer_epoch();
+            // Open here at this very epoch; a transaction of an older epoch
+            // is not this producer's to continue.
+            if l.producers.get(pid).is_none_or(|e| e.txn_first_offset.is_none() || e.epoch != epoch) {
                 out.push(FirstBatch {
                     pid: pid.0,
-                    epoch: h.producer_epoch(),
+                    epoch,
                     topic: t.name.clone(),
                     partition: p.index,
                     markers: l.markers_appended,

@@ -12,6 +12,8 @@
 //! coordinator confirms the partition is in its open transaction (see
 //! `verify_first_batches`).
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -396,21 +398,124 @@ struct Refused {
     message: String,
 }
 
+/// The Produce requests of one transactional producer on this shard that
+/// wait their turn: tickets are handed out at dispatch, in arrival order,
+/// and served strictly in that order.
+#[derive(Default)]
+struct Turns {
+    next_ticket: Cell<u64>,
+    serving: Cell<u64>,
+    /// Tickets whose request went away (its connection closed) before its
+    /// turn: skipped when the turn comes.
+    abandoned: RefCell<std::collections::BTreeSet<u64>>,
+    changed: crate::notify::Notify,
+}
+
+thread_local! {
+    /// Transactional producers (by producer id) with a Produce of this
+    /// shard waiting for KIP-890 verification (see `produce`).
+    static VERIFYING: RefCell<HashMap<i64, Rc<Turns>>> = RefCell::new(HashMap::new());
+}
+
+/// One request's place in its producer's `Turns`. Dropping it (done, or
+/// the request dropped with its connection) hands the turn on, so a
+/// closed connection never holds up the producer's other requests.
+struct Turn {
+    turns: Rc<Turns>,
+    ticket: u64,
+    pid: i64,
+}
+
+impl Turn {
+    fn take(pid: i64) -> Turn {
+        let turns = VERIFYING.with(|v| v.borrow_mut().entry(pid).or_default().clone());
+        let ticket = turns.next_ticket.get();
+        turns.next_ticket.set(ticket + 1);
+        Turn { turns, ticket, pid }
+    }
+
+    async fn wait(&self) {
+        while self.turns.serving.get() != self.ticket {
+            let changed = self.turns.changed.notified();
+            if self.turns.serving.get() == self.ticket {
+                break;
+            }
+            changed.await;
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let t = &self.turns;
+        if t.serving.get() != self.ticket {
+            t.abandoned.borrow_mut().insert(self.ticket);
+            return;
+        }
+        let mut next = self.ticket + 1;
+        while t.abandoned.borrow_mut().remove(&next) {
+            next += 1;
+        }
+        t.serving.set(next);
+        if t.next_ticket.get() == next {
+            // Nobody behind: the producer's later requests go straight in.
+            VERIFYING.with(|v| {
+                let mut v = v.borrow_mut();
+                if v.get(&self.pid).is_some_and(|cur| Rc::ptr_eq(cur, t)) {
+                    v.remove(&self.pid);
+                }
+            });
+        } else {
+            t.changed.notify_all();
+        }
+    }
+}
+
 pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, frame: Bytes) -> Pending {
     let (acks, timeout_ms) = (req.acks, req.timeout_ms);
     let (topics, txn_id) = locate_records(req, &frame);
     let request = Located { version, cid, acks, timeout_ms, topics, has_txn_id: txn_id.is_some(), frame };
-    if let Some(id) = txn_id.filter(|_| shard.txns.settings.verify_partitions) {
-        let first = first_txn_batches(shard, &request);
-        if !first.is_empty() {
-            let shard = shard.clone();
-            return Box::pin(async move {
-                let refused = verify_first_batches(&shard, &id, first).await;
-                produce_located(&shard, request, refused).await
-            });
-        }
+    let Some(id) = txn_id.filter(|_| shard.txns.settings.verify_partitions) else {
+        return produce_located(shard, request, Vec::new());
+    };
+    let Some(pid) = transactional_producer(&request) else {
+        return produce_located(shard, request, Vec::new());
+    };
+    // A producer pipelines its requests (up to 5 in flight), and its
+    // sequence numbers only go in order: once one of its requests waits for
+    // verification, every later one of it on this shard takes a ticket
+    // behind it (here, at dispatch, in arrival order), so none appends
+    // ahead of an earlier one.
+    let busy = VERIFYING.with(|v| v.borrow().contains_key(&pid));
+    if !busy && first_txn_batches(shard, &request).is_empty() {
+        return produce_located(shard, request, Vec::new());
     }
-    produce_located(shard, request, Vec::new())
+    let turn = Turn::take(pid);
+    let shard = shard.clone();
+    Box::pin(async move {
+        turn.wait().await;
+        // Earlier requests of this producer have appended by now: only
+        // partitions still without its transaction need verifying.
+        let first = first_txn_batches(&shard, &request);
+        let refused = if first.is_empty() { Vec::new() } else { verify_first_batches(&shard, &id, first).await };
+        let pending = produce_located(&shard, request, refused);
+        drop(turn);
+        pending.await
+    })
+}
+
+/// The producer id of the request's first transactional batch (a request
+/// carries one producer's batches).
+fn transactional_producer(request: &Located) -> Option<i64> {
+    request.topics.iter().flat_map(|t| &t.partitions).find_map(|p| {
+        let bytes: &[u8] = match &p.records {
+            RecordsAt::Absent => return None,
+            RecordsAt::Frame(range) => &request.frame[range.clone()],
+            RecordsAt::Elsewhere(b) => b,
+        };
+        let h = batch::BatchHeader::parse(bytes).ok()?;
+        (h.is_transactional() && !h.is_control() && h.producer_id().0 >= 0).then(|| h.producer_id().0)
+    })
 }
 
 /// KIP-890's verification guard: a marker appended to the partition while

@@ -600,6 +600,7 @@ def test_sync_commit_behind_a_pending_join_completes(broker):
             ("error", "REBALANCE_IN_PROGRESS"),
         ), outcome
         assert not k_state["paused"], "the commit came back before the rebalance could complete"
+        print("commit behind the pending JoinGroup: %r" % (outcome,))
         if outcome[0] == "ok":
             assert {p: committed_offsets(broker, group, topic, 4)[p] for p in a_partitions} == {
                 p: 7 for p in a_partitions

@@ -176,6 +176,8 @@ def test_static_member_returns_without_rebalance(broker):
     topic, group = "st-%s" % uuid.uuid4().hex[:6], "gs-%s" % uuid.uuid4().hex[:6]
     create_topic(broker, topic)
 
+    events = {}  # instance -> [("assign" | "revoke", partitions)], one list per process
+
     def member(instance):
         c = Consumer(
             {
@@ -187,7 +189,12 @@ def test_static_member_returns_without_rebalance(broker):
                 "log_level": 3,
             }
         )
-        c.subscribe([topic])
+        seen = events[instance] = []
+        c.subscribe(
+            [topic],
+            on_assign=lambda _, ps: seen.append(("assign", {tp.partition for tp in ps})),
+            on_revoke=lambda _, ps: seen.append(("revoke", {tp.partition for tp in ps})),
+        )
         return c
 
     def wait_assigned(cs, timeout=30):
@@ -203,10 +210,20 @@ def test_static_member_returns_without_rebalance(broker):
     s1, s2 = member("inst-1"), member("inst-2")
     first = wait_assigned([s1, s2])
     gens_before = broker.log_text().count("group %s: generation" % group)
+    s2_seen = list(events["inst-2"])
     s1.close()  # static members do not leave the group on close (KIP-345)
     s1 = member("inst-1")
     again = wait_assigned([s1, s2])
     assert again == first
+    # The returning process gets its old partitions in one assign; the other
+    # member sees no rebalance at all (no revoke, no assign).
+    assert events["inst-1"] == [("assign", first[0])], events["inst-1"]
+    deadline = time.monotonic() + 2.5  # five heartbeats: a late rebalance would show
+    while time.monotonic() < deadline:
+        s1.poll(0.1)
+        s2.poll(0.1)
+    assert events["inst-2"] == s2_seen, events["inst-2"]
+    assert events["inst-1"] == [("assign", first[0])], events["inst-1"]
     admin = AdminClient({"bootstrap.servers": broker.bootstrap, "log_level": 3})
     desc = admin.describe_consumer_groups([group])[group].result(30)
     assert str(desc.state).endswith("STABLE"), desc.state

@@ -126,6 +126,9 @@ pub struct JoinRequest {
     pub protocols: Vec<(String, Bytes)>,
     /// KIP-394: v4+ clients must join again with the member id we give them.
     pub require_known_member_id: bool,
+    /// JoinGroup v9+ (KIP-814): a static leader that rejoins a stable group
+    /// can be told it leads but must not run the assignor.
+    pub supports_skip_assignment: bool,
 }
 
 pub struct Member {
@@ -342,8 +345,11 @@ impl Group {
         }
     }
 
+    /// Kafka's `hasAllMembersJoined`: every member waits in a JoinGroup and
+    /// no member id handed out with MEMBER_ID_REQUIRED is still to come back
+    /// (it would otherwise start the next rebalance right after this one).
     fn all_joined(&self) -> bool {
-        self.members.values().all(|m| m.join_waiter.is_some())
+        self.pending.is_empty() && self.members.values().all(|m| m.join_waiter.is_some())
     }
 
     /// Completes the join phase if every member is in (or `force`, at the
@@ -360,11 +366,37 @@ impl Group {
                 return;
             }
         }
-        let laggards: Vec<String> =
-            self.members.values().filter(|m| m.join_waiter.is_none()).map(|m| m.id.clone()).collect();
+        // As Kafka's `onCompleteJoin`: dynamic members that did not join
+        // again are removed; static ones stay in the group (with their last
+        // metadata, for the leader to assign to) until their session
+        // expires, so a static member that restarts slowly keeps its place.
+        let laggards: Vec<String> = self
+            .members
+            .values()
+            .filter(|m| m.join_waiter.is_none() && m.instance_id.is_none())
+            .map(|m| m.id.clone())
+            .collect();
         for id in laggards {
             log::info!("group {}: member {id} did not join the rebalance in time; removed", self.id);
             self.remove_member(&id);
+        }
+        // Kafka's `maybeElectNewJoinedLeader`: the leader must be a member
+        // that joined; when none did (only static members that are away),
+        // wait another rebalance timeout for their sessions to expire.
+        if !self.members.is_empty() {
+            let leader_joined =
+                self.leader.as_ref().and_then(|l| self.members.get(l)).is_some_and(|m| m.join_waiter.is_some());
+            if !leader_joined {
+                let joined = self.members_in_order().find(|m| m.join_waiter.is_some()).map(|m| m.id.clone());
+                match joined {
+                    Some(id) => self.leader = Some(id),
+                    None => {
+                        log::info!("group {}: no member joined the rebalance; waiting for their sessions", self.id);
+                        self.rebalance_deadline = Some(now + self.max_rebalance_timeout());
+                        return;
+                    }
+                }
+            }
         }
         self.initial_delay_until = None;
         self.rebalance_deadline = None;
@@ -378,9 +410,6 @@ impl Group {
             return;
         }
         self.protocol = self.select_protocol();
-        if self.leader.as_ref().is_none_or(|l| !self.members.contains_key(l)) {
-            self.leader = self.order.first().cloned();
-        }
         self.set_state(GroupState::CompletingRebalance, now);
         let protocol = self.protocol.clone().unwrap_or_default();
         let leader = self.leader.clone().unwrap_or_default();
@@ -506,14 +535,22 @@ impl Group {
             }
             _ => {}
         }
-        let (tx, rx) = oneshot::channel();
         m.protocols = req.protocols;
         m.session_timeout_ms = req.session_timeout_ms;
         m.rebalance_timeout_ms = req.rebalance_timeout_ms;
         m.client_id = req.client_id;
         m.client_host = req.client_host;
+        self.await_rebalance(&id, now, limits)
+    }
+
+    /// Member `id` waits in a JoinGroup for the (started or continued) rebalance.
+    fn await_rebalance(&mut self, id: &str, now: Instant, limits: &GroupLimits) -> Reply<JoinOutcome> {
+        let (tx, rx) = oneshot::channel();
+        let Some(m) = self.members.get_mut(id) else {
+            return Reply::Now(JoinOutcome::error(ErrorCode::UnknownMemberId, id));
+        };
         if let Some(old) = m.join_waiter.replace(tx) {
-            let _ = old.send(JoinOutcome::error(ErrorCode::RebalanceInProgress, &id));
+            let _ = old.send(JoinOutcome::error(ErrorCode::RebalanceInProgress, id));
         }
         m.touch(now);
         self.prepare_rebalance(now, limits);
@@ -531,6 +568,7 @@ impl Group {
             return self.join_new(req, id, now, limits);
         };
         let new_id = self.new_member_id(&req.client_id, req.instance_id.as_deref());
+        let leader_before = self.leader.clone().unwrap_or_default();
         log::info!("group {}: static member {:?} rejoined: {old} -> {new_id}", self.id, req.instance_id);
         if let Some(w) = m.join_waiter.take() {
             let _ = w.send(JoinOutcome::error(ErrorCode::FencedInstanceId, old));
@@ -538,7 +576,6 @@ impl Group {
         if let Some(w) = m.sync_waiter.take() {
             let _ = w.send(SyncOutcome::error(ErrorCode::FencedInstanceId));
         }
-        let same = m.same_protocols(&req.protocols);
         m.id = new_id.clone();
         m.client_id = req.client_id.clone();
         m.client_host = req.client_host.clone();
@@ -558,12 +595,30 @@ impl Group {
         if let Some(instance) = &req.instance_id {
             self.static_members.insert(instance.clone(), new_id.clone());
         }
+        // Kafka's `updateStaticMemberAndRebalance`.
         match self.state {
-            GroupState::Stable if same => Reply::Now(self.current_join(&new_id, false)),
-            _ => {
-                let req = JoinRequest { member_id: new_id, ..req };
-                self.join_existing(req, now, limits)
+            // Stable: no rebalance unless the group's protocol would change
+            // (new subscription metadata alone does not start one: the
+            // member keeps its assignment).
+            GroupState::Stable if self.select_protocol() == self.protocol => {
+                let is_leader = self.leader.as_deref() == Some(new_id.as_str());
+                if req.supports_skip_assignment {
+                    // v9+: the leader learns it leads but skips the assignor.
+                    Reply::Now(self.current_join(&new_id, is_leader))
+                } else {
+                    // Before v9: the leader id as it was before this join, so
+                    // a rejoining leader does not assign (a stable group
+                    // would ignore its SyncGroup assignments anyway).
+                    let mut out = self.current_join(&new_id, false);
+                    out.leader = leader_before;
+                    out.members = Vec::new();
+                    Reply::Now(out)
+                }
             }
+            // CompletingRebalance: the leader may be assigning to the old
+            // member id, so a new rebalance starts. PreparingRebalance: the
+            // member joins the one under way.
+            _ => self.await_rebalance(&new_id, now, limits),
         }
     }
 
@@ -573,9 +628,12 @@ impl Group {
         if self.state == GroupState::Dead {
             return Err(ErrorCode::CoordinatorNotAvailable);
         }
+        // Kafka's `validateCurrentMember`: an instance id must map to this member id.
         if let Some(instance) = instance_id {
-            if self.static_members.get(instance).is_some_and(|cur| cur != member_id) {
-                return Err(ErrorCode::FencedInstanceId);
+            match self.static_members.get(instance) {
+                Some(cur) if cur != member_id => return Err(ErrorCode::FencedInstanceId),
+                Some(_) => {}
+                None => return Err(ErrorCode::UnknownMemberId),
             }
         }
         if !self.members.contains_key(member_id) {
@@ -854,6 +912,7 @@ mod tests {
             protocol_type: "consumer".into(),
             protocols: protocols.iter().map(|(n, m)| (n.to_string(), Bytes::from(m.to_string()))).collect(),
             require_known_member_id: true,
+            supports_skip_assignment: false,
         }
     }
 
@@ -1036,5 +1095,181 @@ mod tests {
         assert_eq!(back.generation, 1);
         assert_eq!(back.members[&a].assignment, Bytes::from_static(b"asg"));
         assert_eq!(back.snapshot(5), snap);
+    }
+
+    fn static_req(instance: &str, member: &str, meta: &str) -> JoinRequest {
+        let mut r = req(member, &[("range", meta)]);
+        r.instance_id = Some(instance.into());
+        r
+    }
+
+    fn now_sync(r: Reply<SyncOutcome>) -> SyncOutcome {
+        match r {
+            Reply::Now(s) => s,
+            Reply::Wait(_) => panic!("expected an immediate answer"),
+        }
+    }
+
+    /// Two static members, stable at generation 1 with `a` leading and
+    /// assignments "pa" / "pb". Returns (a, b).
+    fn stable_static_pair(g: &mut Group, t: Instant, l: &GroupLimits) -> (String, String) {
+        let ra = wait_rx(g.join(static_req("i-a", "", "m"), t, l));
+        let a = waited(ra).member_id;
+        let _ = g.sync(&a, Some("i-a"), 1, None, None, vec![], t);
+        let rb = wait_rx(g.join(static_req("i-b", "", "m"), t, l));
+        let ra = wait_rx(g.join(static_req("i-a", &a, "m"), t, l));
+        let (ja, jb) = (waited(ra), waited(rb));
+        assert_eq!((ja.generation, ja.leader.as_str()), (2, a.as_str()));
+        let b = jb.member_id;
+        let sb = wait_rx(g.sync(&b, Some("i-b"), 2, None, None, vec![], t));
+        let assignments = vec![(a.clone(), Bytes::from_static(b"pa")), (b.clone(), Bytes::from_static(b"pb"))];
+        assert_eq!(waited(wait_rx(g.sync(&a, Some("i-a"), 2, None, None, assignments, t))).assignment, "pa");
+        assert_eq!(waited(sb).assignment, "pb");
+        assert_eq!(g.state, GroupState::Stable);
+        (a, b)
+    }
+
+    #[test]
+    fn static_leader_rejoin_keeps_the_old_leader_id_and_changed_metadata_does_not_rebalance() {
+        let l = GroupLimits::default();
+        let t = Instant::now();
+        let mut g = Group::new("g", t);
+        let (a, b) = stable_static_pair(&mut g, t, &l);
+        // The leader restarts with other subscription metadata (a cooperative
+        // member's owned partitions are gone after a restart): as Kafka, the
+        // group stays Stable at generation 2, and before JoinGroup v9 the answer
+        // names the old leader id so that the new process does not assign.
+        let j = now_join(g.join(static_req("i-a", "", "other"), t, &l));
+        assert_eq!((j.error, j.generation), (ErrorCode::None, 2));
+        assert_ne!(j.member_id, a);
+        assert_eq!(j.leader, a);
+        assert!(j.members.is_empty());
+        assert!(!j.skip_assignment);
+        assert_eq!(g.state, GroupState::Stable);
+        assert_eq!(g.leader.as_deref(), Some(j.member_id.as_str()));
+        let s = now_sync(g.sync(&j.member_id, Some("i-a"), 2, None, None, vec![], t));
+        assert_eq!(s.assignment, "pa");
+        // v9+: told it leads, with the members, but to skip the assignment.
+        let mut r = static_req("i-a", "", "other");
+        r.supports_skip_assignment = true;
+        let j9 = now_join(g.join(r, t, &l));
+        assert_eq!((j9.generation, j9.leader.as_str(), j9.skip_assignment), (2, j9.member_id.as_str(), true));
+        assert_eq!(j9.members.len(), 2);
+        // A follower's restart answers with the current leader.
+        let jb = now_join(g.join(static_req("i-b", "", "m"), t, &l));
+        assert_eq!((jb.generation, jb.leader.as_str()), (2, j9.member_id.as_str()));
+        assert!(jb.members.is_empty());
+        assert_ne!(jb.member_id, b);
+        assert_eq!(g.state, GroupState::Stable);
+    }
+
+    #[test]
+    fn static_rejoin_while_completing_rebalance_starts_a_new_one() {
+        let l = GroupLimits::default();
+        let t = Instant::now();
+        let mut g = Group::new("g", t);
+        let (a, b) = stable_static_pair(&mut g, t, &l);
+        // b's metadata changes: generation 3 completes, nobody synced yet.
+        let rb = wait_rx(g.join(static_req("i-b", &b, "m2"), t, &l));
+        let ra = wait_rx(g.join(static_req("i-a", &a, "m"), t, &l));
+        assert_eq!((waited(ra).generation, waited(rb).generation), (3, 3));
+        assert_eq!(g.state, GroupState::CompletingRebalance);
+        // b restarts now: the leader may hand its assignment to the old id,
+        // so (as Kafka) a new rebalance starts and the new id waits in it.
+        let rb2 = wait_rx(g.join(static_req("i-b", "", "m2"), t, &l));
+        assert_eq!(g.state, GroupState::PreparingRebalance);
+        assert_eq!(now_sync(g.sync(&a, Some("i-a"), 3, None, None, vec![], t)).error, ErrorCode::RebalanceInProgress);
+        let ra = wait_rx(g.join(static_req("i-a", &a, "m"), t, &l));
+        let (ja, jb) = (waited(ra), waited(rb2));
+        assert_eq!((ja.generation, jb.generation), (4, 4));
+        assert_eq!(ja.members.len(), 2);
+        assert!(ja.members.iter().any(|m| m.0 == jb.member_id));
+    }
+
+    #[test]
+    fn a_pending_member_holds_the_rebalance_until_it_joins() {
+        let l = GroupLimits::default();
+        let t = Instant::now();
+        let mut g = Group::new("g", t);
+        let (a, ra) = join_two_step(&mut g, req("", &[("range", "")]), t, &l);
+        assert_eq!(waited(wait_rx(ra)).generation, 1);
+        let _ = g.sync(&a, None, 1, None, None, vec![], t);
+        let (c, rc) = join_two_step(&mut g, req("", &[("range", "")]), t, &l);
+        let rc = wait_rx(rc);
+        // b asks for its member id while the rebalance for c is under way.
+        let first = now_join(g.join(req("", &[("range", "")]), t, &l));
+        assert_eq!(first.error, ErrorCode::MemberIdRequired);
+        let ra = wait_rx(g.join(req(&a, &[("range", "")]), t, &l));
+        // Everyone known joined, but b is still to come: Kafka waits for it.
+        assert_eq!(g.state, GroupState::PreparingRebalance);
+        let rb = wait_rx(g.join(req(&first.member_id, &[("range", "")]), t, &l));
+        let (ja, jb, jc) = (waited(ra), waited(rb), waited(rc));
+        assert_eq!((ja.generation, jb.generation, jc.generation), (2, 2, 2));
+        assert_eq!(ja.members.len(), 3);
+        assert!(ja.members.iter().any(|m| m.0 == c));
+        // A member id that never comes back holds it only until its session timeout.
+        let _ = g.sync(&a, None, 2, None, None, vec![], t);
+        assert_eq!(g.leave(&c, None, t, &l), ErrorCode::None);
+        assert_eq!(now_join(g.join(req("", &[("range", "")]), t, &l)).error, ErrorCode::MemberIdRequired);
+        let ra = wait_rx(g.join(req(&a, &[("range", "")]), t, &l));
+        let rb = wait_rx(g.join(req(&first.member_id, &[("range", "")]), t, &l));
+        g.tick(t + Duration::from_secs(5), &l);
+        assert_eq!(g.state, GroupState::PreparingRebalance);
+        g.tick(t + Duration::from_secs(11), &l);
+        assert_eq!((waited(ra).generation, waited(rb).generation), (3, 3));
+    }
+
+    #[test]
+    fn rebalance_timeout_keeps_static_members_and_elects_a_joined_leader() {
+        let l = GroupLimits::default();
+        let t = Instant::now();
+        let mut g = Group::new("g", t);
+        let (a, b) = stable_static_pair(&mut g, t, &l);
+        // A dynamic member joins; b rejoins; the leader a is away (its
+        // session, 10 s, is kept alive by heartbeats; the rebalance
+        // timeout is 30 s).
+        let (d, rd) = join_two_step(&mut g, req("", &[("range", "m")]), t, &l);
+        let rd = wait_rx(rd);
+        let rb = wait_rx(g.join(static_req("i-b", &b, "m"), t, &l));
+        for s in 1..=30 {
+            assert_eq!(g.heartbeat(&a, Some("i-a"), 2, t + Duration::from_secs(s)), ErrorCode::RebalanceInProgress);
+        }
+        g.tick(t + Duration::from_secs(31), &l);
+        let (jb, jd) = (waited(rb), waited(rd));
+        assert_eq!((jb.generation, jd.generation), (3, 3));
+        // a stays a member (static), b leads now, and the leader sees all three.
+        assert!(g.members.contains_key(&a));
+        assert_eq!(jb.leader, b);
+        assert_eq!(jb.members.len(), 3);
+        assert!(jd.members.is_empty());
+        assert_eq!(g.heartbeat(&a, Some("i-a"), 2, t + Duration::from_secs(31)), ErrorCode::IllegalGeneration);
+        // Wrong or unknown instance ids, as Kafka's validateCurrentMember.
+        assert!(matches!(g.check_member(&d, Some("i-zz"), 3), Err(ErrorCode::UnknownMemberId)));
+        assert!(matches!(g.check_member(&d, Some("i-a"), 3), Err(ErrorCode::FencedInstanceId)));
+    }
+
+    #[test]
+    fn rebalance_timeout_with_nobody_joined_waits_for_sessions() {
+        let l = GroupLimits::default();
+        let t = Instant::now();
+        let mut g = Group::new("g", t);
+        let (a, b) = stable_static_pair(&mut g, t, &l);
+        // A new dynamic member joins and then leaves; neither static member
+        // joins before the rebalance timeout.
+        let (d, rd) = join_two_step(&mut g, req("", &[("range", "m")]), t, &l);
+        assert_eq!(g.leave(&d, None, t, &l), ErrorCode::None);
+        assert_eq!(waited(wait_rx(rd)).error, ErrorCode::UnknownMemberId);
+        for s in 1..=31 {
+            let at = t + Duration::from_secs(s);
+            assert_eq!(g.heartbeat(&a, Some("i-a"), 2, at), ErrorCode::RebalanceInProgress);
+            assert_eq!(g.heartbeat(&b, Some("i-b"), 2, at), ErrorCode::RebalanceInProgress);
+            g.tick(at, &l);
+        }
+        // No generation without a joined member: still preparing, same generation.
+        assert_eq!((g.state, g.generation), (GroupState::PreparingRebalance, 2));
+        let rb = wait_rx(g.join(static_req("i-b", &b, "m"), t + Duration::from_secs(31), &l));
+        g.tick(t + Duration::from_secs(62), &l);
+        let jb = waited(rb);
+        assert_eq!((jb.generation, jb.leader.as_str()), (3, b.as_str()));
     }
 }

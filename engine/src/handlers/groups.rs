@@ -175,6 +175,7 @@ pub async fn join_group(
         protocol_type: req.protocol_type.to_string(),
         protocols: req.protocols.iter().map(|p| (p.name.to_string(), p.metadata.clone())).collect(),
         require_known_member_id: version >= 4,
+        supports_skip_assignment: version >= 9,
     };
     let before = coord.mark(&gid);
     let reply = {

@@ -97,7 +97,10 @@ fn transactions_verify_or_fail_with_the_reason() {
     let bootstrap = format!("127.0.0.1:{}", broker.port);
     let versions = Conn::connect(&bootstrap, "probe").unwrap().versions;
     let supported = versions.broker_supports(ApiKey::AddPartitionsToTxn) && versions.broker_supports(ApiKey::EndTxn);
-    let result = txn::run_comparison(&options(&bootstrap, "txn-it-txn", vec![1, 3]));
+    // 40 batches per transaction: several requests of one producer to one
+    // partition in flight at once, the first of them held for KIP-890
+    // verification; their appends must stay in sequence order.
+    let result = txn::run_comparison(&options(&bootstrap, "txn-it-txn", vec![1, 3, 40]));
     if !supported {
         let e = format!("{:#}", result.err().expect("a broker without AddPartitionsToTxn/EndTxn must fail the run"));
         assert!(e.contains("the broker does not support transactions"), "{e}");
@@ -106,7 +109,7 @@ fn transactions_verify_or_fail_with_the_reason() {
     }
     let o = result.unwrap();
     let labels: Vec<&str> = o.runs.iter().map(|r| r.0.label.as_str()).collect();
-    assert_eq!(labels, ["idempotent", "txn-1", "txn-3"]);
+    assert_eq!(labels, ["idempotent", "txn-1", "txn-3", "txn-40"]);
     for (r, _) in &o.runs[1..] {
         assert!(r.transactional);
         assert!(r.transactions_total > 0);

@@ -119,7 +119,7 @@ pub struct Shard {
     pub image: RefCell<Arc<MetadataImage>>,
     /// Topic names by topic id in `image` (Fetch v13+ names topics by id),
     /// rebuilt whenever the image is replaced.
-    topic_ids: RefCell<HashMap<uuid::Uuid, String>>,
+    topic_ids: RefCell<HashMap<uuid::Uuid, Rc<str>>>,
     /// Logs this shard owns: topic -> partition index -> log.
     logs: RefCell<HashMap<String, Vec<Option<SharedLog>>>>,
     dirty: RefCell<Vec<SharedLog>>,
@@ -250,7 +250,7 @@ impl Shard {
     }
 
     /// The name of the topic with id `id` in the current image.
-    pub fn topic_name_by_id(&self, id: &uuid::Uuid) -> Option<String> {
+    pub fn topic_name_by_id(&self, id: &uuid::Uuid) -> Option<Rc<str>> {
         self.topic_ids.borrow().get(id).cloned()
     }
 
@@ -770,11 +770,12 @@ impl Shard {
 /// How often a shard waiting on a full data directory checks for free space.
 const DIR_RECHECK_INTERVAL: Duration = Duration::from_millis(500);
 
-/// `fetch.cache.max.bytes`, or 1/8 of physical memory per shard (at most 1 GiB).
-fn topic_ids(image: &MetadataImage) -> HashMap<uuid::Uuid, String> {
-    image.topics.values().map(|t| (t.uuid(), t.name.clone())).filter(|(id, _)| !id.is_nil()).collect()
+/// Topic names by topic id in `image` (topics with the nil id left out).
+fn topic_ids(image: &MetadataImage) -> HashMap<uuid::Uuid, Rc<str>> {
+    image.topics.values().filter(|t| !t.uuid().is_nil()).map(|t| (t.uuid(), Rc::from(t.name.as_str()))).collect()
 }
 
+/// `fetch.cache.max.bytes`, or 1/8 of physical memory per shard (at most 1 GiB).
 fn cache_limit_bytes(config: &Config, num_shards: usize) -> usize {
     if config.fetch_cache_max_bytes > 0 {
         return config.fetch_cache_max_bytes;

@@ -39,7 +39,7 @@ pub struct PartitionHeader {
 /// A topic of the response: by name up to v12, by id from v13 (KIP-516).
 #[derive(Clone, Debug, Default)]
 pub struct TopicHeader {
-    pub name: String,
+    pub name: std::rc::Rc<str>,
     pub id: [u8; 16],
     pub partitions: Vec<PartitionHeader>,
 }

@@ -80,7 +80,7 @@ struct Collected {
 fn frame(shard: &Shard, version: i16, cid: i32, c: Collected) -> Outgoing {
     let endpoints = if version >= 16 { leader_endpoints(shard, &c.topics) } else { Vec::new() };
     let frame = encode_fetch_frame(version, cid, 0, &c.topics, &endpoints);
-    let names = c.topics.iter().flat_map(|t| t.partitions.iter().map(move |p| (t.name.as_str(), p.partition_index)));
+    let names = c.topics.iter().flat_map(|t| t.partitions.iter().map(move |p| (&*t.name, p.partition_index)));
     crate::metrics::account_fetch(&shard.metrics, names.zip(c.records.iter()));
     let mut parts = Vec::with_capacity(frame.inline.len() + c.records.len());
     let mut inline = frame.inline.into_iter();
@@ -171,14 +171,14 @@ async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes:
     let mut slots: Vec<Vec<Slot>> = Vec::with_capacity(req.topics.len());
     // Each requested topic's name: from v13 looked up by id ("" when the
     // id is unknown here, which no topic is named).
-    let names: Vec<String> = req
+    let names: Vec<Rc<str>> = req
         .topics
         .iter()
         .map(|t| {
             if version >= 13 {
-                shard.topic_name_by_id(&t.topic_id).unwrap_or_default()
+                shard.topic_name_by_id(&t.topic_id).unwrap_or_else(|| Rc::from(""))
             } else {
-                t.topic.0.to_string()
+                Rc::from(&*t.topic.0)
             }
         })
         .collect();

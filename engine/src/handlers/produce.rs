@@ -136,24 +136,21 @@ impl FrameCutter {
     }
 }
 
-/// The record rules of `topic` now (see `RecordRules`).
+/// The record rules of `topic` at `now_ms` (see `RecordRules`).
 fn record_rules(
     shard: &Shard,
     image: &crate::metadata::MetadataImage,
     topic: &crate::metadata::TopicMeta,
     log_append_time: bool,
+    now_ms: i64,
 ) -> RecordRules {
     let config = &shard.config;
     let timestamps = (!log_append_time).then(|| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
         let before = crate::topic_config::topic_i64(config, image, topic, "message.timestamp.before.max.ms");
         let after = crate::topic_config::topic_i64(config, image, topic, "message.timestamp.after.max.ms");
         // Kafka's "no limit" is i64::MAX: any past (or future) is fine.
-        let earliest = if before >= now { i64::MIN } else { now - before };
-        (earliest, now.saturating_add(after))
+        let earliest = if before >= now_ms { i64::MIN } else { now_ms - before };
+        (earliest, now_ms.saturating_add(after))
     });
     RecordRules { require_keys: crate::topic_config::policy_has(config, image, topic, "compact"), timestamps }
 }
@@ -379,6 +376,18 @@ struct Located {
     frame: Bytes,
 }
 
+impl Located {
+    /// The record set of partition `p`, where it lies: in the frame or
+    /// decompressed elsewhere; None when the request carried none.
+    fn records_of<'a>(&'a self, p: &'a PartitionInput) -> Option<&'a [u8]> {
+        match &p.records {
+            RecordsAt::Absent => None,
+            RecordsAt::Frame(range) => self.frame.get(range.clone()),
+            RecordsAt::Elsewhere(b) => Some(b),
+        }
+    }
+}
+
 /// A producer's first transactional batch on a partition, to verify.
 struct FirstBatch {
     pid: i64,
@@ -508,12 +517,7 @@ pub fn produce(shard: &Rc<Shard>, version: i16, cid: i32, req: ProduceRequest, f
 /// carries one producer's batches).
 fn transactional_producer(request: &Located) -> Option<i64> {
     request.topics.iter().flat_map(|t| &t.partitions).find_map(|p| {
-        let bytes: &[u8] = match &p.records {
-            RecordsAt::Absent => return None,
-            RecordsAt::Frame(range) => &request.frame[range.clone()],
-            RecordsAt::Elsewhere(b) => b,
-        };
-        let h = batch::BatchHeader::parse(bytes).ok()?;
+        let h = batch::BatchHeader::parse(request.records_of(p)?).ok()?;
         (h.is_transactional() && !h.is_control() && h.producer_id().0 >= 0).then(|| h.producer_id().0)
     })
 }
@@ -545,12 +549,7 @@ fn first_txn_batches(shard: &Shard, request: &Located) -> Vec<FirstBatch> {
     let mut out = Vec::new();
     for t in &request.topics {
         for p in &t.partitions {
-            let bytes: &[u8] = match &p.records {
-                RecordsAt::Absent => continue,
-                RecordsAt::Frame(range) => &request.frame[range.clone()],
-                RecordsAt::Elsewhere(b) => b,
-            };
-            let Ok(h) = batch::BatchHeader::parse(bytes) else { continue };
+            let Some(Ok(h)) = request.records_of(p).map(batch::BatchHeader::parse) else { continue };
             let pid = h.producer_id();
             if !h.is_transactional() || h.is_control() || pid.0 < 0 {
                 continue;
@@ -634,14 +633,23 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
     let mut frame = FrameCutter::new(frame);
     let mut responses = Vec::with_capacity(topics.len());
     let mut waiting = Vec::new();
+    // One clock reading per request: the timestamp rules and LogAppendTime.
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
     for (ti, topic) in topics.into_iter().enumerate() {
         let name: &str = &topic.name;
         let topic_meta = image.topics.get(name);
+        // The topic's settings, resolved once for all its partitions.
         let max_bytes = topic_meta
             .and_then(|t| {
                 usize::try_from(crate::topic_config::topic_i64(&shard.config, &image, t, "max.message.bytes")).ok()
             })
             .unwrap_or(shard.config.message_max_bytes);
+        // LogAppendTime topics: the broker's clock goes into each batch (and the response).
+        let log_append_time = topic_meta.is_some_and(|t| {
+            crate::topic_config::topic_value(&shard.config, &image, t, "message.timestamp.type") == "LogAppendTime"
+        });
+        let rules = topic_meta.map(|t| record_rules(shard, &image, t, log_append_time, now_ms));
         let mut parts = Vec::with_capacity(topic.partitions.len());
         for (pi, p) in topic.partitions.into_iter().enumerate() {
             let mut r = PartitionProduceResponse::default().with_index(p.index);
@@ -721,13 +729,8 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
                     continue;
                 }
             };
-            // LogAppendTime topics: the broker's clock goes into each batch (and the response).
-            let log_append_time = topic_meta.is_some_and(|t| {
-                crate::topic_config::topic_value(&shard.config, &image, t, "message.timestamp.type") == "LogAppendTime"
-            });
-            if let Some(t) = topic_meta {
-                let rules = record_rules(shard, &image, t, log_append_time);
-                if let Err(refused) = check_record_rules(&records, &infos, &rules) {
+            if let Some(rules) = &rules {
+                if let Err(refused) = check_record_rules(&records, &infos, rules) {
                     let mut r = fail(r, refused.code, refused.message);
                     if version >= 8 {
                         r = r.with_record_errors(
@@ -747,10 +750,6 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
                 }
             }
             if log_append_time {
-                let now_ms = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0);
                 crate::storage::timestamps::stamp_log_append_time(&mut records, &mut infos, now_ms);
                 r = r.with_log_append_time_ms(now_ms);
             }

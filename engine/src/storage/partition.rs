@@ -862,7 +862,7 @@ async fn flush_segments(log: &SharedLog, on_durable: &dyn Fn(u64, std::time::Dur
                 let path = &path;
                 async move {
                     let len = buf.len();
-                    match file.write_at(buf, pos).await {
+                    match file.write_rc_at(buf, pos).await {
                         Ok(n) => {
                             super::note_segment_write(n as u64);
                             (n == len).then_some(pos + len as u64)

@@ -154,7 +154,7 @@ pub struct FlushPlan {
     pub preallocate_to: Option<u64>,
     /// Zeros to write past the data, `(position, buffer)`, beside the data
     /// writes: the next rounds then overwrite written blocks.
-    pub zero: Option<(u64, DmaBuffer)>,
+    pub zero: Option<(u64, Rc<DmaBuffer>)>,
     /// Where the zeros ended, set by the flusher once they are written.
     pub zeroed_to: Option<u64>,
     pub end_bytes: u64,
@@ -336,41 +336,43 @@ impl Segment {
 
     /// Zero-ahead: a small round (new bytes under a sixteenth of
     /// `zero_ahead_bytes`, the latency-bound case) that finds fewer than
-    /// half of `zero_ahead_bytes` written past its data also writes zeros
-    /// up to `zero_ahead_bytes` past it. An O_DIRECT write into a
+    /// half of `zero_ahead_bytes` written past its data also writes the next
+    /// half of `zero_ahead_bytes` with zeros. An O_DIRECT write into a
     /// preallocated (unwritten) extent needs the extent converted at
     /// completion, which ext4 and XFS refuse to do under io_uring's
     /// non-blocking attempt, so the write goes to an io-wq worker thread
     /// (and the O_DSYNC/fdatasync after it commits the journal); into
     /// written blocks it is a plain overwrite, issued inline. Large rounds
     /// (bandwidth-bound) skip it: the zeros would cost device bandwidth for
-    /// a hop that is small next to their writes. The zeros start at
+    /// a hop that is small next to their writes. The zeros start at or past
     /// `data_end`, the page after this round's data, so they never cover a
     /// byte of the log, and they need no sync: the conversion they cause is
     /// metadata the next round's O_DSYNC write or fdatasync makes durable
-    /// with its data, as it must for any data it reads back.
+    /// with its data, as it must for any data it reads back. Every write is
+    /// the same size, so the shard writes them all from one shared zeroed
+    /// buffer (`shared_zeros`) instead of filling a new one each time.
     fn plan_zero_ahead(
         &self,
         file: &DmaFile,
         data_end: u64,
         round_bytes: u64,
         settings: &SegmentSettings,
-    ) -> Option<(u64, DmaBuffer)> {
+    ) -> Option<(u64, Rc<DmaBuffer>)> {
         let ahead = align_up(settings.zero_ahead_bytes);
         if ahead == 0 || round_bytes >= ahead / 16 {
             return None;
         }
         let from = self.zeroed_bytes.max(data_end);
-        if from - data_end >= ahead / 2 {
+        let chunk = align_up(ahead / 2);
+        if from - data_end >= chunk {
             return None;
         }
-        let to = (data_end + ahead).min(align_up(settings.segment_bytes.max(data_end)));
+        let to = (from + chunk).min(align_up(settings.segment_bytes.max(data_end)));
         if to <= from {
             return None;
         }
-        let mut buf = file.alloc_dma_buffer((to - from) as usize);
-        buf.as_bytes_mut().fill(0);
-        Some((from, buf))
+        let len = (to - from) as usize;
+        Some((from, shared_zeros(file, len, len as u64 == chunk)))
     }
 
     /// Records a completed flush; returns the batches that became durable.
@@ -650,6 +652,31 @@ async fn scan(
     seg.preallocated_bytes = report.valid_bytes;
     seg.zeroed_bytes = align_up(report.valid_bytes);
     Ok(())
+}
+
+thread_local! {
+    /// This shard's zeroed buffer for zero-ahead writes: written from, never
+    /// into, so any number of writes in flight share it.
+    static ZEROS: std::cell::RefCell<Option<Rc<DmaBuffer>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A zeroed DMA buffer of `len` bytes. The shard keeps the one of the usual
+/// size (`usual`: every zero-ahead write but a segment's last) and hands it
+/// out again; another size is allocated for the one write.
+fn shared_zeros(file: &DmaFile, len: usize, usual: bool) -> Rc<DmaBuffer> {
+    let fresh = || {
+        let mut buf = file.alloc_dma_buffer(len);
+        buf.as_bytes_mut().fill(0);
+        Rc::new(buf)
+    };
+    ZEROS.with(|z| {
+        let mut z = z.borrow_mut();
+        match z.as_ref() {
+            Some(buf) if buf.len() == len => buf.clone(),
+            _ if usual => z.insert(fresh()).clone(),
+            _ => fresh(),
+        }
+    })
 }
 
 #[cfg(test)]

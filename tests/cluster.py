@@ -223,6 +223,9 @@ class Node(Broker):
         self.config_file = config_file or node_config(node_id)
         self.roles = roles  # None: process.roles from the config file
         self.cpu_index = cpu_index if cpu_index is not None else node_id
+        # Set before start to advertise another port (a proxy in front of
+        # this node) in advertised.listeners; None: the listener's own.
+        self.advertised_port = None
 
     def __repr__(self):
         return "<node %d pid %s port %d>" % (self.node_id, self.proc.pid if self.proc else None, self.port)
@@ -234,7 +237,8 @@ class Node(Broker):
     @property
     def advertised(self):
         """[(broker id, host, port)] as Metadata should list this node."""
-        return [(broker_id(self.node_id, s), "127.0.0.1", self.port + s) for s in range(self.shards)]
+        port = self.advertised_port if self.advertised_port is not None else self.port
+        return [(broker_id(self.node_id, s), "127.0.0.1", port + s) for s in range(self.shards)]
 
     def listeners(self):
         value = "PLAINTEXT://127.0.0.1:%d" % self.port
@@ -257,6 +261,8 @@ class Node(Broker):
         ]
         if self.roles is not None:
             cmd.append("--process.roles=%s" % self.roles)
+        if self.advertised_port is not None:
+            cmd.append("--advertised.listeners=PLAINTEXT://127.0.0.1:%d" % self.advertised_port)
         return cmd + self.args
 
     def check_running(self, what):

@@ -826,18 +826,25 @@ def test_bad_transaction_requests(broker):
     assert values(read_partitions(broker, topic, [0, 1], "read_uncommitted", settle=0.5)) == {0: [], 1: []}
 
 
+def raw_txn_setup(broker_factory, shards, partitions, args):
+    """A broker, a new topic of `partitions` partitions and a transactional id
+    initialised on the raw wire: (broker, topic, txn id, coordinator port,
+    producer id, epoch, leader port by partition)."""
+    b = broker_factory(shards=shards, args=args)
+    topic = uid("txraw")
+    create_topic(b, topic, partitions)
+    txn_id = uid("raw")
+    port = tw.txn_coordinator_port(b, txn_id)
+    err, pid, epoch = tw.init_producer_id(port, txn_id)
+    assert err == 0, err
+    return b, topic, txn_id, port, pid, epoch, tw.leader_ports(b, topic, list(range(partitions)))
+
+
 def test_unverified_transactional_write_is_refused(broker_factory):
     """KIP-890: a transactional batch for a partition that is not in the
     producer's open transaction is refused before it is appended, so it can
     never leave a transaction that no coordinator will end."""
-    b = broker_factory(shards=2)
-    topic = uid("txverify")
-    create_topic(b, topic, 2)
-    txn_id = uid("verify")
-    port = tw.txn_coordinator_port(b, txn_id)
-    err, pid, epoch = tw.init_producer_id(port, txn_id)
-    assert err == 0, err
-    leaders = tw.leader_ports(b, topic, [0, 1])
+    b, topic, txn_id, port, pid, epoch, leaders = raw_txn_setup(broker_factory, 2, 2, [])
 
     # Partition 0 was never added: INVALID_TXN_STATE, and nothing is written.
     batch = tw.txn_batch(pid, epoch, 0, [b"stray-0", b"stray-1"])
@@ -872,14 +879,10 @@ def test_without_verification_a_stray_write_hangs_the_partition(broker_factory):
     """The same stray write with transaction.partition.verification.enable=false
     is appended and opens a transaction that nothing ends: the last stable
     offset stays behind it (what verification prevents)."""
-    b = broker_factory(shards=1, args=["--transaction.partition.verification.enable=false"])
-    topic = uid("txhang")
-    create_topic(b, topic, 1)
-    txn_id = uid("hang")
-    port = tw.txn_coordinator_port(b, txn_id)
-    err, pid, epoch = tw.init_producer_id(port, txn_id)
-    assert err == 0, err
-    (leader,) = tw.leader_ports(b, topic, [0]).values()
+    _, topic, txn_id, _, pid, epoch, leaders = raw_txn_setup(
+        broker_factory, 1, 1, ["--transaction.partition.verification.enable=false"]
+    )
+    leader = leaders[0]
     r = tw.txn_produce(leader, txn_id, topic, 0, tw.txn_batch(pid, epoch, 0, [b"stray"]))
     assert (r.error_code, r.base_offset) == (0, 0), r
     assert tw.list_offsets_latest(leader, topic, [0], 0) == {0: (0, 1)}

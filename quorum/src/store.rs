@@ -814,10 +814,15 @@ pub(crate) mod tests {
 
     use super::*;
 
-    /// A fresh directory on disk (not tmpfs) for one test.
+    /// A fresh directory on disk (not tmpfs) for one test, under the
+    /// workspace's target/test-data/quorum (or `TIDELOG_TEST_DIR`), as the
+    /// engine's tests do: `cargo clean` removes them, nothing is left in /var/tmp.
     pub(crate) fn test_dir(name: &str) -> PathBuf {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let dir = PathBuf::from("/var/tmp/tidelog-quorum-tests").join(format!("{name}-{}-{nanos}", std::process::id()));
+        let root = std::env::var_os("TIDELOG_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-data"));
+        let dir = root.join("quorum").join(format!("{name}-{}-{nanos}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         dir
     }

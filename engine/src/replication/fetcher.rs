@@ -31,11 +31,16 @@ use crate::notify::Notify;
 use crate::shard::Shard;
 use crate::storage::partition;
 
-/// Fetch v15: topics by id (KIP-516, so a topic deleted and created again
-/// under the same name is not mixed up with the old one) and our broker
-/// epoch in `replica_state` (KIP-903).
-const FETCH_VERSION: i16 = 15;
-const OFFSET_FOR_LEADER_EPOCH_VERSION: i16 = 3;
+/// Fetch versions the follower speaks, negotiated with the leader on each
+/// connection (ApiVersions), highest first:
+/// - v15: our broker epoch in `replica_state` (KIP-903);
+/// - v13+: topics by id (KIP-516, so a topic deleted and created again
+///   under the same name is not mixed up with the old one);
+/// - v12+: `last_fetched_epoch`, answered with `diverging_epoch` (KIP-320);
+/// - down to v4 (the oldest tidelog leader): the OffsetForLeaderEpoch check
+///   after each leader change still truncates what diverged.
+const FETCH_VERSIONS: std::ops::RangeInclusive<i16> = 4..=15;
+const OFFSET_FOR_LEADER_EPOCH_VERSIONS: std::ops::RangeInclusive<i16> = 2..=3;
 const FETCH_MAX_WAIT_MS: i32 = 500;
 const PARTITION_MAX_BYTES: i32 = 1 << 20;
 const FETCH_MAX_BYTES: i32 = 16 << 20;
@@ -145,9 +150,9 @@ async fn truncate_diverged(
     let request = OffsetForLeaderEpochRequest::default()
         .with_replica_id(BrokerId(shard.replication.my_broker()))
         .with_topics(topics);
-    let response: OffsetForLeaderEpochResponse = conn
-        .call(ApiKey::OffsetForLeaderEpoch, OFFSET_FOR_LEADER_EPOCH_VERSION, &request, 1 << 20, REQUEST_TIMEOUT)
-        .await?;
+    let version = conn.version(ApiKey::OffsetForLeaderEpoch, OFFSET_FOR_LEADER_EPOCH_VERSIONS)?;
+    let response: OffsetForLeaderEpochResponse =
+        conn.call(ApiKey::OffsetForLeaderEpoch, version, &request, 1 << 20, REQUEST_TIMEOUT).await?;
     for t in response.topics {
         for r in t.partitions {
             let key: PartitionKey = (t.topic.0.to_string(), r.partition);
@@ -193,64 +198,20 @@ async fn fetch_round(
     parts: &[(PartitionKey, Following)],
 ) -> std::io::Result<bool> {
     let image = shard.image();
-    let mut topics: Vec<FetchTopic> = Vec::new();
-    // Topic id -> name, to read the answer (which names topics by id).
-    let mut names: Vec<(Uuid, &str)> = Vec::new();
-    for ((topic, p), f) in parts {
-        if !f.truncation_checked.get() {
-            continue;
-        }
-        // A replica in a full or failed data dir stops fetching (its log
-        // could not take the records; it leaves the ISR after
-        // replica.lag.time.max.ms, as Kafka's offline replicas do) and
-        // resumes once the dir is back.
-        if shard.dir_state(&f.log) != crate::storage::log_dirs::DirState::Online {
-            continue;
-        }
-        let (leo, start) = {
-            let l = f.log.borrow();
-            (l.log_end_offset(), l.log_start_offset)
-        };
-        // KIP-320: the epoch our log ends in, so the leader can tell us in
-        // the answer where we diverged from it (`diverging_epoch`).
-        let last_fetched_epoch = super::log_api::latest_epoch(&f.log).unwrap_or(-1);
-        let entry = FetchPartition::default()
-            .with_partition(*p)
-            .with_current_leader_epoch(f.leader_epoch)
-            .with_fetch_offset(leo.0)
-            .with_last_fetched_epoch(last_fetched_epoch)
-            .with_log_start_offset(start.0)
-            .with_partition_max_bytes(PARTITION_MAX_BYTES);
-        let Some(id) = image.topics.get(topic).map(|t| t.uuid()) else { continue };
-        match topics.iter_mut().find(|t| t.topic_id == id) {
-            Some(t) => t.partitions.push(entry),
-            None => {
-                names.push((id, topic.as_str()));
-                topics.push(FetchTopic::default().with_topic_id(id).with_partitions(vec![entry]));
-            }
-        }
-    }
-    if topics.is_empty() {
-        return Ok(false);
-    }
-    let me = shard.replication.my_broker();
-    let broker_epoch = image.nodes.get(&split_broker_id(me).0).map(|n| n.broker_epoch).unwrap_or(-1);
-    let request = FetchRequest::default()
-        .with_replica_state(ReplicaState::default().with_replica_id(BrokerId(me)).with_replica_epoch(broker_epoch))
-        .with_max_wait_ms(FETCH_MAX_WAIT_MS)
-        .with_min_bytes(1)
-        .with_max_bytes(FETCH_MAX_BYTES)
-        .with_isolation_level(0)
-        .with_session_id(0)
-        .with_session_epoch(-1)
-        .with_topics(topics);
-    let response: FetchResponse = conn
-        .call(ApiKey::Fetch, FETCH_VERSION, &request, FETCH_MAX_BYTES as usize + (1 << 20), REQUEST_TIMEOUT)
-        .await?;
+    let version = conn.version(ApiKey::Fetch, FETCH_VERSIONS)?;
+    let Some((request, names)) = fetch_request(shard, &image, version, parts) else { return Ok(false) };
+    let response: FetchResponse =
+        conn.call(ApiKey::Fetch, version, &request, FETCH_MAX_BYTES as usize + (1 << 20), REQUEST_TIMEOUT).await?;
     let mut appended: Vec<(partition::SharedLog, Offset)> = Vec::new();
     let mut backoff = false;
     for t in response.responses {
-        let Some(&(_, name)) = names.iter().find(|(id, _)| *id == t.topic_id) else { continue };
+        // By id from v13, by name before.
+        let found = if version >= 13 {
+            names.iter().find(|(id, _)| *id == t.topic_id)
+        } else {
+            names.iter().find(|(_, name)| *name == &*t.topic.0)
+        };
+        let Some(&(_, name)) = found else { continue };
         for r in t.partitions {
             let key: PartitionKey = (name.to_string(), r.partition_index);
             let Some((_, f)) = parts.iter().find(|(k, _)| *k == key) else { continue };
@@ -321,6 +282,78 @@ async fn fetch_round(
         glommio::timer::sleep(BACKOFF).await;
     }
     Ok(true)
+}
+
+/// This round's Fetch at `version`, from each log's end, with the topics'
+/// ids and names to read the answer; None when no partition is ready to
+/// fetch (waiting for its truncation check, or its data dir offline).
+fn fetch_request<'a>(
+    shard: &Shard,
+    image: &crate::metadata::MetadataImage,
+    version: i16,
+    parts: &'a [(PartitionKey, Following)],
+) -> Option<(FetchRequest, Vec<(Uuid, &'a str)>)> {
+    let mut topics: Vec<FetchTopic> = Vec::new();
+    let mut names: Vec<(Uuid, &str)> = Vec::new();
+    for ((topic, p), f) in parts {
+        if !f.truncation_checked.get() {
+            continue;
+        }
+        // A replica in a full or failed data dir stops fetching (its log
+        // could not take the records; it leaves the ISR after
+        // replica.lag.time.max.ms, as Kafka's offline replicas do) and
+        // resumes once the dir is back.
+        if shard.dir_state(&f.log) != crate::storage::log_dirs::DirState::Online {
+            continue;
+        }
+        let (leo, start) = {
+            let l = f.log.borrow();
+            (l.log_end_offset(), l.log_start_offset)
+        };
+        // KIP-320: the epoch our log ends in, so the leader can tell us in
+        // the answer where we diverged from it (`diverging_epoch`).
+        let last_fetched_epoch = if version >= 12 { super::log_api::latest_epoch(&f.log).unwrap_or(-1) } else { -1 };
+        let entry = FetchPartition::default()
+            .with_partition(*p)
+            .with_current_leader_epoch(f.leader_epoch)
+            .with_fetch_offset(leo.0)
+            .with_last_fetched_epoch(last_fetched_epoch)
+            .with_log_start_offset(start.0)
+            .with_partition_max_bytes(PARTITION_MAX_BYTES);
+        let Some(id) = image.topics.get(topic).map(|t| t.uuid()) else { continue };
+        match names.iter().position(|(i, _)| *i == id) {
+            Some(at) => topics[at].partitions.push(entry),
+            None => {
+                names.push((id, topic.as_str()));
+                let t = if version >= 13 {
+                    FetchTopic::default().with_topic_id(id)
+                } else {
+                    FetchTopic::default().with_topic(TopicName(StrBytes::from_string(topic.clone())))
+                };
+                topics.push(t.with_partitions(vec![entry]));
+            }
+        }
+    }
+    if topics.is_empty() {
+        return None;
+    }
+    let me = shard.replication.my_broker();
+    let request = FetchRequest::default()
+        .with_max_wait_ms(FETCH_MAX_WAIT_MS)
+        .with_min_bytes(1)
+        .with_max_bytes(FETCH_MAX_BYTES)
+        .with_isolation_level(0)
+        .with_session_id(0)
+        .with_session_epoch(-1)
+        .with_topics(topics);
+    let request = if version >= 15 {
+        let broker_epoch = image.nodes.get(&split_broker_id(me).0).map(|n| n.broker_epoch).unwrap_or(-1);
+        request
+            .with_replica_state(ReplicaState::default().with_replica_id(BrokerId(me)).with_replica_epoch(broker_epoch))
+    } else {
+        request.with_replica_id(BrokerId(me))
+    };
+    Some((request, names))
 }
 
 /// The leader answered our fetch with `diverging_epoch` (its epoch

@@ -33,6 +33,7 @@ fn settings() -> SegmentSettings {
         index_interval_bytes: 4096,
         preallocate_bytes: 32 << 20,
         segment_bytes: 1 << 30,
+        index_bytes_max: 10 << 20,
         flush_write_bytes_max: 1 << 20,
     }
 }

@@ -283,15 +283,27 @@ impl Shard {
                 .filter(|v| *v > 0)
                 .unwrap_or(d)
         };
+        let preallocate = crate::topic_config::topic_bool(c, &image, topic, "preallocate");
+        let segment_ms = get("segment.ms", c.roll_ms);
+        // KIP-354: a compacted log's active segment rolls by
+        // max.compaction.lag.ms too, so the cleaner can reach its records.
+        let roll_ms = if crate::topic_config::policy_has(c, &image, topic, "compact") {
+            segment_ms.min(get("max.compaction.lag.ms", u64::MAX))
+        } else {
+            segment_ms
+        };
         LogSettings {
             segment: SegmentSettings {
                 index_interval_bytes: get("index.interval.bytes", c.index_interval_bytes),
-                preallocate_bytes: c.preallocate_bytes,
+                preallocate_bytes: if preallocate { c.preallocate_bytes } else { 0 },
                 zero_ahead_bytes: c.zero_ahead_bytes,
                 segment_bytes: get("segment.bytes", c.segment_bytes),
+                index_bytes_max: get("segment.index.bytes", 10 << 20),
                 flush_write_bytes_max: c.flush_write_bytes_max,
             },
-            roll_ms: get("segment.ms", c.roll_ms),
+            roll_ms,
+            roll_jitter_ms: u64::try_from(crate::topic_config::topic_i64(c, &image, topic, "segment.jitter.ms"))
+                .unwrap_or(0),
             cache_bytes_max: self.cache_budget.limit_bytes,
         }
     }

@@ -33,16 +33,40 @@ pub const TYPE_BOOLEAN: i8 = 1;
 pub const TYPE_STRING: i8 = 2;
 pub const TYPE_INT: i8 = 3;
 pub const TYPE_LONG: i8 = 5;
+pub const TYPE_DOUBLE: i8 = 6;
 pub const TYPE_LIST: i8 = 7;
 
 /// What values a config takes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Kind {
-    Long { min: i64 },
-    Int { min: i64 },
+    Long {
+        min: i64,
+    },
+    Int {
+        min: i64,
+    },
     CleanupPolicy,
     TimestampType,
     Boolean,
+    /// A ratio in [min, max].
+    Double {
+        min: f64,
+        max: f64,
+    },
+    /// `producer`, `uncompressed`, `gzip`, `snappy`, `lz4` or `zstd`.
+    CompressionType,
+    /// An integer in [min, max], or `-1` where `default_allowed` (gzip's
+    /// "the codec's default").
+    Level {
+        min: i64,
+        max: i64,
+        default_allowed: bool,
+    },
+    /// Kafka's throttled-replica list: empty, `*`, or `partition:broker,...`.
+    ReplicaList,
+    /// A boolean that can only be false here (`remote.storage.enable`:
+    /// tidelog has no tiered storage).
+    FalseOnly,
 }
 
 impl Kind {
@@ -51,8 +75,11 @@ impl Kind {
             Kind::Long { .. } => TYPE_LONG,
             Kind::Int { .. } => TYPE_INT,
             Kind::CleanupPolicy => TYPE_LIST,
-            Kind::TimestampType => TYPE_STRING,
-            Kind::Boolean => TYPE_BOOLEAN,
+            Kind::TimestampType | Kind::CompressionType => TYPE_STRING,
+            Kind::Boolean | Kind::FalseOnly => TYPE_BOOLEAN,
+            Kind::Double { .. } => TYPE_DOUBLE,
+            Kind::Level { .. } => TYPE_INT,
+            Kind::ReplicaList => TYPE_LIST,
         }
     }
 }
@@ -184,6 +211,125 @@ pub const TOPIC_CONFIGS: &[TopicConfigDef] = &[
         kind: Kind::Boolean,
         doc: "When no in-sync replica is alive, the controller lets a live out-of-sync replica lead (records only the old ISR had may be lost).",
     },
+    TopicConfigDef {
+        name: "max.compaction.lag.ms",
+        broker: "log.cleaner.max.compaction.lag.ms",
+        default: "9223372036854775807",
+        kind: Kind::Long { min: 1 },
+        doc: "A compacted log whose oldest uncleaned record is older than this is cleaned whatever its dirty ratio, and its active segment rolls at this age.",
+    },
+    TopicConfigDef {
+        name: "min.cleanable.dirty.ratio",
+        broker: "log.cleaner.min.cleanable.ratio",
+        default: "0.5",
+        kind: Kind::Double { min: 0.0, max: 1.0 },
+        doc: "Compaction starts when uncleaned bytes are at least this share of the cleanable bytes (or max.compaction.lag.ms is due).",
+    },
+    TopicConfigDef {
+        name: "segment.jitter.ms",
+        broker: "log.roll.jitter.ms",
+        default: "0",
+        kind: Kind::Long { min: 0 },
+        doc: "Up to this much is taken off segment.ms for each segment (a fixed share per segment), so that partitions do not all roll at once.",
+    },
+    TopicConfigDef {
+        name: "segment.index.bytes",
+        broker: "log.index.size.max.bytes",
+        default: "10485760",
+        kind: Kind::Int { min: 4 },
+        doc: "Largest offset index of a segment (8 bytes an entry); the segment rolls when it is full.",
+    },
+    TopicConfigDef {
+        name: "preallocate",
+        broker: "log.preallocate",
+        default: "true",
+        kind: Kind::Boolean,
+        doc: "Preallocate segment files ahead of the data (fallocate, log.preallocate.bytes at a time). On by default in tidelog (Kafka: false): O_DIRECT appends into allocated blocks need no block allocation on the write path.",
+    },
+    TopicConfigDef {
+        name: "file.delete.delay.ms",
+        broker: "log.segment.delete.delay.ms",
+        default: "60000",
+        kind: Kind::Long { min: 0 },
+        doc: "Accepted for compatibility. tidelog unlinks a removed segment at once: a fetch still reading it keeps its open file (Linux frees an unlinked file's blocks only when its last descriptor closes), which is what Kafka's delay protects.",
+    },
+    TopicConfigDef {
+        name: "compression.type",
+        broker: "compression.type",
+        default: "producer",
+        kind: Kind::CompressionType,
+        doc: "producer keeps each batch as the producer compressed it; uncompressed, gzip, snappy, lz4 or zstd rewrite batches that arrive under another codec (records unchanged, at the codec's level below) before they are stored.",
+    },
+    TopicConfigDef {
+        name: "compression.gzip.level",
+        broker: "compression.gzip.level",
+        default: "-1",
+        kind: Kind::Level { min: 1, max: 9, default_allowed: true },
+        doc: "gzip level when compression.type=gzip recompresses (-1: the codec's default).",
+    },
+    TopicConfigDef {
+        name: "compression.lz4.level",
+        broker: "compression.lz4.level",
+        default: "9",
+        kind: Kind::Level { min: 1, max: 17, default_allowed: false },
+        doc: "lz4 level when compression.type=lz4 recompresses.",
+    },
+    TopicConfigDef {
+        name: "compression.zstd.level",
+        broker: "compression.zstd.level",
+        default: "3",
+        kind: Kind::Level { min: -131072, max: 22, default_allowed: false },
+        doc: "zstd level when compression.type=zstd recompresses.",
+    },
+    TopicConfigDef {
+        name: "leader.replication.throttled.replicas",
+        broker: "",
+        default: "",
+        kind: Kind::ReplicaList,
+        doc: "Replicas (partition:broker, or *) whose leader-side replication traffic Kafka throttles during reassignment. Validated and stored; tidelog does not throttle replication yet.",
+    },
+    TopicConfigDef {
+        name: "follower.replication.throttled.replicas",
+        broker: "",
+        default: "",
+        kind: Kind::ReplicaList,
+        doc: "Replicas (partition:broker, or *) whose follower-side replication traffic Kafka throttles during reassignment. Validated and stored; tidelog does not throttle replication yet.",
+    },
+    TopicConfigDef {
+        name: "remote.storage.enable",
+        broker: "",
+        default: "false",
+        kind: Kind::FalseOnly,
+        doc: "Tiered storage (KIP-405). tidelog keeps every segment on local disk: only false is accepted.",
+    },
+    TopicConfigDef {
+        name: "local.retention.ms",
+        broker: "log.local.retention.ms",
+        default: "-2",
+        kind: Kind::Long { min: -2 },
+        doc: "Tiered storage only (-2: retention.ms). Without tiered storage all data is local and retention.ms applies.",
+    },
+    TopicConfigDef {
+        name: "local.retention.bytes",
+        broker: "log.local.retention.bytes",
+        default: "-2",
+        kind: Kind::Long { min: -2 },
+        doc: "Tiered storage only (-2: retention.bytes). Without tiered storage all data is local and retention.bytes applies.",
+    },
+    TopicConfigDef {
+        name: "remote.log.copy.disable",
+        broker: "",
+        default: "false",
+        kind: Kind::Boolean,
+        doc: "Tiered storage only; accepted, no effect without remote.storage.enable.",
+    },
+    TopicConfigDef {
+        name: "remote.log.delete.on.disable",
+        broker: "",
+        default: "false",
+        kind: Kind::Boolean,
+        doc: "Tiered storage only; accepted, no effect without remote.storage.enable.",
+    },
 ];
 
 pub fn topic_def(name: &str) -> Option<&'static TopicConfigDef> {
@@ -220,6 +366,40 @@ pub fn validate_value(def: &TopicConfigDef, name: &str, value: &str) -> Result<(
         Kind::TimestampType => match value {
             "CreateTime" | "LogAppendTime" => Ok(()),
             _ => Err(format!("invalid value {value:?} for {name}: must be CreateTime or LogAppendTime")),
+        },
+        Kind::Double { min, max } => match value.trim().parse::<f64>() {
+            Ok(v) if v >= min && v <= max => Ok(()),
+            _ => Err(format!("invalid value {value:?} for {name}: must be a number in [{min}, {max}]")),
+        },
+        Kind::CompressionType => match value.trim() {
+            "producer" | "uncompressed" | "gzip" | "snappy" | "lz4" | "zstd" => Ok(()),
+            _ => Err(format!(
+                "invalid value {value:?} for {name}: must be producer, uncompressed, gzip, snappy, lz4 or zstd"
+            )),
+        },
+        Kind::Level { min, max, default_allowed } => match value.trim().parse::<i64>() {
+            Ok(v) if (v >= min && v <= max) || (default_allowed && v == -1) => Ok(()),
+            _ if default_allowed => Err(format!("invalid value {value:?} for {name}: must be -1 or in [{min}, {max}]")),
+            _ => Err(format!("invalid value {value:?} for {name}: must be an integer in [{min}, {max}]")),
+        },
+        Kind::ReplicaList => {
+            let v = value.trim();
+            let pair = |item: &str| {
+                let (p, b) = item.trim().split_once(':')?;
+                (p.trim().parse::<i32>().ok()? >= 0 && b.trim().parse::<i32>().ok()? >= 0).then_some(())
+            };
+            if v.is_empty() || v == "*" || v.split(',').all(|item| pair(item).is_some()) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "invalid value {value:?} for {name}: must be empty, * or a list of partition:broker (e.g. 0:1001,1:2001)"
+                ))
+            }
+        }
+        Kind::FalseOnly => match value.trim().to_ascii_lowercase().as_str() {
+            "false" => Ok(()),
+            "true" => Err(format!("{name}=true: tidelog has no tiered storage; every segment stays on local disk")),
+            _ => Err(format!("invalid value {value:?} for {name}: must be false")),
         },
     }
 }
@@ -309,6 +489,18 @@ pub fn topic_value(config: &Config, image: &MetadataImage, topic: &TopicMeta, na
 pub fn topic_i64(config: &Config, image: &MetadataImage, topic: &TopicMeta, name: &str) -> i64 {
     let v = topic_value(config, image, topic, name);
     v.trim().parse().ok().or_else(|| topic_def(name).and_then(|d| d.default.parse().ok())).unwrap_or(0)
+}
+
+/// `topic_value` parsed as a number (the definition's default if the
+/// stored value does not parse, which validation prevents).
+pub fn topic_f64(config: &Config, image: &MetadataImage, topic: &TopicMeta, name: &str) -> f64 {
+    let v = topic_value(config, image, topic, name);
+    v.trim().parse().ok().or_else(|| topic_def(name).and_then(|d| d.default.parse().ok())).unwrap_or(0.0)
+}
+
+/// `topic_value` as a boolean.
+pub fn topic_bool(config: &Config, image: &MetadataImage, topic: &TopicMeta, name: &str) -> bool {
+    topic_value(config, image, topic, name).trim().eq_ignore_ascii_case("true")
 }
 
 /// Whether `cleanup.policy` contains `what` (delete or compact).

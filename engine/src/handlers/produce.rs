@@ -32,6 +32,7 @@ use crate::shard::Shard;
 use crate::storage::log_dirs::DirState;
 use crate::storage::partition::SharedLog;
 use crate::storage::producer_state::{self, BatchMeta, Check};
+use crate::storage::recompress::Target;
 
 struct Waiting {
     topic: usize,
@@ -650,6 +651,12 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
             crate::topic_config::topic_value(&shard.config, &image, t, "message.timestamp.type") == "LogAppendTime"
         });
         let rules = topic_meta.map(|t| record_rules(shard, &image, t, log_append_time, now_ms));
+        let recompress = topic_meta.map_or(Target::Producer, |t| {
+            let value = |name: &str| crate::topic_config::topic_value(&shard.config, &image, t, name);
+            Target::from_config(&value("compression.type"), |level| {
+                crate::topic_config::topic_i64(&shard.config, &image, t, level)
+            })
+        });
         let mut parts = Vec::with_capacity(topic.partitions.len());
         for (pi, p) in topic.partitions.into_iter().enumerate() {
             let mut r = PartitionProduceResponse::default().with_index(p.index);
@@ -746,6 +753,25 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
                         );
                     }
                     parts.push(r);
+                    continue;
+                }
+            }
+            // compression.type other than `producer`: batches under another
+            // codec are rewritten with the topic's before anything else.
+            match crate::storage::recompress::recompress_set(&records, &infos, recompress) {
+                Ok(None) => {}
+                Ok(Some(rewritten)) => {
+                    records = BytesMut::from(&rewritten[..]);
+                    infos = match check_record_set(&records, max_bytes) {
+                        Ok(infos) => infos,
+                        Err((code, msg)) => {
+                            parts.push(fail(r, code, format!("after recompressing: {msg}")));
+                            continue;
+                        }
+                    };
+                }
+                Err(msg) => {
+                    parts.push(fail(r, ErrorCode::CorruptMessage, msg));
                     continue;
                 }
             }

@@ -775,9 +775,11 @@ mod tests {
                 preallocate_bytes: 64 * 1024,
                 zero_ahead_bytes: 0,
                 segment_bytes: 1 << 20,
+                index_bytes_max: 10 << 20,
                 flush_write_bytes_max: 8192,
             },
             roll_ms: u64::MAX / 2,
+            roll_jitter_ms: 0,
             cache_bytes_max: 0,
         }
     }

@@ -965,8 +965,11 @@ pub struct CleanParams {
     pub min_compaction_lag_ms: i64,
     pub delete_retention_ms: i64,
     pub io_max_bytes_per_second: u64,
-    /// `log.cleaner.min.cleanable.ratio`: dirty share of the cleanable bytes that starts a pass.
+    /// `min.cleanable.dirty.ratio`: dirty share of the cleanable bytes that starts a pass.
     pub min_cleanable_ratio: f64,
+    /// `max.compaction.lag.ms`: a dirty segment whose first batch is older
+    /// than this starts a pass whatever the ratio.
+    pub max_compaction_lag_ms: i64,
     /// The shard's share of `log.cleaner.dedupe.buffer.size`: the key map's bound.
     pub dedupe_buffer_bytes: usize,
 }
@@ -1006,13 +1009,19 @@ fn tombstones_due(c: &CleanedSegment, p: &CleanParams) -> bool {
     p.now_ms.saturating_sub(c.first_cleaned_at_ms) > p.delete_retention_ms
 }
 
-/// Whether a pass is worth running: enough dirty bytes, or tombstones due.
+/// Whether a pass is worth running: enough dirty bytes, a dirty record
+/// past `max.compaction.lag.ms` (KIP-354), or tombstones due.
 pub fn worth_cleaning(segments: &[SegmentInfo], cp: &Checkpoint, p: &CleanParams) -> bool {
     let total: u64 = segments.iter().map(|s| s.bytes).sum();
-    let dirty: u64 = segments.iter().filter(|s| !cp.contains_key(&s.base_offset.0)).map(|s| s.bytes).sum();
+    let dirty_segments = || segments.iter().filter(|s| !cp.contains_key(&s.base_offset.0));
+    let dirty: u64 = dirty_segments().map(|s| s.bytes).sum();
+    let lagging = dirty_segments().any(|s| {
+        let first = if s.first_timestamp_ms >= 0 { s.first_timestamp_ms } else { s.max_timestamp_ms };
+        first >= 0 && p.now_ms.saturating_sub(first) > p.max_compaction_lag_ms
+    });
     let due =
         segments.iter().filter_map(|s| cp.get(&s.base_offset.0)).any(|c| c.tombstones > 0 && tombstones_due(c, p));
-    (dirty > 0 && dirty as f64 >= p.min_cleanable_ratio * total as f64) || due
+    (dirty > 0 && dirty as f64 >= p.min_cleanable_ratio * total as f64) || lagging || due
 }
 
 async fn pace(bytes: u64, bytes_per_second: u64) {
@@ -1279,7 +1288,8 @@ pub async fn check(shard: &Rc<Shard>) {
             min_compaction_lag_ms: topic_config::topic_i64(&shard.config, &image, meta, "min.compaction.lag.ms"),
             delete_retention_ms: topic_config::topic_i64(&shard.config, &image, meta, "delete.retention.ms"),
             io_max_bytes_per_second: shard.config.cleaner_io_max_bytes_per_second,
-            min_cleanable_ratio: shard.config.cleaner_min_cleanable_ratio,
+            min_cleanable_ratio: topic_config::topic_f64(&shard.config, &image, meta, "min.cleanable.dirty.ratio"),
+            max_compaction_lag_ms: topic_config::topic_i64(&shard.config, &image, meta, "max.compaction.lag.ms"),
             dedupe_buffer_bytes: shard.config.cleaner_dedupe_buffer_bytes / shard.num_shards.max(1),
         };
         let stopping = || shard.stopping.get();

@@ -12,6 +12,7 @@ pub mod index;
 pub mod log_dirs;
 pub mod partition;
 pub mod producer_state;
+pub mod recompress;
 pub mod retention;
 pub mod segment;
 pub mod timestamps;

@@ -60,7 +60,26 @@ use super::segment::{PendingBatch, Segment, SegmentSettings};
 pub struct LogSettings {
     pub segment: SegmentSettings,
     pub roll_ms: u64,
+    /// `segment.jitter.ms`: each segment rolls up to this much before
+    /// `roll_ms` (its own share, from its base offset), so that partitions
+    /// created together do not all roll at once.
+    pub roll_jitter_ms: u64,
     pub cache_bytes_max: usize,
+}
+
+impl LogSettings {
+    /// The age at which the segment based at `base` rolls.
+    pub fn roll_ms_for(&self, base: Offset) -> u64 {
+        if self.roll_jitter_ms == 0 {
+            return self.roll_ms;
+        }
+        // A fixed pseudo-random share per segment (splitmix64 of the base).
+        let mut x = (base.0 as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^= x >> 31;
+        self.roll_ms.saturating_sub(x % self.roll_jitter_ms.min(self.roll_ms).max(1))
+    }
 }
 
 /// A durable batch kept in memory for tail fetches.
@@ -666,7 +685,8 @@ impl PartitionLog {
     fn maybe_roll(&mut self, size_bytes: usize, now: i64) {
         let settings = self.settings;
         let active = self.active();
-        let too_old = active.end_bytes > 0 && now.saturating_sub(active.created_at_ms) as u64 >= settings.roll_ms;
+        let too_old = active.end_bytes > 0
+            && now.saturating_sub(active.created_at_ms) as u64 >= settings.roll_ms_for(active.base_offset);
         if active.is_full_for(size_bytes, &settings.segment) || too_old {
             let base = active.next_offset;
             log::info!(
@@ -1658,6 +1678,7 @@ impl PartitionLog {
                 next_offset: s.next_offset,
                 bytes: s.end_bytes,
                 max_timestamp_ms: s.max_timestamp_ms,
+                first_timestamp_ms: s.index.times.first().map(|t| t.timestamp_ms).unwrap_or(-1),
                 sealed: s.sealed,
             })
             .collect()
@@ -1671,6 +1692,7 @@ impl PartitionLog {
             next_offset: s.durable_next_offset,
             bytes: s.durable_bytes,
             max_timestamp_ms: s.max_timestamp_ms,
+            first_timestamp_ms: s.index.times.first().map(|t| t.timestamp_ms).unwrap_or(-1),
             sealed: s.sealed,
         }
     }
@@ -1793,6 +1815,9 @@ pub struct SegmentInfo {
     pub next_offset: Offset,
     pub bytes: u64,
     pub max_timestamp_ms: i64,
+    /// The first batch's (max) timestamp, -1 when unknown: where
+    /// `max.compaction.lag.ms` counts from, as Kafka's first-batch timestamp.
+    pub first_timestamp_ms: i64,
     pub sealed: bool,
 }
 

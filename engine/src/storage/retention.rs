@@ -118,7 +118,14 @@ mod tests {
     use super::*;
 
     fn seg(base: i64, next: i64, bytes: u64, ts: i64) -> SegmentInfo {
-        SegmentInfo { base_offset: Offset(base), next_offset: Offset(next), bytes, max_timestamp_ms: ts, sealed: true }
+        SegmentInfo {
+            base_offset: Offset(base),
+            next_offset: Offset(next),
+            bytes,
+            max_timestamp_ms: ts,
+            first_timestamp_ms: -1,
+            sealed: true,
+        }
     }
 
     #[test]

@@ -110,6 +110,9 @@ pub struct SegmentSettings {
     /// keep the file written with zeros (see `Segment::plan_flush`).
     pub zero_ahead_bytes: u64,
     pub segment_bytes: u64,
+    /// `segment.index.bytes`: the offset index's bound (8 bytes an entry);
+    /// a segment whose index is full rolls, as in Kafka.
+    pub index_bytes_max: u64,
     pub flush_write_bytes_max: usize,
 }
 
@@ -261,7 +264,8 @@ impl Segment {
     /// Whether a batch of `size_bytes` would push this segment past its size
     /// limit (an empty segment always takes it).
     pub fn is_full_for(&self, size_bytes: usize, settings: &SegmentSettings) -> bool {
-        self.end_bytes > 0 && self.end_bytes + size_bytes as u64 > settings.segment_bytes
+        let index_full = (self.index.offsets.len() as u64 + 1) * 8 > settings.index_bytes_max;
+        self.end_bytes > 0 && (self.end_bytes + size_bytes as u64 > settings.segment_bytes || index_full)
     }
 
     pub fn needs_flush(&self) -> bool {
@@ -745,6 +749,7 @@ mod tests {
             preallocate_bytes: 0,
             zero_ahead_bytes: 0,
             segment_bytes: 1 << 20,
+            index_bytes_max: 10 << 20,
             flush_write_bytes_max: 1 << 20,
         };
         let mut seg = Segment::new(Path::new("/nonexistent"), Offset(0), 0);

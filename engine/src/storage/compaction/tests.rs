@@ -18,9 +18,11 @@ fn settings() -> LogSettings {
             zero_ahead_bytes: 0,
             // Every batch below is ~100 bytes: one batch per segment.
             segment_bytes: 150,
+            index_bytes_max: 10 << 20,
             flush_write_bytes_max: 8192,
         },
         roll_ms: u64::MAX / 2,
+        roll_jitter_ms: 0,
         cache_bytes_max: 1 << 20,
     }
 }
@@ -183,6 +185,7 @@ fn params(now_ms: i64) -> CleanParams {
         delete_retention_ms: 1_000,
         io_max_bytes_per_second: 0,
         min_cleanable_ratio: 0.5,
+        max_compaction_lag_ms: i64::MAX,
         dedupe_buffer_bytes: 1 << 30,
     }
 }
@@ -722,6 +725,7 @@ fn cleanable_range_and_dirty_ratio() {
         next_offset: Offset(next),
         bytes,
         max_timestamp_ms: ts,
+        first_timestamp_ms: ts - 500,
         sealed,
     };
     let inactive = [seg(0, 10, 100, 1_000, true), seg(10, 20, 100, 5_000, true), seg(20, 30, 100, 1_000, true)];
@@ -747,6 +751,15 @@ fn cleanable_range_and_dirty_ratio() {
     assert!(worth_cleaning(&inactive, &cp, &params(10_501)), "tombstones due");
     cp.remove(&10);
     assert!(worth_cleaning(&inactive, &cp, &p), "2/3 dirty");
+
+    // max.compaction.lag.ms: 1/3 dirty (the third segment, first batch at
+    // 500) is cleaned once that batch is older than the lag, whatever the ratio.
+    cp.insert(10, CleanedSegment { first_cleaned_at_ms: 9_500, tombstones: 0 });
+    let lag = |lag_ms| CleanParams { max_compaction_lag_ms: lag_ms, ..p };
+    assert!(!worth_cleaning(&inactive, &cp, &lag(9_500)), "first dirty batch 9500 ms old, lag 9500");
+    assert!(worth_cleaning(&inactive, &cp, &lag(9_499)), "first dirty batch past a 9499 ms lag");
+    // A lower min.cleanable.dirty.ratio starts it too.
+    assert!(worth_cleaning(&inactive, &cp, &CleanParams { min_cleanable_ratio: 0.3, ..p }), "1/3 dirty, ratio 0.3");
 }
 
 #[test]

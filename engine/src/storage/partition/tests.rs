@@ -18,9 +18,11 @@ fn settings(segment_bytes: u64) -> LogSettings {
             preallocate_bytes: 64 * 1024,
             zero_ahead_bytes: 16 * 1024,
             segment_bytes,
+            index_bytes_max: 10 << 20,
             flush_write_bytes_max: 8192,
         },
         roll_ms: u64::MAX / 2,
+        roll_jitter_ms: 0,
         cache_bytes_max: 0,
     }
 }
@@ -1192,5 +1194,44 @@ fn zero_ahead_writes_zeros_past_the_log_end_and_never_over_it() {
         append(&log, &make_batch(n, 3, 1000)).await;
         flush(&log).await.unwrap();
         assert_eq!(read_all(&log).await, expected(n + 3));
+    });
+}
+
+#[test]
+fn segment_jitter_takes_a_fixed_share_off_the_roll_age() {
+    let mut s = settings(1 << 30);
+    s.roll_ms = 10_000;
+    assert_eq!(s.roll_ms_for(Offset(7)), 10_000, "no jitter");
+    s.roll_jitter_ms = 1_000;
+    let ages: Vec<u64> = (0..64).map(|b| s.roll_ms_for(Offset(b * 1000))).collect();
+    assert!(ages.iter().all(|a| (9_001..=10_000).contains(a)), "{ages:?}");
+    assert!(ages.iter().collect::<std::collections::HashSet<_>>().len() > 16, "segments get different shares");
+    assert_eq!(s.roll_ms_for(Offset(5000)), s.roll_ms_for(Offset(5000)), "the same segment, the same share");
+    // Jitter larger than the roll age never makes it zero or wrap.
+    s.roll_jitter_ms = u64::MAX;
+    assert!((0..64).all(|b| s.roll_ms_for(Offset(b)) <= 10_000));
+}
+
+#[test]
+fn a_full_offset_index_rolls_the_segment() {
+    let dir = crate::test_dir("partition-index-full");
+    run(move || async move {
+        // Room for 4 index entries (32 bytes), one entry per batch (interval 256).
+        let mut s = settings(1 << 30);
+        s.segment.index_bytes_max = 32;
+        let log = PartitionLog::open(Rc::from("t"), PartitionId(0), dir.clone(), s).await.unwrap();
+        for i in 0..20 {
+            append(&log, &make_batch(i * 3, 3, 1000)).await;
+            flush(&log).await.unwrap();
+        }
+        {
+            let l = log.borrow();
+            assert!(l.segments.len() >= 3, "segments {:?}", l.inactive_segments());
+            for seg in &l.segments {
+                let entries = seg.index.offsets.len();
+                assert!(entries <= 4, "segment {} has {entries} index entries", seg.base_offset.0);
+            }
+        }
+        assert_eq!(read_all(&log).await, expected(60));
     });
 }

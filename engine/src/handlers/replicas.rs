@@ -134,7 +134,21 @@ pub async fn elect_leaders(shard: Rc<Shard>, version: i16, cid: i32, req: ElectL
     if !to_elect.is_empty() {
         let partitions: Vec<(String, i32)> = to_elect.iter().map(|(_, tp)| tp.clone()).collect();
         let count = partitions.len();
-        let result = submit_from_shard(&shard, MetadataCommand::ElectLeaders { election, partitions }).await;
+        let submit = submit_from_shard(&shard, MetadataCommand::ElectLeaders { election, partitions });
+        // timeout_ms bounds the wait for the elections (Kafka answers the
+        // partitions still pending with REQUEST_TIMED_OUT; the command may
+        // still commit after). 0 or less: the quorum's own request timeout.
+        let result = match u64::try_from(req.timeout_ms).ok().filter(|ms| *ms > 0) {
+            Some(ms) => glommio::timer::timeout(std::time::Duration::from_millis(ms), async { Ok(submit.await) })
+                .await
+                .unwrap_or_else(|_| {
+                    Err((
+                        ErrorCode::RequestTimedOut,
+                        format!("the election did not complete within timeout_ms={ms}; it may still happen"),
+                    ))
+                }),
+            None => submit.await,
+        };
         for ((i, (topic, partition)), outcome) in to_elect.into_iter().zip(outcomes(result, count)) {
             if outcome.0 == ErrorCode::None {
                 let leader = state_of(&shard.image(), &topic, partition).map_or(-1, |s| s.leader);

@@ -311,6 +311,15 @@ impl Replication {
         }
     }
 
+    /// Whether `key` still follows broker `leader` at `leader_epoch`. A
+    /// fetcher's answer comes back after an await, during which the
+    /// partition may have moved to another leader or epoch: what the old
+    /// leader sent (records, its high watermark, where to truncate) must not
+    /// be applied then.
+    pub(crate) fn follows(&self, key: &PartitionKey, leader: i32, leader_epoch: i32) -> bool {
+        self.following.borrow().get(key).is_some_and(|f| f.leader == leader && f.leader_epoch == leader_epoch)
+    }
+
     /// The fetcher for `leader` found nothing left to fetch and stops.
     pub(crate) fn fetcher_stopped(&self, leader: i32) {
         self.fetchers.borrow_mut().remove(&leader);
@@ -898,6 +907,37 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A fetch answer applies only while the partition still follows the
+    /// leader and epoch it was asked under.
+    #[test]
+    fn fetch_answers_apply_only_to_the_leader_and_epoch_asked() {
+        let root = crate::test_dir("replication-follows");
+        crate::run_on_executor(move || async move {
+            let log = PartitionLog::open(Rc::from("t"), PartitionId(0), root.join("f"), settings()).await.unwrap();
+            let me = Replication::new(broker_id(3, 0), None, Duration::from_secs(30));
+            let key: PartitionKey = ("t".into(), 0);
+            assert!(!me.follows(&key, broker_id(1, 0), 4), "not a follower at all");
+            let following = |leader: i32, leader_epoch: i32| Following {
+                log: log.clone(),
+                leader,
+                leader_epoch,
+                truncation_checked: Rc::new(Cell::new(false)),
+            };
+            me.following.borrow_mut().insert(key.clone(), following(broker_id(1, 0), 4));
+            assert!(me.follows(&key, broker_id(1, 0), 4));
+            // Leadership moved while a fetch to broker 1000 was out.
+            me.following.borrow_mut().insert(key.clone(), following(broker_id(2, 0), 5));
+            assert!(!me.follows(&key, broker_id(1, 0), 4), "the old leader's answer");
+            assert!(me.follows(&key, broker_id(2, 0), 5));
+            // Led again by broker 1000, at a later epoch: the old answer is still stale.
+            me.following.borrow_mut().insert(key.clone(), following(broker_id(1, 0), 6));
+            assert!(!me.follows(&key, broker_id(1, 0), 4));
+            assert!(!me.follows(&("t".into(), 1), broker_id(1, 0), 6), "another partition");
+            drop((log, me));
+            std::fs::remove_dir_all(&root).unwrap();
+        });
     }
 
     /// A deposed leader's tail (epoch 2, offsets 10..18) that the new leader

@@ -36,7 +36,6 @@ from cluster import (  # noqa: F401 - fixtures
     cluster_factory,
     create_topics_raw,
     node_of,
-    topic_partitions,
     wait_until,
 )
 from conftest import unique_topic
@@ -276,6 +275,10 @@ def test_isolated_quorum_leader_never_splits_metadata(net, netns_cluster):
     print("CreateTopics on the isolated node: error %d after %.1fs: %s" % (code, time.monotonic() - started, message))
     assert code == REQUEST_TIMED_OUT, res
     assert "quorum" in (message or ""), res
+    # It does not pass the voters it cannot hear from as reachable.
+    for n in survivors:
+        voter = "%d@%s:%d" % (n, c.node(n).host, c.controller_ports[n])
+        assert "%s (reachable)" % voter not in message, message
     # No split while cut: each side knows only what it committed.
     views = topic_views(c, NODE_IDS)
     assert isolated not in views[survivors[0]] and isolated not in views[survivors[1]], views

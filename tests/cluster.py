@@ -21,6 +21,12 @@ of every node are attached to a failure. A passing test deletes its dirs.
 
 The tests skip, saying why, when the binary has no cluster mode (its
 `--help` lists no `controller.quorum.voters`).
+
+Nodes elsewhere than 127.0.0.1 (tests/netns.py puts each in its own network
+namespace): `hosts` {node: address} is where a node listens, advertises and
+is reached (its voter address too), and `prefixes` {node: [argv...]} goes in
+front of its command line (`ip netns exec NS`, which execs the broker, so the
+process the harness signals is still the broker itself).
 """
 
 import collections
@@ -28,6 +34,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -35,7 +42,7 @@ import uuid
 import pytest
 
 import kafka_wire as kw
-from conftest import REPO, START_TIMEOUT_S, STOP_TIMEOUT_S, Broker, BrokerError, pick_ports, port_accepts
+from conftest import REPO, START_TIMEOUT_S, STOP_TIMEOUT_S, Broker, BrokerError, pick_ports
 
 CONFIG_DIR = os.path.join(REPO, "config", "cluster")
 SCRIPT = os.path.join(REPO, "scripts", "cluster")
@@ -153,10 +160,10 @@ def node_cpus(index, shards):
 # raw requests to one port (no client-side routing: exactly that node answers)
 
 
-def metadata(port, topics=None, version=8, timeout=10.0):
-    """Metadata v8 from the broker at `port`: {"brokers": [(id, host, port, rack)],
+def metadata(port, topics=None, version=8, timeout=10.0, host="127.0.0.1"):
+    """Metadata v8 from the broker at `host`:`port`: {"brokers": [(id, host, port, rack)],
     "cluster_id", "controller", "topics": [kafka_wire.MetadataTopic]}."""
-    with kw.Conn(port, timeout=timeout) as c:
+    with kw.Conn(port, host=host, timeout=timeout) as c:
         return kw.metadata(c, version, topics, allow_auto_topic_creation=False)
 
 
@@ -195,12 +202,12 @@ def parse_create_topics_v4(r):
     return {name: (code, msg) for name, code, msg in r.array(lambda rr: (rr.string(), rr.i16(), rr.string()))}
 
 
-def create_topics_raw(port, topics, timeout_ms=30000, validate_only=False, socket_timeout=None):
-    """CreateTopics v4 sent to exactly the broker at `port` (clients send it to
-    the controller; this checks that any node takes it). Returns
+def create_topics_raw(port, topics, timeout_ms=30000, validate_only=False, socket_timeout=None, host="127.0.0.1"):
+    """CreateTopics v4 sent to exactly the broker at `host`:`port` (clients
+    send it to the controller; this checks that any node takes it). Returns
     {name: (error code, error message)}."""
     timeout = socket_timeout if socket_timeout is not None else timeout_ms / 1000.0 + 30
-    with kw.Conn(port, timeout=timeout) as c:
+    with kw.Conn(port, host=host, timeout=timeout) as c:
         r = c.request(kw.CREATE_TOPICS, 4, create_topics_body(topics, timeout_ms, validate_only))
         return parse_create_topics_v4(r)
 
@@ -214,9 +221,12 @@ class Node(Broker):
     kill9, client configs; `bootstrap` is this node's shard 0 only)."""
 
     def __init__(self, binary, data_dir, node_id, port, controller_port, metrics_port, voters,
-                 shards=1, args=(), env=None, config_file=None, roles=None, cpu_index=None):
+                 shards=1, args=(), env=None, config_file=None, roles=None, cpu_index=None,
+                 host="127.0.0.1", prefix=()):
         super().__init__(binary, data_dir, port=port, shards=shards, args=args, env=env)
         self.node_id = node_id
+        self.host = host  # where it listens, advertises and is reached
+        self.prefix = list(prefix)  # argv in front of its command (e.g. ip netns exec NS)
         self.controller_port = controller_port  # None: no CONTROLLER listener
         self.metrics_port = metrics_port
         self.voters = voters
@@ -231,6 +241,10 @@ class Node(Broker):
         return "<node %d pid %s port %d>" % (self.node_id, self.proc.pid if self.proc else None, self.port)
 
     @property
+    def bootstrap(self):
+        return "%s:%d" % (self.host, self.port)
+
+    @property
     def broker_ids(self):
         return [broker_id(self.node_id, s) for s in range(self.shards)]
 
@@ -238,16 +252,23 @@ class Node(Broker):
     def advertised(self):
         """[(broker id, host, port)] as Metadata should list this node."""
         port = self.advertised_port if self.advertised_port is not None else self.port
-        return [(broker_id(self.node_id, s), "127.0.0.1", port + s) for s in range(self.shards)]
+        return [(broker_id(self.node_id, s), self.host, port + s) for s in range(self.shards)]
 
     def listeners(self):
-        value = "PLAINTEXT://127.0.0.1:%d" % self.port
+        value = "PLAINTEXT://%s:%d" % (self.host, self.port)
         if self.controller_port is not None:
-            value += ",CONTROLLER://127.0.0.1:%d" % self.controller_port
+            value += ",CONTROLLER://%s:%d" % (self.host, self.controller_port)
         return value
 
+    def accepts(self, port):
+        try:
+            with socket.create_connection((self.host, port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
     def command(self):
-        cmd = []
+        cmd = list(self.prefix)
         if shutil.which("taskset"):
             cmd += ["taskset", "-c", ",".join(map(str, node_cpus(self.cpu_index, self.shards)))]
         cmd += [
@@ -257,12 +278,12 @@ class Node(Broker):
             "--num.shards=%d" % self.shards,
             "--listeners=%s" % self.listeners(),
             "--controller.quorum.voters=%s" % self.voters,
-            "--metrics.listeners=127.0.0.1:%d" % self.metrics_port,
+            "--metrics.listeners=%s:%d" % (self.host, self.metrics_port),
         ]
         if self.roles is not None:
             cmd.append("--process.roles=%s" % self.roles)
         if self.advertised_port is not None:
-            cmd.append("--advertised.listeners=PLAINTEXT://127.0.0.1:%d" % self.advertised_port)
+            cmd.append("--advertised.listeners=PLAINTEXT://%s:%d" % (self.host, self.advertised_port))
         return cmd + self.args
 
     def check_running(self, what):
@@ -276,7 +297,7 @@ class Node(Broker):
         itself from its stored image before it registers, and one restarted
         right after a crash waits out the old process's session first.)"""
         deadline = time.monotonic() + timeout
-        while not all(port_accepts(p) for p in self.ports):
+        while not all(self.accepts(p) for p in self.ports):
             self.check_running("during startup")
             if time.monotonic() > deadline:
                 raise BrokerError("node %d ports %r not accepting after %ss\n%s" % (self.node_id, self.ports, timeout, self.log_tail()))
@@ -290,7 +311,7 @@ class Node(Broker):
         while True:
             self.check_running("during startup")
             try:
-                md = metadata(self.port, topics=[], timeout=5)
+                md = metadata(self.port, topics=[], timeout=5, host=self.host)
                 ids = {b[0] for b in md["brokers"]}
                 if set(self.broker_ids) <= ids:
                     return self
@@ -325,15 +346,16 @@ class Node(Broker):
 class Cluster:
     """Three nodes (`NODE_IDS`) on free ports under `root`."""
 
-    def __init__(self, binary, root, shards=1, args=(), env=None, register=None):
+    def __init__(self, binary, root, shards=1, args=(), env=None, register=None, hosts=None, prefixes=None):
         self.binary = binary
         self.root = root
         self.shards = shards
         self.args = list(TEST_ARGS) + list(args)
         self.env = env
         self.register = register or (lambda proc: None)
+        self.hosts = {n: (hosts or {}).get(n, "127.0.0.1") for n in NODE_IDS}
         self.controller_ports = {n: pick_ports(1) for n in NODE_IDS}
-        self.voters = ",".join("%d@127.0.0.1:%d" % (n, self.controller_ports[n]) for n in NODE_IDS)
+        self.voters = ",".join("%d@%s:%d" % (n, self.hosts[n], self.controller_ports[n]) for n in NODE_IDS)
         self.nodes = {}
         self.extra = []
         for n in NODE_IDS:
@@ -348,6 +370,8 @@ class Cluster:
                 shards=shards,
                 args=self.args,
                 env=env,
+                host=self.hosts[n],
+                prefix=(prefixes or {}).get(n, ()),
             )
             self.nodes[n] = node
             self.register(node)
@@ -439,7 +463,7 @@ class Cluster:
     # -- waiting on what the cluster says
 
     def metadata(self, n, topics=None, timeout=10.0):
-        return metadata(self.nodes[n].port, topics=topics, timeout=timeout)
+        return metadata(self.nodes[n].port, topics=topics, timeout=timeout, host=self.nodes[n].host)
 
     def wait_brokers(self, count=None, via=None, nodes=None, timeout=START_TIMEOUT_S):
         """Until Metadata from each node in `via` (default: the running ones)
@@ -613,9 +637,10 @@ def cluster_factory(request, binary, data_root):
         procs = []
         request.node._tidelog_brokers = procs
 
-    def make(shards=1, args=(), start=True, env=None):
+    def make(shards=1, args=(), start=True, env=None, hosts=None, prefixes=None):
         name = "%s-%s" % (re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)[:80], uuid.uuid4().hex[:8])
-        c = Cluster(binary, os.path.join(data_root, name), shards=shards, args=args, env=env, register=procs.append)
+        c = Cluster(binary, os.path.join(data_root, name), shards=shards, args=args, env=env, register=procs.append,
+                    hosts=hosts, prefixes=prefixes)
         made.append(c)
         if start:
             c.start()

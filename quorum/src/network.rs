@@ -21,7 +21,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError, Timeout, Unreachable,
@@ -166,14 +166,39 @@ pub enum ClientReply {
 /// client-request path of this node.
 #[derive(Default)]
 pub struct Peers {
-    state: Mutex<BTreeMap<u32, Option<String>>>,
+    state: Mutex<BTreeMap<u32, PeerState>>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct PeerState {
+    /// When the voter last answered.
+    answered: Option<Instant>,
+    /// Why the last attempt failed; None once it answers again.
+    failure: Option<String>,
+}
+
+/// What is known of one voter (`Peers::status`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerStatus {
+    /// Never talked to.
+    NotTried,
+    /// The last attempt failed.
+    Unreachable(String),
+    /// Its last answer came this long ago. A call that is abandoned rather
+    /// than failed (openraft drops a replication call at its heartbeat
+    /// interval, a silent network partition never fails a connect within
+    /// that) leaves no failure behind: only the answer's age tells that a
+    /// voter has gone silent.
+    Answered(Duration),
 }
 
 impl Peers {
     /// Records that `voter` answered; logs when it was unreachable before.
     pub fn mark_up(&self, me: u32, voter: u32) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(Some(_)) = state.insert(voter, None) {
+        let entry = state.entry(voter).or_default();
+        entry.answered = Some(Instant::now());
+        if entry.failure.take().is_some() {
             log::info!("controller: node {me}: voter {voter} is reachable again");
         }
     }
@@ -181,15 +206,19 @@ impl Peers {
     /// Records that `voter` could not be reached; logs on the first failure.
     pub fn mark_down(&self, me: u32, voter: u32, addr: &SocketAddr, why: &str) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let previous = state.insert(voter, Some(why.to_string()));
-        if !matches!(previous, Some(Some(_))) {
+        let entry = state.entry(voter).or_default();
+        if entry.failure.replace(why.to_string()).is_none() {
             log::warn!("controller: node {me}: voter {voter} at {addr} is unreachable: {why}");
         }
     }
 
-    /// None when never tried, Some(None) when reachable, Some(Some(why)) when not.
-    pub fn get(&self, voter: u32) -> Option<Option<String>> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).get(&voter).cloned()
+    pub fn status(&self, voter: u32) -> PeerStatus {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match state.get(&voter) {
+            Some(PeerState { failure: Some(why), .. }) => PeerStatus::Unreachable(why.clone()),
+            Some(PeerState { answered: Some(at), .. }) => PeerStatus::Answered(at.elapsed()),
+            _ => PeerStatus::NotTried,
+        }
     }
 }
 
@@ -370,6 +399,24 @@ impl RaftNetwork<TypeConfig> for VoterClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A voter that went silent without a failed call (an abandoned one)
+    /// shows by the age of its last answer; a failure shows until it answers.
+    #[test]
+    fn peer_status_tells_silence_and_failure() {
+        let peers = Peers::default();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(peers.status(2), PeerStatus::NotTried);
+        peers.mark_up(1, 2);
+        assert!(matches!(peers.status(2), PeerStatus::Answered(age) if age < Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(matches!(peers.status(2), PeerStatus::Answered(age) if age >= Duration::from_millis(20)));
+        peers.mark_down(1, 2, &addr, "connect timed out after 300 ms");
+        assert_eq!(peers.status(2), PeerStatus::Unreachable("connect timed out after 300 ms".into()));
+        peers.mark_up(1, 2);
+        assert!(matches!(peers.status(2), PeerStatus::Answered(age) if age < Duration::from_millis(20)));
+        assert_eq!(peers.status(3), PeerStatus::NotTried);
+    }
 
     #[tokio::test]
     async fn frames_round_trip() {

@@ -39,7 +39,8 @@ use tokio::time::Instant;
 
 use crate::image::{ApplyResult, ClusterImage, Election, MetadataCommand, NodeRegistration};
 use crate::network::{
-    connect, exchange, read_frame, write_frame, ClientReply, ClientRequest, Peers, RaftClients, Reply, Request,
+    connect, exchange, read_frame, write_frame, ClientReply, ClientRequest, PeerStatus, Peers, RaftClients, Reply,
+    Request,
 };
 use crate::store::{LogStore, StateMachine, TypeConfig};
 use crate::{QuorumConfig, QuorumError, QuorumStatus};
@@ -202,10 +203,14 @@ impl Ctx {
                 let state = match outcomes.get(id) {
                     Some(o) => o.clone(),
                     None if *id == self.me() && self.raft.is_some() => "this node".to_string(),
-                    None => match self.peers.get(*id) {
-                        Some(Some(why)) => format!("unreachable: {why}"),
-                        Some(None) => "reachable".to_string(),
-                        None => "not tried".to_string(),
+                    None => match self.peers.status(*id) {
+                        PeerStatus::Unreachable(why) => format!("unreachable: {why}"),
+                        // Within an election timeout: as fresh as Raft itself needs.
+                        PeerStatus::Answered(age) if age.as_millis() <= u128::from(self.config.election_timeout_ms) => {
+                            "reachable".to_string()
+                        }
+                        PeerStatus::Answered(age) => format!("last answered {} ms ago", age.as_millis()),
+                        PeerStatus::NotTried => "not tried".to_string(),
                     },
                 };
                 format!("{id}@{addr} ({state})")

@@ -28,6 +28,7 @@ use tidelog_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicN
 use tidelog_protocol::{Epoch, ErrorCode, Offset};
 
 use super::{encode, ready, str_bytes, Pending};
+use crate::replication::Replication;
 use crate::shard::Shard;
 use crate::storage::log_dirs::DirState;
 use crate::storage::partition::SharedLog;
@@ -39,6 +40,8 @@ struct Waiting {
     partition: usize,
     log: SharedLog,
     last: Offset,
+    /// The leader epoch the records were appended at.
+    leader_epoch: i32,
 }
 
 fn error_for(e: &BatchError) -> ErrorCode {
@@ -812,7 +815,10 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
                             r = r.with_log_start_offset(log.borrow().log_start_offset.0);
                         }
                         if acks == -1 {
-                            waiting.push(Waiting { topic: ti, partition: pi, log: log.clone(), last: last_offset });
+                            // In the log already: acknowledged once replicated under the current leadership.
+                            let leader_epoch = image.leader_epoch(name, p.index).max(0);
+                            let log = log.clone();
+                            waiting.push(Waiting { topic: ti, partition: pi, log, last: last_offset, leader_epoch });
                         }
                         parts.push(r);
                         continue;
@@ -828,9 +834,10 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
                 }
             }
             let record_bytes = records.len() as u64;
+            let leader_epoch = image.leader_epoch(name, p.index).max(0);
             let (first, last) = {
                 let mut l = log.borrow_mut();
-                let (first, last) = l.append(records, &infos, Epoch(image.leader_epoch(name, p.index).max(0)));
+                let (first, last) = l.append(records, &infos, Epoch(leader_epoch));
                 if let Some(b) = &producer {
                     let meta = BatchMeta {
                         first_seq: b.first_seq,
@@ -856,7 +863,7 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
             log::trace!("produce {name}-{}: offsets {}..={}", p.index, first.0, last.0);
             shard.mark_dirty(&log);
             if acks == -1 {
-                waiting.push(Waiting { topic: ti, partition: pi, log, last });
+                waiting.push(Waiting { topic: ti, partition: pi, log, last, leader_epoch });
             }
             parts.push(r);
         }
@@ -877,6 +884,25 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
         let deadline = Instant::now() + timeout;
         loop {
             let notified = shard.hw_notify.notified();
+            // Leadership lost (or lost and won back) since the append: the
+            // records may have been truncated, and the watermark now covers
+            // other records at their offsets. Never acknowledged.
+            let image = shard.image();
+            waiting.retain(|w| {
+                let t = &mut resp.responses[w.topic];
+                let p = &mut t.partition_responses[w.partition];
+                if Replication::leads_at_epoch(&image, shard.id, &t.name.0, p.index, w.leader_epoch) {
+                    return true;
+                }
+                p.error_code = ErrorCode::NotLeaderOrFollower.code();
+                if version >= 8 {
+                    p.error_message = Some(str_bytes(
+                        "this broker lost the partition's leadership before the records were replicated; \
+                         they may have been truncated",
+                    ));
+                }
+                false
+            });
             // A data directory that went offline answers now rather than at
             // the timeout, so that partitions elsewhere in the same request
             // are not held up. Failed (EIO): these records are not written.

@@ -157,6 +157,10 @@ async fn truncate_diverged(
         for r in t.partitions {
             let key: PartitionKey = (t.topic.0.to_string(), r.partition);
             let Some((_, f)) = unchecked.iter().find(|(k, _)| *k == key) else { continue };
+            if !shard.replication.follows(&key, f.leader, f.leader_epoch) {
+                // It follows another leader or epoch now: that one decides.
+                continue;
+            }
             if r.error_code != 0 {
                 log::debug!(
                     "{}-{}: OffsetForLeaderEpoch from the leader: {}",
@@ -204,6 +208,7 @@ async fn fetch_round(
         conn.call(ApiKey::Fetch, version, &request, FETCH_MAX_BYTES as usize + (1 << 20), REQUEST_TIMEOUT).await?;
     let mut appended: Vec<(partition::SharedLog, Offset)> = Vec::new();
     let mut backoff = false;
+    let mut stale: Vec<PartitionKey> = Vec::new();
     for t in response.responses {
         // By id from v13, by name before.
         let found = if version >= 13 {
@@ -215,6 +220,13 @@ async fn fetch_round(
         for r in t.partitions {
             let key: PartitionKey = (name.to_string(), r.partition_index);
             let Some((_, f)) = parts.iter().find(|(k, _)| *k == key) else { continue };
+            // The partition's leader or epoch changed while this request was
+            // out (a deposed leader, still alive, answered it): none of it
+            // applies, neither its records nor its high watermark.
+            if !shard.replication.follows(&key, leader, f.leader_epoch) {
+                stale.push(key);
+                continue;
+            }
             match ErrorCode::from_code(r.error_code) {
                 ErrorCode::None if r.diverging_epoch.epoch >= 0 => {
                     let d = &r.diverging_epoch;
@@ -264,6 +276,15 @@ async fn fetch_round(
             let bound = Offset(r.high_watermark.max(0));
             super::log_api::set_bound(&f.log, Some(bound));
         }
+    }
+    if !stale.is_empty() {
+        log::info!(
+            "shard {}: ignored leader broker {leader}'s answer for {} partition(s) that changed leader or epoch \
+             while it was in flight: {:?}",
+            shard.id.0,
+            stale.len(),
+            stale
+        );
     }
     // The next fetch offset must be on disk: wait for the flusher.
     loop {

@@ -50,7 +50,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use tidelog_protocol::{ErrorCode, Offset};
+use tidelog_protocol::{ErrorCode, Offset, ShardId};
 use tidelog_quorum::{MetadataCommand, QuorumHandle};
 
 use crate::metadata::{broker_id, MetadataImage};
@@ -215,6 +215,9 @@ impl Replication {
         for notify in me.fetchers.borrow().values() {
             notify.notify_all();
         }
+        // acks=all produces waiting here check whether they still lead
+        // (`leads_at_epoch`): a deposed leader answers them now.
+        shard.hw_notify.notify_all();
     }
 
     fn lead(&self, shard: &Rc<Shard>, key: &PartitionKey, log: SharedLog, state: &crate::metadata::PartitionState) {
@@ -308,6 +311,15 @@ impl Replication {
         }
     }
 
+    /// Whether `key` still follows broker `leader` at `leader_epoch`. A
+    /// fetcher's answer comes back after an await, during which the
+    /// partition may have moved to another leader or epoch: what the old
+    /// leader sent (records, its high watermark, where to truncate) must not
+    /// be applied then.
+    pub(crate) fn follows(&self, key: &PartitionKey, leader: i32, leader_epoch: i32) -> bool {
+        self.following.borrow().get(key).is_some_and(|f| f.leader == leader && f.leader_epoch == leader_epoch)
+    }
+
     /// The fetcher for `leader` found nothing left to fetch and stops.
     pub(crate) fn fetcher_stopped(&self, leader: i32) {
         self.fetchers.borrow_mut().remove(&leader);
@@ -387,6 +399,27 @@ impl Replication {
             ));
         }
         Ok(())
+    }
+
+    /// Whether records this shard appended to `topic`-`partition` as its
+    /// leader at `leader_epoch` may still be acknowledged: `image` (the
+    /// shard's current one) still has this shard leading it at that epoch.
+    /// A leader never truncates its log within one epoch; one that lost the
+    /// leadership (deposed while cut off from the quorum, say) truncates
+    /// what only it had as soon as it follows, and the high watermark it
+    /// then takes from the new leader covers other records at the same
+    /// offsets. An acks=all produce still waiting for its records then must
+    /// fail with NOT_LEADER_OR_FOLLOWER (as Kafka's DelayedProduce does),
+    /// never succeed on the strength of that watermark; so must one whose
+    /// shard leads again at a later epoch (its records may be gone too).
+    pub fn leads_at_epoch(
+        image: &MetadataImage,
+        shard: ShardId,
+        topic: &str,
+        partition: i32,
+        leader_epoch: i32,
+    ) -> bool {
+        image.owner(topic, partition) == Some(shard) && image.leader_epoch(topic, partition).max(0) == leader_epoch
     }
 
     /// Shrinks the ISR of every partition this shard leads whose followers
@@ -735,6 +768,55 @@ mod tests {
         assert!(isr_eligible(&image, broker_id(4, 0), -1).unwrap_err().contains("not registered"));
     }
 
+    /// An acks=all produce waiting on an isolated leader: the shard that
+    /// appended at epoch 4 may acknowledge only while its image still has
+    /// it leading at epoch 4; deposed (another node's broker leads at 5), or
+    /// leading again at 6 (its epoch-4 tail may have been truncated
+    /// meanwhile), it may not. A single node has no epochs: always its own.
+    #[test]
+    fn produce_acks_need_the_leadership_they_appended_under() {
+        use crate::metadata::{PartitionState, TopicMeta};
+        let image_with = |leader: i32, leader_epoch: i32| {
+            let mut image = MetadataImage { local_node: Some(1), ..Default::default() };
+            let state = PartitionState {
+                replicas: vec![broker_id(1, 0), broker_id(2, 0), broker_id(3, 0)],
+                isr: vec![broker_id(1, 0), broker_id(2, 0), broker_id(3, 0)],
+                leader,
+                leader_epoch,
+                partition_epoch: leader_epoch,
+                adding_replicas: vec![],
+                removing_replicas: vec![],
+            };
+            let topic = TopicMeta {
+                name: "t".into(),
+                id: "00".repeat(16),
+                owners: vec![0],
+                partitions: vec![state],
+                configs: Default::default(),
+            };
+            image.topics.insert("t".into(), std::sync::Arc::new(topic));
+            image
+        };
+        let me = ShardId(0);
+        let leading = image_with(broker_id(1, 0), 4);
+        assert!(Replication::leads_at_epoch(&leading, me, "t", 0, 4));
+        assert!(!Replication::leads_at_epoch(&leading, ShardId(1), "t", 0, 4), "another shard of the node");
+        assert!(!Replication::leads_at_epoch(&image_with(broker_id(2, 0), 5), me, "t", 0, 4), "deposed");
+        assert!(!Replication::leads_at_epoch(&image_with(broker_id(1, 0), 6), me, "t", 0, 4), "re-elected later");
+        assert!(!Replication::leads_at_epoch(&leading, me, "t", 1, 4), "no such partition");
+        assert!(!Replication::leads_at_epoch(&leading, me, "gone", 0, 4), "no such topic");
+        let mut single = MetadataImage::default();
+        let topic = TopicMeta {
+            name: "t".into(),
+            id: "00".repeat(16),
+            owners: vec![0],
+            partitions: vec![],
+            configs: Default::default(),
+        };
+        single.topics.insert("t".into(), std::sync::Arc::new(topic));
+        assert!(Replication::leads_at_epoch(&single, me, "t", 0, 0));
+    }
+
     #[test]
     fn fetch_epoch_check_follows_kafka() {
         use FetchEpochCheck::*;
@@ -827,6 +909,37 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A fetch answer applies only while the partition still follows the
+    /// leader and epoch it was asked under.
+    #[test]
+    fn fetch_answers_apply_only_to_the_leader_and_epoch_asked() {
+        let root = crate::test_dir("replication-follows");
+        crate::run_on_executor(move || async move {
+            let log = PartitionLog::open(Rc::from("t"), PartitionId(0), root.join("f"), settings()).await.unwrap();
+            let me = Replication::new(broker_id(3, 0), None, Duration::from_secs(30));
+            let key: PartitionKey = ("t".into(), 0);
+            assert!(!me.follows(&key, broker_id(1, 0), 4), "not a follower at all");
+            let following = |leader: i32, leader_epoch: i32| Following {
+                log: log.clone(),
+                leader,
+                leader_epoch,
+                truncation_checked: Rc::new(Cell::new(false)),
+            };
+            me.following.borrow_mut().insert(key.clone(), following(broker_id(1, 0), 4));
+            assert!(me.follows(&key, broker_id(1, 0), 4));
+            // Leadership moved while a fetch to broker 1000 was out.
+            me.following.borrow_mut().insert(key.clone(), following(broker_id(2, 0), 5));
+            assert!(!me.follows(&key, broker_id(1, 0), 4), "the old leader's answer");
+            assert!(me.follows(&key, broker_id(2, 0), 5));
+            // Led again by broker 1000, at a later epoch: the old answer is still stale.
+            me.following.borrow_mut().insert(key.clone(), following(broker_id(1, 0), 6));
+            assert!(!me.follows(&key, broker_id(1, 0), 4));
+            assert!(!me.follows(&("t".into(), 1), broker_id(1, 0), 6), "another partition");
+            drop((log, me));
+            std::fs::remove_dir_all(&root).unwrap();
+        });
     }
 
     /// A deposed leader's tail (epoch 2, offsets 10..18) that the new leader

@@ -123,6 +123,12 @@ struct Leading {
     followers: HashMap<i32, Progress>,
     /// An AlterPartition is on its way to the quorum.
     alter_in_flight: Rc<Cell<bool>>,
+    /// The ISR that AlterPartition proposes, while it is on its way.
+    /// The high watermark counts `isr` and this together (Kafka's "maximal
+    /// ISR", KIP-497): a replica being added may be in the ISR the moment
+    /// the quorum commits it, so from the moment it is proposed nothing it
+    /// lacks may be acknowledged.
+    alter_pending_isr: Rc<std::cell::RefCell<Vec<i32>>>,
     /// No new AlterPartition before this (after a refusal or a failure).
     alter_not_before: Rc<Cell<Option<Instant>>>,
 }
@@ -260,6 +266,7 @@ impl Replication {
                     isr: state.isr.clone(),
                     followers,
                     alter_in_flight: Rc::new(Cell::new(false)),
+                    alter_pending_isr: Rc::default(),
                     alter_not_before: Rc::new(Cell::new(None)),
                 },
             );
@@ -552,22 +559,30 @@ impl Replication {
 }
 
 /// Caps the leader's high watermark at the lowest durable end among the
-/// other ISR members (no cap when the leader is the only one).
+/// other members of the maximal ISR (no cap when the leader is the only one).
 fn update_high_watermark(shard: &Shard, l: &Leading) {
-    let others: Vec<Offset> = l
-        .isr
-        .iter()
-        .filter(|r| **r != shard.replication.my_broker)
-        .map(|r| l.followers.get(r).map(|p| p.end).unwrap_or(Offset(-1)))
-        .collect();
-    let bound = others.iter().min().copied();
     let before = l.log.borrow().high_watermark;
-    // An unknown follower end (-1) holds the watermark where it is.
-    let bound = bound.map(|b| if b.0 < 0 { before } else { b });
+    let pending = l.alter_pending_isr.borrow();
+    let bound = hw_bound(&l.isr, &pending, shard.replication.my_broker, before, |r| {
+        l.followers.get(&r).map(|p| p.end).unwrap_or(Offset(-1))
+    });
+    drop(pending);
     log_api::set_bound(&l.log, bound);
     if l.log.borrow().high_watermark != before {
         shard.hw_notify.notify_all();
     }
+}
+
+/// The replication bound of the high watermark: the lowest durable end
+/// among the members of `isr` and of a `pending` proposal other than `me`
+/// (None when there is no other). An unknown end (-1) holds the watermark
+/// at `before`.
+fn hw_bound(isr: &[i32], pending: &[i32], me: i32, before: Offset, end_of: impl Fn(i32) -> Offset) -> Option<Offset> {
+    let mut members: Vec<i32> = isr.iter().chain(pending).copied().filter(|r| *r != me).collect();
+    members.sort_unstable();
+    members.dedup();
+    let bound = members.into_iter().map(end_of).min()?;
+    Some(if bound.0 < 0 { before } else { bound })
 }
 
 /// Sends an ISR change to the quorum (one at a time per partition); the
@@ -579,6 +594,8 @@ fn alter_isr(shard: &Rc<Shard>, key: &PartitionKey, l: &Leading, isr: Vec<i32>, 
         return;
     }
     l.alter_in_flight.set(true);
+    *l.alter_pending_isr.borrow_mut() = isr.clone();
+    let pending = l.alter_pending_isr.clone();
     let in_flight = l.alter_in_flight.clone();
     let not_before = l.alter_not_before.clone();
     let command = MetadataCommand::AlterPartition {
@@ -589,14 +606,24 @@ fn alter_isr(shard: &Rc<Shard>, key: &PartitionKey, l: &Leading, isr: Vec<i32>, 
         isr: isr.clone(),
     };
     let (old, key, shard_id) = (l.isr.clone(), key.clone(), shard.id.0);
+    let shard = shard.clone();
     glommio::spawn_local(async move {
         // A refused or failed change is not retried for a second.
         not_before.set(Some(Instant::now() + ALTER_RETRY_BACKOFF));
         match quorum.submit(command).await {
-            Ok((_, results)) => match results.into_iter().find_map(|(_, r)| r.err()) {
+            Ok((index, results)) => match results.into_iter().find_map(|(_, r)| r.err()) {
                 None => {
                     not_before.set(None);
-                    log::info!("shard {shard_id}: {}-{}: ISR {old:?} -> {isr:?} ({reason})", key.0, key.1)
+                    log::info!("shard {shard_id}: {}-{}: ISR {old:?} -> {isr:?} ({reason})", key.0, key.1);
+                    // The proposal counts until this shard runs on the
+                    // image that carries it (it then is the ISR).
+                    loop {
+                        let applied = shard.image_notify.notified();
+                        if shard.image().version >= index || shard.stopping.get() {
+                            break;
+                        }
+                        applied.await;
+                    }
                 }
                 Some(refused) => log::info!(
                     "shard {shard_id}: {}-{}: ISR change {old:?} -> {isr:?} refused: {} ({})",
@@ -610,6 +637,8 @@ fn alter_isr(shard: &Rc<Shard>, key: &PartitionKey, l: &Leading, isr: Vec<i32>, 
                 log::warn!("shard {shard_id}: {}-{}: ISR change {old:?} -> {isr:?} not committed: {e}", key.0, key.1)
             }
         }
+        // Committed and applied, refused, or failed: `isr` alone counts now.
+        pending.borrow_mut().clear();
         in_flight.set(false);
     })
     .detach();
@@ -727,6 +756,28 @@ pub fn my_broker_id(config: &crate::config::Config, shard: u32) -> i32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_high_watermark_counts_a_replica_being_added_to_the_isr() {
+        use super::hw_bound;
+        use tidelog_protocol::Offset;
+        let ends = |r: i32| {
+            Offset(match r {
+                2 => 100,
+                3 => 40,
+                _ => -1,
+            })
+        };
+        // Leader 1, ISR {1, 2}: bounded by 2.
+        assert_eq!(hw_bound(&[1, 2], &[], 1, Offset(10), ends), Some(Offset(100)));
+        // 3 proposed for the ISR: it bounds the watermark from now on.
+        assert_eq!(hw_bound(&[1, 2], &[1, 2, 3], 1, Offset(10), ends), Some(Offset(40)));
+        // A shrink proposal keeps the larger ISR until it is committed.
+        assert_eq!(hw_bound(&[1, 2, 3], &[1, 2], 1, Offset(10), ends), Some(Offset(40)));
+        // Alone: no bound. An unknown end holds the watermark where it is.
+        assert_eq!(hw_bound(&[1], &[], 1, Offset(10), ends), None);
+        assert_eq!(hw_bound(&[1, 4], &[], 1, Offset(10), ends), Some(Offset(10)));
+    }
+
     use std::rc::Rc;
 
     use bytes::{Bytes, BytesMut};

@@ -127,6 +127,28 @@ def frame(payload):
 # primitive decoder
 
 
+
+def recv_exact(sock, n):
+    """Exactly `n` bytes from a raw socket, or None at end of stream (for
+    test proxies that relay frames; `Conn` has its own reader)."""
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def recv_frame_raw(sock):
+    """One size-prefixed Kafka frame from a raw socket, without the prefix,
+    or None at end of stream."""
+    head = recv_exact(sock, 4)
+    if head is None:
+        return None
+    (size,) = struct.unpack(">i", head)
+    return recv_exact(sock, size)
+
 class Reader:
     def __init__(self, data):
         self.data = bytes(data)

@@ -63,23 +63,13 @@ class CuttingProxy:
             threading.Thread(target=self._pump_requests, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
-    @staticmethod
-    def _recv_exact(s, n):
-        buf = b""
-        while len(buf) < n:
-            chunk = s.recv(n - len(buf))
-            if not chunk:
-                raise OSError("eof")
-            buf += chunk
-        return buf
-
     def _pump_requests(self, client, upstream):
         try:
             while True:
-                head = self._recv_exact(client, 4)
-                (n,) = struct.unpack(">i", head)
-                body = self._recv_exact(client, n)
-                upstream.sendall(head + body)
+                body = kw.recv_frame_raw(client)
+                if body is None:
+                    raise OSError("eof")
+                upstream.sendall(struct.pack(">i", len(body)) + body)
                 (api_key,) = struct.unpack(">h", body[:2])
                 if api_key != PRODUCE:
                     continue

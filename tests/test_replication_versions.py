@@ -19,31 +19,13 @@ import threading
 import pytest
 from confluent_kafka import Producer
 
+import kafka_wire as kw
 from clients import consume_confluent
 from cluster import broker_id, cluster_factory, create_topic  # noqa: F401 - fixture
 from conftest import pick_ports, unique_topic
 
 API_FETCH = 1
 API_VERSIONS = 18
-
-
-def read_frame(sock):
-    """One size-prefixed Kafka frame (without the prefix), or None at EOF."""
-    head = recv_exact(sock, 4)
-    if head is None:
-        return None
-    (size,) = struct.unpack(">i", head)
-    return recv_exact(sock, size)
-
-
-def recv_exact(sock, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return buf
 
 
 def uvarint(data, at):
@@ -123,7 +105,7 @@ class OldLeaderProxy:
     def _requests(self, client, upstream, asked):
         try:
             while True:
-                frame = read_frame(client)
+                frame = kw.recv_frame_raw(client)
                 if frame is None:
                     break
                 api, version, cid, id_len = struct.unpack_from(">hhih", frame, 0)
@@ -145,7 +127,7 @@ class OldLeaderProxy:
     def _responses(self, upstream, client, asked):
         try:
             while True:
-                frame = read_frame(upstream)
+                frame = kw.recv_frame_raw(upstream)
                 if frame is None:
                     break
                 (cid,) = struct.unpack_from(">i", frame, 0)

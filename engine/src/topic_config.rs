@@ -286,14 +286,14 @@ pub const TOPIC_CONFIGS: &[TopicConfigDef] = &[
         broker: "",
         default: "",
         kind: Kind::ReplicaList,
-        doc: "Replicas (partition:broker, or *) whose leader-side replication traffic Kafka throttles during reassignment. Validated and stored; tidelog does not throttle replication yet.",
+        doc: "Replicas (partition:broker, or *) whose leader-side replication traffic is throttled to leader.replication.throttled.rate: a leader sends them nothing more in a second once that rate is spent.",
     },
     TopicConfigDef {
         name: "follower.replication.throttled.replicas",
         broker: "",
         default: "",
         kind: Kind::ReplicaList,
-        doc: "Replicas (partition:broker, or *) whose follower-side replication traffic Kafka throttles during reassignment. Validated and stored; tidelog does not throttle replication yet.",
+        doc: "Replicas (partition:broker, or *) whose follower-side replication traffic is throttled to follower.replication.throttled.rate: a follower leaves them out of its fetches once that rate is spent.",
     },
     TopicConfigDef {
         name: "remote.storage.enable",
@@ -339,7 +339,32 @@ pub fn topic_def(name: &str) -> Option<&'static TopicConfigDef> {
 /// Broker settings that AlterConfigs may change at run time (cluster-wide
 /// defaults of the topic configs above). Everything else is read-only.
 pub fn broker_dynamic_def(name: &str) -> Option<&'static TopicConfigDef> {
-    TOPIC_CONFIGS.iter().find(|d| !d.broker.is_empty() && d.broker == name)
+    TOPIC_CONFIGS.iter().chain(BROKER_ONLY_DYNAMIC).find(|d| !d.broker.is_empty() && d.broker == name)
+}
+
+/// Broker settings that AlterConfigs may change at run time and that are
+/// no topic config's default (`name` is empty).
+const BROKER_ONLY_DYNAMIC: &[TopicConfigDef] = &[
+    TopicConfigDef {
+        name: "",
+        broker: "leader.replication.throttled.rate",
+        default: "9223372036854775807",
+        kind: Kind::Long { min: 1 },
+        doc: "",
+    },
+    TopicConfigDef {
+        name: "",
+        broker: "follower.replication.throttled.rate",
+        default: "9223372036854775807",
+        kind: Kind::Long { min: 1 },
+        doc: "",
+    },
+];
+
+/// The effective value of broker setting `name`: its dynamic value, else
+/// the static one (file, environment, flag or built-in default).
+pub fn broker_value(config: &Config, image: &MetadataImage, name: &str) -> Option<String> {
+    broker_synonyms(config, image, name).into_iter().next().map(|r| r.value)
 }
 
 /// Checks `value` for config `def`.

@@ -319,8 +319,18 @@ async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes:
                 }
                 Slot::Read { header, log, offset } => (header, log, offset),
             };
-            let budget = (p.partition_max_bytes.max(0) as usize).min(max_bytes.saturating_sub(c.bytes));
-            let at_least_one = c.bytes == 0;
+            let mut budget = (p.partition_max_bytes.max(0) as usize).min(max_bytes.saturating_sub(c.bytes));
+            let mut at_least_one = c.bytes == 0;
+            // A replica throttled on this leader (reassignment) gets no
+            // records while leader.replication.throttled.rate is spent.
+            let throttle = replica.and_then(|_| {
+                let meta = image.topics.get(&*name)?;
+                let side = crate::replication::throttle::Side::Leader;
+                crate::replication::throttle::rate_for(shard, &image, meta, p.partition, side)
+            });
+            if throttle.is_some_and(|rate| shard.replication.leader_throttle.spent(rate, std::time::Instant::now())) {
+                (budget, at_least_one) = (0, false);
+            }
             let read = if budget == 0 && !at_least_one {
                 Ok(partition::FetchRead::default())
             } else {
@@ -360,6 +370,9 @@ async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes:
                     stats.set(stats.get() + r.located_bytes as u64);
                     c.bytes += r.bytes;
                     header.records_bytes = r.bytes;
+                    if let Some(rate) = throttle {
+                        shard.replication.leader_throttle.take(r.bytes, rate, std::time::Instant::now());
+                    }
                     c.records.push(r.parts);
                 }
                 Err(e) => {

@@ -264,6 +264,11 @@ async fn fetch_round(
                 }
             }
             if let Some(records) = r.records.filter(|b| !b.is_empty()) {
+                if let Some(rate) = image.topics.get(name).and_then(|meta| {
+                    super::throttle::rate_for(shard, &image, meta, r.partition_index, super::throttle::Side::Follower)
+                }) {
+                    shard.replication.follower_throttle.take(records.len(), rate, std::time::Instant::now());
+                }
                 match append(shard, &key, &f.log, records) {
                     Ok(Some(last)) => appended.push((f.log.clone(), last)),
                     Ok(None) => {}
@@ -341,7 +346,15 @@ fn fetch_request<'a>(
             .with_last_fetched_epoch(last_fetched_epoch)
             .with_log_start_offset(start.0)
             .with_partition_max_bytes(PARTITION_MAX_BYTES);
-        let Some(id) = image.topics.get(topic).map(|t| t.uuid()) else { continue };
+        let Some(meta) = image.topics.get(topic) else { continue };
+        // A throttled replica (reassignment) waits while this shard's
+        // follower.replication.throttled.rate is spent.
+        if super::throttle::rate_for(shard, image, meta, *p, super::throttle::Side::Follower)
+            .is_some_and(|rate| shard.replication.follower_throttle.spent(rate, std::time::Instant::now()))
+        {
+            continue;
+        }
+        let id = meta.uuid();
         match names.iter().position(|(i, _)| *i == id) {
             Some(at) => topics[at].partitions.push(entry),
             None => {

@@ -43,6 +43,7 @@
 
 mod fetcher;
 mod log_api;
+pub mod throttle;
 pub mod wire;
 
 use std::cell::{Cell, RefCell};
@@ -153,6 +154,10 @@ pub struct Replication {
     /// Leader broker ids with a running fetcher task.
     fetchers: RefCell<HashMap<i32, Rc<crate::notify::Notify>>>,
     lag_max: Duration,
+    /// `leader.replication.throttled.rate` spent serving throttled replicas.
+    pub leader_throttle: throttle::Bucket,
+    /// `follower.replication.throttled.rate` spent fetching throttled replicas.
+    pub follower_throttle: throttle::Bucket,
 }
 
 impl Replication {
@@ -164,6 +169,8 @@ impl Replication {
             following: RefCell::new(HashMap::new()),
             fetchers: RefCell::new(HashMap::new()),
             lag_max,
+            leader_throttle: throttle::Bucket::default(),
+            follower_throttle: throttle::Bucket::default(),
         }
     }
 

@@ -35,7 +35,7 @@ pub fn request_frame(data: &[u8], producers: &mut ProducerStateTable) -> Result<
         Request::Produce(p) => {
             let frame = produce_frame.unwrap_or_default();
             let stamp = (req_header.correlation_id & 1 == 1).then_some(1_700_000_000_000);
-            let verdicts = handlers::produce_validate_only(p.clone(), frame, MESSAGE_MAX_BYTES, stamp, producers);
+            let verdicts = handlers::produce_validate_only(version, p.clone(), frame, MESSAGE_MAX_BYTES, stamp, producers);
             let partitions: usize = p.topic_data.iter().map(|t| t.partition_data.len()).sum();
             assert_eq!(verdicts.len(), partitions, "one verdict per partition");
         }

@@ -3,8 +3,8 @@
 //! The broker sends a Fetch response as: one length prefix computed up front,
 //! then inline header bytes, then each partition's records straight from
 //! memory (`Bytes` slices) or from a segment file (sendfile), interleaved.
-//! This module encodes everything but the records (versions 4–16, the ones
-//! tidelog advertises: topics by id from v13, the partition tagged fields
+//! This module encodes everything but the records (versions 0–16, the ones
+//! tidelog advertises; v0–v3 for legacy clients: topics by id from v13, the partition tagged fields
 //! `diverging_epoch` (KIP-320) and `current_leader` (v12+), v16's
 //! top-level `node_endpoints` (KIP-951), and each partition's aborted
 //! transactions for read_committed fetches (KIP-98)) and says where each partition's
@@ -84,7 +84,9 @@ fn put_compact_str(buf: &mut BytesMut, s: &str) {
     buf.put_slice(s.as_bytes());
 }
 
-/// Encodes a Fetch response of `version` (4..=16) for `correlation_id`;
+/// Encodes a Fetch response of `version` (0..=16; v0–v3 are the legacy
+/// shapes: no throttle time in v0, no last stable offset or aborted
+/// transactions before v4) for `correlation_id`;
 /// `node_endpoints` go out from v16 only.
 pub fn encode_fetch_frame(
     version: i16,
@@ -93,7 +95,7 @@ pub fn encode_fetch_frame(
     topics: &[TopicHeader],
     node_endpoints: &[NodeEndpoint],
 ) -> FetchFrame {
-    debug_assert!((4..=16).contains(&version), "fetch v{version} framing");
+    debug_assert!((0..=16).contains(&version), "fetch v{version} framing");
     let flexible = version >= 12;
     let mut inline = Vec::new();
     let mut buf = BytesMut::with_capacity(256);
@@ -102,7 +104,9 @@ pub fn encode_fetch_frame(
     if flexible {
         put_uvarint(&mut buf, 0); // response header tagged fields
     }
-    buf.put_i32(0); // throttle_time_ms
+    if version >= 1 {
+        buf.put_i32(0); // throttle_time_ms
+    }
     if version >= 7 {
         buf.put_i16(0);
         buf.put_i32(session_id);
@@ -123,12 +127,16 @@ pub fn encode_fetch_frame(
             buf.put_i32(p.partition_index);
             buf.put_i16(p.error_code);
             buf.put_i64(p.high_watermark);
-            buf.put_i64(p.last_stable_offset);
+            if version >= 4 {
+                buf.put_i64(p.last_stable_offset);
+            }
             if version >= 5 {
                 buf.put_i64(p.log_start_offset);
             }
-            put_array_len(&mut buf, flexible, p.aborted_transactions.len());
-            for (producer_id, first_offset) in &p.aborted_transactions {
+            if version >= 4 {
+                put_array_len(&mut buf, flexible, p.aborted_transactions.len());
+            }
+            for (producer_id, first_offset) in p.aborted_transactions.iter().filter(|_| version >= 4) {
                 buf.put_i64(*producer_id);
                 buf.put_i64(*first_offset);
                 if flexible {

@@ -155,6 +155,24 @@ fn record_rules(
     RecordRules { require_keys: crate::topic_config::policy_has(config, image, topic, "compact"), timestamps }
 }
 
+/// Produce v0–v2 carry a legacy MessageSet (magic 0/1): it becomes one v2
+/// batch here (`storage::legacy`), before any other check, so that
+/// everything after (record rules, LogAppendTime, the append) sees v2 only.
+/// A v2 batch in an old request is INVALID_RECORD, as Kafka answers.
+fn convert_legacy(version: i16, records: &mut BytesMut, max_bytes: usize) -> Result<(), (ErrorCode, String)> {
+    if version >= 3 || records.is_empty() {
+        return Ok(());
+    }
+    if tidelog_protocol::legacy::magic_of(records).is_some_and(|m| m >= 2) {
+        return Err((
+            ErrorCode::InvalidRecord,
+            format!("produce v{version} may only carry message format v0 or v1, not record batches v2"),
+        ));
+    }
+    *records = crate::storage::legacy::message_set_to_v2(records, max_bytes)?;
+    Ok(())
+}
+
 /// The checks of one partition's record set that need no shard state:
 /// whole, CRC-valid v2 batches within `max_bytes`, none of them empty.
 fn check_record_set(records: &[u8], max_bytes: usize) -> Result<Vec<BatchInfo>, (ErrorCode, String)> {
@@ -313,6 +331,7 @@ pub struct Verdict {
 /// a sequence of requests exercises duplicates and sequence gaps). For the
 /// fuzzer (fuzz/) and tests; the broker calls `produce`.
 pub fn validate_only(
+    version: i16,
     req: ProduceRequest,
     frame: Bytes,
     max_bytes: usize,
@@ -328,7 +347,8 @@ pub fn validate_only(
         for p in topic.partitions {
             let mut records = frame.take(p.records);
             let outcome = {
-                check_record_set(&records, max_bytes).map_err(|(code, _)| code).and_then(|mut infos| {
+                let converted = convert_legacy(version, &mut records, max_bytes);
+                converted.and_then(|()| check_record_set(&records, max_bytes)).map_err(|(code, _)| code).and_then(|mut infos| {
                     if let Some(now_ms) = log_append_time_ms {
                         crate::storage::timestamps::stamp_log_append_time(&mut records, &mut infos, now_ms);
                     }
@@ -722,6 +742,10 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
                 }
             }
             let mut records = frame.take(p.records);
+            if let Err((code, msg)) = convert_legacy(version, &mut records, max_bytes) {
+                parts.push(fail(r, code, msg));
+                continue;
+            }
             let mut infos = match check_record_set(&records, max_bytes) {
                 Ok(infos) => infos,
                 Err((code, msg)) => {
@@ -842,7 +866,7 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
     }
     let resp = ProduceResponse::default().with_responses(responses);
     if waiting.is_empty() {
-        return ready(encode(ApiKey::Produce, version, cid, &resp));
+        return ready(encode_response(version, cid, &resp));
     }
     let timeout = Duration::from_millis(timeout_ms.max(0) as u64);
     let shard = shard.clone();
@@ -911,8 +935,17 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
             })
             .await;
         }
-        encode(ApiKey::Produce, version, cid, &resp)
+        encode_response(version, cid, &resp)
     })
+}
+
+/// The response in the request's version: v0–v2 in their legacy shapes.
+fn encode_response(version: i16, cid: i32, resp: &ProduceResponse) -> super::Response {
+    if tidelog_protocol::legacy::is_legacy(ApiKey::Produce, version) {
+        let frame = tidelog_protocol::legacy::encode_produce_response(version, cid, resp);
+        return Ok(Some(super::Outgoing::Frame(frame)));
+    }
+    encode(ApiKey::Produce, version, cid, resp)
 }
 
 #[cfg(test)]
@@ -993,7 +1026,7 @@ mod tests {
         let req = ProduceRequest::decode(&mut body, 9).expect("decode");
         drop(body);
         let mut producers = producer_state::ProducerStateTable::default();
-        let verdicts = validate_only(req, frame, 1 << 20, Some(5), &mut producers);
+        let verdicts = validate_only(9, req, frame, 1 << 20, Some(5), &mut producers);
         let outcomes: Vec<_> =
             verdicts.iter().map(|v| (v.topic.as_str(), v.partition, v.outcome.as_ref().map(|i| i.len()))).collect();
         assert_eq!(
@@ -1029,7 +1062,7 @@ mod tests {
         let outcomes = |txn_id| {
             let (req, frame) = decoded(&frame, txn_id);
             let mut producers = producer_state::ProducerStateTable::default();
-            let verdicts = validate_only(req, frame, 1 << 20, None, &mut producers);
+            let verdicts = validate_only(9, req, frame, 1 << 20, None, &mut producers);
             verdicts.into_iter().map(|v| v.outcome.map(|i| i.len())).collect::<Vec<_>>()
         };
         assert_eq!(

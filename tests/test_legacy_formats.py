@@ -11,6 +11,8 @@ any fallback >= 0.10 as "queryable") and so speaks the modern versions: its
 test checks it works unchanged.
 """
 
+import logging
+import re
 import struct
 import time
 import zlib
@@ -28,11 +30,33 @@ CORRUPT_MESSAGE = 2
 INVALID_RECORD = 87
 
 
+class SentVersions(logging.Handler):
+    """librdkafka's `debug=protocol` lines ("Sent ProduceRequest (v1, ...")
+    through confluent-kafka's `logger`: which API versions it really sent."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.sent = set()
+        self.logger = logging.getLogger("librdkafka-%d" % id(self))
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self)
+        self.logger.propagate = False
+
+    def emit(self, record):
+        self.sent.update(re.findall(r"Sent (\w+) \(v(\d+)", record.getMessage()))
+
+    def config(self):
+        return {"debug": "protocol", "logger": self.logger}
+
+    def versions(self, api):
+        return {int(v) for a, v in self.sent if a == api}
+
+
 def records_for(n, prefix="r"):
     return [(("k%d" % (i % 7)).encode(), ("%s-%05d-" % (prefix, i)).encode() + b"x" * (i % 50)) for i in range(n)]
 
 
-def confluent_produce(broker, topic, records, partition=None, **extra):
+def confluent_produce(broker, topic, records, partition=None, headers=None, **extra):
     cfg = broker.producer_config(**{"linger.ms": 5})
     cfg.update(extra)
     p = Producer(cfg)
@@ -48,6 +72,8 @@ def confluent_produce(broker, topic, records, partition=None, **extra):
         kw = {"key": k, "value": v, "on_delivery": on_delivery}
         if partition is not None:
             kw["partition"] = partition
+        if headers is not None:
+            kw["headers"] = headers
         p.produce(topic, **kw)
         p.poll(0)
     assert p.flush(60) == 0, "messages still queued"
@@ -146,9 +172,12 @@ def test_librdkafka_09_produce_and_consume(broker, codec):
     topic = unique_topic("old09")
     create_topic(broker, topic, 2)
     recs = records_for(300)
-    acked = confluent_produce(broker, topic, recs, **OLD_09, **{"compression.codec": codec})
-    got = confluent_consume(broker, topic, 2, len(recs), **OLD_09)
+    seen = SentVersions()
+    acked = confluent_produce(broker, topic, recs, **OLD_09, **{"compression.codec": codec}, **seen.config())
+    got = confluent_consume(broker, topic, 2, len(recs), **OLD_09, **seen.config())
     check_same_records(acked, got)
+    # The legacy requests really were what carried them.
+    assert seen.versions("ProduceRequest") == {1} and seen.versions("FetchRequest") == {1}, seen.sent
     # Per key produce order survives (keys hash to one partition).
     for key in {k for k, _ in recs}:
         assert [r[3] for r in got if r[2] == key] == [v for k, v in recs if k == key]
@@ -167,9 +196,11 @@ def test_librdkafka_09_group_consumer_commits(broker):
     recs = records_for(200)
     confluent_produce(broker, topic, recs, **OLD_09)
     group = unique_topic("g")
+    seen = SentVersions()
     cfg = broker.consumer_config(
         **OLD_09,
         **{"group.id": group, "enable.partition.eof": False, "session.timeout.ms": 6000},
+        **seen.config(),
     )
     c = Consumer(cfg)
     c.subscribe([topic])
@@ -200,9 +231,11 @@ def test_librdkafka_09_group_consumer_commits(broker):
             continue
         rest.append(m)
     c.close()
-    seen = sorted((m.partition(), m.offset()) for m in got + rest)
-    assert len(seen) == len(recs) and len(set(seen)) == len(recs), "a record missed or read twice"
+    read = sorted((m.partition(), m.offset()) for m in got + rest)
+    assert len(read) == len(recs) and len(set(read)) == len(recs), "a record missed or read twice"
     assert all(m.offset() >= last.get(m.partition(), 0) for m in rest)
+    assert seen.versions("FetchRequest") == {1}, seen.sent
+    assert seen.versions("JoinGroupRequest") == {0} and seen.versions("OffsetCommitRequest") == {2}, seen.sent
 
 
 # --------------------------------------------------------------------------
@@ -279,7 +312,7 @@ def test_mixed_formats_same_records(broker):
     create_topic(broker, topic, 1)
     new = records_for(60, "new")
     headers = [("h", b"dropped for old clients")]
-    acked = confluent_produce(broker, topic, new, partition=0, headers=headers)  # noqa: F841
+    confluent_produce(broker, topic, new, partition=0, headers=headers)
     old = records_for(60, "old")
     confluent_produce(broker, topic, old, partition=0, **OLD_09)
     p = kafka_python_producer(broker)

@@ -115,7 +115,8 @@ mod tests {
     fn table_is_within_what_kafka_protocol_can_encode() {
         for a in SUPPORTED_APIS {
             let range = a.key.valid_versions();
-            let min = crate::legacy::first_modern_version(a.key).map_or(a.min_version, |_| a.min_version.max(range.min));
+            let min =
+                crate::legacy::first_modern_version(a.key).map_or(a.min_version, |_| a.min_version.max(range.min));
             assert!(min >= range.min && a.max_version <= range.max, "{a:?} outside {range:?}");
             assert!(a.min_version <= a.max_version);
         }

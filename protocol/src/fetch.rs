@@ -267,6 +267,58 @@ mod tests {
         (topics, records)
     }
 
+    /// v0–v3 (legacy clients) are below what kafka-protocol decodes: read
+    /// by hand, as Kafka 0.10 lays them out.
+    #[test]
+    fn legacy_versions_have_the_old_shape() {
+        let (topics, records) = sample();
+        for version in 0..=3i16 {
+            let frame = encode_fetch_frame(version, 42, 0, &topics, &[]);
+            let mut whole = Vec::new();
+            for (i, chunk) in frame.inline.iter().enumerate() {
+                whole.extend_from_slice(chunk);
+                if let Some(r) = records.get(i) {
+                    whole.extend_from_slice(r);
+                }
+            }
+            assert_eq!(whole.len(), frame.frame_bytes, "v{version}");
+            let mut at = 0usize;
+            let mut take = |n: usize| {
+                let s = whole[at..at + n].to_vec();
+                at += n;
+                s
+            };
+            let int = |b: Vec<u8>| b.iter().fold(0i64, |acc, x| (acc << 8) | i64::from(*x));
+            assert_eq!(int(take(4)) as usize + 4, frame.frame_bytes, "v{version} length");
+            assert_eq!(int(take(4)), 42);
+            if version >= 1 {
+                assert_eq!(int(take(4)), 0, "throttle");
+            }
+            assert_eq!(int(take(4)), 3, "topics");
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                let n = int(take(2)) as usize;
+                let name = String::from_utf8(take(n)).expect("utf8");
+                let parts = int(take(4));
+                for _ in 0..parts {
+                    let (index, error, hw) = (int(take(4)), int(take(2)), int(take(8)));
+                    let len = int(take(4)) as usize;
+                    got.push((name.clone(), index, error, hw, take(len).len()));
+                }
+            }
+            assert_eq!(at, whole.len(), "v{version}: trailing bytes");
+            assert_eq!(
+                got,
+                vec![
+                    ("alpha".to_string(), 0, 0, 10, 23),
+                    ("alpha".to_string(), 3, 6, -1, 0),
+                    ("b".to_string(), 1, 0, 99, 300)
+                ],
+                "v{version}"
+            );
+        }
+    }
+
     #[test]
     fn decodes_with_kafka_protocol_in_every_version() {
         let (topics, records) = sample();

@@ -294,7 +294,10 @@ pub fn parse_message_set(bytes: &[u8]) -> Result<Vec<Message<'_>>, MessageSetErr
         let crc = u32::from_be_bytes([msg[0], msg[1], msg[2], msg[3]]);
         let computed = crc32_ieee(&msg[4..]);
         if crc != computed {
-            return Err(corrupt(format!("message {} at offset {offset}: crc {crc:#x}, computed {computed:#x}", out.len())));
+            return Err(corrupt(format!(
+                "message {} at offset {offset}: crc {crc:#x}, computed {computed:#x}",
+                out.len()
+            )));
         }
         let magic = msg[4] as i8;
         let attributes = msg[5] as i8;

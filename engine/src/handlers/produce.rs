@@ -348,36 +348,38 @@ pub fn validate_only(
             let mut records = frame.take(p.records);
             let outcome = {
                 let converted = convert_legacy(version, &mut records, max_bytes);
-                converted.and_then(|()| check_record_set(&records, max_bytes)).map_err(|(code, _)| code).and_then(|mut infos| {
-                    if let Some(now_ms) = log_append_time_ms {
-                        crate::storage::timestamps::stamp_log_append_time(&mut records, &mut infos, now_ms);
-                    }
-                    let txn = check_txn_rules(&records, &infos, has_txn_id).map_err(|(code, _)| code)?;
-                    let producer =
-                        producer_state::idempotent_batch(&records, &infos).map_err(|_| ErrorCode::InvalidRecord)?;
-                    if let Some(b) = producer {
-                        match producers.check_batch(b.pid, b.epoch, b.first_seq, b.count, txn) {
-                            Check::Append => {
-                                let count = infos.iter().map(|i| i64::from(i.last_offset_delta) + 1).sum::<i64>();
-                                let meta = BatchMeta {
-                                    first_seq: b.first_seq,
-                                    last_seq: producer_state::seq_add(b.first_seq, b.count - 1),
-                                    base_offset: Offset(next_offset),
-                                    last_offset: Offset(next_offset + count - 1),
-                                };
-                                if txn {
-                                    let first = Offset(next_offset);
-                                    producers.begin_txn_batch(b.pid, b.epoch, first, b.max_timestamp_ms, None);
-                                }
-                                next_offset += count;
-                                producers.record(b.pid, b.epoch, meta, b.max_timestamp_ms);
-                            }
-                            Check::Duplicate { .. } => {}
-                            Check::Reject(code) => return Err(code),
+                converted.and_then(|()| check_record_set(&records, max_bytes)).map_err(|(code, _)| code).and_then(
+                    |mut infos| {
+                        if let Some(now_ms) = log_append_time_ms {
+                            crate::storage::timestamps::stamp_log_append_time(&mut records, &mut infos, now_ms);
                         }
-                    }
-                    Ok(infos)
-                })
+                        let txn = check_txn_rules(&records, &infos, has_txn_id).map_err(|(code, _)| code)?;
+                        let producer =
+                            producer_state::idempotent_batch(&records, &infos).map_err(|_| ErrorCode::InvalidRecord)?;
+                        if let Some(b) = producer {
+                            match producers.check_batch(b.pid, b.epoch, b.first_seq, b.count, txn) {
+                                Check::Append => {
+                                    let count = infos.iter().map(|i| i64::from(i.last_offset_delta) + 1).sum::<i64>();
+                                    let meta = BatchMeta {
+                                        first_seq: b.first_seq,
+                                        last_seq: producer_state::seq_add(b.first_seq, b.count - 1),
+                                        base_offset: Offset(next_offset),
+                                        last_offset: Offset(next_offset + count - 1),
+                                    };
+                                    if txn {
+                                        let first = Offset(next_offset);
+                                        producers.begin_txn_batch(b.pid, b.epoch, first, b.max_timestamp_ms, None);
+                                    }
+                                    next_offset += count;
+                                    producers.record(b.pid, b.epoch, meta, b.max_timestamp_ms);
+                                }
+                                Check::Duplicate { .. } => {}
+                                Check::Reject(code) => return Err(code),
+                            }
+                        }
+                        Ok(infos)
+                    },
+                )
             };
             out.push(Verdict { topic: topic.name.clone(), partition: p.index, outcome });
         }

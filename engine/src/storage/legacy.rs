@@ -95,7 +95,8 @@ pub fn message_set_to_v2(records: &[u8], max_bytes: usize) -> Result<BytesMut, (
             }
             c => {
                 codec = c;
-                let value = m.value.ok_or((ErrorCode::CorruptMessage, "a compressed message without a value".into()))?;
+                let value =
+                    m.value.ok_or((ErrorCode::CorruptMessage, "a compressed message without a value".into()))?;
                 let inner = decompress(value, c, m.magic).map_err(|e| (ErrorCode::CorruptMessage, e))?;
                 decompressed_bytes = decompressed_bytes.saturating_add(inner.len());
                 if decompressed_bytes > max_bytes.saturating_mul(4) {
@@ -248,12 +249,13 @@ mod tests {
     use super::*;
     use tidelog_protocol::Offset;
 
-    fn v2(records: &[(Option<&[u8]>, Option<&[u8]>, i64)], base_ts: i64, base_offset: i64) -> Vec<u8> {
+    /// (key, value, timestamp delta)
+    type Rec<'a> = (Option<&'a [u8]>, Option<&'a [u8]>, i64);
+
+    fn v2(records: &[Rec<'_>], base_ts: i64, base_offset: i64) -> Vec<u8> {
         let headers: &[(&[u8], Option<&[u8]>)] = &[(b"h", Some(b"x"))];
-        let refs: Vec<RecordRef<'_>> = records
-            .iter()
-            .map(|(k, v, d)| RecordRef { key: *k, value: *v, headers, timestamp_delta_ms: *d })
-            .collect();
+        let refs: Vec<RecordRef<'_>> =
+            records.iter().map(|(k, v, d)| RecordRef { key: *k, value: *v, headers, timestamp_delta_ms: *d }).collect();
         let mut b = batch::build_batch(&refs, base_ts, batch::ProducerFields::default()).to_vec();
         batch::assign_offset(&mut b, Offset(base_offset), tidelog_protocol::Epoch(0));
         b
@@ -297,10 +299,10 @@ mod tests {
         let stored = v2(&[(None, Some(b"a"), 0), (None, Some(b"b"), 1), (None, Some(b"c"), 2)], 7, 0);
         let v0 = down_convert(&stored, 0, 1, 1 << 20, true, &[]);
         let msgs = wire::parse_message_set(&v0).expect("v0 parses");
-        assert_eq!(msgs.iter().map(|m| (m.offset, m.magic, m.timestamp_ms)).collect::<Vec<_>>(), vec![
-            (1, 0, NO_TIMESTAMP),
-            (2, 0, NO_TIMESTAMP)
-        ]);
+        assert_eq!(
+            msgs.iter().map(|m| (m.offset, m.magic, m.timestamp_ms)).collect::<Vec<_>>(),
+            vec![(1, 0, NO_TIMESTAMP), (2, 0, NO_TIMESTAMP)]
+        );
         let back = message_set_to_v2(&v0, 1 << 20).expect("convert");
         assert_eq!(BatchHeader::parse(&back).expect("h").base_timestamp_ms(), NO_TIMESTAMP);
     }
@@ -337,10 +339,10 @@ mod tests {
         batch::assign_offset(&mut stored, Offset(40), tidelog_protocol::Epoch(0));
         let back = down_convert(&stored, 1, 0, 1 << 20, true, &[]);
         let msgs = wire::parse_message_set(&back).expect("parse");
-        assert_eq!(msgs.iter().map(|m| (m.offset, m.value, m.timestamp_ms)).collect::<Vec<_>>(), vec![
-            (40, Some(&b"one"[..]), 100),
-            (41, Some(&b"two"[..]), 101)
-        ]);
+        assert_eq!(
+            msgs.iter().map(|m| (m.offset, m.value, m.timestamp_ms)).collect::<Vec<_>>(),
+            vec![(40, Some(&b"one"[..]), 100), (41, Some(&b"two"[..]), 101)]
+        );
         // A wrapper inside a wrapper is refused.
         let mut nested = BytesMut::new();
         let mut c2 = BytesMut::new();
@@ -372,7 +374,8 @@ mod tests {
         let pid = 9;
         let recs = [RecordRef { key: None, value: Some(b"t"), headers: &[], timestamp_delta_ms: 0 }];
         let fields = batch::ProducerFields { producer_id: pid, producer_epoch: 0, base_sequence: 0 };
-        let mut aborted_batch = batch::build_batch_with_attributes(&recs, 1, fields, batch::ATTR_TRANSACTIONAL).to_vec();
+        let mut aborted_batch =
+            batch::build_batch_with_attributes(&recs, 1, fields, batch::ATTR_TRANSACTIONAL).to_vec();
         batch::assign_offset(&mut aborted_batch, Offset(0), tidelog_protocol::Epoch(0));
         let mut marker = batch::build_control_batch(batch::ControlType::Abort, pid, 0, 0, 1).to_vec();
         batch::assign_offset(&mut marker, Offset(1), tidelog_protocol::Epoch(0));

@@ -235,7 +235,10 @@ def test_librdkafka_09_group_consumer_commits(broker):
     assert len(read) == len(recs) and len(set(read)) == len(recs), "a record missed or read twice"
     assert all(m.offset() >= last.get(m.partition(), 0) for m in rest)
     assert seen.versions("FetchRequest") == {1}, seen.sent
+    # A new group starts where auto.offset.reset says: ListOffsets v0.
+    assert seen.versions("ListOffsetsRequest") == {0}, seen.sent
     assert seen.versions("JoinGroupRequest") == {0} and seen.versions("OffsetCommitRequest") == {2}, seen.sent
+    assert seen.versions("OffsetFetchRequest") == {1}, seen.sent
 
 
 # --------------------------------------------------------------------------
@@ -347,6 +350,12 @@ def message_v1(key, value, timestamp_ms, offset=0, attributes=0):
     return struct.pack(">qi", offset, len(msg)) + msg
 
 
+def message_v0(key, value, offset=0):
+    body = struct.pack(">bb", 0, 0) + w.kbytes(key) + w.kbytes(value)
+    msg = struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF) + body
+    return struct.pack(">qi", offset, len(msg)) + msg
+
+
 def produce_v2_body(topic, partition, message_set):
     return (
         w.i16(-1)
@@ -372,11 +381,13 @@ def list_offsets_v0(conn, topic, partition, timestamp):
     return topics[0][1][0]
 
 
-def fetch_v2(conn, topic, partition, offset, max_bytes=1 << 20):
+def fetch_old(conn, version, topic, partition, offset, max_bytes=1 << 20):
+    """Fetch v0-v3: (partition, error, high watermark, message set bytes)."""
     body = (
         w.i32(-1)
         + w.i32(100)
         + w.i32(0)
+        + (w.i32(1 << 20) if version >= 3 else b"")
         + w.i32(1)
         + w.string(topic)
         + w.i32(1)
@@ -384,10 +395,16 @@ def fetch_v2(conn, topic, partition, offset, max_bytes=1 << 20):
         + w.i64(offset)
         + w.i32(max_bytes)
     )
-    r = conn.request(1, 2, body)
-    r.i32()  # throttle
+    r = conn.request(1, version, body)
+    if version >= 1:
+        r.i32()  # throttle
     topics = r.array(lambda r: (r.string(), r.array(lambda r: (r.i32(), r.i16(), r.i64(), r.kbytes()))))
+    assert r.remaining() == 0
     return topics[0][1][0]
+
+
+def fetch_v2(conn, topic, partition, offset, max_bytes=1 << 20):
+    return fetch_old(conn, 2, topic, partition, offset, max_bytes)
 
 
 def parse_message_set(data):
@@ -456,3 +473,31 @@ def test_raw_bad_crc_and_truncated_message_sets_write_nothing(broker):
         # From offset 1, and with a budget smaller than a message: one message.
         assert [m[0] for m in parse_message_set(fetch_v2(c, topic, 0, 1)[3])] == [1]
         assert len(parse_message_set(fetch_v2(c, topic, 0, 0, max_bytes=10)[3])) == 1
+
+
+def test_raw_produce_v0_and_fetch_v0_v3_shapes(broker):
+    """Produce v0 (no throttle time in the answer) with magic-0 messages,
+    read back by Fetch v0-v1 as magic 0 and v2-v3 as magic 1."""
+    topic = unique_topic("rawv0")
+    create_topic(broker, topic, 1)
+    port = owner_port(broker, topic, 0)
+    with w.Conn(port) as c:
+        r = c.request(0, 0, produce_v2_body(topic, 0, message_v0(b"a", b"zero") + message_v0(None, b"one")))
+        topics = r.array(lambda r: (r.string(), r.array(lambda r: (r.i32(), r.i16(), r.i64()))))
+        assert r.remaining() == 0, "Produce v0 has no throttle time"
+        assert topics == [(topic, [(0, 0, 0)])]
+        r = c.request(0, 1, produce_v2_body(topic, 0, message_v1(b"b", b"two", 1_700_000_000_002)))
+        topics = r.array(lambda r: (r.string(), r.array(lambda r: (r.i32(), r.i16(), r.i64()))))
+        assert r.i32() == 0 and r.remaining() == 0, "Produce v1 ends with the throttle time"
+        assert topics == [(topic, [(0, 0, 2)])]
+        for version, magic in [(0, 0), (1, 0), (2, 1), (3, 1)]:
+            p = fetch_old(c, version, topic, 0, 0)
+            assert p[:3] == (0, 0, 3), (version, p)
+            msgs = parse_message_set(p[3])
+            assert [(m[0], m[1], m[4], m[5]) for m in msgs] == [
+                (0, magic, b"a", b"zero"),
+                (1, magic, None, b"one"),
+                (2, magic, b"b", b"two"),
+            ], version
+            # Magic 1: the magic-0 messages have no timestamp, the magic-1 one keeps its own.
+            assert [m[3] for m in msgs] == ([None] * 3 if magic == 0 else [-1, -1, 1_700_000_000_002])

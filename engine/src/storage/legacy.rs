@@ -355,6 +355,35 @@ mod tests {
         assert_eq!(message_set_to_v2(&nested, 1 << 20).map_err(|e| e.0).err(), Some(ErrorCode::CorruptMessage));
     }
 
+    /// Kafka 0.8/0.9 (and librdkafka for magic 0) wrote the LZ4 frame
+    /// header checksum over the magic number too (KAFKA-3160).
+    #[test]
+    fn magic_0_lz4_with_kafkas_old_header_checksum_is_read() {
+        use kafka_protocol::compression::Compressor;
+        let mut inner = BytesMut::new();
+        wire::write_message(&mut inner, 0, 0, 0, NO_TIMESTAMP, Some(b"k"), Some(b"lz4 v0"));
+        let mut frame = BytesMut::new();
+        Lz4::compress(&mut frame, |b: &mut BytesMut| {
+            b.extend_from_slice(&inner);
+            Ok(())
+        })
+        .expect("lz4");
+        let mut broken = frame.to_vec();
+        let flg = broken[4];
+        let end = 6 + if flg & 0x08 != 0 { 8 } else { 0 } + if flg & 0x01 != 0 { 4 } else { 0 };
+        let wrong = ((wire::xxh32(&broken[..end], 0) >> 8) & 0xff) as u8;
+        assert_ne!(wrong, broken[end], "the test needs a checksum that differs");
+        broken[end] = wrong;
+        let mut set = BytesMut::new();
+        wire::write_message(&mut set, 0, 0, 3, NO_TIMESTAMP, None, Some(&broken));
+        let v2b = message_set_to_v2(&set, 1 << 20).expect("magic 0 lz4 with the old checksum");
+        let plain = compaction::plain_view(&v2b).expect("plain");
+        let recs = wire::v2_records(&plain[BATCH_HEADER_BYTES..], 1).expect("records");
+        assert_eq!(recs[0].value, Some(&b"lz4 v0"[..]));
+        // The repaired checksum is the one the standard encoder wrote.
+        assert_eq!(wire::fix_lz4_header_checksum(&broken).as_deref(), Some(&frame[..]));
+    }
+
     #[test]
     fn bad_input_is_refused() {
         let mut set = BytesMut::new();

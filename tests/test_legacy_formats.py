@@ -501,3 +501,47 @@ def test_raw_produce_v0_and_fetch_v0_v3_shapes(broker):
             ], version
             # Magic 1: the magic-0 messages have no timestamp, the magic-1 one keeps its own.
             assert [m[3] for m in msgs] == ([None] * 3 if magic == 0 else [-1, -1, 1_700_000_000_002])
+
+
+def test_raw_offset_commit_v0_v1_and_offset_fetch_v0(broker):
+    """Kafka 0.8's OffsetCommit v0 (no generation: a commit from outside any
+    group generation) and v1 (per-partition commit timestamp), read back by
+    OffsetFetch v0 and v1: tidelog keeps them all in __consumer_offsets."""
+    topic = unique_topic("oc")
+    create_topic(broker, topic, 2)
+    group = unique_topic("g")
+    with w.Conn(broker.port) as c:
+        r = c.request(10, 0, w.string(group))
+        err, node, host, port = r.i16(), r.i32(), r.string(), r.i32()
+        assert err == 0, err
+
+    def commit_body(version, offsets):
+        body = w.string(group)
+        if version == 1:
+            body += w.i32(-1) + w.string("")
+        parts = lambda p, o: w.i32(p) + w.i64(o) + (w.i64(-1) if version == 1 else b"") + w.string("m%d" % o)
+        return body + w.i32(1) + w.string(topic) + w.i32(len(offsets)) + b"".join(parts(p, o) for p, o in offsets)
+
+    def fetch_offsets(conn, version):
+        body = w.string(group) + w.i32(1) + w.string(topic) + w.i32(2) + w.i32(0) + w.i32(1)
+        r = conn.request(9, version, body)
+        topics = r.array(lambda r: (r.string(), r.array(lambda r: (r.i32(), r.i64(), r.string(), r.i16()))))
+        assert r.remaining() == 0
+        return sorted(topics[0][1])
+
+    with w.Conn(port) as c:
+        r = c.request(8, 0, commit_body(0, [(0, 5), (1, 9)]))
+        topics = r.array(lambda r: (r.string(), r.array(lambda r: (r.i32(), r.i16()))))
+        assert r.remaining() == 0, "OffsetCommit v0 has no throttle time"
+        assert topics == [(topic, [(0, 0), (1, 0)])]
+        for version in (0, 1):
+            assert fetch_offsets(c, version) == [(0, 5, "m5", 0), (1, 9, "m9", 0)], version
+        r = c.request(8, 1, commit_body(1, [(1, 11)]))
+        topics = r.array(lambda r: (r.string(), r.array(lambda r: (r.i32(), r.i16()))))
+        assert r.remaining() == 0 and topics == [(topic, [(1, 0)])]
+        assert fetch_offsets(c, 0) == [(0, 5, "m5", 0), (1, 11, "m11", 0)]
+    # A modern client sees the same commits.
+    cons = Consumer(broker.consumer_config(**{"group.id": group}))
+    got = cons.committed([TopicPartition(topic, 0), TopicPartition(topic, 1)], timeout=10)
+    cons.close()
+    assert [(tp.partition, tp.offset) for tp in got] == [(0, 5), (1, 11)]

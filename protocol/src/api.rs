@@ -2,7 +2,8 @@
 //!
 //! Clients pick `min(their max, our max)` per API, so advertising a version
 //! means every field of it is honoured. Kafka 4.x dropped Produce < 3,
-//! Fetch < 4 and ListOffsets v0; tidelog keeps them for clients that cannot
+//! Fetch < 4, ListOffsets v0, OffsetCommit < 2 and OffsetFetch v0; tidelog
+//! keeps them for clients that cannot
 //! ask ApiVersions (librdkafka `broker.version.fallback=0.9.0`, kafka-python
 //! `api_version=(0, 10)`), reading them through `legacy` and converting
 //! their magic 0/1 messages to and from v2 batches. Produce stops at 12 because later versions
@@ -36,8 +37,8 @@ pub const SUPPORTED_APIS: &[ApiSupport] = &[
     api(ApiKey::CreateTopics, 2, 7),
     api(ApiKey::DeleteTopics, 1, 5),
     api(ApiKey::DescribeConfigs, 1, 4),
-    api(ApiKey::OffsetCommit, 2, 9),
-    api(ApiKey::OffsetFetch, 1, 9),
+    api(ApiKey::OffsetCommit, 0, 9),
+    api(ApiKey::OffsetFetch, 0, 9),
     api(ApiKey::FindCoordinator, 0, 4),
     api(ApiKey::JoinGroup, 0, 9),
     api(ApiKey::Heartbeat, 0, 4),

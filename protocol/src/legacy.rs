@@ -1,6 +1,6 @@
-//! Legacy wire forms for clients that speak Kafka 0.9/0.10: the request and
-//! response bodies of Produce v0–v2, Fetch v0–v3 and ListOffsets v0, and the
-//! magic v0/v1 MessageSet.
+//! Legacy wire forms for clients that speak Kafka 0.8/0.9/0.10: the request
+//! and response bodies of Produce v0–v2, Fetch v0–v3, ListOffsets v0,
+//! OffsetCommit v0–v1 and OffsetFetch v0, and the magic v0/v1 MessageSet.
 //!
 //! The vendored decoder (kafka-protocol, generated from Kafka 4.x's specs)
 //! starts at Produce v3, Fetch v4 and ListOffsets v1. Each older request body
@@ -34,7 +34,25 @@ pub fn first_modern_version(key: ApiKey) -> Option<i16> {
         ApiKey::Produce => Some(3),
         ApiKey::Fetch => Some(4),
         ApiKey::ListOffsets => Some(1),
+        ApiKey::OffsetCommit => Some(2),
+        ApiKey::OffsetFetch => Some(1),
         _ => None,
+    }
+}
+
+/// The version a handler answers a legacy request in: for OffsetCommit
+/// v0–v1 and OffsetFetch v0 the response is exactly that of the first
+/// modern version (OffsetCommit gained throttle time only in v3; OffsetFetch
+/// v0 and v1 differ only in where Kafka 0.8 stored the offsets, ZooKeeper or
+/// Kafka: tidelog keeps every commit in `__consumer_offsets`, as for v1).
+/// Produce, Fetch and ListOffsets keep their own version (their shapes
+/// differ; the handlers encode them).
+pub fn answer_version(key: ApiKey, version: i16) -> i16 {
+    match key {
+        ApiKey::OffsetCommit | ApiKey::OffsetFetch if is_legacy(key, version) => {
+            first_modern_version(key).unwrap_or(version)
+        }
+        _ => version,
     }
 }
 
@@ -88,6 +106,11 @@ impl<'a> Reader<'a> {
 ///   `isolation_level` (0, read_uncommitted) after it; the rest is equal.
 /// - ListOffsets v0 → v1: v0 partitions carry `max_num_offsets` after the
 ///   timestamp, which v1 dropped (tidelog answers one offset, as clients ask).
+/// - OffsetCommit v0 → v2: v0 has no generation or member (a commit from
+///   outside any group generation: -1 and ""), v1 adds them and a
+///   per-partition commit timestamp (dropped: the broker's clock is used),
+///   v2 adds `retention_time_ms` (-1: the broker's default).
+/// - OffsetFetch v0 → v1: the same body.
 pub fn upgrade_request(key: ApiKey, version: i16, body: &[u8]) -> Option<Result<(i16, Bytes), String>> {
     if !is_legacy(key, version) {
         return None;
@@ -101,6 +124,8 @@ pub fn upgrade_request(key: ApiKey, version: i16, body: &[u8]) -> Option<Result<
         }
         ApiKey::Fetch => upgrade_fetch(version, body).map(|b| (4, b)),
         ApiKey::ListOffsets => upgrade_list_offsets_v0(body).map(|b| (1, b)),
+        ApiKey::OffsetCommit => upgrade_offset_commit(version, body).map(|b| (2, b)),
+        ApiKey::OffsetFetch => Ok((1, Bytes::copy_from_slice(body))),
         _ => Err(format!("{key:?} v{version} has no legacy form")),
     })
 }
@@ -137,6 +162,44 @@ fn upgrade_list_offsets_v0(body: &[u8]) -> Result<Bytes, String> {
         for _ in 0..partitions {
             out.put_slice(r.take(4 + 8)?); // partition, timestamp
             r.i32()?; // max_num_offsets
+        }
+    }
+    out.put_slice(&body[r.at..]);
+    Ok(out.freeze())
+}
+
+fn upgrade_offset_commit(version: i16, body: &[u8]) -> Result<Bytes, String> {
+    let mut r = Reader { buf: body, at: 0 };
+    let mut out = BytesMut::with_capacity(body.len() + 16);
+    let group_len = r.i16()?;
+    out.put_i16(group_len);
+    out.put_slice(r.take(group_len.max(0) as usize)?);
+    if version == 0 {
+        out.put_i32(-1); // generation
+        out.put_i16(0); // member id ""
+        out.put_i64(-1); // retention_time_ms
+        out.put_slice(&body[r.at..]);
+        return Ok(out.freeze());
+    }
+    out.put_i32(r.i32()?); // generation
+    let member_len = r.i16()?;
+    out.put_i16(member_len);
+    out.put_slice(r.take(member_len.max(0) as usize)?);
+    out.put_i64(-1); // retention_time_ms
+    let topics = r.count(6)?;
+    out.put_i32(topics as i32);
+    for _ in 0..topics {
+        let name_len = r.i16()?;
+        out.put_i16(name_len);
+        out.put_slice(r.take(name_len.max(0) as usize)?);
+        let partitions = r.count(4 + 8 + 8 + 2)?;
+        out.put_i32(partitions as i32);
+        for _ in 0..partitions {
+            out.put_slice(r.take(4 + 8)?); // partition, offset
+            r.take(8)?; // commit timestamp
+            let metadata_len = r.i16()?;
+            out.put_i16(metadata_len);
+            out.put_slice(r.take(metadata_len.max(0) as usize)?);
         }
     }
     out.put_slice(&body[r.at..]);
@@ -591,6 +654,41 @@ mod tests {
         let req = crate::request::decode_request(ApiKey::ListOffsets, v, &mut body).expect("decode");
         let crate::request::Request::ListOffsets(l) = req else { panic!("not list offsets") };
         assert_eq!((l.topics[0].partitions[0].partition_index, l.topics[0].partitions[0].timestamp), (3, -2));
+        // OffsetCommit v1: the per-partition timestamp goes, retention comes.
+        let mut b = BytesMut::new();
+        put_str(&mut b, "g");
+        b.put_i32(3);
+        put_str(&mut b, "m");
+        b.put_i32(1);
+        put_str(&mut b, "t");
+        b.put_i32(1);
+        b.put_i32(2);
+        b.put_i64(42);
+        b.put_i64(1_700_000_000_000);
+        put_str(&mut b, "meta");
+        let (v, mut body) = upgrade_request(ApiKey::OffsetCommit, 1, &b).expect("legacy").expect("upgrade");
+        let req = crate::request::decode_request(ApiKey::OffsetCommit, v, &mut body).expect("decode");
+        let crate::request::Request::OffsetCommit(c) = req else { panic!("not an offset commit") };
+        assert_eq!((c.generation_id_or_member_epoch, &*c.member_id, c.retention_time_ms), (3, "m", -1));
+        let p = &c.topics[0].partitions[0];
+        assert_eq!((p.partition_index, p.committed_offset, p.committed_metadata.as_deref()), (2, 42, Some("meta")));
+        // OffsetCommit v0: no generation or member.
+        let mut b = BytesMut::new();
+        put_str(&mut b, "g");
+        b.put_i32(1);
+        put_str(&mut b, "t");
+        b.put_i32(1);
+        b.put_i32(0);
+        b.put_i64(7);
+        put_str(&mut b, "");
+        let mut body = Bytes::from(b.to_vec());
+        let req = crate::request::decode_request(ApiKey::OffsetCommit, 0, &mut body).expect("decode");
+        let crate::request::Request::OffsetCommit(c) = req else { panic!("not an offset commit") };
+        assert_eq!((c.generation_id_or_member_epoch, &*c.member_id), (-1, ""));
+        assert_eq!(c.topics[0].partitions[0].committed_offset, 7);
+        assert_eq!(answer_version(ApiKey::OffsetCommit, 0), 2);
+        assert_eq!(answer_version(ApiKey::OffsetFetch, 0), 1);
+        assert_eq!(answer_version(ApiKey::Produce, 1), 1);
         // A count larger than the body can hold is refused before allocating.
         let mut b = BytesMut::new();
         b.put_i32(-1);

@@ -249,9 +249,13 @@ def test_librdkafka_010_fallback_still_negotiates(broker):
     topic = unique_topic("old010")
     create_topic(broker, topic, 2)
     recs = records_for(200)
-    acked = confluent_produce(broker, topic, recs, **OLD_010, **{"compression.codec": "gzip"})
-    got = confluent_consume(broker, topic, 2, len(recs), **OLD_010)
+    seen = SentVersions()
+    acked = confluent_produce(broker, topic, recs, **OLD_010, **{"compression.codec": "gzip"}, **seen.config())
+    got = confluent_consume(broker, topic, 2, len(recs), **OLD_010, **seen.config())
     check_same_records(acked, got)
+    # librdkafka asks ApiVersions anyway and picks modern versions.
+    assert seen.versions("ApiVersionRequest"), seen.sent
+    assert min(seen.versions("ProduceRequest")) >= 3 and min(seen.versions("FetchRequest")) >= 4, seen.sent
     # CreateTime, the producer's clock.
     now_ms = time.time() * 1000
     assert {r[4][0] for r in got} == {1}

@@ -1,6 +1,11 @@
 //! Produce: validate each partition's record set, append it on this shard,
 //! answer per partition; acks=-1 waits for the high watermark.
 //!
+//! Produce v0–v2 (clients of Kafka 0.9/0.10) carry a magic 0/1 MessageSet:
+//! `convert_legacy` turns it into one v2 batch first (`storage::legacy`),
+//! so every later check and the log see v2 only; the answer goes out in
+//! the old shape (`encode_response`).
+//!
 //! Transactions (KIP-98): a transactional batch must come from an idempotent
 //! producer in a request that carries its transactional id; clients never
 //! write control batches (markers come from the coordinator through

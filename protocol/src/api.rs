@@ -1,8 +1,12 @@
 //! The API version table: exactly what tidelog implements, nothing more.
 //!
 //! Clients pick `min(their max, our max)` per API, so advertising a version
-//! means every field of it is honoured. Kafka 4.x dropped Produce < 3 and
-//! Fetch < 4; we do the same. Produce stops at 12 because later versions
+//! means every field of it is honoured. Kafka 4.x dropped Produce < 3,
+//! Fetch < 4, ListOffsets v0, OffsetCommit < 2 and OffsetFetch v0; tidelog
+//! keeps them for clients that cannot
+//! ask ApiVersions (librdkafka `broker.version.fallback=0.9.0`, kafka-python
+//! `api_version=(0, 10)`), reading them through `legacy` and converting
+//! their magic 0/1 messages to and from v2 batches. Produce stops at 12 because later versions
 //! address topics by id only; Fetch goes to 16 (topics by id from 13,
 //! KIP-903's replica state from 15, KIP-951's leader endpoints in 16).
 
@@ -25,16 +29,16 @@ const fn api(key: ApiKey, min_version: i16, max_version: i16) -> ApiSupport {
 
 /// Every API tidelog answers, with the versions it implements.
 pub const SUPPORTED_APIS: &[ApiSupport] = &[
-    api(ApiKey::Produce, 3, 12),
-    api(ApiKey::Fetch, 4, 16),
-    api(ApiKey::ListOffsets, 1, 7),
+    api(ApiKey::Produce, 0, 12),
+    api(ApiKey::Fetch, 0, 16),
+    api(ApiKey::ListOffsets, 0, 7),
     api(ApiKey::Metadata, 0, 12),
     api(ApiKey::ApiVersions, 0, 4),
     api(ApiKey::CreateTopics, 2, 7),
     api(ApiKey::DeleteTopics, 1, 5),
     api(ApiKey::DescribeConfigs, 1, 4),
-    api(ApiKey::OffsetCommit, 2, 9),
-    api(ApiKey::OffsetFetch, 1, 9),
+    api(ApiKey::OffsetCommit, 0, 9),
+    api(ApiKey::OffsetFetch, 0, 9),
     api(ApiKey::FindCoordinator, 0, 4),
     api(ApiKey::JoinGroup, 0, 9),
     api(ApiKey::Heartbeat, 0, 4),
@@ -112,7 +116,9 @@ mod tests {
     fn table_is_within_what_kafka_protocol_can_encode() {
         for a in SUPPORTED_APIS {
             let range = a.key.valid_versions();
-            assert!(a.min_version >= range.min && a.max_version <= range.max, "{a:?} outside {range:?}");
+            let min =
+                crate::legacy::first_modern_version(a.key).map_or(a.min_version, |_| a.min_version.max(range.min));
+            assert!(min >= range.min && a.max_version <= range.max, "{a:?} outside {range:?}");
             assert!(a.min_version <= a.max_version);
         }
     }
@@ -120,7 +126,8 @@ mod tests {
     #[test]
     fn lookups() {
         assert!(is_supported(0, 3));
-        assert!(!is_supported(0, 2));
+        assert!(is_supported(0, 0));
+        assert!(!is_supported(0, -1));
         assert!(!is_supported(0, 13));
         assert!(!is_supported(999, 0));
         assert_eq!(supported(18).map(|a| a.max_version), Some(4));

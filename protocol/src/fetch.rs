@@ -3,8 +3,8 @@
 //! The broker sends a Fetch response as: one length prefix computed up front,
 //! then inline header bytes, then each partition's records straight from
 //! memory (`Bytes` slices) or from a segment file (sendfile), interleaved.
-//! This module encodes everything but the records (versions 4–16, the ones
-//! tidelog advertises: topics by id from v13, the partition tagged fields
+//! This module encodes everything but the records (versions 0–16, the ones
+//! tidelog advertises; v0–v3 for legacy clients: topics by id from v13, the partition tagged fields
 //! `diverging_epoch` (KIP-320) and `current_leader` (v12+), v16's
 //! top-level `node_endpoints` (KIP-951), and each partition's aborted
 //! transactions for read_committed fetches (KIP-98)) and says where each partition's
@@ -84,7 +84,9 @@ fn put_compact_str(buf: &mut BytesMut, s: &str) {
     buf.put_slice(s.as_bytes());
 }
 
-/// Encodes a Fetch response of `version` (4..=16) for `correlation_id`;
+/// Encodes a Fetch response of `version` (0..=16; v0–v3 are the legacy
+/// shapes: no throttle time in v0, no last stable offset or aborted
+/// transactions before v4) for `correlation_id`;
 /// `node_endpoints` go out from v16 only.
 pub fn encode_fetch_frame(
     version: i16,
@@ -93,7 +95,7 @@ pub fn encode_fetch_frame(
     topics: &[TopicHeader],
     node_endpoints: &[NodeEndpoint],
 ) -> FetchFrame {
-    debug_assert!((4..=16).contains(&version), "fetch v{version} framing");
+    debug_assert!((0..=16).contains(&version), "fetch v{version} framing");
     let flexible = version >= 12;
     let mut inline = Vec::new();
     let mut buf = BytesMut::with_capacity(256);
@@ -102,7 +104,9 @@ pub fn encode_fetch_frame(
     if flexible {
         put_uvarint(&mut buf, 0); // response header tagged fields
     }
-    buf.put_i32(0); // throttle_time_ms
+    if version >= 1 {
+        buf.put_i32(0); // throttle_time_ms
+    }
     if version >= 7 {
         buf.put_i16(0);
         buf.put_i32(session_id);
@@ -123,12 +127,16 @@ pub fn encode_fetch_frame(
             buf.put_i32(p.partition_index);
             buf.put_i16(p.error_code);
             buf.put_i64(p.high_watermark);
-            buf.put_i64(p.last_stable_offset);
+            if version >= 4 {
+                buf.put_i64(p.last_stable_offset);
+            }
             if version >= 5 {
                 buf.put_i64(p.log_start_offset);
             }
-            put_array_len(&mut buf, flexible, p.aborted_transactions.len());
-            for (producer_id, first_offset) in &p.aborted_transactions {
+            if version >= 4 {
+                put_array_len(&mut buf, flexible, p.aborted_transactions.len());
+            }
+            for (producer_id, first_offset) in p.aborted_transactions.iter().filter(|_| version >= 4) {
                 buf.put_i64(*producer_id);
                 buf.put_i64(*first_offset);
                 if flexible {
@@ -257,6 +265,58 @@ mod tests {
             TopicHeader { name: "empty".into(), id: [0xe3; 16], partitions: vec![] },
         ];
         (topics, records)
+    }
+
+    /// v0–v3 (legacy clients) are below what kafka-protocol decodes: read
+    /// by hand, as Kafka 0.10 lays them out.
+    #[test]
+    fn legacy_versions_have_the_old_shape() {
+        let (topics, records) = sample();
+        for version in 0..=3i16 {
+            let frame = encode_fetch_frame(version, 42, 0, &topics, &[]);
+            let mut whole = Vec::new();
+            for (i, chunk) in frame.inline.iter().enumerate() {
+                whole.extend_from_slice(chunk);
+                if let Some(r) = records.get(i) {
+                    whole.extend_from_slice(r);
+                }
+            }
+            assert_eq!(whole.len(), frame.frame_bytes, "v{version}");
+            let mut at = 0usize;
+            let mut take = |n: usize| {
+                let s = whole[at..at + n].to_vec();
+                at += n;
+                s
+            };
+            let int = |b: Vec<u8>| b.iter().fold(0i64, |acc, x| (acc << 8) | i64::from(*x));
+            assert_eq!(int(take(4)) as usize + 4, frame.frame_bytes, "v{version} length");
+            assert_eq!(int(take(4)), 42);
+            if version >= 1 {
+                assert_eq!(int(take(4)), 0, "throttle");
+            }
+            assert_eq!(int(take(4)), 3, "topics");
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                let n = int(take(2)) as usize;
+                let name = String::from_utf8(take(n)).expect("utf8");
+                let parts = int(take(4));
+                for _ in 0..parts {
+                    let (index, error, hw) = (int(take(4)), int(take(2)), int(take(8)));
+                    let len = int(take(4)) as usize;
+                    got.push((name.clone(), index, error, hw, take(len).len()));
+                }
+            }
+            assert_eq!(at, whole.len(), "v{version}: trailing bytes");
+            assert_eq!(
+                got,
+                vec![
+                    ("alpha".to_string(), 0, 0, 10, 23),
+                    ("alpha".to_string(), 3, 6, -1, 0),
+                    ("b".to_string(), 1, 0, 99, 300)
+                ],
+                "v{version}"
+            );
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod error;
 pub mod fetch;
 pub mod frame;
 pub mod header;
+pub mod legacy;
 pub mod request;
 pub mod types;
 

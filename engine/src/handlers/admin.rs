@@ -185,7 +185,13 @@ pub async fn list_offsets(shard: Rc<Shard>, version: i16, cid: i32, req: ListOff
         }
         topics.push(ListOffsetsTopicResponse::default().with_name(t.name).with_partitions(parts));
     }
-    encode(ApiKey::ListOffsets, version, cid, &ListOffsetsResponse::default().with_topics(topics))
+    let resp = ListOffsetsResponse::default().with_topics(topics);
+    if version == 0 {
+        // v0's offsets array (librdkafka with broker.version.fallback=0.9.0,
+        // kafka-python api_version=(0, 10)): the one offset found.
+        return Ok(Some(super::Outgoing::Frame(tidelog_protocol::legacy::encode_list_offsets_v0(cid, &resp))));
+    }
+    encode(ApiKey::ListOffsets, version, cid, &resp)
 }
 
 /// KIP-734 (timestamp -3): the record with the largest timestamp.

@@ -31,6 +31,15 @@
 //! fetcher may read; the LSO moves only with the high watermark, whose
 //! moves wake waiting fetches.
 //!
+//! Legacy versions (v0–v3, clients of Kafka 0.9/0.10 that cannot read
+//! record batch v2): each partition's batches are read as for any consumer
+//! (below the last stable offset), then copied into memory and
+//! down-converted to magic 0 (v0–v1) or magic 1 (v2–v3) messages by
+//! `storage::legacy::down_convert`, within the partition's byte budget.
+//! This is the copying path: converted bytes are not the file's bytes, so
+//! the zero-copy sendfile path cannot serve them. Control batches and
+//! aborted transactions' records are left out.
+//!
 //! A partition that carries `last_fetched_epoch` (v12, KIP-320) is checked
 //! against the leader epoch cache first (`replication::check_fetch_epoch`):
 //! a fetcher whose log diverged gets `diverging_epoch`, error NONE and no
@@ -163,8 +172,10 @@ async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes:
     let image = shard.image();
     let replica = fetching_replica(version, req);
     let replica_id = replica.map(|(id, _)| id);
-    // Followers replicate everything; isolation is the consumers'.
-    let read_committed = replica.is_none() && req.isolation_level == 1;
+    // Followers replicate everything; isolation is the consumers'. Legacy
+    // versions read as read_committed would (see `legacy_read`).
+    let legacy = version < 4;
+    let read_committed = replica.is_none() && (req.isolation_level == 1 || legacy);
     let limit = if read_committed { ReadLimit::LastStable } else { ReadLimit::HighWatermark };
     let mut c =
         Collected { topics: Vec::with_capacity(req.topics.len()), records: Vec::new(), bytes: 0, any_error: false };
@@ -364,6 +375,15 @@ async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes:
                         l.aborted_txns(offset, lso).into_iter().map(|(pid, first)| (pid.0, first.0)).collect();
                 }
             }
+            let read = match read {
+                Ok(r) if legacy && replica.is_none() => {
+                    let aborted = std::mem::take(&mut header.aborted_transactions);
+                    let magic = if version >= 2 { 1 } else { 0 };
+                    let want = LegacyRead { offset, budget, at_least_one, magic, limit };
+                    legacy_read(&log, r, want, &aborted).await
+                }
+                other => other,
+            };
             match read {
                 Ok(r) => {
                     let stats = &shard.fetch_stats.located_bytes;
@@ -387,4 +407,107 @@ async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes:
         c.topics.push(TopicHeader { name, id: *t.topic_id.as_bytes(), partitions });
     }
     c
+}
+
+/// What a legacy (v0–v3) fetch of one partition asks for.
+struct LegacyRead {
+    offset: Offset,
+    budget: usize,
+    at_least_one: bool,
+    magic: i8,
+    limit: ReadLimit,
+}
+
+/// How many v2 reads one legacy partition may take to find a record an
+/// old client can see (past aborted transactions and markers) before it
+/// answers with none.
+const LEGACY_READS_MAX: usize = 8;
+
+/// The copying path of Fetch v0–v3: `first` (a v2 read at `want.offset`)
+/// is brought into memory and down-converted (`storage::legacy`) to
+/// `want.magic`. The converted bytes cannot go out with sendfile, so this
+/// is never the zero-copy path; memory per partition is the v2 read (at
+/// most the budget, or one batch) plus the converted output (at most the
+/// budget, or one message). When everything read was filtered out
+/// (control batches, aborted records) the next batches are read, a few
+/// times at most, so an old consumer is not stuck behind them.
+async fn legacy_read(
+    log: &partition::SharedLog,
+    first: partition::FetchRead,
+    mut want: LegacyRead,
+    aborted: &[(i64, i64)],
+) -> std::io::Result<partition::FetchRead> {
+    let mut read = first;
+    let mut located_bytes = 0;
+    for attempt in 0..LEGACY_READS_MAX {
+        if attempt > 0 {
+            read = partition::read_for_fetch_with(log, want.offset, want.budget, want.at_least_one, want.limit).await?;
+        }
+        located_bytes += read.located_bytes;
+        if read.bytes == 0 {
+            break;
+        }
+        let raw = materialize(std::mem::take(&mut read.parts), read.bytes).await?;
+        let converted = crate::storage::legacy::down_convert(
+            &raw,
+            want.magic,
+            want.offset.0,
+            want.budget,
+            want.at_least_one,
+            aborted,
+        );
+        if !converted.is_empty() {
+            let bytes = converted.len();
+            return Ok(partition::FetchRead {
+                parts: vec![RecordsPart::Memory(converted.freeze())],
+                bytes,
+                located_bytes,
+            });
+        }
+        // Nothing an old client may see: read on from past these batches.
+        let Some(next) = last_offset(&raw).map(|o| Offset(o + 1)) else { break };
+        if next <= want.offset {
+            break;
+        }
+        want.offset = next;
+    }
+    Ok(partition::FetchRead { parts: Vec::new(), bytes: 0, located_bytes })
+}
+
+/// The last offset of the last whole batch in `raw`.
+fn last_offset(raw: &[u8]) -> Option<i64> {
+    let mut at = 0;
+    let mut last = None;
+    while let Some(Ok(h)) = raw.get(at..).map(tidelog_protocol::batch::BatchHeader::parse) {
+        if h.size_bytes() == 0 || at + h.size_bytes() > raw.len() {
+            break;
+        }
+        last = Some(h.last_offset().0);
+        at += h.size_bytes();
+    }
+    last
+}
+
+/// The bytes of a read's parts, in order: memory parts copied, file
+/// regions read with pread on the executor's blocking pool (a cold region
+/// may be a disk read, which a shard thread must not wait on).
+async fn materialize(parts: Vec<RecordsPart>, bytes: usize) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(bytes);
+    for p in parts {
+        match p {
+            RecordsPart::Memory(b) => out.extend_from_slice(&b),
+            RecordsPart::File { file, position, len } => {
+                let region = glommio::executor()
+                    .spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                        let len = usize::try_from(len).map_err(|_| std::io::Error::other("region too large"))?;
+                        let mut buf = vec![0u8; len];
+                        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, position)?;
+                        Ok(buf)
+                    })
+                    .await?;
+                out.extend_from_slice(&region);
+            }
+        }
+    }
+    Ok(out)
 }

@@ -114,6 +114,9 @@ fn route(
     let frame = (key == ApiKey::Produce).then(|| body.clone());
     let req = decode_request(key, version, &mut body).map_err(|e| Reject(e.to_string()))?;
     drop(body);
+    // OffsetCommit v0-v1 and OffsetFetch v0 are answered exactly as the
+    // first version the decoder reads (see `legacy::answer_version`).
+    let version = tidelog_protocol::legacy::answer_version(key, version);
     Ok(match req {
         Request::ApiVersions(_) => ready(encode(key, version, cid, &api::api_versions_response())),
         Request::Metadata(req) => Box::pin(admin::metadata(shard.clone(), version, cid, req)),

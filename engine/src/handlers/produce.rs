@@ -1,6 +1,11 @@
 //! Produce: validate each partition's record set, append it on this shard,
 //! answer per partition; acks=-1 waits for the high watermark.
 //!
+//! Produce v0–v2 (clients of Kafka 0.9/0.10) carry a magic 0/1 MessageSet:
+//! `convert_legacy` turns it into one v2 batch first (`storage::legacy`),
+//! so every later check and the log see v2 only; the answer goes out in
+//! the old shape (`encode_response`).
+//!
 //! Transactions (KIP-98): a transactional batch must come from an idempotent
 //! producer in a request that carries its transactional id; clients never
 //! write control batches (markers come from the coordinator through
@@ -157,6 +162,24 @@ fn record_rules(
         (earliest, now_ms.saturating_add(after))
     });
     RecordRules { require_keys: crate::topic_config::policy_has(config, image, topic, "compact"), timestamps }
+}
+
+/// Produce v0–v2 carry a legacy MessageSet (magic 0/1): it becomes one v2
+/// batch here (`storage::legacy`), before any other check, so that
+/// everything after (record rules, LogAppendTime, the append) sees v2 only.
+/// A v2 batch in an old request is INVALID_RECORD, as Kafka answers.
+fn convert_legacy(version: i16, records: &mut BytesMut, max_bytes: usize) -> Result<(), (ErrorCode, String)> {
+    if version >= 3 || records.is_empty() {
+        return Ok(());
+    }
+    if tidelog_protocol::legacy::magic_of(records).is_some_and(|m| m >= 2) {
+        return Err((
+            ErrorCode::InvalidRecord,
+            format!("produce v{version} may only carry message format v0 or v1, not record batches v2"),
+        ));
+    }
+    *records = crate::storage::legacy::message_set_to_v2(records, max_bytes)?;
+    Ok(())
 }
 
 /// The checks of one partition's record set that need no shard state:
@@ -317,6 +340,7 @@ pub struct Verdict {
 /// a sequence of requests exercises duplicates and sequence gaps). For the
 /// fuzzer (fuzz/) and tests; the broker calls `produce`.
 pub fn validate_only(
+    version: i16,
     req: ProduceRequest,
     frame: Bytes,
     max_bytes: usize,
@@ -332,36 +356,39 @@ pub fn validate_only(
         for p in topic.partitions {
             let mut records = frame.take(p.records);
             let outcome = {
-                check_record_set(&records, max_bytes).map_err(|(code, _)| code).and_then(|mut infos| {
-                    if let Some(now_ms) = log_append_time_ms {
-                        crate::storage::timestamps::stamp_log_append_time(&mut records, &mut infos, now_ms);
-                    }
-                    let txn = check_txn_rules(&records, &infos, has_txn_id).map_err(|(code, _)| code)?;
-                    let producer =
-                        producer_state::idempotent_batch(&records, &infos).map_err(|_| ErrorCode::InvalidRecord)?;
-                    if let Some(b) = producer {
-                        match producers.check_batch(b.pid, b.epoch, b.first_seq, b.count, txn) {
-                            Check::Append => {
-                                let count = infos.iter().map(|i| i64::from(i.last_offset_delta) + 1).sum::<i64>();
-                                let meta = BatchMeta {
-                                    first_seq: b.first_seq,
-                                    last_seq: producer_state::seq_add(b.first_seq, b.count - 1),
-                                    base_offset: Offset(next_offset),
-                                    last_offset: Offset(next_offset + count - 1),
-                                };
-                                if txn {
-                                    let first = Offset(next_offset);
-                                    producers.begin_txn_batch(b.pid, b.epoch, first, b.max_timestamp_ms, None);
-                                }
-                                next_offset += count;
-                                producers.record(b.pid, b.epoch, meta, b.max_timestamp_ms);
-                            }
-                            Check::Duplicate { .. } => {}
-                            Check::Reject(code) => return Err(code),
+                let converted = convert_legacy(version, &mut records, max_bytes);
+                converted.and_then(|()| check_record_set(&records, max_bytes)).map_err(|(code, _)| code).and_then(
+                    |mut infos| {
+                        if let Some(now_ms) = log_append_time_ms {
+                            crate::storage::timestamps::stamp_log_append_time(&mut records, &mut infos, now_ms);
                         }
-                    }
-                    Ok(infos)
-                })
+                        let txn = check_txn_rules(&records, &infos, has_txn_id).map_err(|(code, _)| code)?;
+                        let producer =
+                            producer_state::idempotent_batch(&records, &infos).map_err(|_| ErrorCode::InvalidRecord)?;
+                        if let Some(b) = producer {
+                            match producers.check_batch(b.pid, b.epoch, b.first_seq, b.count, txn) {
+                                Check::Append => {
+                                    let count = infos.iter().map(|i| i64::from(i.last_offset_delta) + 1).sum::<i64>();
+                                    let meta = BatchMeta {
+                                        first_seq: b.first_seq,
+                                        last_seq: producer_state::seq_add(b.first_seq, b.count - 1),
+                                        base_offset: Offset(next_offset),
+                                        last_offset: Offset(next_offset + count - 1),
+                                    };
+                                    if txn {
+                                        let first = Offset(next_offset);
+                                        producers.begin_txn_batch(b.pid, b.epoch, first, b.max_timestamp_ms, None);
+                                    }
+                                    next_offset += count;
+                                    producers.record(b.pid, b.epoch, meta, b.max_timestamp_ms);
+                                }
+                                Check::Duplicate { .. } => {}
+                                Check::Reject(code) => return Err(code),
+                            }
+                        }
+                        Ok(infos)
+                    },
+                )
             };
             out.push(Verdict { topic: topic.name.clone(), partition: p.index, outcome });
         }
@@ -732,6 +759,10 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
                 }
             }
             let mut records = frame.take(p.records);
+            if let Err((code, msg)) = convert_legacy(version, &mut records, max_bytes) {
+                parts.push(fail(r, code, msg));
+                continue;
+            }
             let mut infos = match check_record_set(&records, max_bytes) {
                 Ok(infos) => infos,
                 Err((code, msg)) => {
@@ -875,7 +906,7 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
     }
     let resp = ProduceResponse::default().with_responses(responses);
     if waiting.is_empty() {
-        return ready(encode(ApiKey::Produce, version, cid, &resp));
+        return ready(encode_response(version, cid, &resp));
     }
     let timeout = Duration::from_millis(timeout_ms.max(0) as u64);
     let shard = shard.clone();
@@ -963,8 +994,17 @@ fn produce_located(shard: &Rc<Shard>, request: Located, refused: Vec<Refused>) -
             })
             .await;
         }
-        encode(ApiKey::Produce, version, cid, &resp)
+        encode_response(version, cid, &resp)
     })
+}
+
+/// The response in the request's version: v0–v2 in their legacy shapes.
+fn encode_response(version: i16, cid: i32, resp: &ProduceResponse) -> super::Response {
+    if tidelog_protocol::legacy::is_legacy(ApiKey::Produce, version) {
+        let frame = tidelog_protocol::legacy::encode_produce_response(version, cid, resp);
+        return Ok(Some(super::Outgoing::Frame(frame)));
+    }
+    encode(ApiKey::Produce, version, cid, resp)
 }
 
 #[cfg(test)]
@@ -1045,7 +1085,7 @@ mod tests {
         let req = ProduceRequest::decode(&mut body, 9).expect("decode");
         drop(body);
         let mut producers = producer_state::ProducerStateTable::default();
-        let verdicts = validate_only(req, frame, 1 << 20, Some(5), &mut producers);
+        let verdicts = validate_only(9, req, frame, 1 << 20, Some(5), &mut producers);
         let outcomes: Vec<_> =
             verdicts.iter().map(|v| (v.topic.as_str(), v.partition, v.outcome.as_ref().map(|i| i.len()))).collect();
         assert_eq!(
@@ -1081,7 +1121,7 @@ mod tests {
         let outcomes = |txn_id| {
             let (req, frame) = decoded(&frame, txn_id);
             let mut producers = producer_state::ProducerStateTable::default();
-            let verdicts = validate_only(req, frame, 1 << 20, None, &mut producers);
+            let verdicts = validate_only(9, req, frame, 1 << 20, None, &mut producers);
             verdicts.into_iter().map(|v| v.outcome.map(|i| i.len())).collect::<Vec<_>>()
         };
         assert_eq!(

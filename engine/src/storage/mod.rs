@@ -9,6 +9,7 @@ pub mod compaction;
 pub mod dirfs;
 pub mod epochs;
 pub mod index;
+pub mod legacy;
 pub mod log_dirs;
 pub mod partition;
 pub mod producer_state;

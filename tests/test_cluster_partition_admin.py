@@ -13,7 +13,9 @@ let an out-of-sync one lead.
 
 import os
 import signal
+import time
 
+import pytest
 from confluent_kafka import ElectionType, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from kafka import TopicPartition as KTP
@@ -420,3 +422,92 @@ def test_single_node_answers(broker_factory):
         assert ka.list_partition_reassignments() == {}
     finally:
         ka.close()
+
+
+# --------------------------------------------------------------------------
+# Replication throttles (reassignment quotas)
+
+
+def set_configs(c, resource_type, name, configs):
+    """IncrementalAlterConfigs SET (value) or DELETE (None) through confluent's admin."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+
+    entries = [
+        ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET if v is not None else AlterConfigOpType.DELETE)
+        for k, v in configs.items()
+    ]
+    res = ConfigResource(resource_type, name, incremental_configs=entries)
+    a = c.admin()  # keep the handle alive until the future resolves
+    a.incremental_alter_configs([res])[res].result(30)
+
+
+def replica_bytes(c, node, topic):
+    d = partition_dir(c, node, topic, 0)
+    if not os.path.isdir(d):
+        return 0
+    # Segment files are preallocated: count what the log holds, from the
+    # stored batches' lengths, not the file sizes.
+    import struct
+
+    total = 0
+    for name in sorted(os.listdir(d)):
+        if not name.endswith(".log"):
+            continue
+        with open(os.path.join(d, name), "rb") as f:
+            data = f.read()
+        at = 0
+        while at + 12 <= len(data):
+            (length,) = struct.unpack_from(">i", data, at + 8)
+            if length <= 0:
+                break
+            at += 12 + length
+        total += at
+    return total
+
+
+@pytest.mark.parametrize("side", ["follower", "leader"])
+def test_replication_throttle_slows_a_reassignment_catch_up(cluster, side):
+    """<side>.replication.throttled.rate=200 kB/s on the replica being added
+    (follower side: follower.replication.throttled.replicas=0:<node 3>;
+    leader side: leader.replication.throttled.replicas=0:<node 1>, the
+    leader): it copies the 8 MB log at that pace, while the in-sync replica
+    on node 2 is never throttled (Kafka's rule); with the rate lifted it
+    catches up and joins the ISR, every record in place."""
+    from confluent_kafka.admin import ConfigResource
+
+    c = cluster
+    b1, b2, b3 = (broker_id(n) for n in NODE_IDS)
+    throttled = b3 if side == "follower" else b1
+    topic = two_replica_topic(c)
+    records = [(k, v + b"x" * 1000) for k, v in make_records(4000, keys=20)]
+    acked = produce_confluent(c, topic, records, **{"linger.ms": 5})
+    rate = 200_000
+    set_configs(c, ConfigResource.Type.BROKER, str(b1), {"%s.replication.throttled.rate" % side: str(rate)})
+    set_configs(c, ConfigResource.Type.TOPIC, topic, {"%s.replication.throttled.replicas" % side: "0:%d" % throttled})
+    # The in-sync replica is not throttled: 4.4 MB of acks=all writes, which
+    # at the throttled rate would take over 20 s, go on at full speed.
+    more = [(k, v + b"y" * 1000) for k, v in make_records(4000, keys=20)]
+    t0 = time.monotonic()
+    acked += produce_confluent(c, topic, more, **{"linger.ms": 5, "acks": "all"})
+    assert time.monotonic() - t0 < 12, "acks=all took %.1f s: the in-sync replica was throttled" % (
+        time.monotonic() - t0)
+    records += more
+    total = replica_bytes(c, 1, topic)
+    assert total > 8_000_000, total
+
+    started = time.monotonic()
+    assert reassign(c, {(topic, 0): [b1, b2, b3]}) == {(topic, 0): 0}
+    wait_until("node 3 started copying", lambda: replica_bytes(c, 3, topic) > 0, timeout=30)
+    time.sleep(3)
+    copied, elapsed = replica_bytes(c, 3, topic), time.monotonic() - started
+    # One second of the rate may be banked, plus one fetch (1 MiB per
+    # partition) in flight when the bucket empties.
+    assert copied <= rate * (elapsed + 1) + (1 << 20), (copied, elapsed)
+    assert copied < total, (copied, total)
+    assert sorted(partitions_of(c, topic, 1)[0].isr) == [b1, b2], "joined the ISR before copying everything"
+
+    set_configs(c, ConfigResource.Type.BROKER, str(b1), {"%s.replication.throttled.rate" % side: None})
+    p = agreed_partition(c, topic, 0, lambda x: sorted(x.isr) == [b1, b2, b3], timeout=60)
+    assert p.replicas == [b1, b2, b3]
+    assert replica_bytes(c, 3, topic) == replica_bytes(c, 1, topic)
+    check_roundtrip(records, acked, consume_confluent(c, topic, {0: len(records)}, timeout=60))

@@ -334,10 +334,10 @@ async fn collect(shard: &Rc<Shard>, version: i16, req: &FetchRequest, max_bytes:
             let mut at_least_one = c.bytes == 0;
             // A replica throttled on this leader (reassignment) gets no
             // records while leader.replication.throttled.rate is spent.
-            let throttle = replica.and_then(|_| {
+            let throttle = replica.and_then(|(follower, _)| {
                 let meta = image.topics.get(&*name)?;
                 let side = crate::replication::throttle::Side::Leader;
-                crate::replication::throttle::rate_for(shard, &image, meta, p.partition, side)
+                crate::replication::throttle::rate_for(shard, &image, meta, p.partition, side, follower)
             });
             if throttle.is_some_and(|rate| shard.replication.leader_throttle.spent(rate, std::time::Instant::now())) {
                 (budget, at_least_one) = (0, false);

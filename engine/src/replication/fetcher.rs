@@ -265,7 +265,15 @@ async fn fetch_round(
             }
             if let Some(records) = r.records.filter(|b| !b.is_empty()) {
                 if let Some(rate) = image.topics.get(name).and_then(|meta| {
-                    super::throttle::rate_for(shard, &image, meta, r.partition_index, super::throttle::Side::Follower)
+                    let side = super::throttle::Side::Follower;
+                    super::throttle::rate_for(
+                        shard,
+                        &image,
+                        meta,
+                        r.partition_index,
+                        side,
+                        shard.replication.my_broker(),
+                    )
                 }) {
                     shard.replication.follower_throttle.take(records.len(), rate, std::time::Instant::now());
                 }
@@ -349,7 +357,8 @@ fn fetch_request<'a>(
         let Some(meta) = image.topics.get(topic) else { continue };
         // A throttled replica (reassignment) waits while this shard's
         // follower.replication.throttled.rate is spent.
-        if super::throttle::rate_for(shard, image, meta, *p, super::throttle::Side::Follower)
+        let me = shard.replication.my_broker();
+        if super::throttle::rate_for(shard, image, meta, *p, super::throttle::Side::Follower, me)
             .is_some_and(|rate| shard.replication.follower_throttle.spent(rate, std::time::Instant::now()))
         {
             continue;

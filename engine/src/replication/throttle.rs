@@ -87,15 +87,33 @@ impl Side {
 }
 
 /// The rate (bytes/s) that throttles `partition` of `topic` on this shard's
-/// `side`, or None when it is not throttled.
-pub fn rate_for(shard: &Shard, image: &MetadataImage, topic: &TopicMeta, partition: i32, side: Side) -> Option<u64> {
+/// `side` for the follower `replica`, or None when it is not throttled. As
+/// in Kafka, an in-sync follower is never throttled: only replicas catching
+/// up (a reassignment's new ones, a restarted node's) are.
+pub fn rate_for(
+    shard: &Shard,
+    image: &MetadataImage,
+    topic: &TopicMeta,
+    partition: i32,
+    side: Side,
+    replica: i32,
+) -> Option<u64> {
     let (list, rate) = side.names();
-    let replicas = crate::topic_config::topic_value(&shard.config, image, topic, list);
-    if replicas.trim().is_empty() || !listed(&replicas, partition, shard.replication.my_broker()) {
+    // The lists are topic configs with no broker default: a topic without
+    // one (the usual case) costs one map lookup on this per-fetch path.
+    let replicas = topic.configs.get(list)?;
+    if !listed(replicas, partition, shard.replication.my_broker()) {
         return None;
     }
     let rate = crate::topic_config::broker_value(&shard.config, image, rate)?.trim().parse::<u64>().ok()?;
-    (rate < i64::MAX as u64).then_some(rate)
+    if rate >= i64::MAX as u64 {
+        return None;
+    }
+    let in_sync = usize::try_from(partition)
+        .ok()
+        .and_then(|p| image.partition_state(topic, p))
+        .is_some_and(|s| s.isr.contains(&replica));
+    (!in_sync).then_some(rate)
 }
 
 #[cfg(test)]

@@ -118,8 +118,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use kafka_protocol::compression::{Compressor, Decompressor, Gzip, Lz4, Snappy, Zstd};
+use bytes::BytesMut;
+use kafka_protocol::compression::{Compressor, Gzip, Lz4, Snappy, Zstd};
 use tidelog_protocol::batch::{self, BatchHeader, Compression, BATCH_HEADER_BYTES, BATCH_LOG_OVERHEAD_BYTES};
 use tidelog_protocol::Offset;
 
@@ -349,19 +349,10 @@ pub fn parse_records(b: &[u8]) -> Result<Vec<Record<'_>>, &'static str> {
     Ok(out)
 }
 
-/// The records section of a compressed batch, decompressed.
+/// The records section of a compressed batch, decompressed (at most
+/// `codec::DECOMPRESSED_MAX_BYTES`).
 pub(crate) fn decompress_records(b: &[u8], codec: Compression) -> Result<Vec<u8>, String> {
-    let mut src = Bytes::copy_from_slice(&b[BATCH_HEADER_BYTES..]);
-    let take = |r: &mut Bytes| Ok(r.to_vec());
-    let out = match codec {
-        Compression::None => return Ok(src.to_vec()),
-        Compression::Gzip => Gzip::decompress(&mut src, take),
-        Compression::Snappy => Snappy::decompress(&mut src, take),
-        Compression::Lz4 => Lz4::decompress(&mut src, take),
-        Compression::Zstd => Zstd::decompress(&mut src, take),
-        Compression::Unknown(n) => return Err(format!("unknown compression codec {n}")),
-    };
-    out.map_err(|e| format!("cannot decompress a {codec:?} batch: {e:#}"))
+    super::codec::decompress(&b[BATCH_HEADER_BYTES..], codec, super::codec::DECOMPRESSED_MAX_BYTES)
 }
 
 /// `records` compressed with `codec` (`None` for an unknown codec).

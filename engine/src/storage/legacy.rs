@@ -20,9 +20,8 @@
 //! output is bounded by the partition's byte budget, so down-conversion
 //! holds at most one decompressed batch plus the budget in memory.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 
-use kafka_protocol::compression::{Decompressor, Gzip, Lz4, Snappy, Zstd};
 use tidelog_protocol::batch::{self, BatchHeader, Compression, RecordRef, BATCH_HEADER_BYTES};
 use tidelog_protocol::legacy::{self as wire, Message, MessageSetError, NO_TIMESTAMP};
 use tidelog_protocol::ErrorCode;
@@ -36,23 +35,14 @@ fn decompress(value: &[u8], codec: Compression, magic: i8) -> Result<Vec<u8>, St
     if matches!(codec, Compression::None | Compression::Unknown(_)) {
         return Err(format!("no decompression for codec {codec:?}"));
     }
-    let run = |bytes: &[u8]| {
-        let mut src = Bytes::copy_from_slice(bytes);
-        let take = |r: &mut Bytes| Ok(r.to_vec());
-        match codec {
-            Compression::Gzip => Gzip::decompress(&mut src, take),
-            Compression::Snappy => Snappy::decompress(&mut src, take),
-            Compression::Lz4 => Lz4::decompress(&mut src, take),
-            _ => Zstd::decompress(&mut src, take),
-        }
-    };
+    let run = |bytes: &[u8]| super::codec::decompress(bytes, codec, super::codec::DECOMPRESSED_MAX_BYTES);
     match run(value) {
         Ok(v) => Ok(v),
         Err(e) if codec == Compression::Lz4 && magic == 0 => match wire::fix_lz4_header_checksum(value) {
-            Some(fixed) => run(&fixed).map_err(|e| format!("cannot decompress an LZ4 message: {e:#}")),
-            None => Err(format!("cannot decompress an LZ4 message: {e:#}")),
+            Some(fixed) => run(&fixed).map_err(|e| format!("cannot decompress an LZ4 message: {e}")),
+            None => Err(format!("cannot decompress an LZ4 message: {e}")),
         },
-        Err(e) => Err(format!("cannot decompress a {codec:?} message: {e:#}")),
+        Err(e) => Err(e),
     }
 }
 
@@ -247,6 +237,7 @@ pub fn down_convert(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kafka_protocol::compression::{Gzip, Lz4};
     use tidelog_protocol::Offset;
 
     /// (key, value, timestamp delta)

@@ -5,6 +5,7 @@
 //! shard and touched only from its thread.
 
 pub mod checkpoint;
+pub mod codec;
 pub mod compaction;
 pub mod dirfs;
 pub mod epochs;

@@ -1605,20 +1605,15 @@ pub async fn offset_for_timestamp(log: &SharedLog, timestamp_ms: i64) -> io::Res
 /// target, decompressing the records of a compressed batch (the answer must be
 /// the record, as Kafka gives it, not the batch).
 fn first_record_at_or_after(b: &[u8], target_ms: i64, from: Offset) -> Option<(Offset, i64)> {
-    use kafka_protocol::compression::{Decompressor, Gzip, Lz4, Snappy, Zstd};
     let h = BatchHeader::parse(b).ok()?;
     let records = b.get(BATCH_HEADER_BYTES..h.size_bytes().min(b.len()))?;
-    let walk = |records: &[u8]| walk_records(records, &h, target_ms, from);
-    let mut compressed = Bytes::copy_from_slice(records);
-    let found = match h.compression() {
-        Compression::None => return walk(records),
-        Compression::Gzip => Gzip::decompress(&mut compressed, |r: &mut Bytes| Ok(walk(r))),
-        Compression::Snappy => Snappy::decompress(&mut compressed, |r: &mut Bytes| Ok(walk(r))),
-        Compression::Lz4 => Lz4::decompress(&mut compressed, |r: &mut Bytes| Ok(walk(r))),
-        Compression::Zstd => Zstd::decompress(&mut compressed, |r: &mut Bytes| Ok(walk(r))),
-        Compression::Unknown(_) => return None,
-    };
-    found.ok().flatten()
+    match h.compression() {
+        Compression::None => walk_records(records, &h, target_ms, from),
+        codec => {
+            let plain = super::codec::decompress(records, codec, super::codec::DECOMPRESSED_MAX_BYTES).ok()?;
+            walk_records(&plain, &h, target_ms, from)
+        }
+    }
 }
 
 fn walk_records(records: &[u8], h: &BatchHeader<'_>, target_ms: i64, from: Offset) -> Option<(Offset, i64)> {
